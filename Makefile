@@ -1,0 +1,27 @@
+# `make demo` and `make test` set up everything they need (a venv in .venv, the Jupyter kernel) on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+KERNEL := photo-retrieval
+FAISS  := $(if $(GPU),requirements-gpu.txt,requirements-cpu.txt)
+STAMP  := $(VENV)/.installed-$(if $(GPU),gpu,cpu)
+
+.PHONY: setup demo test bench
+setup: $(STAMP)
+
+$(STAMP): requirements.txt $(FAISS)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt -r $(FAISS)
+	# papermill starts notebooks in this kernel; --sys-prefix keeps it inside the venv.
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Every numbered notebook, headless, in order, on the demo data (made on first run).
+demo: setup
+	$(PY) notebooks/run_all.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -1,0 +1,1 @@
+"""Retrieval-based classification and re-identification: the importable parts the notebooks call."""

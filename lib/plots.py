@@ -1,0 +1,50 @@
+"""Every figure the notebooks show: functions that take tables and return matplotlib figures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+SPLIT_COLOURS = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868"}
+
+
+def save(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def plot_split_distribution(index: pd.DataFrame, max_classes: int = 40) -> plt.Figure:
+    """Images per class, stacked by split, beside each split's share of every class (stratification at a glance).
+
+    With many classes only the `max_classes` largest are drawn, so labels stay readable; the title says so.
+    """
+    counts = index.groupby(["label", "split"]).size().unstack(fill_value=0)
+    counts = counts.reindex(columns=[s for s in SPLIT_COLOURS if s in counts.columns], fill_value=0)
+    order = counts.sum(axis=1).sort_values(ascending=False).index
+    shown = counts.loc[order[:max_classes]]
+    share = shown.div(shown.sum(axis=1), axis=0)
+    height = max(3.0, 0.22 * len(shown) + 1.2)
+    fig, (ax_n, ax_share) = plt.subplots(1, 2, figsize=(12, height), sharey=True,
+                                         gridspec_kw={"width_ratios": [3, 2]})
+    for ax, table, xlabel in ((ax_n, shown, "images"), (ax_share, share, "share of the class's images")):
+        left = pd.Series(0.0, index=table.index)
+        for split in table.columns:
+            ax.barh(range(len(table)), table[split], left=left, color=SPLIT_COLOURS[split], label=split)
+            left += table[split]
+        ax.set_xlabel(xlabel)
+    total = index["split"].value_counts(normalize=True)
+    for split, x in total.cumsum().items():
+        ax_share.axvline(x, color="k", lw=0.8, ls=":")
+    ax_n.set_yticks(range(len(shown)), shown.index, fontsize=8 if len(shown) > 20 else 10)
+    ax_n.invert_yaxis()
+    ax_n.legend(loc="lower right")
+    title = "Images per class and split"
+    if len(order) > max_classes:
+        title += f" (largest {max_classes} of {len(order)} classes)"
+    ax_n.set_title(title)
+    ax_share.set_title("Split shares (dotted: overall)")
+    fig.tight_layout()
+    return fig

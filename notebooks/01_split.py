@@ -1,0 +1,105 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (photo-retrieval)
+#     language: python
+#     name: photo-retrieval
+# ---
+
+# %% [markdown]
+# # 01 · Index, check and split the photos
+#
+# Builds the dataset index (folder layout `data_dir/{class}/{ID}_{seq}.jpg`, or a metadata CSV), checks every
+# image (unreadable, truncated or undersized files exclude their whole ID group), and writes the group-aware,
+# stratified train/val/test split files that every later notebook reuses. Re-running reuses the split files;
+# data that no longer matches them stops here unless `fresh=True`.
+
+# %% tags=["parameters"]
+data_dir = "data/demo"      # photo root; paths in the index are relative to it
+metadata_csv = ""           # "" = read the folder layout; else a CSV with the columns named below
+path_col = "path"
+label_col = "label"
+group_col = ""              # CSV column holding the leakage unit (object, encounter); "" = each image its own group
+context_col = ""            # CSV column with a context (site, address), kept for re-identification
+split_col = ""              # CSV column with a ready-made split, kept as `given_split` for later notebooks
+group_by = "id"             # folder layout: "id" = text before the first "_" is the group; "file" = each file alone
+min_size = 224              # images smaller than min_size x min_size exclude their group (seed 000)
+ratios = [0.7, 0.15, 0.15]  # train / val / test share of each class's images
+seed = 42
+n_folds = 0                 # > 1: also write K train/val folds around the fixed test split
+splits_dir = "splits"       # one folder per dataset: split files are checked against the data they were made from
+fresh = False               # True: split again; the old files move to splits_dir/replaced-<time>/
+cache_dir = ""              # "" = no resize cache; else resized copies go here (decode once, train many times)
+cache_size = 480            # shorter side of the cached images
+figures_dir = "figures"
+
+# %%
+import os
+import sys
+from pathlib import Path
+
+# Notebooks run from notebooks/ in Jupyter and from anywhere under papermill: work from the repository root.
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
+os.chdir(ROOT)
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd
+from IPython.display import Markdown, display
+
+from lib.index import check_images, index_from_csv, index_from_folder
+from lib.plots import plot_split_distribution, save
+from lib.splits import SplitConfig, assign_splits, prepare_splits
+
+pd.set_option("display.max_colwidth", 120)
+
+# %% [markdown]
+# ## Index
+
+# %%
+if metadata_csv:
+    index, problems = index_from_csv(metadata_csv, data_dir, path_col=path_col, label_col=label_col,
+                                     group_col=group_col or None, context_col=context_col or None,
+                                     split_col=split_col or None)
+else:
+    index, problems = index_from_folder(data_dir, group_by=group_by)
+print(f"{len(index)} images, {index['group'].nunique()} groups, {index['label'].nunique()} classes")
+display(problems)
+
+# %% [markdown]
+# ## Image checks
+# Every file is decoded once; a file that fails, or is smaller than `min_size`, takes its whole group out.
+
+# %%
+kept, exclusions = check_images(index, data_dir, min_size=min_size)
+print(f"kept {len(kept)} images in {kept['group'].nunique()} groups; "
+      f"excluded {len(exclusions)} images in {exclusions['group'].nunique()} groups")
+display(exclusions)
+
+# %% [markdown]
+# ## Split
+
+# %%
+splits = prepare_splits(kept, splits_dir, SplitConfig(ratios=tuple(ratios), seed=seed, n_folds=n_folds),
+                        exclusions=exclusions, fresh=fresh)
+report = splits.report
+display(Markdown(Path(splits_dir, "split_report.md").read_text()))
+
+# %%
+with_split = assign_splits(kept, splits.groups)
+fig = plot_split_distribution(with_split)
+save(fig, Path(figures_dir) / "01_split_distribution.png")
+
+# %% [markdown]
+# ## Resize cache (optional)
+
+# %%
+if cache_dir:
+    from lib.resize_cache import build_cache
+
+    cache_report = build_cache(data_dir, kept["path"].tolist(), cache_dir, size=cache_size)
+    print(cache_report)

@@ -1,0 +1,23 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+LIONS = ROOT.parent / "shared" / "datasets" / "lions"
+
+
+@pytest.fixture
+def lions() -> Path:
+    if not (LIONS / "train").is_dir():
+        pytest.skip(f"real-photo set {LIONS} is absent")
+    return LIONS
+
+
+def write_image(path: Path, size=(240, 240), seed: int = 0, fmt: str = "JPEG") -> Path:
+    """A small noisy RGB image (noise so that JPEG files have real data to truncate)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, fmt)
+    return path

@@ -1,0 +1,131 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib.errors import DataError
+from lib.splits import (SPLITS, SplitConfig, assign_splits, data_fingerprint, load_split_index, prepare_splits,
+                        split_groups)
+
+
+def synthetic_index(n_classes=12, seed=0, rare=True) -> pd.DataFrame:
+    """Classes of uneven size whose groups hold 1-8 images; plus classes with 1, 2 and 3 groups."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(n_classes):
+        for g in range(int(rng.integers(10, 40))):
+            for s in range(int(rng.integers(1, 9))):
+                rows.append((f"c{c}/c{c}g{g}_{s}.jpg", f"class{c:02d}", f"c{c}g{g}"))
+    if rare:
+        for name, n_groups in (("solo", 1), ("pair", 2), ("trio", 3)):
+            for g in range(n_groups):
+                rows += [(f"{name}/{name}{g}_{s}.jpg", name, f"{name}{g}") for s in range(3)]
+    index = pd.DataFrame(rows, columns=["path", "label", "group"])
+    return index.assign(width=256, height=256)
+
+
+def test_no_group_in_two_splits_and_every_class_in_train():
+    index = synthetic_index()
+    groups = split_groups(index, SplitConfig())
+    sets = [set(groups[s]) for s in SPLITS]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert set().union(*sets) == set(index["group"])
+    labelled = assign_splits(index, groups)
+    assert set(labelled.query("split == 'train'")["label"]) == set(index["label"])
+
+
+def test_ratios_and_class_distribution_close_to_target():
+    index = synthetic_index(n_classes=20, rare=False)
+    labelled = assign_splits(index, split_groups(index, SplitConfig(ratios=(0.7, 0.15, 0.15), seed=3)))
+    share = labelled["split"].value_counts(normalize=True)
+    for s, target in zip(SPLITS, (0.7, 0.15, 0.15)):
+        assert abs(share[s] - target) < 0.03, (s, share[s])
+    overall = labelled["label"].value_counts(normalize=True)
+    for s in SPLITS:
+        in_split = labelled.query("split == @s")["label"].value_counts(normalize=True).reindex(overall.index, fill_value=0)
+        total_variation = 0.5 * (in_split - overall).abs().sum()
+        assert total_variation < 0.06, (s, total_variation)
+
+
+def test_classes_with_few_groups_follow_the_documented_rule():
+    labelled = assign_splits(idx := synthetic_index(), split_groups(idx, SplitConfig()))
+    where = labelled.groupby("label")["split"].unique().map(sorted)
+    assert where["solo"] == ["train"]
+    assert where["pair"] == ["train", "val"]
+    assert where["trio"] == ["test", "train", "val"]
+
+
+def test_same_seed_same_files_and_reuse(tmp_path):
+    index = synthetic_index()
+    prepare_splits(index, tmp_path / "a", SplitConfig(seed=7))
+    prepare_splits(index.sample(frac=1, random_state=1), tmp_path / "b", SplitConfig(seed=7))   # row order must not matter
+    for name in ("train_ids.json", "val_ids.json", "test_ids.json", "class_to_idx.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    prepare_splits(index, tmp_path / "c", SplitConfig(seed=8))
+    assert (tmp_path / "c" / "val_ids.json").read_bytes() != (
+        tmp_path / "a" / "val_ids.json").read_bytes()
+    c2i = json.loads((tmp_path / "a" / "class_to_idx.json").read_text())
+    assert list(c2i) == sorted(c2i) and list(c2i.values()) == list(range(len(c2i)))
+
+    mtime = (tmp_path / "a" / "train_ids.json").stat().st_mtime_ns
+    again = prepare_splits(index, tmp_path / "a", SplitConfig(seed=7))
+    assert (tmp_path / "a" / "train_ids.json").stat().st_mtime_ns == mtime
+    assert again.groups["train"] == json.loads((tmp_path / "a" / "train_ids.json").read_text())
+
+
+def test_changed_data_or_settings_are_errors_unless_fresh(tmp_path):
+    index = synthetic_index()
+    first = prepare_splits(index, tmp_path, SplitConfig())
+    grown = pd.concat([index, pd.DataFrame([{"path": "new/n_1.jpg", "label": "class00", "group": "newgroup",
+                                             "width": 256, "height": 256}])])
+    with pytest.raises(DataError, match="other data.*1 group\\(s\\) not in any split.*newgroup"):
+        prepare_splits(grown, tmp_path, SplitConfig())
+    with pytest.raises(DataError, match="seed"):
+        prepare_splits(index, tmp_path, SplitConfig(seed=1))
+    second = prepare_splits(grown, tmp_path, SplitConfig(), fresh=True)
+    assert "newgroup" in {g for gs in second.groups.values() for g in gs}
+    backups = list(tmp_path.glob("replaced-*"))
+    assert len(backups) == 1
+    assert json.loads((backups[0] / "train_ids.json").read_text()) == first.groups["train"]
+
+
+def test_kfold_around_fixed_test(tmp_path):
+    index = synthetic_index(rare=False)
+    splits = prepare_splits(index, tmp_path, SplitConfig(n_folds=4))
+    test = set(splits.groups["test"])
+    pool = set(index["group"]) - test
+    assert len(splits.folds) == 4
+    vals = [set(f["val"]) for f in splits.folds]
+    assert set().union(*vals) == pool and sum(map(len, vals)) == len(pool)
+    for f in splits.folds:
+        assert not (set(f["train"]) & set(f["val"])) and not (set(f["train"]) | set(f["val"])) & test
+    labelled, _ = load_split_index(tmp_path, fold=2)
+    assert set(labelled.query("split == 'val'")["group"]) == vals[2]
+    with pytest.raises(DataError, match="fold 9"):
+        load_split_index(tmp_path, fold=9)
+
+
+def test_split_index_round_trip_and_tamper_detection(tmp_path):
+    index = synthetic_index()
+    splits = prepare_splits(index, tmp_path, SplitConfig())
+    loaded, again = load_split_index(tmp_path)
+    assert data_fingerprint(loaded) == data_fingerprint(index)
+    assert set(loaded.query("split == 'test'")["group"]) == set(splits.groups["test"])
+    assert "| solo | " in (tmp_path / "split_report.md").read_text()
+    assert again.report["train_only_classes"] == ["solo"] and again.report["no_test_classes"] == ["pair"]
+
+    val = json.loads((tmp_path / "val_ids.json").read_text())
+    (tmp_path / "test_ids.json").write_text(json.dumps(splits.groups["test"] + val[:1]))
+    with pytest.raises(DataError, match=f"group '{val[0]}' is listed in both val and test"):
+        load_split_index(tmp_path)
+    edited = pd.read_csv(tmp_path / "index.csv")
+    edited.loc[0, "label"] = "class99"
+    edited.to_csv(tmp_path / "index.csv", index=False)
+    with pytest.raises(DataError, match="edited"):
+        load_split_index(tmp_path)
+
+
+def test_bad_ratios_rejected():
+    with pytest.raises(ValueError, match="ratios"):
+        SplitConfig(ratios=(0.8, 0.3, 0.1))
