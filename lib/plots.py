@@ -48,3 +48,24 @@ def plot_split_distribution(index: pd.DataFrame, max_classes: int = 40) -> plt.F
     ax_share.set_title("Split shares (dotted: overall)")
     fig.tight_layout()
     return fig
+
+
+def plot_training_curves(history: pd.DataFrame) -> plt.Figure:
+    """Loss, val retrieval metrics (and the EMA's) per epoch, with the untrained model (epoch 0) as a baseline."""
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4))
+    trained = history[history["epoch"] > 0]
+    ax_loss.plot(trained["epoch"], trained["train_loss"], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    for phase, rows in trained.groupby("phase"):
+        if phase == "warmup":
+            ax_loss.axvspan(rows["epoch"].min() - 0.5, rows["epoch"].max() + 0.5, color="0.9", label="warm-up (frozen)")
+    for key, colour in (("val_recall@1", "C0"), ("val_recall@5", "C1"), ("val_mAP", "C2"), ("ema_val_recall@1", "C3")):
+        if key in history.columns:
+            ax_val.plot(trained["epoch"], trained[key], marker="o", color=colour, label=key)
+            ax_val.axhline(history[key].iloc[0], color=colour, ls=":", lw=1)
+    ax_val.set(xlabel="epoch", ylabel="score", ylim=(0, 1.02), title="Validation retrieval (dotted: untrained)")
+    for ax in (ax_loss, ax_val):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -21,3 +21,19 @@ def write_image(path: Path, size=(240, 240), seed: int = 0, fmt: str = "JPEG") -
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, fmt)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The synthetic demo collection, indexed, checked and split once per test session: (data_dir, splits_dir)."""
+    from data_prep.make_demo import make_demo
+    from lib.index import check_images, index_from_folder
+    from lib.splits import SplitConfig, prepare_splits
+
+    base = tmp_path_factory.mktemp("demo")
+    data = base / "data"
+    make_demo(data)
+    index, _ = index_from_folder(data)
+    kept, excluded = check_images(index, data)
+    prepare_splits(kept, base / "splits", SplitConfig(), excluded)
+    return data, base / "splits"

@@ -1,0 +1,100 @@
+"""Ranking metrics for retrieval: recall@k, CMC, average precision (numpy only).
+
+Every function takes labels of the query and the *ranked* labels of what was retrieved for it
+(row i of `ranked_labels` = gallery labels sorted from nearest to farthest for query i). Labels may be
+strings or ints; a query's item is relevant when its label equals the query's label.
+"""
+
+import numpy as np
+
+
+def relevance(query_labels, ranked_labels) -> np.ndarray:
+    """Bool (n_q, K): ranked item j of query i has query i's label."""
+    query_labels = np.asarray(query_labels)
+    ranked_labels = np.asarray(ranked_labels)
+    if query_labels.ndim != 1 or ranked_labels.ndim != 2 or len(query_labels) != len(ranked_labels):
+        raise ValueError(
+            f"need query_labels (n_q,) and ranked_labels (n_q, K); got {query_labels.shape} and {ranked_labels.shape}"
+        )
+    # numpy compares an int array with a str array as all-False without a word: every metric would be 0
+    numeric = [np.issubdtype(a.dtype, np.number) for a in (query_labels, ranked_labels)]
+    if numeric[0] != numeric[1] and object not in (query_labels.dtype, ranked_labels.dtype):
+        raise TypeError(
+            f"query labels ({query_labels.dtype}) and ranked labels ({ranked_labels.dtype}) cannot match: "
+            "one is numeric, the other is not"
+        )
+    return ranked_labels == query_labels[:, None]
+
+
+def _first_hit_rank(relevant: np.ndarray) -> np.ndarray:
+    """1-based rank of each row's first relevant item; 0 where the row has none."""
+    return np.where(relevant.any(axis=1), relevant.argmax(axis=1) + 1, 0)
+
+
+def cmc(query_labels, ranked_labels, max_rank: int) -> np.ndarray:
+    """Cumulative match curve: element r-1 is the fraction of queries with a correct item in the top r.
+
+    Averaged over *all* queries (seed 000's recall@k definition), so a query whose label is absent from the
+    gallery counts as a miss at every rank, and cmc(...)[k-1] == recall@k. Ranks beyond the K given
+    columns repeat the value at K (correct when each row is the whole gallery).
+    """
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    first = _first_hit_rank(relevance(query_labels, ranked_labels))
+    if len(first) == 0:
+        return np.full(max_rank, np.nan)
+    hits_at_rank = np.bincount(first, minlength=max_rank + 1)[1 : max_rank + 1]
+    return np.cumsum(hits_at_rank) / len(first)
+
+
+def recall_at_k(query_labels, neighbor_labels, ks=(1, 5)) -> dict:
+    """{'recall@k': fraction of queries whose label is among the labels of their first k neighbours}.
+
+    A row with fewer than k columns is read as the whole ranking (a gallery smaller than k).
+    """
+    curve = cmc(query_labels, neighbor_labels, max(ks))
+    return {f"recall@{k}": float(curve[k - 1]) for k in ks}
+
+
+def average_precision(relevant, n_relevant=None):
+    """AP of a ranked list: mean over the relevant items of precision at their rank.
+
+    `relevant`: bool (K,) for one ranking, or (n, K) for n rankings (returns one AP per row).
+    `n_relevant`: the number of relevant items in the whole gallery (scalar or per row). With a
+    ranking truncated at K it is larger than relevant.sum(), and the relevant items that were never
+    retrieved count as precision 0 - so truncation is penalised. Defaults to relevant.sum()
+    (right when the ranking covers the whole gallery). A row with n_relevant == 0 has no AP: NaN.
+    """
+    relevant = np.asarray(relevant, dtype=bool)
+    rows = np.atleast_2d(relevant)
+    retrieved = rows.sum(axis=1)
+    n_rel = retrieved if n_relevant is None else np.broadcast_to(np.asarray(n_relevant), retrieved.shape)
+    if np.any(n_rel < retrieved):
+        raise ValueError("n_relevant is smaller than the number of relevant items in the ranking")
+    precision = np.cumsum(rows, axis=1) / np.arange(1, rows.shape[1] + 1)
+    hit_precision = np.where(rows, precision, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(n_rel > 0, hit_precision / n_rel, np.nan)
+    return float(ap[0]) if relevant.ndim == 1 else ap
+
+
+def summarize_ap(ap) -> tuple[float, int]:
+    """(mAP over the queries that have an AP, number of queries without any relevant gallery item).
+
+    Queries without relevant items (NaN AP) are neither 0 nor 1: they are left out and counted, so an
+    open-set query (an individual the gallery has never seen) cannot inflate or sink the mAP unseen.
+    mAP is NaN when no query has a relevant item.
+    """
+    ap = np.asarray(ap, dtype=float)
+    missing = np.isnan(ap)
+    n_missing = int(missing.sum())
+    return (float(ap[~missing].mean()) if n_missing < len(ap) else float("nan")), n_missing
+
+
+def mean_average_precision(query_labels, ranked_labels, n_relevant=None) -> tuple[float, int]:
+    """(mAP, number of queries without relevant items) of a ranking; see average_precision and summarize_ap.
+
+    `n_relevant` (per query, or None = the ranking is the whole gallery): how many gallery items share the
+    query's label, so that a ranking truncated before all of them is penalised.
+    """
+    return summarize_ap(average_precision(relevance(query_labels, ranked_labels), n_relevant))

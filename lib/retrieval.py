@@ -1,0 +1,184 @@
+"""Faiss index, exact top-K search and retrieval evaluation (numpy + faiss, no torch).
+
+Vectors are L2-normalised before they enter the index and before they query it, and the index is an
+exact IndexFlatL2 (seed 000). Distances are squared L2 as faiss returns them; for unit vectors
+d² = 2 − 2·cos, so nearest-by-d² is most-similar-by-cosine and d² lies in [0, 4].
+"""
+
+import re
+import warnings
+
+import faiss
+import numpy as np
+
+from lib.errors import DataError
+from lib.metrics import average_precision, recall_at_k, relevance, summarize_ap
+
+SEARCH_BATCH = 4096  # queries per faiss call in search(): bounds its (batch, k) result buffers
+# evaluate_retrieval ranks this many (query, gallery) pairs at a time; each pair costs ~30 bytes of
+# temporaries (distance, index, label code, relevance, cumulative precision), so ~0.5 GB per chunk
+EVAL_PAIRS_PER_CHUNK = 2**24
+GPU_MAX_K = 2048  # faiss-gpu's k-selection limit (GPU_MAX_SELECTION_K): a full ranking beyond it runs on the CPU
+
+
+def _unit_rows(x, what: str) -> np.ndarray:
+    """float32, C-contiguous, L2-normalised copy of a (n, d) float array, or a clear error."""
+    x = np.asarray(x)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(f"{what} must be a non-empty (n, d) array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{what} must be floating point, got {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)  # faiss reads float32 C-contiguous buffers only
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        raise DataError(
+            f"{what}: {len(bad)} rows contain NaN or inf (rows {bad[:10].tolist()}); the model produced "
+            "non-finite embeddings (diverged training, fp16 overflow?)"
+        )
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if len(zero):
+        raise DataError(f"{what}: {len(zero)} rows are all zero (rows {zero[:10].tolist()}); they have no direction")
+    return x / norms
+
+
+def _gpu_id(device) -> int | None:
+    """GPU number for the index, or None for the CPU."""
+    device = str(device)  # accepts a torch.device too
+    if device == "cpu":
+        return None
+    if device != "auto" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if faiss.get_num_gpus() == 0:
+        if device != "auto":
+            # a CUDA torch beside faiss-cpu is a common install; the search still works, only slower
+            warnings.warn(f"device={device!r} but this faiss build sees no GPU (faiss-cpu?): index stays on the CPU")
+        return None
+    return int(device.partition(":")[2] or 0)
+
+
+def build_index(embeddings, device="auto") -> faiss.Index:
+    """Exact IndexFlatL2 over the L2-normalised rows of `embeddings` (n, d); on the GPU when faiss has one.
+
+    device: 'auto' (GPU if faiss sees one), 'cpu', 'cuda' or 'cuda:N'. Index row i is embeddings row i.
+    A GPU index must go through faiss.index_gpu_to_cpu before faiss.write_index.
+    """
+    x = _unit_rows(embeddings, "embeddings")
+    index = faiss.IndexFlatL2(x.shape[1])
+    gpu = _gpu_id(device)
+    if gpu is not None:
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, gpu, index)
+        # faiss's Python wrapper does not keep the resources alive; once collected, search crashes
+        index.referenced_objects = [resources]
+    index.add(x)
+    return index
+
+
+def _queries_for(index: faiss.Index, queries) -> np.ndarray:
+    q = _unit_rows(queries, "queries")
+    if q.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {q.shape[1]} but the index holds dimension {index.d}")
+    return q
+
+
+def _clip_k(k: int, available: int) -> int:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if available < 1:
+        raise ValueError("nothing to search: the index has no vector a query may retrieve")
+    return min(k, available)
+
+
+def _knn(index: faiss.Index, unit_queries: np.ndarray, k: int, self_rows=None):
+    """index.search, and with self_rows (index row of each query) that row removed from its results."""
+    if self_rows is None:
+        return index.search(unit_queries, k)
+    distances, indices = index.search(unit_queries, k + 1)
+    own = indices == self_rows[:, None]
+    # an exact duplicate may tie with the query and come first, so the query's row is dropped by index,
+    # not by position; where ties pushed it past k + 1 the last result goes instead
+    own[~own.any(axis=1), -1] = True
+    keep = ~own
+    return distances[keep].reshape(len(keep), k), indices[keep].reshape(len(keep), k)
+
+
+def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, exclude_self: bool = False):
+    """(distances, indices), each (n_q, k), nearest first: squared L2 (= 2 − 2·cos) as float32, index rows as int64.
+
+    Queries are L2-normalised as build_index's vectors are. k is clipped to the number of vectors a query
+    can retrieve. Queries go to faiss `batch_size` at a time to bound memory.
+    exclude_self: leave-one-out; `queries` are the indexed vectors in index order, and each query's own
+    row is removed from its results.
+    """
+    q = _queries_for(index, queries)
+    if exclude_self and len(q) != index.ntotal:
+        raise ValueError(f"exclude_self needs one query per indexed vector ({index.ntotal}), got {len(q)}")
+    k = _clip_k(k, index.ntotal - exclude_self)
+    distances = np.empty((len(q), k), dtype=np.float32)
+    indices = np.empty((len(q), k), dtype=np.int64)
+    for start in range(0, len(q), batch_size):
+        stop = min(start + batch_size, len(q))
+        self_rows = np.arange(start, stop) if exclude_self else None
+        distances[start:stop], indices[start:stop] = _knn(index, q[start:stop], k, self_rows)
+    return distances, indices
+
+
+def _label_codes(gallery_labels: np.ndarray, query_labels: np.ndarray):
+    """(gallery codes, query codes (-1 = label not in the gallery), gallery count of each query's label).
+
+    Integer codes keep the ranked-label matrix at 8 bytes a cell where strings such as '<U30' take 120.
+    """
+    names, gallery_codes, counts = np.unique(gallery_labels, return_inverse=True, return_counts=True)
+    pos = np.searchsorted(names, query_labels).clip(max=len(names) - 1)
+    known = relevance(query_labels, names[pos][:, None])[:, 0]  # also refuses int labels against str ones
+    return gallery_codes, np.where(known, pos, -1), np.where(known, counts[pos], 0)
+
+
+def evaluate_retrieval(
+    gallery_emb, gallery_labels, query_emb, query_labels, ks=(1, 5), exclude_self=False, max_rank=None, device="auto"
+) -> dict:
+    """Recall@k and exact mAP of ranking the gallery for each query.
+
+    Returns {'recall@k'..., 'mAP', 'n_queries', 'n_queries_without_relevant'}. Recall@k averages over all
+    queries (a query whose label is not in the gallery is a miss); mAP averages over the queries that
+    have at least one relevant gallery item, and the others are counted in 'n_queries_without_relevant'.
+
+    mAP is exact: every query ranks the whole gallery (k = gallery size). That costs n_queries × gallery
+    search work, done EVAL_PAIRS_PER_CHUNK pairs at a time (~0.5 GB), and is meant for validation-sized
+    galleries. `max_rank` truncates the ranking; relevant items beyond it then count as never retrieved
+    (AP divides by the full gallery count), so a truncated mAP is a lower bound.
+    exclude_self=True is leave-one-out: the query set must be the gallery itself (same rows, same order);
+    each query's own row is removed from its ranking and from its count of relevant items.
+    """
+    gallery_labels, query_labels = np.asarray(gallery_labels), np.asarray(query_labels)
+    for what, emb, labels in (("gallery", gallery_emb, gallery_labels), ("query", query_emb, query_labels)):
+        if len(emb) != len(labels):
+            raise ValueError(f"{what}: {len(emb)} embeddings but {len(labels)} labels")
+    if exclude_self and not (
+        np.array_equal(gallery_emb, query_emb, equal_nan=True) and np.array_equal(gallery_labels, query_labels)
+    ):
+        raise ValueError("exclude_self=True is leave-one-out: query embeddings and labels must be the gallery's")
+    if max_rank is not None and max_rank < max(ks):
+        raise ValueError(f"max_rank={max_rank} is below the largest k in ks={ks}")
+    available = len(gallery_labels) - exclude_self
+    k = _clip_k(max_rank or available, available)
+    gallery_codes, query_codes, n_relevant = _label_codes(gallery_labels, query_labels)
+    n_relevant = n_relevant - exclude_self
+    index = build_index(gallery_emb, device if k + exclude_self <= GPU_MAX_K else "cpu")
+    q = _queries_for(index, query_emb)
+    chunk = max(1, EVAL_PAIRS_PER_CHUNK // k)
+    aps, top = [], []
+    for start in range(0, len(q), chunk):
+        stop = min(start + chunk, len(q))
+        _, indices = _knn(index, q[start:stop], k, np.arange(start, stop) if exclude_self else None)
+        ranked = gallery_codes[indices]
+        aps.append(average_precision(ranked == query_codes[start:stop, None], n_relevant[start:stop]))
+        top.append(ranked[:, : max(ks)])
+    mean_ap, n_without = summarize_ap(np.concatenate(aps))
+    return {
+        **recall_at_k(query_codes, np.concatenate(top), ks),
+        "mAP": mean_ap,
+        "n_queries": len(q),
+        "n_queries_without_relevant": n_without,
+    }

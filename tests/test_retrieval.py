@@ -1,0 +1,197 @@
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from lib.errors import DataError
+from lib.retrieval import build_index, evaluate_retrieval, search
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _data(seed, n_gallery=120, n_query=30, dim=16, n_labels=8):
+    rng = np.random.default_rng(seed)
+    gallery = rng.normal(size=(n_gallery, dim)).astype(np.float32)
+    query = rng.normal(size=(n_query, dim)).astype(np.float32)
+    labels = np.array([f"id{i}" for i in range(n_labels)])
+    return gallery, labels[rng.integers(0, n_labels, n_gallery)], query, labels[rng.integers(0, n_labels, n_query)]
+
+
+def _brute_force(gallery, query, k):
+    """Squared L2 between unit vectors and the k nearest, by plain numpy."""
+    d2 = ((_unit(query.astype(np.float64))[:, None] - _unit(gallery.astype(np.float64))[None]) ** 2).sum(-1)
+    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d2, order, axis=1), order
+
+
+def test_search_equals_brute_force_topk():
+    gallery, _, query, _ = _data(0)
+    distances, indices = search(build_index(gallery, device="cpu"), query, k=10)
+    expected_d, expected_i = _brute_force(gallery, query, 10)
+    np.testing.assert_array_equal(indices, expected_i)
+    np.testing.assert_allclose(distances, expected_d, atol=1e-5)
+    cos = np.take_along_axis(_unit(query) @ _unit(gallery).T, indices, axis=1)
+    np.testing.assert_allclose(distances, 2 - 2 * cos, atol=1e-5)  # the documented d² = 2 − 2·cos
+
+
+def test_k_is_clipped_to_the_gallery_and_the_full_ranking_is_a_permutation():
+    gallery, _, query, _ = _data(1, n_gallery=25)
+    distances, indices = search(build_index(gallery, device="cpu"), query, k=1000)
+    assert indices.shape == (len(query), 25)
+    assert all(sorted(row) == list(range(25)) for row in indices)
+    assert np.all(np.diff(distances, axis=1) >= 0)
+
+
+def test_batched_search_equals_unbatched():
+    gallery, _, query, _ = _data(2, n_query=50)
+    index = build_index(gallery, device="cpu")
+    whole = search(index, query, k=7, batch_size=10_000)
+    batched = search(index, query, k=7, batch_size=7)
+    np.testing.assert_array_equal(batched[1], whole[1])
+    np.testing.assert_array_equal(batched[0], whole[0])
+
+
+def test_float64_and_non_contiguous_input_give_the_float32_result():
+    gallery, _, query, _ = _data(3)
+    reference = search(build_index(gallery, device="cpu"), query, k=5)
+    fortran = np.asfortranarray(gallery.astype(np.float64))
+    result = search(build_index(fortran, device="cpu"), np.repeat(query, 2, axis=1)[:, ::2].astype(np.float64), k=5)
+    np.testing.assert_array_equal(result[1], reference[1])
+
+
+def test_nan_embeddings_raise_a_clear_error_naming_the_rows():
+    gallery, _, query, _ = _data(4)
+    gallery[[3, 17], 0] = np.nan
+    with pytest.raises(DataError, match=r"2 rows contain NaN.*\[3, 17\]"):
+        build_index(gallery, device="cpu")
+    index = build_index(_data(4)[0], device="cpu")
+    query[5, 2] = np.inf
+    with pytest.raises(DataError, match=r"queries.*\[5\]"):
+        search(index, query, k=3)
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (np.zeros((4, 3), dtype=np.float32), DataError),  # all-zero rows have no direction to normalise
+        (np.ones((4, 3), dtype=np.int64), TypeError),
+        (np.ones(3), ValueError),
+    ],
+)
+def test_unusable_embeddings_are_refused(bad, error):
+    with pytest.raises(error):
+        build_index(bad, device="cpu")
+
+
+def test_query_dimension_must_match_the_index():
+    with pytest.raises(ValueError, match="dimension 8"):
+        search(build_index(_data(5)[0], device="cpu"), np.ones((2, 8), np.float32), k=3)
+
+
+def test_device_names():
+    gallery = _data(6)[0]
+    with pytest.raises(ValueError, match="'cpu'"):
+        build_index(gallery, device="tpu")
+    with pytest.warns(UserWarning, match="no GPU"):  # faiss-cpu on this machine: falls back, says so
+        assert build_index(gallery, device="cuda:0").ntotal == len(gallery)
+
+
+def test_exclude_self_search_equals_brute_force_leave_one_out():
+    gallery = _data(7)[0]
+    distances, indices = search(build_index(gallery, device="cpu"), gallery, k=6, batch_size=11, exclude_self=True)
+    full_d, full_i = _brute_force(gallery, gallery, len(gallery))
+    expected = np.array([row[row != i][:6] for i, row in enumerate(full_i)])
+    np.testing.assert_array_equal(indices, expected)
+    expected_d = np.array([d[r != i][:6] for i, (d, r) in enumerate(zip(full_d, full_i))])
+    np.testing.assert_allclose(distances, expected_d, atol=1e-5)
+
+
+def test_exclude_self_drops_the_query_even_when_its_duplicate_ranks_first():
+    rng = np.random.default_rng(8)
+    gallery = rng.normal(size=(30, 8)).astype(np.float32)
+    gallery[1] = gallery[0]  # a tie, which faiss breaks by row: query 1 gets row 0 before itself
+    _, indices = search(build_index(gallery, device="cpu"), gallery, k=3, exclude_self=True)
+    assert indices[0, 0] == 1 and indices[1, 0] == 0
+    assert not np.any(indices == np.arange(30)[:, None])
+
+
+def _brute_force_metrics(gallery, g_labels, query, q_labels, ks, exclude_self=False):
+    """Recall@k by a per-query loop and AP by sklearn on cosine scores: independent of lib/."""
+    scores = _unit(query.astype(np.float64)) @ _unit(gallery.astype(np.float64)).T
+    hits, aps = {k: [] for k in ks}, []
+    for i, (q_label, row) in enumerate(zip(q_labels, scores)):
+        labels = g_labels
+        if exclude_self:
+            row, labels = np.delete(row, i), np.delete(g_labels, i)
+        ranked = labels[np.argsort(-row)]
+        for k in ks:
+            hits[k].append(q_label in ranked[:k])
+        if np.any(labels == q_label):
+            aps.append(average_precision_score(labels == q_label, row))
+    recalls = {f"recall@{k}": np.mean(hits[k]) for k in ks}
+    return {**recalls, "mAP": np.mean(aps), "n_queries_without_relevant": len(q_labels) - len(aps)}
+
+
+def _check(result, expected):
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_evaluate_retrieval_equals_brute_force():
+    gallery, g_labels, query, q_labels = _data(9)
+    result = evaluate_retrieval(gallery, g_labels, query, q_labels, ks=(1, 5, 10), device="cpu")
+    _check(result, _brute_force_metrics(gallery, g_labels, query, q_labels, (1, 5, 10)))
+    assert result["n_queries"] == len(query)
+
+
+def test_evaluate_leave_one_out_equals_brute_force():
+    gallery, g_labels, _, _ = _data(10, n_labels=20)  # 20 labels over 120 rows: some are singletons
+    result = evaluate_retrieval(gallery, g_labels, gallery, g_labels, ks=(1, 5), exclude_self=True, device="cpu")
+    expected = _brute_force_metrics(gallery, g_labels, gallery, g_labels, (1, 5), exclude_self=True)
+    _check(result, expected)
+
+
+def test_queries_without_relevant_items_are_counted_left_out_of_map_and_missed_in_recall():
+    gallery, g_labels, query, q_labels = _data(11)
+    q_labels[:4] = "never_seen"
+    result = evaluate_retrieval(gallery, g_labels, query, q_labels, ks=(1, 5), device="cpu")
+    known_only = evaluate_retrieval(gallery, g_labels, query[4:], q_labels[4:], ks=(1, 5), device="cpu")
+    assert result["n_queries_without_relevant"] == 4 and known_only["n_queries_without_relevant"] == 0
+    assert result["mAP"] == pytest.approx(known_only["mAP"])
+    assert result["recall@5"] == pytest.approx(known_only["recall@5"] * (len(query) - 4) / len(query))
+
+
+def test_max_rank_penalises_relevant_items_beyond_the_cut():
+    gallery, g_labels, query, q_labels = _data(12)
+    m = 10
+    result = evaluate_retrieval(gallery, g_labels, query, q_labels, ks=(1, 5), max_rank=m, device="cpu")
+    full = evaluate_retrieval(gallery, g_labels, query, q_labels, ks=(1, 5), device="cpu")
+    _, order = _brute_force(gallery, query, m)
+    aps = []
+    for q_label, row in zip(q_labels, order):
+        relevant = g_labels[row] == q_label
+        precision_at_hits = [relevant[: r + 1].mean() for r in np.flatnonzero(relevant)]
+        aps.append(sum(precision_at_hits) / np.sum(g_labels == q_label))
+    assert result["mAP"] == pytest.approx(np.mean(aps), abs=1e-9)
+    assert result["mAP"] < full["mAP"]
+    assert result["recall@5"] == full["recall@5"]
+
+
+def test_evaluate_refuses_inconsistent_requests():
+    gallery, g_labels, query, q_labels = _data(13)
+    with pytest.raises(ValueError, match="leave-one-out"):
+        evaluate_retrieval(gallery, g_labels, query, q_labels, exclude_self=True, device="cpu")
+    with pytest.raises(ValueError, match="max_rank"):
+        evaluate_retrieval(gallery, g_labels, query, q_labels, ks=(1, 5), max_rank=3, device="cpu")
+    with pytest.raises(ValueError, match="labels"):
+        evaluate_retrieval(gallery, g_labels[:-1], query, q_labels, device="cpu")
+    with pytest.raises(TypeError, match="numeric"):
+        evaluate_retrieval(gallery, np.arange(len(gallery)), query, q_labels, device="cpu")
+
+
+def test_int_labels_work_like_str_labels():
+    gallery, g_labels, query, q_labels = _data(14)
+    to_int = np.vectorize(lambda label: int(label[2:]))
+    as_str = evaluate_retrieval(gallery, g_labels, query, q_labels, device="cpu")
+    assert evaluate_retrieval(gallery, to_int(g_labels), query, to_int(q_labels), device="cpu") == as_str
