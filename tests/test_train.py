@@ -82,6 +82,15 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert load_checkpoint(path)["epoch"] == 1
 
 
+def test_packaged_imagenet_weights_train_offline(demo, tmp_path):
+    """Issue 9's 'done means': tf_efficientnet_lite0 from the pip-packaged ImageNet weights, no network."""
+    cfg = config(demo, backbone="tf_efficientnet_lite0", pretrained="lite0-imagenet", img_size=64, epochs=1,
+                 batches_per_epoch=2, lr_backbone=1e-4)
+    history = train_run(str(tmp_path), cfg, progress=False)
+    assert len(history) == 2 and history["train_loss"].iloc[1] > 0
+    assert "lite0" in load_checkpoint(tmp_path / "latest_model.pt")["config"]["weights_source"]
+
+
 def test_unknown_parameter_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown parameter.*'epochz'.*epochs"):
         build_config(epochz=3)

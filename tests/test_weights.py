@@ -1,6 +1,5 @@
 import logging
 import random
-import re
 import sys
 import time
 
@@ -100,7 +99,11 @@ def test_a_renamed_safetensors_file_is_refused_because_it_keeps_no_order(tmp_pat
 
 def test_a_file_of_another_architecture_fails_naming_neither_match(tmp_path):
     torch.save(backbone("resnet10t").state_dict(), tmp_path / "resnet.pt")
-    with pytest.raises(DataError, match=r"resnet\.pt matches the model neither by name \(\d+ of the model's \d+ names found\) nor by order: tensor #\d+ '\S+' has shape \(.+\), the model's '\S+' expects \("):
+    expected = (
+        r"resnet\.pt matches the model neither by name \(\d+ of the model's \d+ names found\) nor by order: "
+        r"tensor #\d+ '\S+' has shape \(.+\), the model's '\S+' expects \("
+    )
+    with pytest.raises(DataError, match=expected):
         load_backbone_weights(backbone(), tmp_path / "resnet.pt")
 
 
