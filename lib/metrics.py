@@ -1,11 +1,13 @@
-"""Ranking metrics for retrieval: recall@k, CMC, average precision (numpy only).
+"""Retrieval metrics (recall@k, CMC, average precision; numpy) and voting metrics (accuracy, F1; scikit-learn).
 
-Every function takes labels of the query and the *ranked* labels of what was retrieved for it
+The ranking functions take labels of the query and the *ranked* labels of what was retrieved for it
 (row i of `ranked_labels` = gallery labels sorted from nearest to farthest for query i). Labels may be
 strings or ints; a query's item is relevant when its label equals the query's label.
 """
 
 import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 
 def relevance(query_labels, ranked_labels) -> np.ndarray:
@@ -98,3 +100,40 @@ def mean_average_precision(query_labels, ranked_labels, n_relevant=None) -> tupl
     query's label, so that a ranking truncated before all of them is penalised.
     """
     return summarize_ap(average_precision(relevance(query_labels, ranked_labels), n_relevant))
+
+
+# Classification by retrieval: the voted class against the true one (scikit-learn does the counting).
+
+
+def vote_accuracy(y_true, y_pred) -> float:
+    """Share of queries whose voted class is their true class (NaN for no queries)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float(np.mean(y_true == y_pred)) if len(y_true) else float("nan")
+
+
+def _evaluated_labels(y_true, labels) -> list:
+    # F1 is averaged over the classes that have queries: a gallery class absent from the split has no recall
+    # to measure, and counting it as F1 = 0 would sink the mean for a reason that is not the model's
+    return sorted(set(np.asarray(y_true).tolist())) if labels is None else list(labels)
+
+
+def macro_f1(y_true, y_pred, labels=None) -> float:
+    """Unweighted mean of the per-class F1 over `labels` (default: the classes present in y_true)."""
+    return float(f1_score(y_true, y_pred, labels=_evaluated_labels(y_true, labels), average="macro", zero_division=0))
+
+
+def per_class_report(y_true, y_pred, labels=None) -> pd.DataFrame:
+    """One row per class: precision, recall, f1, support (queries of that class), predicted (times voted)."""
+    labels = _evaluated_labels(y_true, labels)
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    predicted = pd.Series(np.asarray(y_pred)).value_counts().reindex(labels, fill_value=0).to_numpy()
+    return pd.DataFrame({"precision": p, "recall": r, "f1": f, "support": support, "predicted": predicted},
+                        index=pd.Index(labels, name="class"))
+
+
+def confusion_table(y_true, y_pred, labels=None) -> pd.DataFrame:
+    """Counts: rows = true class, columns = voted class, over `labels` (default: every class seen in either)."""
+    if labels is None:
+        labels = sorted(set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist()))
+    m = confusion_matrix(y_true, y_pred, labels=list(labels))
+    return pd.DataFrame(m, index=pd.Index(labels, name="true"), columns=pd.Index(labels, name="predicted"))

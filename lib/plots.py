@@ -69,3 +69,22 @@ def plot_training_curves(history: pd.DataFrame) -> plt.Figure:
             ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_risk_coverage(curves: dict[str, pd.DataFrame], chosen: dict | None = None,
+                       target_accuracy: float | None = None) -> plt.Figure:
+    """Accuracy of the answered queries against the share answered (lib.decide.risk_coverage tables, one per
+    confidence signal), with the operating point of the chosen thresholds and the target accuracy."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, curve in curves.items():
+        ax.plot(curve["coverage"], curve["accuracy"], drawstyle="steps-post", label=f"answer by {name}")
+    if target_accuracy is not None:
+        ax.axhline(target_accuracy, color="0.5", ls=":", lw=1, label=f"target accuracy {target_accuracy:g}")
+    if chosen is not None:
+        ax.plot(chosen["coverage"], chosen["accuracy"], "k*", ms=14,
+                label=f"chosen: coverage {chosen['coverage']:.2f}, accuracy {chosen['accuracy']:.2f}")
+    ax.set(xlabel="coverage (share of queries answered)", ylabel="accuracy of the answered", xlim=(0, 1.02),
+           ylim=(0, 1.02), title="Risk–coverage")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig

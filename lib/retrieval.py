@@ -1,15 +1,19 @@
-"""Faiss index, exact top-K search and retrieval evaluation (numpy + faiss, no torch).
+"""Faiss index (build, save beside its metadata, load), exact top-K search, retrieval evaluation (no torch).
 
 Vectors are L2-normalised before they enter the index and before they query it, and the index is an
 exact IndexFlatL2 (seed 000). Distances are squared L2 as faiss returns them; for unit vectors
 d² = 2 − 2·cos, so nearest-by-d² is most-similar-by-cosine and d² lies in [0, 4].
 """
 
+import json
+import os
 import re
 import warnings
+from pathlib import Path
 
 import faiss
 import numpy as np
+import pandas as pd
 
 from lib.errors import DataError
 from lib.metrics import average_precision, recall_at_k, relevance, summarize_ap
@@ -64,14 +68,19 @@ def build_index(embeddings, device="auto") -> faiss.Index:
     A GPU index must go through faiss.index_gpu_to_cpu before faiss.write_index.
     """
     x = _unit_rows(embeddings, "embeddings")
-    index = faiss.IndexFlatL2(x.shape[1])
-    gpu = _gpu_id(device)
-    if gpu is not None:
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, gpu, index)
-        # faiss's Python wrapper does not keep the resources alive; once collected, search crashes
-        index.referenced_objects = [resources]
+    index = _on_device(faiss.IndexFlatL2(x.shape[1]), device)
     index.add(x)
+    return index
+
+
+def _on_device(index: faiss.Index, device) -> faiss.Index:
+    gpu = _gpu_id(device)
+    if gpu is None:
+        return index
+    resources = faiss.StandardGpuResources()
+    index = faiss.index_cpu_to_gpu(resources, gpu, index)
+    # faiss's Python wrapper does not keep the resources alive; once collected, search crashes
+    index.referenced_objects = [resources]
     return index
 
 
@@ -122,6 +131,56 @@ def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, 
         self_rows = np.arange(start, stop) if exclude_self else None
         distances[start:stop], indices[start:stop] = _knn(index, q[start:stop], k, self_rows)
     return distances, indices
+
+
+METADATA_COLUMNS = ("path", "label", "group", "context")  # what a search result says about each gallery row
+
+
+def save_index(index: faiss.Index, metadata: pd.DataFrame, folder: str | os.PathLike, info: dict | None = None) -> Path:
+    """index.faiss + metadata.csv (row i describes index row i) + index.json (`info`: what made it) in `folder`."""
+    if index.ntotal != len(metadata):
+        raise ValueError(f"the index holds {index.ntotal} vectors but the metadata {len(metadata)} rows")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if type(index).__name__.startswith("Gpu"):
+        index = faiss.index_gpu_to_cpu(index)  # write_index serialises CPU indexes only
+    tmp = folder / ".index.faiss.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, folder / "index.faiss")
+    metadata.reset_index(drop=True).to_csv(folder / "metadata.csv", index=False)
+    (folder / "index.json").write_text(json.dumps(info or {}, indent=2, default=str) + "\n")
+    return folder
+
+
+def load_index(folder: str | os.PathLike, device="cpu") -> tuple[faiss.Index, pd.DataFrame, dict]:
+    """(index, metadata, info) as save_index wrote them; device as in build_index."""
+    folder = Path(folder)
+    if not (folder / "index.faiss").exists():
+        raise DataError(f"no saved index in {folder} (index.faiss missing)")
+    index = faiss.read_index(str(folder / "index.faiss"))
+    metadata = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
+    if index.ntotal != len(metadata):
+        raise DataError(f"{folder}: index.faiss holds {index.ntotal} vectors but metadata.csv {len(metadata)} rows; "
+                        "the two files come from different saves")
+    index = _on_device(index, device)
+    info = json.loads((folder / "index.json").read_text()) if (folder / "index.json").exists() else {}
+    return index, metadata, info
+
+
+def search_table(index: faiss.Index, metadata: pd.DataFrame, queries, k: int) -> pd.DataFrame:
+    """Top-k gallery rows of each query as one long table: query (row of `queries`), rank (1 = nearest),
+    gallery_row, the metadata's path/label/group[/context], distance (squared L2). One query may be a (d,) vector.
+    """
+    queries = np.asarray(queries)
+    distances, indices = search(index, queries[None] if queries.ndim == 1 else queries, k)
+    n_q, k = indices.shape
+    cols = [c for c in METADATA_COLUMNS if c in metadata.columns]
+    table = metadata[cols].iloc[indices.ravel()].reset_index(drop=True)
+    table.insert(0, "gallery_row", indices.ravel())
+    table.insert(0, "rank", np.tile(np.arange(1, k + 1), n_q))
+    table.insert(0, "query", np.repeat(np.arange(n_q), k))
+    table["distance"] = distances.ravel()
+    return table
 
 
 def _label_codes(gallery_labels: np.ndarray, query_labels: np.ndarray):

@@ -28,13 +28,28 @@ SPLITS = ("train", "val", "test")
 SPLIT_FILES = {s: f"{s}_ids.json" for s in SPLITS}
 
 
+SPLIT_MODES = ("group", "time", "open", "given")
+GIVEN_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "query": "test"}
+
+
 @dataclass
 class SplitConfig:
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 42
     n_folds: int = 0  # >1: also write K train/val folds around the fixed test split (seed 002's k-fold)
+    # group: groups shared out per label (classification; closed-set re-ID when label = individual)
+    # time:  the same, but each label's groups in time order: earliest to train, latest to test (closed-set re-ID)
+    # open:  whole labels shared out, so val/test individuals are never seen in training (open-set re-ID)
+    # given: the CSV's own split column (`given_split`); val carved from train by groups when the CSV has none
+    mode: str = "group"
+    time_col: str = ""  # mode='time': the index column to order groups by (a date or any sortable value)
 
     def __post_init__(self):
+        if self.mode not in SPLIT_MODES:
+            raise ValueError(f"split mode {self.mode!r}; valid: {', '.join(SPLIT_MODES)}")
+        if self.mode == "time" and not self.time_col:
+            raise ValueError("mode='time' needs time_col: the index column holding each photo's date or order")
         self.ratios = tuple(float(r) for r in self.ratios)
         if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6 or self.ratios[0] == 0:
             raise ValueError(f"ratios must be three non-negative numbers summing to 1 with train > 0, got {self.ratios}")
@@ -91,12 +106,81 @@ def _assign_class(groups: pd.DataFrame, ratios: tuple[float, ...], rng: np.rando
     return where
 
 
+def _assign_in_order(groups: pd.DataFrame, ratios: tuple[float, ...]) -> dict[str, str]:
+    """Groups already in time order fill train, then val, then test, by cumulative share of images."""
+    n = len(groups)
+    if n <= 2:
+        return dict(zip(groups["group"], SPLITS[:n]))
+    bounds = np.cumsum(ratios)[:2] * groups["n_images"].sum()
+    done = groups["n_images"].cumsum() - groups["n_images"]  # images placed before each group
+    splits = np.array(SPLITS)[np.searchsorted(bounds, done.to_numpy(), side="right")]
+    splits[0] = "train"
+    for s in ("test", "val"):  # the latest groups give way, so train keeps the early ones
+        if s not in splits and ratios[SPLITS.index(s)] > 0:
+            splits[-1 if s == "test" else -2] = s
+    return dict(zip(groups["group"], splits))
+
+
+def _label_units(index: pd.DataFrame) -> pd.Series:
+    """label -> unit: labels that share a group (two animals in one encounter) must move together."""
+    parent = {label: label for label in index["label"].unique()}
+
+    def root(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for labels in index.groupby("group")["label"].unique():
+        for other in labels[1:]:
+            parent[root(other)] = root(labels[0])
+    return pd.Series({label: root(label) for label in parent})
+
+
+def _given_split(index: pd.DataFrame, cfg: SplitConfig) -> dict[str, str]:
+    if "given_split" not in index.columns:
+        raise DataError("mode='given' needs the CSV's split column: name it with split_col in notebook 01")
+    values = index["given_split"].astype(str).str.strip().str.lower()
+    unknown = sorted(set(values) - set(GIVEN_NAMES))
+    if unknown:
+        rows = index.loc[values.isin(unknown), "path"].head(3).tolist()
+        raise DataError(f"split column holds {unknown} (e.g. {rows}); valid values: {sorted(GIVEN_NAMES)}")
+    per_group = pd.DataFrame({"group": index["group"], "split": values.map(GIVEN_NAMES)}).drop_duplicates()
+    torn = per_group["group"][per_group["group"].duplicated()].unique()
+    if len(torn):
+        raise DataError(f"the CSV's split column puts group(s) {list(torn[:5])} in more than one split")
+    where = dict(zip(per_group["group"], per_group["split"]))
+    if "val" not in where.values():
+        # The CSV has no val: carve one from its train groups, group-aware, at val's share of train + val.
+        train = index[index["group"].map(where) == "train"]
+        share = cfg.ratios[1] / (cfg.ratios[0] + cfg.ratios[1])
+        carved = split_groups(train, SplitConfig(ratios=(1 - share, share, 0.0), seed=cfg.seed))
+        where.update({g: "val" for g in carved["val"]})
+    return where
+
+
 def split_groups(index: pd.DataFrame, cfg: SplitConfig) -> dict[str, list[str]]:
     rng = np.random.default_rng(cfg.seed)
     table = group_table(index)
     where: dict[str, str] = {}
-    for _, groups in table.groupby("label", sort=True):
-        where.update(_assign_class(groups.sort_values("group"), cfg.ratios, rng))
+    if cfg.mode == "given":
+        where = _given_split(index, cfg)
+    elif cfg.mode == "open":
+        units = _label_units(index)
+        sizes = index.groupby("label").size().groupby(units).sum()
+        unit_table = pd.DataFrame({"group": sizes.index, "n_images": sizes.to_numpy()}).sort_values("group")
+        unit_split = _assign_class(unit_table, cfg.ratios, rng)
+        where = {g: unit_split[units[label]] for g, label in zip(table["group"], table["label"])}
+    elif cfg.mode == "time":
+        first_seen = index.groupby("group")[cfg.time_col].min() if cfg.time_col in index.columns else None
+        if first_seen is None:
+            raise DataError(f"mode='time': the index has no column '{cfg.time_col}'; columns: {list(index.columns)}")
+        table = table.assign(t=table["group"].map(first_seen))
+        for _, groups in table.groupby("label", sort=True):
+            where.update(_assign_in_order(groups.sort_values(["t", "group"]), cfg.ratios))
+    else:
+        for _, groups in table.groupby("label", sort=True):
+            where.update(_assign_class(groups.sort_values("group"), cfg.ratios, rng))
     return {s: sorted(g for g, w in where.items() if w == s) for s in SPLITS}
 
 
@@ -135,6 +219,7 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitCo
         "n_images": {s: int((labelled["split"] == s).sum()) for s in SPLITS},
         "n_groups": {s: len(groups[s]) for s in SPLITS},
         "n_classes": int(index["label"].nunique()),
+        "n_labels": {s: int(labelled.loc[labelled["split"] == s, "label"].nunique()) for s in SPLITS},
         "per_class": {label: {s: int(v) for s, v in row.items()} for label, row in per_class.iterrows()},
         "train_only_classes": sorted(n_groups[n_groups == 1].index),
         "no_test_classes": sorted(n_groups[n_groups == 2].index),
@@ -147,7 +232,8 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitCo
 def _report_markdown(report: dict) -> str:
     lines = [f"# Split report", "", f"- created: {report['created']}", f"- seed: {report['config']['seed']}",
              f"- ratios (train/val/test): {report['config']['ratios']}", f"- data fingerprint: {report['data_fingerprint']}",
-             f"- images: {report['n_images']}", f"- groups: {report['n_groups']}", f"- classes: {report['n_classes']}", ""]
+             f"- mode: {report['config']['mode']}", f"- images: {report['n_images']}", f"- groups: {report['n_groups']}",
+             f"- classes: {report['n_classes']} (per split: {report['n_labels']})", ""]
     lines += ["## Classes too small for every split", "",
               f"- train only (1 group; in the gallery, never evaluated): {report['train_only_classes'] or 'none'}",
               f"- no test images (2 groups; train + val): {report['no_test_classes'] or 'none'}", ""]

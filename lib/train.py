@@ -24,7 +24,9 @@ from lib.device import DeviceSettings, apply_settings
 from lib.embed import extract_embeddings
 from lib.errors import DataError
 from lib.losses import CombinedLoss, MarginSchedule
-from lib.retrieval import evaluate_retrieval
+from lib.losses import class_context_matrix, context_margins
+from lib.mining import context_error, mining_weights
+from lib.retrieval import build_index, evaluate_retrieval, search
 
 SCHEDULERS = ("cosine_restarts", "plateau", "none")
 CHECKPOINT_FILES = ("latest_model.pt", "best_model.pt", "metrics.csv")
@@ -51,6 +53,12 @@ class TrainConfig:
     checkpoint_every: int = 10     # checkpoint_epoch_N.pt for ensembles and overfitting analysis
     eval_batch_size: int = 64
     seed: int = 0
+    # gallery: train photos are the gallery, val photos the queries (seed 000); loo: each val photo queries the other
+    # val photos (open-set: val individuals are not in train); auto: loo when no val label occurs in train
+    val_protocol: str = "auto"
+    # seed 001, for data with a `context` column (site, street address):
+    context_margin: float = 0.0    # extra ArcFace margin for classes that share a context with another (0.7 vs 0.5)
+    mining_warmup_epochs: int = -1  # -1 off; N: uniform context sampling for N epochs, then by per-context val error
 
 
 def build_optimizer(model, criterion: CombinedLoss, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
@@ -120,13 +128,30 @@ class MetricsLog:
             mlflow.end_run()
 
 
+VAL_PROTOCOLS = ("auto", "gallery", "loo")
+
+
+def resolve_val_protocol(protocol: str, gallery_labels, query_labels) -> str:
+    if protocol not in VAL_PROTOCOLS:
+        raise ValueError(f"val_protocol={protocol!r}; valid: {', '.join(VAL_PROTOCOLS)}")
+    if protocol == "auto":
+        return "loo" if not set(np.asarray(query_labels).tolist()) & set(np.asarray(gallery_labels).tolist()) else "gallery"
+    return protocol
+
+
 def validate(model, gallery_set: Dataset, query_set: Dataset, settings: DeviceSettings, batch_size: int,
-             prefix: str = "val_") -> dict:
-    """Faiss retrieval: train images as the gallery, val images as queries (seed 000's protocol)."""
-    g = extract_embeddings(model, gallery_set, settings, batch_size)
+             protocol: str = "gallery", prefix: str = "val_") -> dict:
+    """Faiss retrieval: train images as the gallery and val images as queries, or val leave-one-out.
+
+    Returns (metrics, top-1 hit per query)."""
     q = extract_embeddings(model, query_set, settings, batch_size)
-    m = evaluate_retrieval(g, gallery_set.targets.numpy(), q, query_set.targets.numpy(), ks=(1, 5))
-    return {f"{prefix}recall@1": m["recall@1"], f"{prefix}recall@5": m["recall@5"], f"{prefix}mAP": m["mAP"]}
+    ql = query_set.targets.numpy()
+    g, gl = (q, ql) if protocol == "loo" else (extract_embeddings(model, gallery_set, settings, batch_size),
+                                              gallery_set.targets.numpy())
+    m = evaluate_retrieval(g, gl, q, ql, ks=(1, 5), exclude_self=protocol == "loo")
+    _, top1 = search(build_index(g), q, 1, exclude_self=protocol == "loo")
+    hits = gl[top1[:, 0]] == ql
+    return {f"{prefix}recall@1": m["recall@1"], f"{prefix}recall@5": m["recall@5"], f"{prefix}mAP": m["mAP"]}, hits
 
 
 def _move_aside(run_dir: Path) -> Path | None:
@@ -170,6 +195,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                         pin_memory=settings.pin_memory, persistent_workers=settings.num_workers > 0,
                         prefetch_factor=4 if settings.num_workers > 0 else None)
 
+    class_contexts, query_contexts = _contexts(cfg, train_set, query_set, batch_sampler)
     history: list[dict] = []
     start_epoch, best, since_best, run_id = 1, -math.inf, 0, None
     if latest.exists() and not fresh:
@@ -188,6 +214,8 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
+        if ckpt.get("context_weights"):
+            batch_sampler.set_context_weights(ckpt["context_weights"])
         history, best, since_best, run_id = ckpt["history"], ckpt["best_metric"], ckpt["since_best"], ckpt.get("mlflow_run_id")
         start_epoch = ckpt["epoch"] + 1
         print(f"resumed from {latest} at epoch {ckpt['epoch']} (best val recall@1 {best:.4f})")
@@ -195,9 +223,12 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
         seed_everything(cfg.seed)
     log.start(config, run_dir.name, run_id)
     select_key = "ema_val_recall@1" if ema is not None else "val_recall@1"
+    protocol = resolve_val_protocol(cfg.val_protocol, gallery_set.targets.numpy(), query_set.targets.numpy())
+    print(f"validation: {'val leave-one-out' if protocol == 'loo' else 'train gallery, val queries'}")
 
     if not history:
-        row = {"epoch": 0, "phase": "untrained", **validate(model, gallery_set, query_set, settings, cfg.eval_batch_size)}
+        metrics, _ = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
+        row = {"epoch": 0, "phase": "untrained", **metrics}
         history.append(row)
         log.write(history)
         print(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f}")
@@ -210,17 +241,29 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             t0 = time.time()
             frozen = schedule.backbone_frozen_at(epoch - 1)
             model.set_backbone_trainable(not frozen)
-            criterion.head.margin = schedule.margin_at(epoch - 1)
+            margin = criterion.head.margin = schedule.margin_at(epoch - 1)
+            # Context margins only once there is a margin: the m=0 warm-up is plain softmax on purpose.
+            margins_for = (None if class_contexts is None or margin == 0 else
+                           lambda y: context_margins(y, class_contexts, base=margin, same_context=margin + cfg.context_margin))
             batch_sampler.set_epoch(epoch)
             train_loss, n_images = _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings, cfg,
-                                                memory_format, progress, desc=f"epoch {epoch}/{cfg.epochs}")
+                                                memory_format, progress, f"epoch {epoch}/{cfg.epochs}", margins_for)
             row = {"epoch": epoch, "phase": "warmup" if frozen else "finetune", "margin": criterion.head.margin,
                    "train_loss": train_loss, "lr_backbone": optimizer.param_groups[0]["lr"],
                    "lr_head": optimizer.param_groups[1]["lr"], "train_seconds": time.time() - t0,
                    "images_per_second": n_images / max(time.time() - t0, 1e-9)}
-            row.update(validate(model, gallery_set, query_set, settings, cfg.eval_batch_size))
+            metrics, hits = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
+            row.update(metrics)
             if ema is not None:
-                row.update(validate(ema.module, gallery_set, query_set, settings, cfg.eval_batch_size, prefix="ema_val_"))
+                row.update(validate(ema.module, gallery_set, query_set, settings, cfg.eval_batch_size, protocol,
+                                    prefix="ema_val_")[0])
+            context_weights = None
+            if query_contexts is not None and epoch >= cfg.mining_warmup_epochs:
+                errors = context_error(query_contexts, hits)
+                context_weights = mining_weights(errors[errors.index.isin(batch_sampler.contexts)])
+                batch_sampler.set_context_weights(context_weights)
+                worst = errors.sort_values(ascending=False).head(3)
+                row["worst_contexts"] = "; ".join(f"{c} {e:.2f}" for c, e in worst.items())
             if scheduler is not None:
                 scheduler.step(row["val_recall@1"]) if cfg.scheduler == "plateau" else scheduler.step()
             improved = row[select_key] > best
@@ -233,7 +276,8 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "scaler": scaler.state_dict(), "ema": fp32_state_dict(ema) if ema is not None else None,
-                     "rng": rng_state(), "mlflow_run_id": log.mlflow_run_id, "class_to_idx": config.get("class_to_idx")}
+                     "rng": rng_state(), "mlflow_run_id": log.mlflow_run_id, "class_to_idx": config.get("class_to_idx"),
+                     "context_weights": context_weights}
             save_checkpoint(latest, state)
             if improved:
                 # The weights that scored: the EMA's when EMA drives selection (seed 002 keeps the best EMA model).
@@ -253,8 +297,28 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     return pd.DataFrame(history)
 
 
+def _contexts(cfg: TrainConfig, train_set, query_set, batch_sampler):
+    """(class x context matrix for context margins, val query contexts for mining), each None when not asked for."""
+    wanted = cfg.context_margin > 0 or cfg.mining_warmup_epochs >= 0
+    if not wanted:
+        return None, None
+    if "context" not in train_set.index.columns:
+        raise DataError("context_margin / mining_warmup_epochs need a `context` column in the index "
+                        "(notebook 01: metadata_csv with context_col)")
+    class_contexts = None
+    if cfg.context_margin > 0:
+        class_contexts = class_context_matrix(train_set.targets.numpy(), train_set.index["context"].to_numpy(),
+                                              int(train_set.targets.max()) + 1)
+    query_contexts = None
+    if cfg.mining_warmup_epochs >= 0:
+        if not hasattr(batch_sampler, "set_context_weights"):
+            raise ValueError("hard-context mining (mining_warmup_epochs >= 0) needs sampler='context_pk'")
+        query_contexts = query_set.index["context"].to_numpy()
+    return class_contexts, query_contexts
+
+
 def _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings: DeviceSettings, cfg: TrainConfig,
-                 memory_format, progress: bool, desc: str) -> tuple[float, int]:
+                 memory_format, progress: bool, desc: str, margins_for=None) -> tuple[float, int]:
     model.train()
     criterion.train()
     accum = settings.accum_steps
@@ -270,7 +334,7 @@ def _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings: Dev
         with settings.autocast():
             emb = model(x)
         # The loss runs in fp32: the margin's trigonometry and s=64 logits are where half precision hurts.
-        loss, _ = criterion(emb.float(), y)
+        loss, _ = criterion(emb.float(), y, margins_for(y) if margins_for else None)
         scaler.scale(loss / accum).backward()
         loss_sum += loss.detach()
         n_images += len(y)

@@ -29,6 +29,8 @@ context_col = ""            # CSV column with a context (site, address), kept fo
 split_col = ""              # CSV column with a ready-made split, kept as `given_split` for later notebooks
 group_by = "id"             # folder layout: "id" = text before the first "_" is the group; "file" = each file alone
 min_size = 224              # images smaller than min_size x min_size exclude their group (seed 000)
+split_mode = "group"        # group | time (closed-set by date) | open (identity-disjoint) | given (split_col)
+time_col = ""               # split_mode="time": column with each photo's date or order
 ratios = [0.7, 0.15, 0.15]  # train / val / test share of each class's images
 seed = 42
 n_folds = 0                 # > 1: also write K train/val folds around the fixed test split
@@ -84,8 +86,8 @@ display(exclusions)
 # ## Split
 
 # %%
-splits = prepare_splits(kept, splits_dir, SplitConfig(ratios=tuple(ratios), seed=seed, n_folds=n_folds),
-                        exclusions=exclusions, fresh=fresh)
+split_config = SplitConfig(ratios=tuple(ratios), seed=seed, n_folds=n_folds, mode=split_mode, time_col=time_col)
+splits = prepare_splits(kept, splits_dir, split_config, exclusions=exclusions, fresh=fresh)
 report = splits.report
 display(Markdown(Path(splits_dir, "split_report.md").read_text()))
 

@@ -129,3 +129,47 @@ def test_split_index_round_trip_and_tamper_detection(tmp_path):
 def test_bad_ratios_rejected():
     with pytest.raises(ValueError, match="ratios"):
         SplitConfig(ratios=(0.8, 0.3, 0.1))
+
+
+def reid_index() -> pd.DataFrame:
+    """Individuals photographed in dated encounters; encounter e-x holds two individuals (a pair seen together)."""
+    rows = []
+    for animal in range(10):
+        for enc in range(6):
+            rows += [(f"a{animal}/e{enc}_{s}.jpg", f"ind{animal}", f"a{animal}e{enc}", f"2024-0{enc + 1}-1{animal % 9}")
+                     for s in range(2)]
+    rows += [("x/shared_1.jpg", "ind0", "e-x", "2024-01-01"), ("x/shared_2.jpg", "ind1", "e-x", "2024-01-01")]
+    return pd.DataFrame(rows, columns=["path", "label", "group", "date"]).assign(width=300, height=300)
+
+
+def test_open_mode_keeps_individuals_apart_and_pairs_together():
+    index = reid_index()
+    labelled = assign_splits(index, split_groups(index, SplitConfig(mode="open", seed=1)))
+    per_label = labelled.groupby("label")["split"].nunique()
+    assert (per_label == 1).all()                      # no individual in two splits
+    where = labelled.groupby("label")["split"].first()
+    assert where["ind0"] == where["ind1"]              # seen together in e-x, so they move together
+    assert set(where) == set(SPLITS)
+
+
+def test_time_mode_puts_the_latest_encounters_last():
+    index = reid_index()
+    labelled = assign_splits(index, split_groups(index, SplitConfig(mode="time", time_col="date")))
+    for _, rows in labelled.groupby("label"):
+        first = rows.groupby("split")["date"].min()
+        last = rows.groupby("split")["date"].max()
+        assert last["train"] < first["val"] <= last["val"] < first["test"]
+    with pytest.raises(ValueError, match="time_col"):
+        SplitConfig(mode="time")
+
+
+def test_given_mode_uses_the_csv_column_and_carves_val():
+    index = reid_index()
+    index["given_split"] = np.where(index["group"].str.endswith(("e4", "e5")), "Test", "train")
+    index.loc[index["group"] == "e-x", "given_split"] = "train"
+    groups = split_groups(index, SplitConfig(mode="given"))
+    assert set(groups["test"]) == set(index.loc[index["given_split"] == "Test", "group"])
+    assert groups["val"] and not set(groups["val"]) & set(groups["test"])
+    index.loc[0, "given_split"] = "holdout"
+    with pytest.raises(DataError, match="holdout"):
+        split_groups(index, SplitConfig(mode="given"))

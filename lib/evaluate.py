@@ -1,0 +1,208 @@
+"""Evaluate a trained run: rebuild its model from a checkpoint, embed gallery (train) and queries (one split) through
+the embedding cache, search, vote, decide, measure; and the one-row-per-run results table.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lib.checkpoint import load_checkpoint
+from lib.data import IndexDataset
+from lib.decide import Thresholds, class_scores, verdicts, vote
+from lib.device import DeviceSettings, auto_settings
+from lib.embed import cached_embeddings, file_sha256
+from lib.errors import DataError
+from lib.evaluation import Evaluation
+from lib.metrics import macro_f1, per_class_report, vote_accuracy
+from lib.model import ModelConfig, create_model
+from lib.retrieval import build_index, evaluate_retrieval, save_index, search
+from lib.run import load_run_data
+from lib.transforms import build_transforms
+
+CHECKPOINTS = {"best": "best_model.pt", "latest": "latest_model.pt"}
+BENCHMARK_COLUMNS = ("version", "split", "backbone", "loss", "embedding_dim", "img_size", "augmentation", "recall@1",
+                     "recall@5", "mAP", "vote_accuracy", "macro_f1", "coverage", "accuracy_at_coverage",
+                     "train_time_min", "inference_ms_per_image", "notes")
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    checkpoint: Path
+    checkpoint_sha256: str
+    config: dict              # the checkpoint's full config (sections + class_to_idx, data_fingerprint, ...)
+    history: list
+    model: torch.nn.Module
+    eval_tf: object
+
+
+def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str = "best") -> Path:
+    """'best', 'latest', or a file name in run_dir (e.g. 'checkpoint_epoch_10.pt')."""
+    path = Path(run_dir) / CHECKPOINTS.get(checkpoint, checkpoint)
+    if not path.is_file():
+        found = sorted(p.name for p in Path(run_dir).glob("*.pt")) if Path(run_dir).is_dir() else []
+        raise DataError(f"no checkpoint {path}; run_dir holds {found or 'no .pt files'} (train it with notebook 02)")
+    return path
+
+
+def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best") -> TrainedRun:
+    """The run's model with the checkpoint's weights (built without fetching any pretrained weights) and its eval
+    transform, on the CPU in eval mode."""
+    path = checkpoint_file(run_dir, checkpoint)
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    model = create_model(ModelConfig(**{**config["model"], "pretrained": ""}))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    dc, aug = model.data_config, config["aug"]
+    _, eval_tf = build_transforms(aug["img_size"], dc["mean"], dc["std"], preset="none")
+    return TrainedRun(Path(run_dir), path, file_sha256(path), config, ckpt.get("history", []), model, eval_tf)
+
+
+def split_rows(run: TrainedRun) -> pd.DataFrame:
+    """The run's split index (with `split`), refused when the data changed since training."""
+    index, _, report = load_run_data(run.config)
+    trained_on = run.config.get("data_fingerprint")
+    if trained_on and report.get("data_fingerprint") != trained_on:
+        raise DataError(f"the split in {run.config['data']['splits_dir']} describes other data than {run.checkpoint} "
+                        "was trained on (data fingerprints differ); evaluate with the splits it was trained with")
+    return index.reset_index(drop=True)
+
+
+def embed_rows(run: TrainedRun, rows: pd.DataFrame, settings: DeviceSettings, tta: bool = False,
+               batch_size: int = 64, progress: bool = False, desc: str = "embed") -> tuple[np.ndarray, dict]:
+    """Embeddings of index rows through the run's cache (run_dir/embeddings/)."""
+    d = run.config["data"]
+    dataset = IndexDataset(rows, d["data_dir"], run.eval_tf, run.config["class_to_idx"], d["cache_dir"] or None)
+    run.model.to(settings.device)
+    return cached_embeddings(run.model, dataset, settings, run.run_dir / "embeddings", run.checkpoint_sha256, tta=tta,
+                             batch_size=batch_size, progress=progress, desc=desc)
+
+
+def decide(distances, neighbour_labels, classes, weighting: str = "inverse",
+           thresholds: Thresholds | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """(table of pred, score, margin, top1_distance, verdict; (n_q, n_classes) class shares) for searched queries."""
+    shares = class_scores(distances, neighbour_labels, classes, weighting)
+    winner, score, margin = vote(shares)
+    top1 = np.asarray(distances)[:, 0]
+    table = pd.DataFrame({"pred": np.asarray(classes)[winner], "score": score, "margin": margin,
+                          "top1_distance": top1, "verdict": verdicts(top1, margin, thresholds or Thresholds())})
+    return table, shares
+
+
+def _rank_of_true(neighbour_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """1-based rank of the first retrieved neighbour with the query's label; 0 when none of the K has it."""
+    hit = neighbour_labels == labels[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, 0)
+
+
+def _coverage_metrics(queries: pd.DataFrame) -> dict:
+    accepted = queries["verdict"] == "accepted"
+    return {"coverage": float(accepted.mean()),
+            "accuracy_at_coverage": float(queries.loc[accepted, "correct"].mean()) if accepted.any() else float("nan")}
+
+
+def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str = "best", k: int = 20,
+                 weighting: str = "inverse", tta: bool = False, thresholds: Thresholds | None = None,
+                 device: str = "auto", batch_size: int = 64, progress: bool = False) -> Evaluation:
+    """Gallery = the run's train split, queries = `split`; every query searched, voted and judged.
+
+    thresholds=None accepts every query (coverage 1); choose them on 'val' (lib.decide.choose_thresholds) and
+    apply_thresholds. The gallery index is also saved to run_dir/index/ for lib.predict.
+    """
+    if split == "train":
+        raise ValueError("split='train' is the gallery; evaluate 'val' (or 'test' when asked for explicitly)")
+    run = load_trained(run_dir, checkpoint)
+    rows = split_rows(run)
+    cols = [c for c in rows.columns if c != "split"]
+    gallery = rows.loc[rows["split"] == "train", cols].reset_index(drop=True)
+    queries = rows.loc[rows["split"] == split, cols].reset_index(drop=True)
+    if queries.empty:
+        raise DataError(f"split {split!r} has no images in {run.config['data']['splits_dir']} "
+                        f"(splits present: {sorted(set(rows['split']) - {''})})")
+    settings = auto_settings(device=device)
+    g_emb, g_info = embed_rows(run, gallery, settings, tta, batch_size, progress, desc="gallery")
+    q_emb, q_info = embed_rows(run, queries, settings, tta, batch_size, progress, desc=split)
+
+    faiss_device = "cpu" if settings.device == "cpu" else "auto"  # auto: faiss-cpu beside CUDA torch is no error
+    index = build_index(g_emb, faiss_device)
+    save_index(index, gallery, run.run_dir / "index", {**{k_: g_info[k_] for k_ in ("checkpoint_sha256", "tta",
+               "transform", "data_fingerprint")}, "checkpoint": run.checkpoint.name})
+    distances, neighbours = search(index, q_emb, k)
+    g_labels, q_labels = gallery["label"].to_numpy(), queries["label"].to_numpy()
+    classes = sorted(run.config["class_to_idx"])
+    table, shares = decide(distances, g_labels[neighbours], classes, weighting, thresholds)
+    queries = pd.concat([queries, table], axis=1)
+    queries["correct"] = queries["pred"] == queries["label"]
+    queries["rank_of_true"] = _rank_of_true(g_labels[neighbours], q_labels)
+
+    metrics = evaluate_retrieval(g_emb, g_labels, q_emb, q_labels, ks=(1, 5), device=faiss_device)
+    metrics.update(vote_accuracy=vote_accuracy(q_labels, queries["pred"]), macro_f1=macro_f1(q_labels, queries["pred"]),
+                   **_coverage_metrics(queries), n_gallery=len(gallery),
+                   inference_ms_per_image=q_info["ms_per_image"],
+                   per_class=per_class_report(q_labels, queries["pred"]).to_dict(orient="index"))
+    config = {"run_dir": str(run_dir), "checkpoint": run.checkpoint.name, "checkpoint_sha256": run.checkpoint_sha256,
+              "k": k, "weighting": weighting, "tta": tta, "thresholds": asdict(thresholds or Thresholds()),
+              "device": settings.device, "run": run.config,
+              "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60}
+    return Evaluation(split=split, data_root=run.config["data"]["data_dir"], gallery=gallery, queries=queries,
+                      neighbours=neighbours, distances=distances,
+                      class_scores=pd.DataFrame(shares, columns=classes), gallery_emb=g_emb, query_emb=q_emb,
+                      metrics=metrics, config=config)
+
+
+def apply_thresholds(ev: Evaluation, thresholds: Thresholds) -> Evaluation:
+    """The same evaluation with its verdicts, coverage and accuracy-at-coverage for other thresholds (in place)."""
+    ev.queries["verdict"] = verdicts(ev.queries["top1_distance"], ev.queries["margin"], thresholds)
+    ev.metrics.update(_coverage_metrics(ev.queries))
+    ev.config["thresholds"] = asdict(thresholds)
+    return ev
+
+
+def _loss_name(loss: dict) -> str:
+    name = "arcface" if loss.get("k_subcenters", 1) <= 1 else f"subcenter-arcface(k={loss['k_subcenters']})"
+    extras = [f"+{term}{loss[f'{term}_weight']:g}" for term in ("triplet", "ms") if loss.get(f"{term}_weight")]
+    return f"{name}(s={loss['s']:g})" + "".join(extras)
+
+
+def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
+    """The results-table row of an evaluation (columns BENCHMARK_COLUMNS)."""
+    cfg = ev.config["run"]
+    m = ev.metrics
+    aug = cfg["aug"]
+    return {"version": Path(ev.config["run_dir"]).name, "split": ev.split, "backbone": cfg["model"]["backbone"],
+            "loss": _loss_name(cfg["loss"]), "embedding_dim": cfg["model"]["embed_dim"], "img_size": aug["img_size"],
+            "augmentation": aug["augment"] + ("+hflip" if aug["hflip"] else ""),
+            **{key: m[key] for key in ("recall@1", "recall@5", "mAP", "vote_accuracy", "macro_f1", "coverage",
+                                       "accuracy_at_coverage", "inference_ms_per_image")},
+            "train_time_min": ev.config.get("train_time_min", float("nan")), "notes": notes}
+
+
+def append_benchmark_row(results_csv: str | os.PathLike, row: dict) -> Path:
+    """Append one row; a new file gets BENCHMARK_COLUMNS (+ the row's extra keys) as its header.
+
+    An existing file with other columns is rewritten with the union of both (its columns first), never cut.
+    """
+    path = Path(results_csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.stat().st_size == 0:
+        header = list(BENCHMARK_COLUMNS) + [c for c in row if c not in BENCHMARK_COLUMNS]
+        pd.DataFrame([row], columns=header).to_csv(path, index=False)
+        return path
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if set(row) <= set(header):
+        pd.DataFrame([row], columns=header).to_csv(path, mode="a", header=False, index=False)
+        return path
+    old = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path

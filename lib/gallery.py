@@ -1,0 +1,169 @@
+"""The query browser of notebook 05: one render function (tested directly) and the ipywidgets around it.
+
+A result — a query of the evaluated split, or a photo uploaded in the browser — is a `QueryResult`; the same
+`render_result` draws both, so what the browser shows for a new photo is what notebook 04 shows for a val query.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from lib.analysis import errors
+from lib.decide import Thresholds, class_scores, verdicts, vote
+from lib.evaluation import Evaluation
+from lib.plots_analysis import NEUTRAL, QUERY, RIGHT, WRONG, show_thumb
+from lib.retrieval import build_index, search
+
+ALL = "(all classes)"
+
+
+@dataclass
+class QueryResult:
+    image: Image.Image | Path   # the query photo
+    neighbours: pd.DataFrame    # gallery rows nearest first: path (openable), label, group, distance
+    votes: pd.Series            # vote share of each class, largest first
+    verdict: str                # accepted | unclassifiable | reshoot
+    label: str | None = None    # true class; None for a photo from outside the split
+    name: str = ""              # what to call the query (its path, or the uploaded file's name)
+
+    @property
+    def pred(self) -> str:
+        return str(self.votes.index[0])
+
+    @property
+    def margin(self) -> float:
+        return float(self.votes.iat[0] - (self.votes.iat[1] if len(self.votes) > 1 else 0.0))
+
+
+def _neighbour_table(ev: Evaluation, rows, distances) -> pd.DataFrame:
+    g = ev.gallery.iloc[rows]
+    return pd.DataFrame({"path": [str(Path(ev.data_root) / p) for p in g["path"]], "label": g["label"].to_numpy(),
+                         "group": g["group"].to_numpy(), "distance": np.asarray(distances, dtype=float)})
+
+
+def query_result(ev: Evaluation, i: int) -> QueryResult:
+    """The recorded decision for row i of ev.queries."""
+    q = ev.queries.iloc[i]
+    votes = ev.class_scores.iloc[i].astype(float).sort_values(ascending=False, kind="stable")
+    return QueryResult(image=Path(ev.data_root) / q["path"], neighbours=_neighbour_table(ev, ev.neighbours[i],
+                       ev.distances[i]), votes=votes, verdict=str(q["verdict"]), label=str(q["label"]),
+                       name=str(q["path"]))
+
+
+def photo_result(ev: Evaluation, image: Image.Image, embed_fn: Callable[[Image.Image], np.ndarray],
+                 thresholds: Thresholds | None = None, name: str = "uploaded photo", index=None) -> QueryResult:
+    """Search and vote for a new photo as notebook 03 did for the split: same k (the stored neighbour count),
+    same weighting (ev.config['weighting'], default inverse distance), verdict from `thresholds` (none: accepted).
+
+    `index`: a lib.retrieval index over ev.gallery_emb, to reuse across photos.
+    """
+    index = index if index is not None else build_index(ev.gallery_emb, device="cpu")
+    emb = np.asarray(embed_fn(image), dtype=np.float32).reshape(1, -1)
+    distances, rows = search(index, emb, k=ev.neighbours.shape[1])
+    classes = sorted(set(ev.class_scores.columns) | set(ev.gallery["label"]))
+    labels = ev.gallery["label"].to_numpy()[rows]
+    shares = class_scores(distances, labels, classes, ev.config.get("weighting", "inverse"))
+    _, _, margin = vote(shares)
+    verdict = verdicts(distances[:, 0], margin, thresholds or Thresholds())[0]
+    votes = pd.Series(shares[0], index=classes).sort_values(ascending=False, kind="stable")
+    return QueryResult(image=image, neighbours=_neighbour_table(ev, rows[0], distances[0]), votes=votes,
+                       verdict=str(verdict), name=name)
+
+
+def render_result(result: QueryResult, k: int = 5) -> plt.Figure:
+    """The query, then its top-k gallery photos with label, group and distance (green frame: the query's class,
+    red: another; grey when the query's class is unknown); the vote and the verdict in the title."""
+    shown = result.neighbours.head(k)
+    fig, axes = plt.subplots(1, k + 1, figsize=(2.1 * (k + 1), 3.0), squeeze=False)
+    axes = axes[0]
+    truth = f"true: {result.label}" if result.label is not None else "true: unknown"
+    show_thumb(axes[0], result.image, f"QUERY\n{truth}", QUERY)
+    for ax, (rank, n) in zip(axes[1:], enumerate(shown.itertuples(), start=1)):
+        colour = NEUTRAL if result.label is None else RIGHT if n.label == result.label else WRONG
+        show_thumb(ax, n.path, f"#{rank} {n.label}\ngroup {n.group}\nd={n.distance:.3f}", colour)
+    for ax in axes[1 + len(shown):]:
+        ax.axis("off")
+    top = result.votes[result.votes > 0].head(3)
+    votes = ", ".join(f"{c} {s:.2f}" for c, s in top.items())
+    right = "" if result.label is None else ("  RIGHT" if result.pred == result.label else "  WRONG")
+    fig.suptitle(f"{result.name}\nvote: {votes} | margin {result.margin:.3f} | verdict: {result.verdict}{right}",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def render_query(ev: Evaluation, query_row: int, k: int = 5) -> plt.Figure:
+    """Figure for row `query_row` of ev.queries: the query and its top-k neighbours, vote and verdict."""
+    return render_result(query_result(ev, query_row), k)
+
+
+def select_queries(queries: pd.DataFrame, label: str | None = None, errors_only: bool = False) -> np.ndarray:
+    """Row positions of the queries of class `label` (None or ALL: every class), only the wrong ones if asked."""
+    keep = np.ones(len(queries), dtype=bool)
+    if label not in (None, ALL):
+        keep &= (queries["label"] == label).to_numpy()
+    if errors_only:
+        keep &= errors(queries).to_numpy()
+    return np.flatnonzero(keep)
+
+
+def _option(q: pd.Series) -> str:
+    mark = "ok " if q["correct"] else "ERR"
+    return f"{mark} {q['path']}  ({q['label']} -> {q['pred']})"
+
+
+def query_browser(ev: Evaluation, embed_fn: Callable[[Image.Image], np.ndarray] | None = None, k: int = 5,
+                  thresholds: Thresholds | None = None):
+    """ipywidgets browser over the queries of `ev`: filter by class and 'errors only', pick a query, or upload a
+    photo (needs `embed_fn(PIL image) -> vector`, the run's model); shows render_result of the choice."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    q = ev.queries
+    class_filter = w.Dropdown(options=[ALL, *sorted(q["label"].unique())], description="class")
+    errors_only = w.Checkbox(value=False, description="errors only")
+    picker = w.Dropdown(description="query", layout=w.Layout(width="70%"))
+    upload = w.FileUpload(accept="image/*", multiple=False, disabled=embed_fn is None,
+                          description="upload photo" if embed_fn else "upload (needs embed_fn)")
+    count = w.Label()
+    out = w.Output()
+    index = build_index(ev.gallery_emb, device="cpu") if embed_fn else None
+
+    def show(result: QueryResult) -> None:
+        with out:
+            out.clear_output(wait=True)
+            fig = render_result(result, k)
+            display(fig)
+            plt.close(fig)
+
+    def refilter(_=None) -> None:
+        rows = select_queries(q, class_filter.value, errors_only.value)
+        count.value = f"{len(rows)} of {len(q)} queries ({ev.split})"
+        picker.options = [(_option(q.iloc[i]), int(i)) for i in rows]
+        if len(rows) == 0:
+            with out:
+                out.clear_output()
+                print("no query matches the filter")
+
+    def on_pick(change) -> None:
+        if change["new"] is not None:
+            show(query_result(ev, change["new"]))
+
+    def on_upload(change) -> None:
+        for f in change["new"]:
+            image = ImageOps.exif_transpose(Image.open(io.BytesIO(bytes(f["content"])))).convert("RGB")
+            show(photo_result(ev, image, embed_fn, thresholds, name=f["name"], index=index))
+
+    class_filter.observe(refilter, names="value")
+    errors_only.observe(refilter, names="value")
+    picker.observe(on_pick, names="value")
+    upload.observe(on_upload, names="value")
+    refilter()
+    return w.VBox([w.HBox([class_filter, errors_only, count]), w.HBox([picker, upload]), out])

@@ -1,0 +1,243 @@
+"""Figures of notebooks 04 (confusion analysis) and 05 (retrieval gallery): tables or an Evaluation in, figures out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import PowerNorm
+from PIL import Image
+
+from lib.analysis import errors
+from lib.evaluation import Evaluation
+from lib.images import open_image
+
+RIGHT, WRONG, NEUTRAL, QUERY = "#2ca02c", "#d62728", "#7f7f7f", "#1f4e9c"
+THUMB = 192  # px, longer side of a thumbnail: enough to see a pattern, small enough for 60 of them in one figure
+
+
+def thumbnail(image: Image.Image | str | Path, size: int = THUMB) -> Image.Image:
+    """An RGB copy no larger than size x size; a path is opened with lib.images (EXIF-upright, any mode)."""
+    im = open_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+    im = im.copy()
+    im.thumbnail((size, size))
+    return im
+
+
+def show_thumb(ax: plt.Axes, image, caption: str, colour: str | None = None) -> None:
+    """An image with a thick coloured frame (green right, red wrong) and a caption above it."""
+    ax.imshow(thumbnail(image))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(colour is not None)
+        spine.set_color(colour or "white")
+        spine.set_linewidth(5)
+    ax.set_title(caption, fontsize=8, color=colour if colour in (RIGHT, WRONG) else "black")
+
+
+def neighbour_cells(ev: Evaluation, i: int, k: int, with_group: bool = False) -> list[tuple[str, str, str]]:
+    """(image path, caption, frame colour) of query i's first k gallery neighbours."""
+    root = Path(ev.data_root)
+    true = ev.queries["label"].iat[i]
+    cells = []
+    for rank, (g, d) in enumerate(zip(ev.neighbours[i, :k], ev.distances[i, :k]), start=1):
+        row = ev.gallery.iloc[g]
+        caption = f"#{rank} {row['label']}" + (f"\n{row['group']}" if with_group else "") + f"\nd={d:.3f}"
+        cells.append((str(root / row["path"]), caption, RIGHT if row["label"] == true else WRONG))
+    return cells
+
+
+def query_caption(row: pd.Series) -> str:
+    verdict = f" [{row['verdict']}]" if row.get("verdict", "accepted") != "accepted" else ""
+    return f"QUERY {row['label']}\n-> {row['pred']} ({row['score']:.2f}){verdict}"
+
+
+def plot_retrieval_grid(ev: Evaluation, rows, k: int = 5, title: str = "") -> plt.Figure:
+    """One line per query: the query (blue frame), then its top-k gallery photos with label and distance,
+    framed green where the label is the query's and red where it is not."""
+    rows = list(rows)
+    k = min(k, ev.neighbours.shape[1])
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.9 * (k + 1), 2.3 * len(rows)), squeeze=False)
+    root = Path(ev.data_root)
+    for line, i in zip(axes, rows):
+        q = ev.queries.iloc[i]
+        show_thumb(line[0], root / q["path"], query_caption(q), QUERY)
+        for ax, (path, caption, colour) in zip(line[1:], neighbour_cells(ev, i, k)):
+            show_thumb(ax, path, caption, colour)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confused_pairs(ev: Evaluation, pairs: pd.DataFrame, n: int = 8) -> plt.Figure:
+    """Each most-confused pair as an image pair: a query and the gallery photo it was mistaken for."""
+    pairs = pairs[pairs["example_match"] != ""].head(n)
+    cols = 2 * min(2, max(len(pairs), 1))
+    lines = max(1, -(-len(pairs) // 2))
+    fig, axes = plt.subplots(lines, cols, figsize=(2.2 * cols, 2.5 * lines), squeeze=False)
+    root = Path(ev.data_root)
+    labels = dict(zip(ev.queries["path"], ev.queries["label"]))
+    preds = dict(zip(ev.queries["path"], ev.queries["pred"]))
+    for ax in axes.flat:
+        ax.axis("off")
+    for j, (_, p) in enumerate(pairs.iterrows()):
+        a, b = axes.flat[2 * j], axes.flat[2 * j + 1]
+        for ax in (a, b):
+            ax.axis("on")
+        q = p["example_query"]
+        show_thumb(a, root / q, f"query: {labels[q]}\n({p['errors']} errors in pair)", WRONG)
+        show_thumb(b, root / p["example_match"], f"taken for: {preds[q]}", NEUTRAL)
+    fig.suptitle("Most-confused class pairs: an example of each", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(view: pd.DataFrame, n_classes: int | None = None) -> plt.Figure:
+    """Row-normalised confusion matrix; a square-root colour scale so that small confusions stay visible.
+
+    `view` comes from lib.analysis.confusion_view; `n_classes` (all classes) puts 'top N of M' in the title.
+    Cell size and font follow the number of classes, so labels never overlap; shares are written in the
+    cells while they fit (up to 15 classes).
+    """
+    n = len(view)
+    cell = 0.5 if n <= 15 else 0.28
+    side = max(4.0, cell * n + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(view.to_numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1))
+    font = 10 if n <= 15 else 7
+    ax.set_xticks(range(n), view.columns, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), view.index, fontsize=font)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 15:
+        values = view.to_numpy()
+        for (r, c), v in np.ndenumerate(values):
+            if v > 0:
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if v > 0.5 else "black")
+    title = "Confusion matrix (share of each true class's queries)"
+    if n_classes and n_classes > n:
+        title = f"Confusion among the {n} most confused of {n_classes} classes\n(rows: share of the class's queries)"
+    ax.set_title(title, fontsize=11)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of row")
+    fig.tight_layout()
+    return fig
+
+
+def plot_margins(queries: pd.DataFrame, tiny: float = 0.005) -> plt.Figure:
+    """Histograms of the top-1/top-2 vote margin for right and wrong answers (seed 001: errors pile up near 0)."""
+    wrong = errors(queries)
+    margins = queries["margin"].astype(float)
+    bins = np.linspace(0, max(float(margins.max()), 1e-3), 31)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, mask, colour in (("right", ~wrong, RIGHT), ("wrong", wrong, WRONG)):
+        share = f"{(margins[mask] < tiny).mean():.0%} < {tiny:g}" if mask.any() else "none"
+        ax.hist(margins[mask], bins=bins, color=colour, alpha=0.55, label=f"{name} (n={int(mask.sum())}, {share})")
+    ax.axvline(tiny, color="k", ls=":", lw=1)
+    ax.set(xlabel="vote margin between the best two classes", ylabel="queries",
+           title="Margin of right and wrong answers")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_by(table: pd.DataFrame, xlabel: str, title: str) -> plt.Figure:
+    """Accuracy per value of a key (candidate classes, context, ...) as bars, each labelled with its query count."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(table) + 2), 4))
+    x = np.arange(len(table))
+    bars = ax.bar(x, table["accuracy"], color="#4C72B0")
+    for bar, n in zip(bars, table["queries"]):
+        ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(x, [str(v) for v in table.index], rotation=90 if len(table) > 15 else 0)
+    ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1.12), title=title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_error_shares(rank_table: pd.DataFrame, worst_table: pd.DataFrame, by: str) -> plt.Figure:
+    """Left: rank of the true class among the errors. Right: the worst classes/contexts and the cumulative share
+    of all errors they hold."""
+    fig, (ax_rank, ax_worst) = plt.subplots(1, 2, figsize=(12, 4.2))
+    ax_rank.bar([str(r) for r in rank_table.index], rank_table["share_of_errors"], color=WRONG, alpha=0.8)
+    ax_rank.set(xlabel="rank of the true class", ylabel="share of errors", ylim=(0, 1),
+                title=f"Where the true class was in the {int(rank_table['errors'].sum())} errors")
+    names = [str(v) for v in worst_table.index]
+    ax_worst.bar(names, worst_table["share_of_errors"], color="#DD8452", label="share of errors")
+    ax_worst.plot(names, worst_table["cumulative_share"], "k-o", ms=3, label="cumulative")
+    ax_worst.set_ylim(0, 1)
+    ax_worst.set_ylabel("share of all errors")
+    ax_worst.set_title(f"Worst {len(worst_table)} {by}s")
+    ax_worst.tick_params(axis="x", rotation=90, labelsize=8 if len(names) > 10 else 10)
+    ax_worst.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class_ap(ap: pd.DataFrame, max_classes: int = 40) -> plt.Figure:
+    """Per-class AP as horizontal bars, lowest at the top; with many classes only the `max_classes` lowest."""
+    shown = ap.head(max_classes)
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.24 * len(shown) + 1.3)))
+    y = np.arange(len(shown))
+    ax.barh(y, shown["ap"], color=plt.cm.RdYlGn(shown["ap"].to_numpy()))
+    ax.set_yticks(y, [f"{c} (n={n})" for c, n in zip(shown.index, shown["queries"])],
+                  fontsize=8 if len(shown) > 20 else 10)
+    ax.invert_yaxis()
+    mean = ap["ap"].mean()
+    ax.axvline(mean, color="k", ls=":", lw=1, label=f"class-balanced mAP {mean:.3f}")
+    title = "Per-class AP"
+    if len(ap) > max_classes:
+        title += f" (lowest {max_classes} of {len(ap)} classes)"
+    ax.set(xlabel="average precision", xlim=(0, 1), title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def embedding_map(emb: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """2-D coordinates of the rows of `emb`: t-SNE (scikit-learn, cosine) or UMAP (umap-learn, if installed)."""
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30.0, max(2.0, (len(emb) - 1) / 3)))
+        return TSNE(2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed).fit_transform(emb)
+    if method == "umap":
+        import umap
+
+        return umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(emb)
+    raise ValueError(f"method={method!r}; valid: tsne, umap")
+
+
+def plot_embedding_map(ev: Evaluation, method: str = "tsne", max_points: int = 5000, seed: int = 0) -> plt.Figure:
+    """Gallery (dots) and queries (stars; wrong ones ringed red) in 2-D, coloured by class.
+
+    More than `max_points` photos are subsampled (t-SNE is quadratic); a legend is drawn for up to 20 classes.
+    """
+    labels = np.concatenate([ev.gallery["label"].to_numpy(), ev.queries["label"].to_numpy()]).astype(str)
+    is_query = np.r_[np.zeros(len(ev.gallery), bool), np.ones(len(ev.queries), bool)]
+    wrong = np.r_[np.zeros(len(ev.gallery), bool), errors(ev.queries).to_numpy()]
+    emb = np.concatenate([ev.gallery_emb, ev.query_emb])
+    keep = np.arange(len(emb))
+    if len(keep) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(emb), max_points, replace=False))
+    xy = embedding_map(emb[keep], method, seed)
+    labels, is_query, wrong = labels[keep], is_query[keep], wrong[keep]
+    classes = sorted(set(labels))
+    cmap = plt.get_cmap("tab20" if len(classes) <= 20 else "gist_ncar")
+    colour = {c: cmap(j / max(len(classes) - 1, 1) if len(classes) > 20 else j) for j, c in enumerate(classes)}
+    fig, ax = plt.subplots(figsize=(9 if len(classes) <= 20 else 8, 7))
+    for c in classes:
+        g, q = (labels == c) & ~is_query, (labels == c) & is_query
+        ax.scatter(*xy[g].T, s=14, color=colour[c], alpha=0.7, label=c)
+        ax.scatter(*xy[q].T, s=90, marker="*", color=colour[c], edgecolors="k", linewidths=0.5)
+    ax.scatter(*xy[wrong].T, s=180, facecolors="none", edgecolors=WRONG, linewidths=1.5, label="wrong query")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{method.upper()} of the embeddings: gallery dots, query stars ({ev.split}), coloured by class")
+    if len(classes) <= 20:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

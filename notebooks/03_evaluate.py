@@ -1,0 +1,111 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python (photo-retrieval)
+#     language: python
+#     name: photo-retrieval
+# ---
+
+# %% [markdown]
+# # 03 · Evaluate: retrieval, voting, reliability
+#
+# Train photos are the gallery (a Faiss flat index on unit vectors); each photo of the evaluated split asks for its
+# `k` nearest, and they vote (class score = sum of 1/d, or the chosen `weighting`). A vote is accepted, or marked
+# **unclassifiable** (the nearest photo is too far) or **reshoot** (the two best classes are too close). The two
+# thresholds are chosen on the validation split for `target_accuracy` (or `target_coverage`), and saved to
+# `run_dir/eval/val/thresholds.json`, where `data_prep/predict.py` finds them.
+#
+# Model selection and threshold choice use validation only. The test split is the final service performance:
+# it is evaluated only with `evaluate_test=True`, with the thresholds chosen on val.
+# Embeddings are cached in `run_dir/embeddings/` per checkpoint, data and transform: re-running is quick.
+
+# %% tags=["parameters"]
+run_dir = "runs/demo"            # a run trained by notebook 02
+split = "val"                    # the split thresholds are chosen on; the test split is never used for choosing
+checkpoint = "best"              # best | latest | a checkpoint file name in run_dir
+k = 20                           # neighbours that vote (seed 000: 20)
+weighting = "inverse"            # inverse (1/d) | uniform | softmax
+tta = False                      # flip test-time augmentation (mean of the photo's and its mirror's embeddings)
+target_accuracy = 0.95           # thresholds: the largest coverage at this accuracy on val ...
+target_coverage = 0.0            # ... or, when > 0, the best accuracy answering at least this share
+evaluate_test = False            # True: also evaluate the test split (final numbers), with the val thresholds
+device = "auto"
+results_csv = "results/benchmarks.csv"
+figures_dir = "figures"
+notes = ""                       # free text for the results row
+
+# %%
+import os
+import sys
+from pathlib import Path
+
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
+os.chdir(ROOT)
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd
+
+from lib.decide import choose_thresholds, risk_coverage, save_thresholds
+from lib.evaluate import append_benchmark_row, apply_thresholds, benchmark_row, evaluate_run
+from lib.evaluation import save_evaluation
+from lib.plots import plot_risk_coverage, save
+
+if split in ("train", "test"):
+    raise ValueError(f"split={split!r}: thresholds are chosen on validation; use evaluate_test=True for the test split")
+eval_dir = Path(run_dir) / "eval"
+
+# %%
+ev = evaluate_run(run_dir, split=split, checkpoint=checkpoint, k=k, weighting=weighting, tta=tta, device=device,
+                  progress=True)
+print(f"{split}: {len(ev.queries)} queries against {len(ev.gallery)} gallery photos; checkpoint {ev.config['checkpoint']}")
+
+# %% [markdown]
+# ## Thresholds and the risk–coverage curve
+# Each curve answers the most confident queries first: by vote margin, or by top-1 distance. The star is the pair
+# of thresholds chosen (both signals together), measured on the same split.
+
+# %%
+q = ev.queries
+targets = {"target_coverage": target_coverage} if target_coverage > 0 else {"target_accuracy": target_accuracy}
+thresholds, chosen = choose_thresholds(q["correct"], q["top1_distance"], q["margin"], **targets)
+apply_thresholds(ev, thresholds)
+save_thresholds(eval_dir / split / "thresholds.json", thresholds,
+                {**chosen, "split": split, "k": k, "weighting": weighting, "tta": tta, "checkpoint": checkpoint})
+print(f"thresholds: max top-1 distance {thresholds.max_distance:.4f}, min margin {thresholds.min_margin:.4f} -> "
+      f"coverage {chosen['coverage']:.3f}, accuracy {chosen['accuracy']:.3f}"
+      + ("" if chosen["met"] else "  (target NOT reached: closest pair taken)"))
+curves = {"margin": risk_coverage(q["correct"], q["margin"]),
+          "top-1 distance": risk_coverage(q["correct"], -q["top1_distance"])}
+fig = plot_risk_coverage(curves, chosen, target_accuracy if "target_accuracy" in targets else None)
+save(fig, Path(figures_dir) / f"03_risk_coverage_{Path(run_dir).name}.png")
+q["verdict"].value_counts()
+
+# %% [markdown]
+# ## Metrics
+# Recall@k: the query's class is among its k nearest photos; mAP ranks the whole gallery; vote accuracy and
+# macro-F1 judge the voted class; coverage and accuracy at coverage follow the thresholds above.
+
+# %%
+evaluations = {split: ev}
+if evaluate_test:
+    evaluations["test"] = evaluate_run(run_dir, split="test", checkpoint=checkpoint, k=k, weighting=weighting,
+                                       tta=tta, thresholds=thresholds, device=device, progress=True)
+rows = []
+for name, e in evaluations.items():
+    save_evaluation(e, eval_dir / name)
+    row = benchmark_row(e, notes=notes)
+    append_benchmark_row(results_csv, row)
+    rows.append(row)
+pd.DataFrame(rows).set_index("split")
+
+# %% [markdown]
+# ## Per class
+# Precision and recall of the vote for each class of the split (support = its queries).
+
+# %%
+pd.DataFrame(ev.metrics["per_class"]).T.sort_values("f1")

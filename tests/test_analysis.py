@@ -1,0 +1,268 @@
+"""Error-analysis tables and figures on a constructed Evaluation whose every answer is known by hand."""
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import average_precision_score  # noqa: E402
+
+from conftest import write_image  # noqa: E402
+from lib import analysis as A  # noqa: E402
+from lib import plots_analysis as P  # noqa: E402
+from lib.decide import class_scores, vote  # noqa: E402
+from lib.evaluation import Evaluation, load_evaluation, save_evaluation  # noqa: E402
+from lib.plots import save  # noqa: E402
+from lib.retrieval import build_index, search  # noqa: E402
+
+K = 4
+E = np.eye(6)
+# gallery: class -> (context, axis its photos lie on, photos); 'd' has a single photo
+GALLERY = {"a": ("north", 0, 3), "b": ("north", 1, 3), "c": ("north", 2, 2), "d": ("east", 3, 1)}
+# queries: (label, context, embedding). Expected: pred, distinct classes among the top 4, rank of the true class.
+QUERIES = [
+    ("a", "north", E[0] + 0.2 * E[1]),                        # a, 2 classes (a a a b), right
+    ("a", "north", E[1] + 0.5 * E[0]),                        # b, 2 (b b b a), wrong, true class 2nd
+    ("b", "north", E[1] + 0.2 * E[2]),                        # b, 2 (b b b c), right
+    ("b", "north", E[0] + 0.5 * E[1]),                        # a, 2 (a a a b), wrong, 2nd
+    ("c", "north", E[2] + 0.3 * E[3] + 0.1 * E[0]),           # c, 3 (c c d a), right
+    ("c", "north", E[1] + 0.4 * E[2]),                        # b, 2 (b b b c), wrong, 2nd
+    ("e", "west", E[3] + 0.3 * E[2] + 0.15 * E[0] + E[4]),    # d, 3 (d c c a), wrong: 'e' has no gallery photo
+    ("d", "east", E[3] + 0.3 * E[2] + 0.15 * E[0]),           # d, 3 (d c c a), right
+]
+EXPECTED_PRED = ["a", "b", "b", "a", "c", "b", "d", "d"]
+EXPECTED_CANDIDATES = [2, 2, 2, 2, 3, 2, 3, 3]
+
+
+def constructed_evaluation(root, queries=QUERIES, seed=0) -> Evaluation:
+    """A small Evaluation decided the way notebook 03 decides (faiss top-K, inverse-distance vote), with real
+    image files under `root`."""
+    rng = np.random.default_rng(seed)
+    g_rows, g_emb = [], []
+    for label, (context, axis, n) in GALLERY.items():
+        for j in range(n):
+            g_rows.append({"path": f"{label}/{label}{j}_1.jpg", "label": label, "group": f"{label}{j}",
+                           "context": context})
+            g_emb.append(E[axis] + 0.05 * rng.standard_normal(6))
+    q_rows = [{"path": f"{label}/q{i}_1.jpg", "label": label, "group": f"q{i}", "context": context}
+              for i, (label, context, _) in enumerate(queries)]
+    gallery, q = pd.DataFrame(g_rows), pd.DataFrame(q_rows)
+    g_emb = np.array(g_emb, dtype=np.float32)
+    q_emb = np.array([v for *_, v in queries], dtype=np.float32)
+    distances, neighbours = search(build_index(g_emb, "cpu"), q_emb, K)
+    classes = sorted(GALLERY)
+    shares = class_scores(distances, gallery["label"].to_numpy()[neighbours], classes)
+    winner, score, margin = vote(shares)
+    q["pred"] = np.array(classes)[winner]
+    q["score"], q["margin"], q["top1_distance"] = score, margin, distances[:, 0]
+    q["verdict"] = "accepted"
+    q["correct"] = q["pred"] == q["label"]
+    order = np.argsort(-shares, axis=1, kind="stable")
+    ranks = []
+    for i, label in enumerate(q["label"]):
+        ranked = [classes[c] for c in order[i] if shares[i, c] > 0]
+        ranks.append(ranked.index(label) + 1 if label in ranked else 0)
+    q["rank_of_true"] = ranks
+    for i, path in enumerate(list(gallery["path"]) + list(q["path"])):
+        write_image(root / path, size=(96, 72), seed=i)
+    return Evaluation(split="val", data_root=str(root), gallery=gallery, queries=q, neighbours=neighbours,
+                      distances=distances, class_scores=pd.DataFrame(shares, columns=classes), gallery_emb=g_emb,
+                      query_emb=q_emb, config={"k": K, "weighting": "inverse"})
+
+
+@pytest.fixture
+def ev(tmp_path):
+    return constructed_evaluation(tmp_path / "data")
+
+
+def many_class_queries(n_classes=300, seed=0) -> pd.DataFrame:
+    """300 classes, 3 queries each; classes c000-c059 lose some queries to a neighbour class."""
+    rng = np.random.default_rng(seed)
+    names = [f"c{i:03d}" for i in range(n_classes)]
+    rows = []
+    for i, name in enumerate(names):
+        for j in range(3):
+            wrong = i < 60 and rng.random() < 0.6
+            pred = names[(i + 1 + rng.integers(0, 3)) % n_classes] if wrong else name
+            rows.append({"path": f"{name}/{j}.jpg", "label": name, "pred": pred, "correct": pred == name})
+    return pd.DataFrame(rows)
+
+
+def assert_real_png(path, min_bytes=10_000):
+    assert path.stat().st_size > min_bytes, f"{path.name}: {path.stat().st_size} bytes"
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.reshape(-1, 3).std(axis=0).max() > 10, f"{path.name} is (nearly) a single colour"
+
+
+def test_constructed_run_is_what_the_tests_assume(ev):
+    assert ev.queries["pred"].tolist() == EXPECTED_PRED
+    assert ev.queries["rank_of_true"].tolist() == [1, 2, 1, 2, 1, 2, 0, 1]
+
+
+def test_candidate_counts_match_a_set_count(ev):
+    labels = ev.gallery["label"].to_numpy()[ev.neighbours]
+    assert A.candidate_counts(ev).tolist() == [len(set(r)) for r in labels] == EXPECTED_CANDIDATES
+    assert A.candidate_counts(ev, k=1).tolist() == [1] * 8
+
+
+def test_accuracy_by_candidates_and_by_context_candidates(ev):
+    by_cand = A.accuracy_by(ev.queries, A.candidate_counts(ev), "candidates")
+    assert by_cand.index.tolist() == [2, 3]
+    assert by_cand["queries"].tolist() == [5, 3] and by_cand["errors"].tolist() == [3, 1]
+    np.testing.assert_allclose(by_cand["accuracy"], [2 / 5, 2 / 3])
+    np.testing.assert_allclose(by_cand["share_of_errors"], [0.75, 0.25])
+    # gallery classes in the query's context: north has a, b, c; east only d; west (the 'e' query) none
+    assert A.context_candidates(ev).tolist() == [3] * 6 + [0, 1]
+    by_ctx = A.accuracy_by(ev.queries, A.context_candidates(ev), "candidates")
+    assert by_ctx["accuracy"].to_dict() == {0: 0.0, 1: 1.0, 3: 0.5}
+    no_context = Evaluation(**{**ev.__dict__, "queries": ev.queries.drop(columns="context")})
+    assert A.context_candidates(no_context) is None
+
+
+def test_confused_pairs_counts_and_examples(ev):
+    pairs = A.confused_pairs(ev)
+    assert pairs[["class_a", "class_b", "a_as_b", "b_as_a", "errors"]].values.tolist() == [
+        ["a", "b", 1, 1, 2], ["b", "c", 0, 1, 1], ["d", "e", 0, 1, 1]]
+    np.testing.assert_allclose(pairs["share_of_errors"], [0.5, 0.25, 0.25])
+    first = pairs.iloc[0]
+    assert first["example_query"] in {"a/q1_1.jpg", "b/q3_1.jpg"}
+    g = ev.gallery.set_index("path")
+    q = ev.queries.set_index("path")
+    assert g.loc[first["example_match"], "label"] == q.loc[first["example_query"], "pred"]
+    assert A.confused_pairs(ev, top=1).shape[0] == 1
+
+
+def test_worst_always_fail_and_rank_of_true(ev):
+    w = A.worst(ev.queries, "label")
+    assert w.index.tolist() == ["e", "a", "b", "c"] and w["errors"].tolist() == [1, 1, 1, 1]
+    np.testing.assert_allclose(w["cumulative_share"], [0.25, 0.5, 0.75, 1.0])
+    by_ctx = A.worst(ev.queries, "context", top=1)
+    assert by_ctx.index.tolist() == ["north"] and by_ctx["share_of_errors"].tolist() == [0.75]
+    fail = A.always_fail(ev)
+    assert fail.index.tolist() == ["e"] and fail.iloc[0].tolist() == [1, 0, "d"]
+    ranks = A.rank_of_true_table(ev.queries)
+    assert ranks["errors"].to_dict() == {"2": 3, A.NOT_RANKED: 1}
+
+
+def test_margin_summary_against_numpy(ev):
+    m = A.margin_summary(ev.queries, thresholds=(0.5,))
+    wrong = ~ev.queries["correct"].to_numpy()
+    margins = ev.queries["margin"].to_numpy()
+    assert m.loc["wrong", "queries"] == 4 and m.loc["right", "queries"] == 4
+    assert m.loc["wrong", "median"] == pytest.approx(np.median(margins[wrong]))
+    assert m.loc["right", "share_below_0.5"] == pytest.approx(np.mean(margins[~wrong] < 0.5))
+
+
+def test_per_class_ap_against_sklearn(ev):
+    g = ev.gallery_emb / np.linalg.norm(ev.gallery_emb, axis=1, keepdims=True)
+    q = ev.query_emb / np.linalg.norm(ev.query_emb, axis=1, keepdims=True)
+    sims = q @ g.T
+    expected = {}
+    for i, label in enumerate(ev.queries["label"]):
+        truth = ev.gallery["label"].to_numpy() == label
+        if truth.any():
+            expected.setdefault(label, []).append(average_precision_score(truth, sims[i]))
+    table = A.per_class_ap(ev)
+    assert set(table.index) == {"a", "b", "c", "d"}, "'e' has no gallery photo, so no AP"
+    for label, aps in expected.items():
+        assert table.loc[label, "ap"] == pytest.approx(np.mean(aps), abs=1e-6), label
+    assert table["ap"].is_monotonic_increasing
+    assert table.loc["d", "gallery_photos"] == 1
+
+
+def test_worst_queries_and_paths(ev):
+    rows = A.worst_queries(ev.queries, 5)
+    wrong = set(np.flatnonzero(~ev.queries["correct"].to_numpy()))
+    assert set(rows[:4]) == wrong
+    assert np.all(np.diff(ev.queries["score"].to_numpy()[rows[:4]]) <= 0), "most confidently wrong first"
+    right = ev.queries[ev.queries["correct"]]
+    assert rows[4] == ev.queries.index.get_loc(right["margin"].idxmin())
+    assert A.rows_for_paths(ev.queries, ["d/q7_1.jpg", "a/q0_1.jpg"]).tolist() == [7, 0]
+    with pytest.raises(ValueError, match="nope.jpg"):
+        A.rows_for_paths(ev.queries, ["nope.jpg"])
+
+
+def test_key_findings(ev):
+    f = A.key_findings(ev)
+    assert f["errors"] == 4 and f["error_rate"] == 0.5
+    assert f["errors_with_true_class_second"] == 0.75
+    assert f["classes_always_failing"] == 1
+    assert f["worst_10_contexts_share_of_errors"] == pytest.approx(1.0)
+    assert f["accuracy_fewest_candidates"] == pytest.approx(0.4)
+
+
+def test_small_confusion_view_is_the_full_row_normalised_matrix(ev):
+    view = A.confusion_view(ev.queries, top_n=30)
+    assert list(view.index) == list(view.columns) == ["a", "b", "c", "d", "e"]
+    assert view.loc["a", "a"] == 0.5 and view.loc["a", "b"] == 0.5 and view.loc["e", "d"] == 1.0
+    np.testing.assert_allclose(view.drop(index="d").sum(axis=1), 1.0)
+
+
+def test_many_class_confusion_keeps_the_most_confused():
+    q = many_class_queries()
+    view = A.confusion_view(q, top_n=30)
+    assert view.shape == (30, 30)
+    wrong = q[~q["correct"]]
+    involvement = Counter(wrong["label"]) + Counter(wrong["pred"])
+    ranked = sorted(involvement, key=lambda c: (-involvement[c], c))
+    assert list(view.index) == ranked[:30]
+    counts = Counter(zip(wrong["label"], wrong["pred"]))
+    a, b = next((t, p) for (t, p) in counts if t in view.index and p in view.index)
+    assert view.loc[a, b] == pytest.approx(counts[(a, b)] / 3), "rows are shares of all of the class's queries"
+
+
+def _overlaps(labels) -> bool:
+    boxes = [t.get_window_extent() for t in labels if t.get_text()]
+    return any(b1.overlaps(b2) for b1, b2 in zip(boxes, boxes[1:]))
+
+
+@pytest.mark.parametrize("case", ["5 classes", "300 classes"])
+def test_confusion_figure_is_readable(ev, tmp_path, case):
+    q = ev.queries if case == "5 classes" else many_class_queries()
+    view = A.confusion_view(q, top_n=30)
+    fig = P.plot_confusion(view, n_classes=q["label"].nunique())
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert len(ax.get_yticklabels()) == len(view) <= 30
+    assert not _overlaps(ax.get_yticklabels()) and not _overlaps(ax.get_xticklabels())
+    assert ("most confused of 300" in ax.get_title()) == (case == "300 classes")
+    assert_real_png(save(fig, tmp_path / "confusion.png"))
+    plt.close(fig)
+
+
+def test_analysis_figures_are_real_images(ev, tmp_path):
+    q = ev.queries
+    figures = {
+        "margins": P.plot_margins(q),
+        "candidates": P.plot_accuracy_by(A.accuracy_by(q, A.candidate_counts(ev), "candidates"),
+                                         "classes among the top 4", "Accuracy by candidates"),
+        "shares": P.plot_error_shares(A.rank_of_true_table(q), A.worst(q, "label"), "class"),
+        "ap": P.plot_per_class_ap(A.per_class_ap(ev)),
+        "tsne": P.plot_embedding_map(ev),
+        "grid": P.plot_retrieval_grid(ev, A.worst_queries(q, 3), k=4, title="worst"),
+        "pairs": P.plot_confused_pairs(ev, A.confused_pairs(ev)),
+    }
+    for name, fig in figures.items():
+        assert_real_png(save(fig, tmp_path / f"{name}.png"))
+        plt.close(fig)
+
+
+def test_retrieval_grid_frames_right_and_wrong(ev):
+    fig = P.plot_retrieval_grid(ev, [1], k=4)
+    axes = fig.axes
+    assert len(axes) == 5
+    frames = [ax.spines["top"].get_edgecolor() for ax in axes[1:]]
+    expected = [P.RIGHT if lab == "a" else P.WRONG for lab in ev.gallery["label"].to_numpy()[ev.neighbours[1]]]
+    assert [matplotlib.colors.to_hex(c) for c in frames] == expected
+    assert "d=" in axes[1].get_title()
+    plt.close(fig)
+
+
+def test_evaluation_round_trip_keeps_the_tables(ev, tmp_path):
+    back = load_evaluation(save_evaluation(ev, tmp_path / "eval"))
+    pd.testing.assert_frame_equal(A.worst(back.queries, "context"), A.worst(ev.queries, "context"))
+    pd.testing.assert_frame_equal(A.confused_pairs(back), A.confused_pairs(ev))

@@ -1,0 +1,59 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lib.checkpoint import load_checkpoint
+from lib.index import check_images, index_from_csv
+from lib.mining import context_error, mining_weights
+from lib.run import build_config, train_run
+from lib.splits import SplitConfig, prepare_splits
+
+
+def test_weights_move_toward_failing_contexts():
+    contexts = np.array(["a"] * 4 + ["b"] * 4 + ["c"] * 2)
+    hits = np.array([1, 1, 1, 1, 0, 0, 0, 1, 1, 0], dtype=bool)
+    errors = context_error(contexts, hits)
+    assert errors.to_dict() == pytest.approx({"a": 0.0, "b": 0.75, "c": 0.5})
+    w = mining_weights(errors, floor=0.25)
+    assert w["b"] > w["c"] > w["a"] == pytest.approx(0.25)
+    assert np.mean(list(w.values())) == pytest.approx(1.0)
+    assert mining_weights(context_error(["a", "b"], [True, True])) == {"a": 1.0, "b": 1.0}
+
+
+@pytest.fixture(scope="module")
+def demo_with_context(demo, tmp_path_factory):
+    data, _ = demo
+    # Re-ID of individuals: each photo is its own encounter, so every individual reaches train, val and test.
+    index, _ = index_from_csv(data / "metadata.csv", data, label_col="individual", context_col="context")
+    kept, excluded = check_images(index, data)
+    splits = tmp_path_factory.mktemp("reid_splits")
+    prepare_splits(kept, splits, SplitConfig(), excluded)
+    return data, splits
+
+
+def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, monkeypatch):
+    data, splits = demo_with_context
+    import lib.train
+
+    seen = []
+    original = lib.train.context_margins
+
+    def spy(*a, **k):
+        seen.append(original(*a, **k))
+        return seen[-1]
+
+    cfg = build_config(data_dir=str(data), splits_dir=str(splits), backbone="resnet10t", embed_dim=32, img_size=32,
+                       s=30.0, warmup_epochs=1, margin=0.3, context_margin=0.2, mining_warmup_epochs=1,
+                       sampler="context_pk", p=6, k=2, batches_per_epoch=2, epochs=3, num_workers=0, device="cpu")
+    monkeypatch.setattr(lib.train, "context_margins", spy)
+    history = train_run(str(tmp_path), cfg, progress=False)
+    assert history["worst_contexts"].iloc[-1]
+    ckpt = load_checkpoint(tmp_path / "latest_model.pt")
+    weights = ckpt["context_weights"]
+    assert weights and np.mean(list(weights.values())) == pytest.approx(1.0)
+    assert ckpt["config"]["train"]["context_margin"] == 0.2
+    # Two fine-tune epochs x 2 batches; none in the m=0 warm-up. Every demo site holds several individuals,
+    # so every sample gets the larger same-context margin.
+    assert len(seen) == 4
+    assert torch.cat(seen).unique().tolist() == pytest.approx([0.5])
