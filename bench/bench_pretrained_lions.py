@@ -92,7 +92,7 @@ def train_for(run_dir: Path, config: dict, budget_s: float) -> pd.DataFrame:
     train_run(str(run_dir), with_epochs(config, 2), progress=False)   # one full fine-tune epoch, validation included
     per_epoch = time.time() - t1
     epochs = 2 + max(0, int((budget_s - (time.time() - t0)) // per_epoch))
-    print(f"one fine-tune epoch took {per_epoch:.0f} s: {epochs} epochs fit {budget_s / 60:.0f} min")
+    print(f"one fine-tune epoch took {per_epoch:.0f} s: {epochs} epochs fit {budget_s / 60:.1f} min")
     return train_run(str(run_dir), with_epochs(config, epochs), progress=False)
 
 
@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock training budget of each trained run")
     ap.add_argument("--lions", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/lions"))
     ap.add_argument("--out", default="/tmp/bench_lions_result.md", help="markdown results file")
+    ap.add_argument("--runs", default="abc", help="which rows to run: any of a (frozen), b (fine-tuned), c (random init)")
     args = ap.parse_args()
     lions = Path(args.lions)
     if not ((lions / "train").is_dir() and (lions / "val").is_dir()):
@@ -149,7 +150,7 @@ def main() -> None:
              f"val: {len(val_index)} photos of {val_index['label'].nunique()} individuals kept, "
              f"{len(val_excl)} excluded by min_size={MIN_SIZE}"]
     for excl in (train_excl, val_excl):
-        notes += [f"  excluded {r.path}: {r.reason}" for r in excl.itertuples()]
+        notes += [f"excluded {r.path}: {r.reason}" for r in excl.itertuples()]
     print("\n".join(notes))
     settings = auto_settings(device="auto", num_workers=NUM_WORKERS)
     loads = [f"start {os.getloadavg()[0]:.1f}"]
@@ -160,17 +161,19 @@ def main() -> None:
     _, eval_tf = build_transforms(IMG_SIZE, frozen.data_config["mean"], frozen.data_config["std"], preset="none")
     val_set = IndexDataset(val_index, lions / "val", eval_tf, class_to_idx(val_index))
     labels = val_index["label"].to_numpy()
-    rows = frozen_rows(frozen, val_set, labels, settings)
+    rows = frozen_rows(frozen, val_set, labels, settings) if "a" in args.runs else []
     histories = {}
     with tempfile.TemporaryDirectory() as tmp:
         splits_dir = Path(tmp) / "splits"
         prepare_splits(train_index, splits_dir, SplitConfig(ratios=SELECT_RATIOS, seed=0), train_excl)
         for name, pretrained in (("(b) fine-tuned from ImageNet", "lite0-imagenet"), ("(c) trained from random init", "")):
+            if name[1] not in args.runs:
+                continue
             got, histories[name] = trained_rows(name, pretrained, lions / "train", splits_dir, val_set, labels, settings,
                                                 args.minutes * 60, Path(tmp) / name[1])
             rows += got
             loads.append(f"after {name[:3]} {os.getloadavg()[0]:.1f}")
-    table = pd.DataFrame(rows)[["method", "recall@1", "recall@5", "mAP", "seconds"]]
+    table = pd.DataFrame(rows)[["method", "recall@1", "recall@5", "mAP", "seconds"]].astype({"seconds": int})
     print("\n" + table.to_string(index=False))
 
     cols = ["epoch", "phase", "train_loss", "val_recall@1", "val_mAP", "train_seconds"]

@@ -16,7 +16,7 @@ from lib.metrics import average_precision, confusion_table, relevance
 from lib.retrieval import build_index, search
 
 MARGIN_THRESHOLDS = (0.005, 0.01, 0.05, 0.1)
-NOT_RANKED = "not ranked"  # rank_of_true < 1: the true class got no vote (or is not in the gallery)
+NOT_RANKED = "no vote"  # the true class got no vote (none of its photos among the neighbours, or none at all)
 
 
 def errors(queries: pd.DataFrame) -> pd.Series:
@@ -115,15 +115,24 @@ def accuracy_by(queries: pd.DataFrame, key, name: str) -> pd.DataFrame:
     return table
 
 
-def rank_of_true_table(queries: pd.DataFrame) -> pd.DataFrame:
-    """Among the errors: how often the true class came 2nd, 3rd, ... or got no vote at all."""
-    wrong = queries[errors(queries)]
-    rank = pd.to_numeric(wrong["rank_of_true"], errors="coerce")
-    key = [str(int(r)) if r >= 1 else NOT_RANKED for r in rank.fillna(0)]
+def true_class_rank(ev: Evaluation) -> np.ndarray:
+    """1-based rank of each query's true class in its vote (seed 001: 'the correct tree is the second choice');
+    0 when its class got no vote. Ties count in the true class's favour."""
+    scores = ev.class_scores.to_numpy(dtype=float)
+    column = {c: j for j, c in enumerate(ev.class_scores.columns)}
+    j = np.array([column.get(label, -1) for label in ev.queries["label"]])
+    true_score = np.where(j >= 0, scores[np.arange(len(scores)), j.clip(0)], 0.0)
+    return np.where(true_score > 0, 1 + (scores > true_score[:, None]).sum(axis=1), 0)
+
+
+def rank_of_true_table(ev: Evaluation) -> pd.DataFrame:
+    """Among the errors: how often the true class came 2nd, 3rd, ... in the vote, or got no vote at all."""
+    wrong = errors(ev.queries).to_numpy()
+    key = [str(r) if r >= 1 else NOT_RANKED for r in true_class_rank(ev)[wrong]]
     counts = pd.Series(key, dtype=object).value_counts()
     order = sorted(counts.index, key=lambda r: (r == NOT_RANKED, int(r) if r != NOT_RANKED else 0))
-    table = counts.reindex(order).rename("errors").rename_axis("rank_of_true").to_frame()
-    table["share_of_errors"] = table["errors"] / max(len(wrong), 1)
+    table = counts.reindex(order).rename("errors").rename_axis("rank_of_true_class").to_frame()
+    table["share_of_errors"] = table["errors"] / max(int(wrong.sum()), 1)
     return table
 
 
@@ -170,7 +179,7 @@ def key_findings(ev: Evaluation, k: int | None = None, tiny_margin: float = 0.00
     q = ev.queries
     wrong = errors(q)
     n_wrong = int(wrong.sum())
-    ranks = rank_of_true_table(q)["share_of_errors"]
+    ranks = rank_of_true_table(ev)["share_of_errors"]
     by = "context" if "context" in q.columns else "label"
     findings = {
         "queries": len(q), "errors": n_wrong, "error_rate": n_wrong / max(len(q), 1),

@@ -104,6 +104,22 @@ def render_query(ev: Evaluation, query_row: int, k: int = 5) -> plt.Figure:
     return render_result(query_result(ev, query_row), k)
 
 
+def photo_embedder(run_dir: str, checkpoint: str = "best", tta: bool = False) -> Callable[[Image.Image], np.ndarray]:
+    """embed_fn for query_browser: the run's model and eval transform applied to one photo on the CPU, as notebook
+    03 embedded the split (with tta: mean of the photo and its mirror image)."""
+    from lib.device import auto_settings
+    from lib.embed import extract_embeddings
+    from lib.evaluate import load_trained
+
+    run = load_trained(run_dir, checkpoint)
+    settings = auto_settings(device="cpu", num_workers=0)  # one photo at a time: worker processes cost more than they save
+
+    def embed(image: Image.Image) -> np.ndarray:
+        return extract_embeddings(run.model, [(run.eval_tf(image.convert("RGB")), -1)], settings, tta=tta)[0]
+
+    return embed
+
+
 def select_queries(queries: pd.DataFrame, label: str | None = None, errors_only: bool = False) -> np.ndarray:
     """Row positions of the queries of class `label` (None or ALL: every class), only the wrong ones if asked."""
     keep = np.ones(len(queries), dtype=bool)
@@ -147,6 +163,8 @@ def query_browser(ev: Evaluation, embed_fn: Callable[[Image.Image], np.ndarray] 
         rows = select_queries(q, class_filter.value, errors_only.value)
         count.value = f"{len(rows)} of {len(q)} queries ({ev.split})"
         picker.options = [(_option(q.iloc[i]), int(i)) for i in rows]
+        if len(rows) and picker.value is None:  # a new filter that drops the shown query shows its first match
+            picker.value = int(rows[0])
         if len(rows) == 0:
             with out:
                 out.clear_output()

@@ -1,4 +1,4 @@
-"""Retrieval metrics (recall@k, CMC, average precision; numpy) and voting metrics (accuracy, F1; scikit-learn).
+"""Retrieval metrics (recall@k, CMC, average precision, identity-balanced mAP; numpy) and voting metrics (accuracy, F1; scikit-learn).
 
 The ranking functions take labels of the query and the *ranked* labels of what was retrieved for it
 (row i of `ranked_labels` = gallery labels sorted from nearest to farthest for query i). Labels may be
@@ -100,6 +100,22 @@ def mean_average_precision(query_labels, ranked_labels, n_relevant=None) -> tupl
     query's label, so that a ranking truncated before all of them is penalised.
     """
     return summarize_ap(average_precision(relevance(query_labels, ranked_labels), n_relevant))
+
+
+def per_identity_ap(query_labels, ap) -> pd.DataFrame:
+    """One row per identity (query label): its mean AP over its queries that have one, and how many queries it had.
+    Sorted worst first, so .head() are the identities that fail and .tail() the easy ones."""
+    frame = pd.DataFrame({"label": np.asarray(query_labels), "ap": np.asarray(ap, dtype=float)})
+    table = frame.groupby("label")["ap"].agg(ap="mean", queries="size", queries_with_ap="count")
+    return table.sort_values(["ap", "queries"], na_position="last").rename_axis("identity")
+
+
+def identity_balanced_map(query_labels, ap) -> float:
+    """mAP as the mean over identities of each identity's mean AP (seed 003): an individual with many photos
+    weighs as much as one with few, where plain mAP lets the often-photographed ones dominate.
+    NaN APs (no relevant gallery item) are left out as in summarize_ap; NaN when no identity has one."""
+    per = per_identity_ap(query_labels, ap)["ap"].dropna()
+    return float(per.mean()) if len(per) else float("nan")
 
 
 # Classification by retrieval: the voted class against the true one (scikit-learn does the counting).

@@ -54,17 +54,18 @@ def query_caption(row: pd.Series) -> str:
     return f"QUERY {row['label']}\n-> {row['pred']} ({row['score']:.2f}){verdict}"
 
 
-def plot_retrieval_grid(ev: Evaluation, rows, k: int = 5, title: str = "") -> plt.Figure:
-    """One line per query: the query (blue frame), then its top-k gallery photos with label and distance,
-    framed green where the label is the query's and red where it is not."""
+def plot_retrieval_grid(ev: Evaluation, rows, k: int = 5, title: str = "", with_group: bool = False) -> plt.Figure:
+    """One line per query: the query (blue frame) with its vote, then its top-k gallery photos with label (and
+    group) and distance, framed green where the label is the query's and red where it is not."""
     rows = list(rows)
     k = min(k, ev.neighbours.shape[1])
-    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.9 * (k + 1), 2.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.9 * (k + 1), (2.5 if with_group else 2.3) * len(rows)),
+                             squeeze=False)
     root = Path(ev.data_root)
     for line, i in zip(axes, rows):
         q = ev.queries.iloc[i]
         show_thumb(line[0], root / q["path"], query_caption(q), QUERY)
-        for ax, (path, caption, colour) in zip(line[1:], neighbour_cells(ev, i, k)):
+        for ax, (path, caption, colour) in zip(line[1:], neighbour_cells(ev, i, k, with_group)):
             show_thumb(ax, path, caption, colour)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -163,7 +164,7 @@ def plot_error_shares(rank_table: pd.DataFrame, worst_table: pd.DataFrame, by: s
     of all errors they hold."""
     fig, (ax_rank, ax_worst) = plt.subplots(1, 2, figsize=(12, 4.2))
     ax_rank.bar([str(r) for r in rank_table.index], rank_table["share_of_errors"], color=WRONG, alpha=0.8)
-    ax_rank.set(xlabel="rank of the true class", ylabel="share of errors", ylim=(0, 1),
+    ax_rank.set(xlabel="rank of the true class in the vote", ylabel="share of errors", ylim=(0, 1),
                 title=f"Where the true class was in the {int(rank_table['errors'].sum())} errors")
     names = [str(v) for v in worst_table.index]
     ax_worst.bar(names, worst_table["share_of_errors"], color="#DD8452", label="share of errors")
@@ -226,7 +227,8 @@ def plot_embedding_map(ev: Evaluation, method: str = "tsne", max_points: int = 5
     xy = embedding_map(emb[keep], method, seed)
     labels, is_query, wrong = labels[keep], is_query[keep], wrong[keep]
     classes = sorted(set(labels))
-    cmap = plt.get_cmap("tab20" if len(classes) <= 20 else "gist_ncar")
+    # tab10's colours are all distinct hues; tab20 pairs a dark and a light shade of each, so only past 10 classes
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "gist_ncar")
     colour = {c: cmap(j / max(len(classes) - 1, 1) if len(classes) > 20 else j) for j, c in enumerate(classes)}
     fig, ax = plt.subplots(figsize=(9 if len(classes) <= 20 else 8, 7))
     for c in classes:

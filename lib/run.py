@@ -132,4 +132,4 @@ def train_run(run_dir: str, config: dict, fresh: bool = False, mlflow_uri: str =
     log = MetricsLog(Path(run_dir), mlflow_uri=mlflow_uri)
     return fit(run_dir, model, criterion, MarginSchedule(**config["schedule"]), TrainConfig(**config["train"]),
                settings, train_set, sampler, gallery_set, query_set, full, fresh=fresh, log=log, progress=progress,
-               stop_after_epoch=stop_after_epoch)
+               stop_after_epoch=stop_after_epoch, defaults=build_config())

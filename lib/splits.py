@@ -314,14 +314,16 @@ def prepare_splits(index: pd.DataFrame, splits_dir: str | os.PathLike, cfg: Spli
     fingerprint = data_fingerprint(index)
     if (d / SPLIT_FILES["train"]).exists():
         old = read_splits(d)
-        same_config = old.report.get("config") == json.loads(json.dumps(asdict(cfg)))
+        # files written before a setting existed were made with its default value
+        old_config = {**json.loads(json.dumps(asdict(SplitConfig()))), **old.report.get("config", {})}
+        same_config = old_config == json.loads(json.dumps(asdict(cfg)))
         if not fresh:
             if old.report.get("data_fingerprint") != fingerprint:
                 raise DataError(f"split files in {d} were made from other data ({_mismatch(index, old, fingerprint)}). "
                                 "Use the data they were made for, or split again with fresh=True "
                                 "(the old files are kept in a replaced-* folder).")
             if not same_config:
-                raise DataError(f"split files in {d} were made with {old.report.get('config')}, not {asdict(cfg)}; "
+                raise DataError(f"split files in {d} were made with {old_config}, not {asdict(cfg)}; "
                                 "pass the same settings, or fresh=True to split again")
             return old
         backup = d / f"replaced-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -87,6 +87,20 @@ def comparable_config(config: dict) -> dict:
     return out
 
 
+def settings_diff(now: dict, then: dict, defaults: dict) -> list[str]:
+    """Dotted names of the settings that differ between two run configs. A setting `then` does not record (its
+    checkpoint predates the setting) counts as its default; one with no default either (derived) is not compared."""
+    now, then, defaults = (pd.json_normalize(comparable_config(c)).iloc[0].to_dict() if c else {}
+                           for c in (now, then, defaults))
+    missing = object()
+    diff = []
+    for key in sorted(now.keys() | then.keys()):
+        old = then.get(key, defaults.get(key, missing))
+        if old is not missing and str(now.get(key)) != str(old):
+            diff.append(key)
+    return diff
+
+
 class MetricsLog:
     """Per-epoch metrics to run_dir/metrics.csv (rewritten atomically) and, when a URI is given, to MLflow."""
 
@@ -169,11 +183,12 @@ def _move_aside(run_dir: Path) -> Path | None:
 def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: MarginSchedule, cfg: TrainConfig,
         settings: DeviceSettings, train_set: Dataset, batch_sampler, gallery_set: Dataset, query_set: Dataset,
         config: dict, fresh: bool = False, log: MetricsLog | None = None, progress: bool = True,
-        stop_after_epoch: int | None = None) -> pd.DataFrame:
+        stop_after_epoch: int | None = None, defaults: dict | None = None) -> pd.DataFrame:
     """Train and validate; returns the per-epoch history (epoch 0 = the untrained model, for comparison).
 
     Resumes from run_dir/latest_model.pt unless fresh=True; a checkpoint made with other settings is an error.
     `stop_after_epoch` ends the call after that epoch as if the process were killed (tests resume from it).
+    `defaults` (the config of an all-default run) stands in for settings an older checkpoint does not record.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,8 +215,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     start_epoch, best, since_best, run_id = 1, -math.inf, 0, None
     if latest.exists() and not fresh:
         ckpt = load_checkpoint(latest)
-        now, then = (pd.json_normalize(comparable_config(c)).iloc[0].to_dict() for c in (config, ckpt["config"]))
-        diff = sorted(k for k in now.keys() | then.keys() if str(now.get(k)) != str(then.get(k)))
+        diff = settings_diff(config, ckpt["config"], defaults or {})
         if diff:
             raise DataError(f"{latest} was trained with other settings ({', '.join(diff[:8])}); "
                             "use fresh=True (old files are kept in a replaced-* folder) or another run_dir")

@@ -17,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "photo-retrieval"
+HEADLESS = {"browser": False}  # what a notebook that declares it gets when nobody is there to click
 
 
 def notebooks() -> list[Path]:
@@ -49,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.time()
         print(f"== {nb.name}", flush=True)
-        papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params, kernel_name=KERNEL,
-                                   cwd=str(ROOT), progress_bar=False)
+        headless = {k: v for k, v in HEADLESS.items() if k in papermill.inspect_notebook(str(nb))}
+        papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters={**headless, **params},
+                                   kernel_name=KERNEL, cwd=str(ROOT), progress_bar=False)
         print(f"   done in {time.time() - t0:.0f} s -> {out_dir / nb.name}", flush=True)
     return 0
 

@@ -37,3 +37,16 @@ def demo(tmp_path_factory):
     kept, excluded = check_images(index, data)
     prepare_splits(kept, base / "splits", SplitConfig(), excluded)
     return data, base / "splits"
+
+
+@pytest.fixture(scope="session")
+def run_dir(demo, tmp_path_factory):
+    """A tiny model trained one short epoch on the demo: something to evaluate and predict with."""
+    from lib.run import build_config, train_run
+
+    data, splits = demo
+    run = tmp_path_factory.mktemp("run")
+    config = build_config(data_dir=str(data), splits_dir=str(splits), backbone="resnet10t", embed_dim=16, img_size=32,
+                          epochs=1, batches_per_epoch=2, p=6, k=4, num_workers=0, device="cpu")
+    train_run(str(run), config, progress=False)
+    return run

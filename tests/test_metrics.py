@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from lib.metrics import average_precision, cmc, mean_average_precision, recall_at_k, relevance
+from lib.metrics import (average_precision, cmc, identity_balanced_map, mean_average_precision, per_identity_ap,
+                         recall_at_k, relevance, summarize_ap)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +91,44 @@ def test_mean_average_precision_equals_sklearn_on_random_scores():
     mean_ap, n_without = mean_average_precision(queries, ranked)
     assert n_without == 0
     assert mean_ap == pytest.approx(expected, abs=1e-12)
+
+
+def test_vote_metrics_hand_computed():
+    from lib.metrics import confusion_table, macro_f1, per_class_report, vote_accuracy
+
+    y_true = ["a", "a", "a", "b", "b", "c"]
+    y_pred = ["a", "a", "b", "b", "c", "c"]
+    assert vote_accuracy(y_true, y_pred) == pytest.approx(4 / 6)
+    # a: P 1, R 2/3, F1 0.8; b: P 1/2, R 1/2, F1 1/2; c: P 1/2, R 1, F1 2/3
+    report = per_class_report(y_true, y_pred)
+    np.testing.assert_allclose(report["precision"], [1, 0.5, 0.5])
+    np.testing.assert_allclose(report["recall"], [2 / 3, 0.5, 1])
+    assert report["support"].tolist() == [3, 2, 1] and report["predicted"].tolist() == [2, 2, 2]
+    assert macro_f1(y_true, y_pred) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    cm = confusion_table(y_true, y_pred)
+    assert cm.loc["a", "b"] == 1 and cm.loc["b", "c"] == 1 and np.trace(cm.to_numpy()) == 4 and cm.to_numpy().sum() == 6
+
+
+def test_macro_f1_averages_over_the_classes_with_queries_and_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    from lib.metrics import macro_f1
+
+    rng = np.random.default_rng(0)
+    y_true = rng.choice(["a", "b", "c"], 200)
+    y_pred = rng.choice(["a", "b", "c", "d"], 200)  # 'd': a gallery class that has no queries in this split
+    expected = f1_score(y_true, y_pred, labels=["a", "b", "c"], average="macro")
+    assert macro_f1(y_true, y_pred) == pytest.approx(expected)
+    assert macro_f1(y_true, y_pred) > f1_score(y_true, y_pred, average="macro")  # 'd' (F1 = 0) is not averaged in
+
+
+def test_identity_balanced_map_weighs_identities_not_photos():
+    # identity a: 3 queries with AP 1; identity b: 1 query with AP 0.25; c has no relevant item (NaN: left out)
+    labels = ["a", "a", "a", "b", "c"]
+    ap = [1.0, 1.0, 1.0, 0.25, float("nan")]
+    assert summarize_ap(ap)[0] == pytest.approx((3 + 0.25) / 4)
+    assert identity_balanced_map(labels, ap) == pytest.approx((1.0 + 0.25) / 2)
+    per = per_identity_ap(labels, ap)
+    assert list(per.index) == ["b", "a", "c"]
+    assert per.loc["a", "queries"] == 3 and np.isnan(per.loc["c", "ap"]) and per.loc["c", "queries_with_ap"] == 0
+    assert np.isnan(identity_balanced_map(["x"], [float("nan")]))

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import pandas as pd
 import papermill
 import pytest
+from test_analysis import assert_real_png
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
@@ -28,7 +30,8 @@ def run(name: str, out: Path, **params) -> nbformat.NotebookNode:
     return nbformat.read(out / f"{name}.ipynb", as_version=4)
 
 
-def test_notebooks_01_02_on_the_demo(demo, tmp_path):
+def test_notebooks_01_to_05_on_the_demo(demo, tmp_path):
+    """The demo pipeline, each notebook reading what the one before wrote."""
     data, _ = demo
     splits, figures, run_dir = tmp_path / "splits", tmp_path / "figures", tmp_path / "run"
     run("01_split", tmp_path, data_dir=str(data), splits_dir=str(splits), figures_dir=str(figures))
@@ -43,3 +46,21 @@ def test_notebooks_01_02_on_the_demo(demo, tmp_path):
     assert (run_dir / "latest_model.pt").exists() and (run_dir / "best_model.pt").exists()
     assert (figures / "02_training_curves_run.png").stat().st_size > 10_000
     assert list((tmp_path / "mlruns").rglob("val_recall_at_1")), "per-epoch metrics reach MLflow"
+    results = tmp_path / "results" / "benchmarks.csv"
+    run("03_evaluate", tmp_path, run_dir=str(run_dir), results_csv=str(results), figures_dir=str(figures), k=10)
+    for name in ("queries.csv", "arrays.npz", "metrics.json", "thresholds.json"):
+        assert (run_dir / "eval" / "val" / name).exists(), name
+    assert not (run_dir / "eval" / "test").exists(), "the test split only when asked for"
+    assert (figures / "03_risk_coverage_run.png").stat().st_size > 10_000
+    row = pd.read_csv(results)
+    assert row["split"].tolist() == ["val"] and row["version"].tolist() == ["run"]
+
+    run("04_confusion_analysis", tmp_path, run_dir=str(run_dir), figures_dir=str(figures),
+        results_dir=str(tmp_path / "results"))
+    for name in ("confusion", "confused_pairs", "margins", "accuracy_by_candidates", "error_shares", "per_class_ap",
+                 "tsne", "worst_queries"):
+        assert_real_png(figures / f"04_{name}_run_val.png")
+    assert (tmp_path / "results" / "04_confused_pairs_run_val.csv").exists()
+    nb = run("05_retrieval_gallery", tmp_path, run_dir=str(run_dir), figures_dir=str(figures), browser=False)
+    assert_real_png(figures / "05_gallery_run_val.png")
+    assert any("upload path vs notebook 03, cosine" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))

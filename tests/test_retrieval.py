@@ -1,9 +1,10 @@
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
 from lib.errors import DataError
-from lib.retrieval import build_index, evaluate_retrieval, search
+from lib.retrieval import build_index, evaluate_retrieval, load_index, save_index, search, search_table
 
 
 def _unit(x):
@@ -195,3 +196,46 @@ def test_int_labels_work_like_str_labels():
     to_int = np.vectorize(lambda label: int(label[2:]))
     as_str = evaluate_retrieval(gallery, g_labels, query, q_labels, device="cpu")
     assert evaluate_retrieval(gallery, to_int(g_labels), query, to_int(q_labels), device="cpu") == as_str
+
+
+def _metadata(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"path": [f"x/{i}.jpg" for i in range(n)], "label": rng.choice(["a", "b"], n),
+                         "group": [f"g{i // 3}" for i in range(n)], "context": "site1"})
+
+
+def test_index_save_load_round_trip(tmp_path):
+    gallery, _, query, _ = _data(4)
+    meta = _metadata(len(gallery))
+    index = build_index(gallery, device="cpu")
+    save_index(index, meta, tmp_path / "idx", {"checkpoint_sha256": "abc"})
+    loaded, loaded_meta, info = load_index(tmp_path / "idx")
+    assert info == {"checkpoint_sha256": "abc"}
+    pd.testing.assert_frame_equal(loaded_meta, meta)
+    for a, b in zip(search(index, query, k=9), search(loaded, query, k=9)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_refuses_metadata_of_another_length_and_load_a_mismatched_pair(tmp_path):
+    gallery, *_ = _data(5, n_gallery=20)
+    with pytest.raises(ValueError, match="20 vectors but the metadata 19 rows"):
+        save_index(build_index(gallery, device="cpu"), _metadata(19), tmp_path)
+    save_index(build_index(gallery, device="cpu"), _metadata(20), tmp_path)
+    _metadata(19).to_csv(tmp_path / "metadata.csv", index=False)
+    with pytest.raises(DataError, match="different saves"):
+        load_index(tmp_path)
+
+
+def test_search_table_rows_are_the_search_results_with_their_metadata():
+    gallery, _, query, _ = _data(6)
+    meta = _metadata(len(gallery))
+    index = build_index(gallery, device="cpu")
+    table = search_table(index, meta, query[:4], k=3)
+    d, i = search(index, query[:4], k=3)
+    assert list(table.columns) == ["query", "rank", "gallery_row", "path", "label", "group", "context", "distance"]
+    assert table["query"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and table["rank"].tolist()[:3] == [1, 2, 3]
+    np.testing.assert_array_equal(table["gallery_row"], i.ravel())
+    np.testing.assert_array_equal(table["distance"], d.ravel())
+    assert table["path"].tolist() == meta["path"].to_numpy()[i.ravel()].tolist()
+    one = search_table(index, meta, query[2], k=3)  # a single (d,) vector
+    assert one.drop(columns="query").equals(table[table["query"] == 2].drop(columns="query").reset_index(drop=True))

@@ -90,6 +90,17 @@ def test_changed_data_or_settings_are_errors_unless_fresh(tmp_path):
     assert json.loads((backups[0] / "train_ids.json").read_text()) == first.groups["train"]
 
 
+def test_files_from_before_a_setting_existed_are_reused_with_its_default(tmp_path):
+    index = synthetic_index()
+    prepare_splits(index, tmp_path, SplitConfig())
+    report = json.loads((tmp_path / "split_report.json").read_text())
+    del report["config"]["mode"], report["config"]["time_col"]
+    (tmp_path / "split_report.json").write_text(json.dumps(report))
+    prepare_splits(index, tmp_path, SplitConfig())
+    with pytest.raises(DataError, match="'mode': 'group'"):
+        prepare_splits(index, tmp_path, SplitConfig(mode="open"))
+
+
 def test_kfold_around_fixed_test(tmp_path):
     index = synthetic_index(rare=False)
     splits = prepare_splits(index, tmp_path, SplitConfig(n_folds=4))

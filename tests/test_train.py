@@ -5,7 +5,7 @@ import torch
 from lib.checkpoint import load_checkpoint, save_checkpoint
 from lib.errors import DataError
 from lib.run import build_config, train_run
-from lib.train import TrainingDiverged
+from lib.train import TrainingDiverged, settings_diff
 
 TINY = dict(backbone="resnet10t", embed_dim=32, img_size=32, s=30.0, margin=0.3, warmup_epochs=1, p=6, k=4,
             lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu")
@@ -94,3 +94,13 @@ def test_packaged_imagenet_weights_train_offline(demo, tmp_path):
 def test_unknown_parameter_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown parameter.*'epochz'.*epochs"):
         build_config(epochz=3)
+
+
+def test_settings_a_checkpoint_predates_count_as_their_defaults():
+    defaults = build_config()
+    old = build_config(epochs=3)
+    del old["train"]["context_margin"]
+    assert settings_diff(build_config(epochs=9), old, defaults) == []
+    assert settings_diff(build_config(context_margin=0.7), old, defaults) == ["train.context_margin"]
+    assert settings_diff({**build_config(), "weights_source": "packaged"}, old, defaults) == []
+    assert settings_diff(build_config(lr_head=1.0), build_config(), defaults) == ["train.lr_head"]

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from lib.decide import (Thresholds, choose_thresholds, class_scores, load_thresholds, neighbour_weights,
+                        risk_coverage, save_thresholds, threshold_grid, verdicts, vote)
+
+CLASSES = ["a", "b", "c"]
+
+
+def test_inverse_vote_hand_computed():
+    # a: 1/0.5 + 1/1.0 = 3; b: 1/0.25 = 4 -> b wins with 4/7 although a has more neighbours
+    d = np.array([[0.25, 0.5, 1.0]])
+    scores = class_scores(d, [["b", "a", "a"]], CLASSES, "inverse", eps=0.0)
+    np.testing.assert_allclose(scores, [[3 / 7, 4 / 7, 0]])
+    winner, score, margin = vote(scores)
+    assert CLASSES[winner[0]] == "b" and score[0] == pytest.approx(4 / 7) and margin[0] == pytest.approx(1 / 7)
+
+
+def test_uniform_vote_is_the_majority_and_softmax_follows_similarity():
+    d = np.array([[0.25, 0.5, 1.0]])
+    labels = [["b", "a", "a"]]
+    assert CLASSES[vote(class_scores(d, labels, CLASSES, "uniform"))[0][0]] == "a"
+    w = neighbour_weights(d, "softmax", temperature=0.1)
+    expected = np.exp((1 - d / 2) / 0.1)
+    np.testing.assert_allclose(w / w.sum(), expected / expected.sum())
+    with pytest.raises(ValueError, match="valid: inverse, uniform, softmax"):
+        neighbour_weights(d, "cosine")
+
+
+def test_class_scores_equal_a_per_query_loop():
+    rng = np.random.default_rng(0)
+    d = np.sort(rng.uniform(0, 4, (30, 7)), axis=1)
+    labels = rng.choice(CLASSES, (30, 7))
+    scores = class_scores(d, labels, CLASSES)
+    for i in range(30):
+        expected = np.array([sum(1 / (d[i, j] + 1e-6) for j in range(7) if labels[i, j] == c) for c in CLASSES])
+        np.testing.assert_allclose(scores[i], expected / expected.sum())
+
+
+def test_unknown_neighbour_label_is_an_error():
+    with pytest.raises(ValueError, match="not in classes"):
+        class_scores([[0.1]], [["z"]], CLASSES)
+
+
+def test_verdicts_distance_first_then_margin():
+    v = verdicts([0.1, 0.1, 2.0, 2.0], [0.9, 0.1, 0.9, 0.1], Thresholds(max_distance=1.0, min_margin=0.5))
+    assert v.tolist() == ["accepted", "reshoot", "unclassifiable", "unclassifiable"]
+    assert set(verdicts([3.9], [0.0], Thresholds())) == {"accepted"}
+
+
+def _constructed(n=400, seed=0):
+    """Queries whose correctness gets likelier with a larger margin and a smaller distance."""
+    rng = np.random.default_rng(seed)
+    margin, dist = rng.uniform(0, 1, n), rng.uniform(0, 2, n)
+    correct = rng.uniform(0, 1, n) < 0.3 + 0.5 * margin + 0.2 * (1 - dist / 2)
+    return correct, dist, margin
+
+
+@pytest.mark.parametrize("target", [0.85, 0.9, 0.95])
+def test_thresholds_reach_the_target_accuracy_with_the_largest_coverage(target):
+    correct, dist, margin = _constructed()
+    t, info = choose_thresholds(correct, dist, margin, target_accuracy=target)
+    accepted = (dist <= t.max_distance) & (margin >= t.min_margin)
+    assert info["met"] and correct[accepted].mean() >= target
+    assert info["coverage"] == pytest.approx(accepted.mean()) and info["accuracy"] == pytest.approx(correct[accepted].mean())
+    grid = threshold_grid(correct, dist, margin)
+    assert info["coverage"] == pytest.approx(grid.loc[grid["accuracy"] >= target, "coverage"].max())
+
+
+def test_thresholds_for_a_target_coverage_answer_at_least_that_share():
+    correct, dist, margin = _constructed()
+    t, info = choose_thresholds(correct, dist, margin, target_coverage=0.5)
+    accepted = (dist <= t.max_distance) & (margin >= t.min_margin)
+    assert accepted.mean() >= 0.5 and correct[accepted].mean() > correct.mean()
+
+
+def test_unreachable_target_is_flagged_and_all_correct_data_rejects_nothing():
+    t, info = choose_thresholds(np.ones(10, bool), np.linspace(0, 1, 10), np.linspace(0, 1, 10), target_accuracy=0.9)
+    assert (t.max_distance, t.min_margin, info["coverage"]) == (np.inf, 0.0, 1.0)
+    _, info = choose_thresholds(np.zeros(10, bool), np.linspace(0, 1, 10), np.linspace(0, 1, 10), target_accuracy=0.5)
+    assert not info["met"] and info["accuracy"] == 0.0
+
+
+def test_risk_coverage_equals_brute_force_with_ties_answered_together():
+    rng = np.random.default_rng(1)
+    confidence = rng.integers(0, 8, 60).astype(float)
+    correct = rng.uniform(size=60) < 0.6
+    curve = risk_coverage(correct, confidence)
+    assert len(curve) == len(np.unique(confidence))
+    for _, row in curve.iterrows():
+        answered = confidence >= row["threshold"]
+        assert row["coverage"] == pytest.approx(answered.mean())
+        assert row["accuracy"] == pytest.approx(correct[answered].mean())
+    assert curve["coverage"].iloc[-1] == 1.0
+
+
+def test_thresholds_file_round_trip_keeps_infinity(tmp_path):
+    save_thresholds(tmp_path / "t.json", Thresholds(min_margin=0.25), {"k": 20, "weighting": "inverse"})
+    t, info = load_thresholds(tmp_path / "t.json")
+    assert t == Thresholds(float("inf"), 0.25) and info == {"k": 20, "weighting": "inverse"}
+    assert "Infinity" not in (tmp_path / "t.json").read_text()  # strict JSON for other tools

@@ -1,0 +1,160 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_image
+
+import lib.embed
+from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.data import IndexDataset
+from lib.decide import Thresholds
+from lib.device import DeviceSettings
+from lib.embed import cached_embeddings, extract_embeddings
+from lib.errors import DataError
+from lib.evaluate import BENCHMARK_COLUMNS, append_benchmark_row, apply_thresholds, benchmark_row, evaluate_run
+from lib.evaluation import load_evaluation, save_evaluation
+from lib.retrieval import load_index
+from lib.transforms import build_transforms
+
+
+@pytest.fixture
+def extractions(monkeypatch):
+    """Counts the embedding extractions the cache lets through."""
+    calls = []
+    original = lib.embed.extract_embeddings
+
+    def counting(model, dataset, *args, **kwargs):
+        calls.append(len(dataset))
+        return original(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(lib.embed, "extract_embeddings", counting)
+    return calls
+
+
+def test_evaluation_agrees_with_an_independent_computation(run_dir, demo):
+    ev = evaluate_run(run_dir, k=5, device="cpu")
+    index = pd.read_csv(demo[1] / "index.csv", dtype=str, keep_default_na=False)
+    assert ev.queries["path"].tolist() == index.loc[index["split"] == "val", "path"].tolist()
+    assert ev.gallery["path"].tolist() == index.loc[index["split"] == "train", "path"].tolist()
+    # brute-force squared L2 between unit vectors
+    g = ev.gallery_emb / np.linalg.norm(ev.gallery_emb, axis=1, keepdims=True)
+    q = ev.query_emb / np.linalg.norm(ev.query_emb, axis=1, keepdims=True)
+    d2 = ((q[:, None] - g[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(ev.distances, np.sort(d2, axis=1)[:, :5], atol=1e-5)
+    labels = ev.gallery["label"].to_numpy()[ev.neighbours]
+    truth = ev.queries["label"].to_numpy()
+    assert ev.metrics["recall@1"] == pytest.approx(np.mean(labels[:, 0] == truth))
+    assert ev.metrics["recall@5"] == pytest.approx(np.mean((labels == truth[:, None]).any(axis=1)))
+    assert ev.metrics["vote_accuracy"] == pytest.approx(np.mean(ev.queries["pred"] == truth))
+    assert (ev.class_scores.columns[ev.class_scores.to_numpy().argmax(axis=1)] == ev.queries["pred"]).all()
+    np.testing.assert_allclose(ev.class_scores.sum(axis=1), 1)
+    hit = labels == truth[:, None]
+    assert (ev.queries["rank_of_true"] == np.where(hit.any(1), hit.argmax(1) + 1, 0)).all()
+    assert ev.metrics["coverage"] == 1.0 and set(ev.queries["verdict"]) == {"accepted"}
+    assert sum(c["support"] for c in ev.metrics["per_class"].values()) == len(truth)
+    _, meta, info = load_index(run_dir / "index")  # saved for lib.predict
+    assert meta["path"].tolist() == ev.gallery["path"].tolist() and info["checkpoint"] == "best_model.pt"
+    back = load_evaluation(save_evaluation(ev, run_dir / "eval" / "val"))
+    pd.testing.assert_frame_equal(back.queries[["path", "pred", "verdict"]], ev.queries[["path", "pred", "verdict"]])
+
+
+def test_thresholds_change_verdicts_and_coverage(run_dir):
+    ev = evaluate_run(run_dir, k=5, device="cpu")
+    apply_thresholds(ev, Thresholds(max_distance=float(ev.queries["top1_distance"].median()), min_margin=0.0))
+    accepted = ev.queries["verdict"] == "accepted"
+    assert ev.metrics["coverage"] == pytest.approx(accepted.mean()) and 0.4 <= accepted.mean() <= 0.6
+    assert ev.metrics["accuracy_at_coverage"] == pytest.approx(ev.queries.loc[accepted, "correct"].mean())
+    assert set(ev.queries.loc[~accepted, "verdict"]) == {"unclassifiable"}
+
+
+def test_second_evaluation_reads_the_cache_and_a_changed_checkpoint_recomputes(run_dir, extractions, tmp_path):
+    run_dir = Path(shutil.copytree(run_dir, tmp_path / "run"))  # a cache of its own, whatever ran before
+    first = evaluate_run(run_dir, checkpoint="latest", device="cpu")
+    assert extractions == [len(first.gallery), len(first.queries)]
+    again = evaluate_run(run_dir, checkpoint="latest", device="cpu")
+    assert len(extractions) == 2, "nothing recomputed"
+    np.testing.assert_array_equal(again.query_emb, first.query_emb)
+    ckpt = load_checkpoint(run_dir / "latest_model.pt")
+    ckpt["model"]["head.fc.weight"] = ckpt["model"]["head.fc.weight"] * 2 + 0.1
+    save_checkpoint(run_dir / "changed.pt", ckpt)
+    changed = evaluate_run(run_dir, checkpoint="changed.pt", device="cpu")
+    assert len(extractions) == 4 and not np.allclose(changed.query_emb, first.query_emb)
+    evaluate_run(run_dir, checkpoint="latest", tta=True, device="cpu")
+    assert len(extractions) == 6, "TTA embeddings are cached apart"
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        return torch.nn.functional.normalize(self.conv(x).mean(dim=(2, 3)), dim=1)
+
+
+def test_cache_recomputes_when_an_image_or_the_transform_changes(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / "data" / f"{i}.jpg", size=(40, 30), seed=i)
+    rows = pd.DataFrame({"path": [f"{i}.jpg" for i in range(4)], "label": "a"})
+    _, tf32 = build_transforms(32, (0.5,) * 3, (0.25,) * 3, preset="none")
+    _, tf24 = build_transforms(24, (0.5,) * 3, (0.25,) * 3, preset="none")
+    model, settings, cache = CountingModel(), DeviceSettings(), tmp_path / "emb"
+
+    def embed(tf):
+        before = model.forwards
+        emb, info = cached_embeddings(model, IndexDataset(rows, tmp_path / "data", tf, {"a": 0}), settings, cache, "ck")
+        return emb, model.forwards - before
+
+    first, n = embed(tf32)
+    assert n == 1
+    cached, n = embed(tf32)
+    assert n == 0 and np.array_equal(cached, first)
+    assert embed(tf24)[1] == 1
+    write_image(tmp_path / "data" / "2.jpg", size=(40, 30), seed=99)  # same path, new content
+    changed, n = embed(tf32)
+    assert n == 1 and np.allclose(changed[[0, 1, 3]], first[[0, 1, 3]], atol=1e-6)
+    assert not np.allclose(changed[2], first[2])
+
+
+def test_flip_tta_is_the_renormalised_mean_of_image_and_mirror(tmp_path):
+    write_image(tmp_path / "0.jpg", size=(32, 32))
+    _, tf = build_transforms(32, (0.5,) * 3, (0.25,) * 3, preset="none")
+    dataset = IndexDataset(pd.DataFrame({"path": ["0.jpg"], "label": "a"}), tmp_path, tf, {"a": 0})
+    model = CountingModel()
+    emb = extract_embeddings(model, dataset, DeviceSettings(), tta=True)
+    x = dataset[0][0][None]
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model(x) + model(x.flip(-1)), dim=1).numpy()
+    np.testing.assert_allclose(emb, expected, atol=1e-6)
+    assert not np.allclose(emb, extract_embeddings(model, dataset, DeviceSettings()), atol=1e-4)
+
+
+def test_bad_requests_are_refused(run_dir):
+    with pytest.raises(ValueError, match="gallery"):
+        evaluate_run(run_dir, split="train")
+    with pytest.raises(DataError, match="best_model.pt"):
+        evaluate_run(run_dir, checkpoint="nope.pt")
+    with pytest.raises(DataError, match="no images"):
+        evaluate_run(run_dir, split="holdout", device="cpu")
+
+
+def test_benchmark_rows_append_and_unite_columns(run_dir, tmp_path):
+    ev = evaluate_run(run_dir, device="cpu")
+    row = benchmark_row(ev, notes="first")
+    assert list(row) == list(BENCHMARK_COLUMNS) and row["version"] == run_dir.name and row["split"] == "val"
+    csv = tmp_path / "results" / "benchmarks.csv"
+    append_benchmark_row(csv, row)
+    append_benchmark_row(csv, {**row, "notes": "second"})
+    table = pd.read_csv(csv)
+    assert list(table.columns) == list(BENCHMARK_COLUMNS) and table["notes"].tolist() == ["first", "second"]
+    append_benchmark_row(csv, {**row, "notes": "third", "ensemble": 3})  # a column the file does not have
+    table = pd.read_csv(csv)
+    assert list(table.columns) == [*BENCHMARK_COLUMNS, "ensemble"] and table["notes"].tolist() == ["first", "second", "third"]
+    assert table["ensemble"].isna().tolist() == [True, True, False]
+    append_benchmark_row(csv, {"version": "x", "split": "val"})  # a row with fewer keys keeps the header
+    assert pd.read_csv(csv)["version"].tolist()[-1] == "x" and len(pd.read_csv(csv).columns) == len(table.columns)

@@ -1,0 +1,57 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_image
+
+from data_prep.predict import main
+from lib.decide import Thresholds, save_thresholds
+from lib.evaluate import evaluate_run
+from lib.predict import list_photos, predict_photos
+
+
+def test_predictions_equal_the_evaluation_of_the_same_photos(run_dir, demo):
+    ev = evaluate_run(run_dir, k=7, weighting="uniform", device="cpu")
+    photos = [str(demo[0] / p) for p in ev.queries["path"]]
+    table = predict_photos(run_dir, photos, k=7, weighting="uniform", device="cpu")
+    assert table["pred"].tolist() == ev.queries["pred"].tolist()
+    np.testing.assert_allclose(table["score"], ev.queries["score"], atol=1e-5)
+    labels = table["neighbour_labels"].map(json.loads)
+    assert labels.map(len).eq(7).all()
+    assert labels.tolist() == ev.gallery["label"].to_numpy()[ev.neighbours].tolist()
+    assert (table["error"] == "").all() and (table["verdict"] == "").all()  # no thresholds saved yet
+
+
+def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_path, capsys):
+    photos = tmp_path / "new"
+    for i, src in enumerate(sorted((demo[0] / "checks").glob("*.jpg"))[:3]):
+        (photos / f"sub{i}").mkdir(parents=True)
+        shutil.copy(src, photos / f"sub{i}" / f"p{i}.jpg")
+    write_image(photos / "no_extension", size=(40, 40), fmt="PNG")  # an image by content
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "notes.txt").write_text("not a photo")
+    assert sorted(p.split("/")[-1] for p in list_photos(photos)) == ["broken.jpg", "no_extension", "p0.jpg", "p1.jpg",
+                                                                    "p2.jpg"]
+    out = tmp_path / "pred.csv"
+    assert main([str(run_dir), str(photos), "--out", str(out), "--k", "5", "--device", "cpu"]) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    bad = table[table["path"].str.endswith("broken.jpg")]
+    assert len(table) == 5 and len(bad) == 1 and "corrupt" in bad["error"].iloc[0] and bad["pred"].iloc[0] == ""
+    good = table[table["error"] == ""]
+    assert len(good) == 4 and good["pred"].ne("").all()
+    assert good["neighbour_paths"].map(json.loads).map(len).eq(5).all()
+
+    before = out.read_text()
+    assert main([str(run_dir), str(photos), "--out", str(out)]) == 2
+    assert out.read_text() == before and "--overwrite" in capsys.readouterr().err
+
+    save_thresholds(run_dir / "eval" / "val" / "thresholds.json", Thresholds(max_distance=-1.0, min_margin=0.0),
+                    {"k": 5, "weighting": "inverse"})
+    listing = tmp_path / "list.txt"
+    listing.write_text("# photos\nnew/sub0/p0.jpg\n\nnew/missing.jpg\n")
+    assert main([str(run_dir), str(listing), "--out", str(out), "--overwrite", "--device", "cpu"]) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table["verdict"].tolist() == ["unclassifiable", ""]  # max_distance < 0: nothing is close enough
+    assert "cannot read file" in table["error"].iloc[1]
