@@ -9,6 +9,7 @@ python bench/bench_embed.py [--n 256] [--img-size 128] [--backbone resnet10t] [-
 """
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +40,17 @@ def photo(path: Path, seed: int, w: int = 1200, h: int = 900) -> None:
     Image.fromarray(img).save(path, "JPEG", quality=90)
 
 
+@torch.inference_mode()
+def bare_forward(model, batches, settings) -> float:
+    t0 = time.perf_counter()
+    for x in batches:
+        with settings.autocast():
+            model(x.to(settings.device)).float().cpu()
+    if settings.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def bench_embedding(args) -> None:
     settings = auto_settings(device=args.device)
     model = create_model(ModelConfig(backbone=args.backbone, embed_dim=128)).to(settings.device).eval()
@@ -51,22 +63,20 @@ def bench_embedding(args) -> None:
             photo(data / rel, i)
         build_cache(data, rels, cache, size=args.img_size, workers=settings.num_workers or 1)
         dataset = IndexDataset(pd.DataFrame({"path": rels, "label": "x"}), data, eval_tf, {"x": 0}, cache)
-        extract_embeddings(model, torch.utils.data.Subset(dataset, range(args.batch_size)), settings, args.batch_size)
-        t0 = time.perf_counter()
-        extract_embeddings(model, dataset, settings, args.batch_size)
-        end_to_end = time.perf_counter() - t0
         batches = [torch.stack([dataset[j][0] for j in range(i, min(i + args.batch_size, len(dataset)))])
                    for i in range(0, len(dataset), args.batch_size)]
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        for x in batches:
-            with settings.autocast():
-                model(x.to(settings.device)).float().cpu()
-        if settings.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        bare = time.perf_counter() - t0
+        extract_embeddings(model, torch.utils.data.Subset(dataset, range(args.batch_size)), settings, args.batch_size)
+        # interleaved repeats, medians: on a shared machine one run of each would measure the neighbours' load
+        timings = {"end_to_end": [], "bare": []}
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            extract_embeddings(model, dataset, settings, args.batch_size)
+            timings["end_to_end"].append(time.perf_counter() - t0)
+            timings["bare"].append(bare_forward(model, batches, settings))
+    end_to_end, bare = (statistics.median(timings[key]) for key in ("end_to_end", "bare"))
     print(f"embedding: {args.backbone} at {args.img_size} px, {args.n} images, batch {args.batch_size}, "
-          f"device {settings.device}, workers {settings.num_workers}, precision {settings.precision}")
+          f"device {settings.device}, workers {settings.num_workers}, precision {settings.precision}, "
+          f"median of {args.repeats} interleaved repeats")
     print(f"  end to end (resize cache -> decode -> transform -> forward): {end_to_end:.2f} s "
           f"({args.n / end_to_end:.0f} img/s)")
     print(f"  bare forward on preloaded tensors:                         {bare:.2f} s ({args.n / bare:.0f} img/s)")
@@ -94,6 +104,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--backbone", default="resnet10t")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gallery", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=2000)

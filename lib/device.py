@@ -11,6 +11,8 @@ os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
 
 import torch  # noqa: E402
 
+from lib.cpus import usable_cpus  # noqa: E402
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -79,7 +81,7 @@ def auto_settings(device: str = "auto", precision: str = "auto", num_workers: in
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
     dev = pick_device(device)
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     if dev == "cpu":
         if precision in ("bf16", "fp16"):
             raise ValueError(f"precision={precision!r} is for CUDA; on the CPU training runs in fp32")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from lib.cpus import usable_cpus
 from lib.errors import DataError
 from lib.images import IMAGE_EXTENSIONS, probe_image
 
@@ -180,7 +181,7 @@ def check_images(index: pd.DataFrame, data_root: str | os.PathLike, min_size: in
     """
     root = Path(data_root)
     jobs = [(str(root / p), min_size) for p in index["path"]]
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or min(usable_cpus(), 8)
     if workers > 1 and len(jobs) >= 64:
         with ProcessPoolExecutor(workers) as pool:
             infos = list(pool.map(_probe, jobs, chunksize=16))

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from lib.cpus import usable_cpus
 from lib.errors import DataError
 from lib.images import UnreadableImage, check_resize, load_resized
 
@@ -135,7 +136,7 @@ def build_cache(
         else:
             todo.append((rel, src, dst, settings))
 
-    workers = workers if workers is not None else os.cpu_count() or 1
+    workers = workers if workers is not None else usable_cpus()
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(todo) > 1 else None
     results = pool.map(_resize_one, todo, chunksize=4) if pool else map(_resize_one, todo)
     last_flush = time.monotonic()

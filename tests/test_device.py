@@ -25,7 +25,7 @@ def fake_gpu(monkeypatch, memory_gb, major, minor):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: major >= 8)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(
         name="FakeGPU", total_memory=memory_gb * 2**30, major=major, minor=minor))
-    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    monkeypatch.setattr("lib.device.usable_cpus", lambda: 32)
 
 
 def test_auto_settings_on_a_mocked_a100_and_overrides(monkeypatch):
@@ -56,3 +56,12 @@ def test_cpu_fallback_and_refusals(monkeypatch):
         auto_settings(device="cuda")
     with pytest.raises(ValueError, match="CUDA"):
         auto_settings(precision="bf16")
+
+
+def test_workers_follow_the_cores_this_process_may_use_not_the_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert auto_settings().num_workers == 0  # 2 allowed cores: loading in the main process beats a competing worker
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert auto_settings().num_workers == 2
