@@ -159,6 +159,9 @@ def plot_accuracy_by(table: pd.DataFrame, xlabel: str, title: str) -> plt.Figure
     return fig
 
 
+PLURAL = {"class": "classes", "label": "classes", "identity": "identities"}
+
+
 def plot_error_shares(rank_table: pd.DataFrame, worst_table: pd.DataFrame, by: str) -> plt.Figure:
     """Left: rank of the true class among the errors. Right: the worst classes/contexts and the cumulative share
     of all errors they hold."""
@@ -171,7 +174,7 @@ def plot_error_shares(rank_table: pd.DataFrame, worst_table: pd.DataFrame, by: s
     ax_worst.plot(names, worst_table["cumulative_share"], "k-o", ms=3, label="cumulative")
     ax_worst.set_ylim(0, 1)
     ax_worst.set_ylabel("share of all errors")
-    ax_worst.set_title(f"Worst {len(worst_table)} {by}s")
+    ax_worst.set_title(f"Worst {len(worst_table)} {PLURAL.get(by, by + 's')}")
     ax_worst.tick_params(axis="x", rotation=90, labelsize=8 if len(names) > 10 else 10)
     ax_worst.legend(loc="upper left")
     fig.tight_layout()
