@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ModelConfig:
     backbone: str = "tf_efficientnet_lite0"  # any timm name; tiny ones (test_efficientnet, resnet10t) for CPU tests
-    # '' / None / False: random init; 'hub' / True: timm hub; 'lite0-imagenet': packaged offline weights;
-    # any other string: a local weights file (see lib.weights)
-    pretrained: str | bool | None = ""
+    # 'auto': packaged offline ImageNet weights where the backbone has them, else random init; '' / None / False:
+    # random init; 'hub' / True: timm hub; 'lite0-imagenet': packaged weights; any other string: a weights file
+    pretrained: str | bool | None = "auto"
     embed_dim: int = 512
     pooling: str = "gem"  # 'gem' | 'avg'
     gem_p: float = 3.0  # GeM start value; learned with the head

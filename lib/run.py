@@ -35,7 +35,7 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
-    img_size: int = 480
+    img_size: int = 224        # the default backbone's (tf_efficientnet_lite0); seed 000's EfficientNetV2-L wants 480
     augment: str = "light"     # none | light | strong
     hflip: bool = True         # off where left and right flanks differ (seed 003)
 

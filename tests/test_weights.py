@@ -139,6 +139,19 @@ def test_packaged_names_are_checked(monkeypatch):
         load_backbone_weights(backbone("tf_efficientnet_lite0"), "lite0-imagenet")
 
 
+def test_auto_takes_the_packaged_weights_where_the_backbone_has_them_and_says_when_not():
+    auto, named = (create_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained=p)).eval()
+                   for p in ("auto", "lite0-imagenet"))
+    torch.testing.assert_close(auto.backbone(X), named.backbone(X), rtol=0, atol=0)
+    assert auto.weights_source.startswith("lite0-imagenet")
+    torch.manual_seed(0)
+    tiny = create_model(ModelConfig(backbone="test_efficientnet", pretrained="auto"))
+    torch.manual_seed(0)
+    random_init = create_model(ModelConfig(backbone="test_efficientnet", pretrained=""))
+    torch.testing.assert_close(tiny.state_dict(), random_init.state_dict())
+    assert "no packaged weights for test_efficientnet" in tiny.weights_source
+
+
 def test_packaged_weights_give_the_embedding_backbone_the_classifiers_features():
     classifier = imagenet_classifier()
     model = create_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="lite0-imagenet")).eval()
