@@ -42,6 +42,18 @@ def _looks_like_image(path: Path) -> bool:
         return False
 
 
+def _printable_name(rel: Path) -> bool:
+    try:
+        rel.as_posix().encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(rel: Path) -> str:
+    return rel.as_posix().encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _split_name(stem: str, sep: str) -> tuple[str, str] | None:
     head, found, tail = stem.partition(sep)
     if not found or not head:
@@ -70,9 +82,17 @@ def index_from_folder(data_root: str | os.PathLike, group_by: str = "id", id_sep
     rows, problems = [], []
     for class_dir in class_dirs:
         n_before = len(rows)
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file() or p.is_symlink()):
             rel = path.relative_to(root)
             if _is_hidden(rel):
+                continue
+            if not path.exists():
+                problems.append({"path": _printable(rel), "problem": "link to a missing file", "action": "file skipped"})
+                continue
+            if not _printable_name(rel):
+                # split files, CSVs and JSON hold names as UTF-8 text; such a name cannot be written there
+                problems.append({"path": _printable(rel), "problem": "file name is not valid UTF-8: rename it",
+                                 "action": "file skipped"})
                 continue
             if not _looks_like_image(path):
                 problems.append({"path": rel.as_posix(), "problem": "not an image", "action": "file skipped"})

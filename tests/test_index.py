@@ -36,6 +36,19 @@ def test_folder_reader_reads_layout_and_reports_problems(tmp_path):
     assert not any(".DS_Store" in p for p in problems["path"])
 
 
+def test_folder_reader_skips_broken_links_and_undecodable_names_saying_so(tmp_path):
+    import os
+    root = tmp_path / "data"
+    write_image(root / "oaks" / "o01_1.jpg")
+    os.symlink(tmp_path / "gone.jpg", root / "oaks" / "o02_1.jpg")
+    write_image(Path(os.fsdecode(os.fsencode(root / "oaks") + b"/caf\xe9_1.jpg")))  # Latin-1 name from an old camera
+    index, problems = index_from_folder(root)
+    assert index["path"].tolist() == ["oaks/o01_1.jpg"]
+    assert problems.set_index("path").loc["oaks/o02_1.jpg", "problem"] == "link to a missing file"
+    assert problems["path"].str.contains("caf").any() and problems["problem"].str.contains("UTF-8").any()
+    problems.to_csv(tmp_path / "problems.csv")  # the report itself must be writable
+
+
 def test_folder_reader_refuses_an_id_under_two_classes(tmp_path):
     write_image(tmp_path / "a" / "IMG_0001.jpg")
     write_image(tmp_path / "b" / "IMG_0002.jpg")
