@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
-    table.to_csv(tmp, index=False)
+    table.to_csv(tmp, index=False, errors="backslashreplace")  # a file name that is not UTF-8 stays readable
     os.replace(tmp, args.out)
     bad = (table["error"] != "").sum()
     print(f"{len(table)} photos -> {args.out}" + (f"; {bad} could not be read (see the error column)" if bad else ""))

@@ -44,7 +44,7 @@ def list_photos(source: str | os.PathLike) -> list[str]:
     """
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file()
+        files = sorted(p for p in source.rglob("*") if (p.is_file() or p.is_symlink())  # a broken link is reported
                        and not any(part.startswith(".") for part in p.relative_to(source).parts))
         return [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS or _looks_like_image(p)]
     if not source.is_file():

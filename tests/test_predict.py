@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,6 +27,7 @@ def test_predictions_equal_the_evaluation_of_the_same_photos(run_dir, demo):
 
 
 def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_path, capsys):
+    run_dir = Path(shutil.copytree(run_dir, tmp_path / "run"))  # thresholds are saved into it below
     photos = tmp_path / "new"
     for i, src in enumerate(sorted((demo[0] / "checks").glob("*.jpg"))[:3]):
         (photos / f"sub{i}").mkdir(parents=True)
@@ -32,15 +35,18 @@ def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_
     write_image(photos / "no_extension", size=(40, 40), fmt="PNG")  # an image by content
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photos / "notes.txt").write_text("not a photo")
-    assert sorted(p.split("/")[-1] for p in list_photos(photos)) == ["broken.jpg", "no_extension", "p0.jpg", "p1.jpg",
-                                                                    "p2.jpg"]
+    os.symlink(tmp_path / "moved_away.jpg", photos / "link.jpg")
+    shutil.copy(photos / "sub0" / "p0.jpg", os.fsdecode(os.fsencode(photos) + b"/caf\xe9.jpg"))  # not UTF-8
+    assert sorted(p.split("/")[-1][:3] for p in list_photos(photos)) == ["bro", "caf", "lin", "no_", "p0.", "p1.",
+                                                                        "p2."]
     out = tmp_path / "pred.csv"
     assert main([str(run_dir), str(photos), "--out", str(out), "--k", "5", "--device", "cpu"]) == 0
     table = pd.read_csv(out, keep_default_na=False)
     bad = table[table["path"].str.endswith("broken.jpg")]
-    assert len(table) == 5 and len(bad) == 1 and "corrupt" in bad["error"].iloc[0] and bad["pred"].iloc[0] == ""
+    assert len(table) == 7 and len(bad) == 1 and "corrupt" in bad["error"].iloc[0] and bad["pred"].iloc[0] == ""
+    assert "cannot read" in table.loc[table["path"].str.endswith("link.jpg"), "error"].iloc[0]
     good = table[table["error"] == ""]
-    assert len(good) == 4 and good["pred"].ne("").all()
+    assert len(good) == 5 and good["pred"].ne("").all() and good["path"].str.contains("/caf").any()
     assert good["neighbour_paths"].map(json.loads).map(len).eq(5).all()
 
     before = out.read_text()
