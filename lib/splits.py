@@ -204,6 +204,9 @@ def kfold_groups(index: pd.DataFrame, test_groups: list[str], n_folds: int, seed
     return folds
 
 
+PER_CLASS_MODES = ("group", "time")  # modes that share out each class's groups over the splits
+
+
 def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitConfig, exclusions: pd.DataFrame | None,
                  fingerprint: str) -> dict:
     split_of = {g: s for s, gs in groups.items() for g in gs}
@@ -221,8 +224,9 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitCo
         "n_classes": int(index["label"].nunique()),
         "n_labels": {s: int(labelled.loc[labelled["split"] == s, "label"].nunique()) for s in SPLITS},
         "per_class": {label: {s: int(v) for s, v in row.items()} for label, row in per_class.iterrows()},
-        "train_only_classes": sorted(n_groups[n_groups == 1].index),
-        "no_test_classes": sorted(n_groups[n_groups == 2].index),
+        # the few-groups rule shares out each class's groups; open and given modes place whole labels or follow the CSV
+        "train_only_classes": sorted(n_groups[n_groups == 1].index) if cfg.mode in PER_CLASS_MODES else [],
+        "no_test_classes": sorted(n_groups[n_groups == 2].index) if cfg.mode in PER_CLASS_MODES else [],
         "multi_label_groups": multi,
         "excluded_groups": ({} if exclusions is None or exclusions.empty else
                             {g: rows["reason"].iloc[0] for g, rows in exclusions.groupby("group")}),
@@ -234,9 +238,16 @@ def _report_markdown(report: dict) -> str:
              f"- ratios (train/val/test): {report['config']['ratios']}", f"- data fingerprint: {report['data_fingerprint']}",
              f"- mode: {report['config']['mode']}", f"- images: {report['n_images']}", f"- groups: {report['n_groups']}",
              f"- classes: {report['n_classes']} (per split: {report['n_labels']})", ""]
-    lines += ["## Classes too small for every split", "",
-              f"- train only (1 group; in the gallery, never evaluated): {report['train_only_classes'] or 'none'}",
-              f"- no test images (2 groups; train + val): {report['no_test_classes'] or 'none'}", ""]
+    mode = report["config"]["mode"]
+    if mode in PER_CLASS_MODES:
+        lines += ["## Classes too small for every split", "",
+                  f"- train only (1 group; in the gallery, never evaluated): {report['train_only_classes'] or 'none'}",
+                  f"- no test images (2 groups; train + val): {report['no_test_classes'] or 'none'}", ""]
+    elif mode == "open":
+        lines += ["Open set: each label lies in one split only, so val and test labels are never seen in training "
+                  "and are evaluated among themselves (leave-one-out).", ""]
+    else:
+        lines += ["Splits as the metadata CSV gives them.", ""]
     if report["multi_label_groups"]:
         lines += [f"Groups holding several labels (kept whole, placed by their most common label): "
                   f"{report['multi_label_groups']}", ""]

@@ -163,6 +163,14 @@ def test_open_mode_keeps_individuals_apart_and_pairs_together():
     assert set(where) == set(SPLITS)
 
 
+def test_open_mode_report_does_not_apply_the_few_groups_rule(tmp_path):
+    index = reid_index().drop(columns="date")
+    index["group"] = index["label"]  # a folder layout whose ID is the individual: one group per label
+    report = prepare_splits(index, tmp_path, SplitConfig(mode="open")).report
+    assert report["train_only_classes"] == [] and report["no_test_classes"] == []
+    assert "Open set" in (tmp_path / "split_report.md").read_text()
+
+
 def test_time_mode_puts_the_latest_encounters_last():
     index = reid_index()
     labelled = assign_splits(index, split_groups(index, SplitConfig(mode="time", time_col="date")))
