@@ -144,6 +144,22 @@ def worst(queries: pd.DataFrame, by: str = "label", top: int = 10) -> pd.DataFra
     return table.head(top)
 
 
+def per_context(queries: pd.DataFrame) -> pd.DataFrame | None:
+    """Per context (camera site, street address), worst first: queries, individuals, accuracy, mean AP, and the
+    individuals none of whose photos there was decided right (seed 001's 'always-fail' trees). None without contexts."""
+    if "context" not in queries:
+        return None
+    frame = queries.assign(wrong=errors(queries).to_numpy())
+    by = frame.groupby("context")
+    table = by.agg(queries=("wrong", "size"), individuals=("label", "nunique"), errors=("wrong", "sum"))
+    table["accuracy"] = 1 - table["errors"] / table["queries"]
+    if "ap" in frame:
+        table["mean_ap"] = by["ap"].mean()
+    failing = frame.groupby(["context", "label"])["wrong"].all()
+    table["always_fail"] = [sorted(failing[c][failing[c]].index) for c in table.index]
+    return table.sort_values(["accuracy", "queries"], ascending=[True, False])
+
+
 def always_fail(ev: Evaluation) -> pd.DataFrame:
     """Classes none of whose queries was decided right, with their gallery (training) photo count and the class
     they were most often taken for: the ones more photos alone will not fix when they already have many."""
@@ -156,7 +172,10 @@ def always_fail(ev: Evaluation) -> pd.DataFrame:
 
 
 def query_ap(ev: Evaluation) -> np.ndarray:
-    """Exact AP of each query's ranking of the whole gallery; NaN where its class has no gallery photo."""
+    """Exact AP of each query's ranking of the whole gallery; NaN where its class has no gallery photo.
+    notebook 03 stores it (leaving each photo out of its own ranking under leave-one-out); older records recompute."""
+    if "ap" in ev.queries:
+        return ev.queries["ap"].to_numpy(dtype=float)
     index = build_index(ev.gallery_emb, device="cpu")
     _, ranked = search(index, ev.query_emb, k=len(ev.gallery))
     labels = ev.gallery["label"].to_numpy().astype(str)

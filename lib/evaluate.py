@@ -23,11 +23,12 @@ from lib.metrics import macro_f1, per_class_report, vote_accuracy
 from lib.model import ModelConfig, create_model
 from lib.retrieval import build_index, evaluate_retrieval, save_index, search
 from lib.run import load_run_data
+from lib.train import resolve_val_protocol
 from lib.transforms import build_transforms
 
 CHECKPOINTS = {"best": "best_model.pt", "latest": "latest_model.pt"}
 BENCHMARK_COLUMNS = ("version", "split", "backbone", "loss", "embedding_dim", "img_size", "augmentation", "recall@1",
-                     "recall@5", "mAP", "vote_accuracy", "macro_f1", "coverage", "accuracy_at_coverage",
+                     "recall@5", "mAP", "identity_balanced_mAP", "vote_accuracy", "macro_f1", "coverage", "accuracy_at_coverage",
                      "train_time_min", "inference_ms_per_image", "notes")
 
 
@@ -110,11 +111,15 @@ def _coverage_metrics(queries: pd.DataFrame) -> dict:
 
 def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str = "best", k: int = 20,
                  weighting: str = "inverse", tta: bool = False, thresholds: Thresholds | None = None,
-                 device: str = "auto", batch_size: int = 64, progress: bool = False) -> Evaluation:
+                 device: str = "auto", batch_size: int = 64, progress: bool = False,
+                 protocol: str = "auto") -> Evaluation:
     """Gallery = the run's train split, queries = `split`; every query searched, voted and judged.
 
+    protocol 'gallery' is that; 'loo' (leave-one-out) makes the split its own gallery, each photo querying all the
+    others, for open-set splits whose individuals the train split never saw; 'auto' picks 'loo' when the split
+    shares no label with train, as training's validation does.
     thresholds=None accepts every query (coverage 1); choose them on 'val' (lib.decide.choose_thresholds) and
-    apply_thresholds. The gallery index is also saved to run_dir/index/ for lib.predict.
+    apply_thresholds. The train gallery's index is also saved to run_dir/index/ for lib.predict.
     """
     if split == "train":
         raise ValueError("split='train' is the gallery; evaluate 'val' (or 'test' when asked for explicitly)")
@@ -126,29 +131,37 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     if queries.empty:
         raise DataError(f"split {split!r} has no images in {run.config['data']['splits_dir']} "
                         f"(splits present: {sorted(set(rows['split']) - {''})})")
+    protocol = resolve_val_protocol(protocol, gallery["label"], queries["label"])
+    loo = protocol == "loo"
     settings = auto_settings(device=device)
-    g_emb, g_info = embed_rows(run, gallery, settings, tta, batch_size, progress, desc="gallery")
+    if not loo:
+        g_emb, g_info = embed_rows(run, gallery, settings, tta, batch_size, progress, desc="gallery")
     q_emb, q_info = embed_rows(run, queries, settings, tta, batch_size, progress, desc=split)
-
+    if loo:
+        gallery, g_emb = queries.copy(), q_emb
     faiss_device = "cpu" if settings.device == "cpu" else "auto"  # auto: faiss-cpu beside CUDA torch is no error
     index = build_index(g_emb, faiss_device)
-    save_index(index, gallery, run.run_dir / "index", {**{k_: g_info[k_] for k_ in ("checkpoint_sha256", "tta",
-               "transform", "data_fingerprint")}, "checkpoint": run.checkpoint.name})
-    distances, neighbours = search(index, q_emb, k)
+    if not loo:
+        save_index(index, gallery, run.run_dir / "index", {**{k_: g_info[k_] for k_ in ("checkpoint_sha256", "tta",
+                   "transform", "data_fingerprint")}, "checkpoint": run.checkpoint.name})
+    distances, neighbours = search(index, q_emb, k, exclude_self=loo)
     g_labels, q_labels = gallery["label"].to_numpy(), queries["label"].to_numpy()
-    classes = sorted(run.config["class_to_idx"])
+    classes = sorted(set(q_labels)) if loo else sorted(run.config["class_to_idx"])
     table, shares = decide(distances, g_labels[neighbours], classes, weighting, thresholds)
     queries = pd.concat([queries, table], axis=1)
     queries["correct"] = queries["pred"] == queries["label"]
     queries["rank_of_true"] = _rank_of_true(g_labels[neighbours], q_labels)
 
-    metrics = evaluate_retrieval(g_emb, g_labels, q_emb, q_labels, ks=(1, 5), device=faiss_device)
-    metrics.update(vote_accuracy=vote_accuracy(q_labels, queries["pred"]), macro_f1=macro_f1(q_labels, queries["pred"]),
+    metrics = evaluate_retrieval(g_emb, g_labels, q_emb, q_labels, ks=(1, 5), exclude_self=loo, device=faiss_device,
+                                 per_query=True)
+    queries["ap"] = metrics.pop("ap")
+    metrics.update(protocol=protocol, vote_accuracy=vote_accuracy(q_labels, queries["pred"]),
+                   macro_f1=macro_f1(q_labels, queries["pred"]),
                    **_coverage_metrics(queries), n_gallery=len(gallery),
                    inference_ms_per_image=q_info["ms_per_image"],
                    per_class=per_class_report(q_labels, queries["pred"]).to_dict(orient="index"))
     config = {"run_dir": str(run_dir), "checkpoint": run.checkpoint.name, "checkpoint_sha256": run.checkpoint_sha256,
-              "k": k, "weighting": weighting, "tta": tta, "thresholds": asdict(thresholds or Thresholds()),
+              "protocol": protocol, "k": k, "weighting": weighting, "tta": tta, "thresholds": asdict(thresholds or Thresholds()),
               "device": settings.device, "run": run.config,
               "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60}
     return Evaluation(split=split, data_root=run.config["data"]["data_dir"], gallery=gallery, queries=queries,
@@ -179,8 +192,10 @@ def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
     return {"version": Path(ev.config["run_dir"]).name, "split": ev.split, "backbone": cfg["model"]["backbone"],
             "loss": _loss_name(cfg["loss"]), "embedding_dim": cfg["model"]["embed_dim"], "img_size": aug["img_size"],
             "augmentation": aug["augment"] + ("+hflip" if aug["hflip"] else ""),
-            **{key: m[key] for key in ("recall@1", "recall@5", "mAP", "vote_accuracy", "macro_f1", "coverage",
-                                       "accuracy_at_coverage")},
+            # .get: evaluations saved before a metric existed still make a row
+            **{key: m.get(key, float("nan")) for key in ("recall@1", "recall@5", "mAP", "identity_balanced_mAP",
+                                                          "vote_accuracy", "macro_f1", "coverage",
+                                                          "accuracy_at_coverage")},
             "train_time_min": ev.config.get("train_time_min", float("nan")),
             "inference_ms_per_image": m["inference_ms_per_image"], "notes": notes}
 

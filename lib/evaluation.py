@@ -18,6 +18,7 @@ from lib.errors import DataError
 
 # Columns every `queries` table carries besides the index columns (path, label, group, [context]).
 DECISION_COLUMNS = ("pred", "score", "margin", "top1_distance", "verdict", "correct", "rank_of_true")
+# and, from evaluate_run, `ap`: the query's average precision over its whole ranking (NaN: no relevant photo)
 VERDICTS = ("accepted", "unclassifiable", "reshoot")
 
 
@@ -25,7 +26,7 @@ VERDICTS = ("accepted", "unclassifiable", "reshoot")
 class Evaluation:
     split: str                       # 'val', 'test', or a name for photos from elsewhere
     data_root: str
-    gallery: pd.DataFrame            # gallery rows (train split), in gallery-embedding order
+    gallery: pd.DataFrame            # gallery rows (train split; the split itself when leave-one-out), embedding order
     queries: pd.DataFrame            # query rows + DECISION_COLUMNS
     neighbours: np.ndarray           # (n_q, K) int64 gallery rows, nearest first
     distances: np.ndarray            # (n_q, K) float32 squared L2 (= 2 - 2 cos on unit vectors)
@@ -55,9 +56,12 @@ def load_evaluation(folder: str | os.PathLike) -> Evaluation:
         raise DataError(f"no evaluation in {d}: run notebook 03 for this run and split first")
     read = lambda name: pd.read_csv(d / name, keep_default_na=False,  # noqa: E731
                                     dtype={"path": str, "label": str, "group": str, "pred": str})
+    queries = read("queries.csv")
+    if "ap" in queries:  # kept as text by keep_default_na=False, where NaN was written as ''
+        queries["ap"] = pd.to_numeric(queries["ap"], errors="coerce")
     arrays = np.load(d / "arrays.npz")
     meta = json.loads((d / "metrics.json").read_text())
     return Evaluation(split=meta["split"], data_root=meta["data_root"], gallery=read("gallery.csv"),
-                      queries=read("queries.csv"), neighbours=arrays["neighbours"], distances=arrays["distances"],
+                      queries=queries, neighbours=arrays["neighbours"], distances=arrays["distances"],
                       class_scores=pd.read_csv(d / "class_scores.csv"), gallery_emb=arrays["gallery_emb"],
                       query_emb=arrays["query_emb"], metrics=meta["metrics"], config=meta["config"])

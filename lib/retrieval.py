@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from lib.errors import DataError
-from lib.metrics import average_precision, recall_at_k, relevance, summarize_ap
+from lib.metrics import average_precision, identity_balanced_map, recall_at_k, relevance, summarize_ap
 
 SEARCH_BATCH = 4096  # queries per faiss call in search(): bounds its (batch, k) result buffers
 # evaluate_retrieval ranks this many (query, gallery) pairs at a time; each pair costs ~30 bytes of
@@ -195,11 +195,13 @@ def _label_codes(gallery_labels: np.ndarray, query_labels: np.ndarray):
 
 
 def evaluate_retrieval(
-    gallery_emb, gallery_labels, query_emb, query_labels, ks=(1, 5), exclude_self=False, max_rank=None, device="auto"
+    gallery_emb, gallery_labels, query_emb, query_labels, ks=(1, 5), exclude_self=False, max_rank=None, device="auto",
+    per_query=False,
 ) -> dict:
     """Recall@k and exact mAP of ranking the gallery for each query.
 
-    Returns {'recall@k'..., 'mAP', 'n_queries', 'n_queries_without_relevant'}. Recall@k averages over all
+    Returns {'recall@k'..., 'mAP', 'identity_balanced_mAP', 'n_queries', 'n_queries_without_relevant'} and, with
+    per_query=True, 'ap': each query's AP (NaN without a relevant item). Recall@k (= CMC at rank k) averages over all
     queries (a query whose label is not in the gallery is a miss); mAP averages over the queries that
     have at least one relevant gallery item, and the others are counted in 'n_queries_without_relevant'.
 
@@ -234,10 +236,13 @@ def evaluate_retrieval(
         ranked = gallery_codes[indices]
         aps.append(average_precision(ranked == query_codes[start:stop, None], n_relevant[start:stop]))
         top.append(ranked[:, : max(ks)])
-    mean_ap, n_without = summarize_ap(np.concatenate(aps))
+    aps = np.concatenate(aps)
+    mean_ap, n_without = summarize_ap(aps)
     return {
         **recall_at_k(query_codes, np.concatenate(top), ks),
         "mAP": mean_ap,
+        "identity_balanced_mAP": identity_balanced_map(query_labels, aps),
         "n_queries": len(q),
         "n_queries_without_relevant": n_without,
+        **({"ap": aps} if per_query else {}),
     }

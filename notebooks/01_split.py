@@ -21,9 +21,10 @@
 
 # %% tags=["parameters"]
 data_dir = "data/demo"      # photo root; paths in the index are relative to it
+task = "classification"     # classification | reid (the label is the individual; see split_mode for open sets)
 metadata_csv = ""           # "" = read the folder layout; else a CSV with the columns named below
 path_col = "path"
-label_col = "label"
+label_col = ""              # "" = "label", or "individual" when task="reid"
 group_col = ""              # CSV column holding the leakage unit (object, encounter); "" = each image its own group
 context_col = ""            # CSV column with a context (site, address), kept for re-identification
 split_col = ""              # CSV column with a ready-made split, kept as `given_split` for later notebooks
@@ -63,6 +64,7 @@ pd.set_option("display.max_colwidth", 120)
 # ## Index
 
 # %%
+label_col = label_col or ("individual" if task == "reid" else "label")
 if metadata_csv:
     index, problems = index_from_csv(metadata_csv, data_dir, path_col=path_col, label_col=label_col,
                                      group_col=group_col or None, context_col=context_col or None,

@@ -23,9 +23,15 @@
 # Model selection and threshold choice use validation only. The test split is the final service performance:
 # it is evaluated only with `evaluate_test=True`, with the thresholds chosen on val.
 # Embeddings are cached in `run_dir/embeddings/` per checkpoint, data and transform: re-running is quick.
+#
+# Re-identification (`task="reid"`, label = individual): an open-set split (individuals never seen in training,
+# notebook 01's `split_mode="open"`) is evaluated leave-one-out, each photo querying all other photos of the split;
+# the notebook adds identity-balanced mAP, CMC, per-identity AP and the all-vs-all similarity table.
 
 # %% tags=["parameters"]
 run_dir = "runs/demo"            # a run trained by notebook 02
+task = "classification"          # classification | reid (identity metrics, per-identity AP, pairwise export)
+protocol = "auto"                # gallery (train photos) | loo (the split queries itself) | auto: loo for open sets
 split = "val"                    # the split thresholds are chosen on; the test split is never used for choosing
 checkpoint = "best"              # best | latest | a checkpoint file name in run_dir
 k = 20                           # neighbours that vote (seed 000: 20)
@@ -49,11 +55,14 @@ os.chdir(ROOT)
 sys.path.insert(0, str(ROOT))
 
 import pandas as pd
+from IPython.display import display
 
 from lib.decide import choose_thresholds, risk_coverage, save_thresholds
 from lib.evaluate import append_benchmark_row, apply_thresholds, benchmark_row, evaluate_run
 from lib.evaluation import save_evaluation
+from lib.metrics import per_identity_ap
 from lib.plots import plot_risk_coverage, save
+from lib.reid import pairwise_scores
 
 if split in ("train", "test"):
     raise ValueError(f"split={split!r}: thresholds are chosen on validation; use evaluate_test=True for the test split")
@@ -61,8 +70,9 @@ eval_dir = Path(run_dir) / "eval"
 
 # %%
 ev = evaluate_run(run_dir, split=split, checkpoint=checkpoint, k=k, weighting=weighting, tta=tta, device=device,
-                  progress=True)
-print(f"{split}: {len(ev.queries)} queries against {len(ev.gallery)} gallery photos; checkpoint {ev.config['checkpoint']}")
+                  progress=True, protocol=protocol)
+print(f"{split}: {len(ev.queries)} queries against {len(ev.gallery)} gallery photos ({ev.config['protocol']}); "
+      f"checkpoint {ev.config['checkpoint']}")
 
 # %% [markdown]
 # ## Thresholds and the risk–coverage curve
@@ -94,7 +104,8 @@ q["verdict"].value_counts()
 evaluations = {split: ev}
 if evaluate_test:
     evaluations["test"] = evaluate_run(run_dir, split="test", checkpoint=checkpoint, k=k, weighting=weighting,
-                                       tta=tta, thresholds=thresholds, device=device, progress=True)
+                                       tta=tta, thresholds=thresholds, device=device, progress=True,
+                                       protocol=protocol)
 rows = []
 for name, e in evaluations.items():
     save_evaluation(e, eval_dir / name)
@@ -109,3 +120,25 @@ pd.DataFrame(rows).set_index("split")
 
 # %%
 pd.DataFrame(ev.metrics["per_class"]).T.sort_values("f1")
+
+# %% [markdown]
+# ## Re-identification (task="reid")
+# Identity-balanced mAP weighs every individual alike (plain mAP favours the often-photographed ones); CMC rank-k
+# is Recall@k. Per-identity AP, worst first, and the all-vs-all similarity table (query, gallery, cosine) go to
+# `results/`.
+
+# %%
+if task == "reid":
+    results = Path(results_csv).parent
+    tag = f"{Path(run_dir).name}_{split}"
+    m = ev.metrics
+    display(pd.Series({"identity-balanced mAP": m["identity_balanced_mAP"], "mAP": m["mAP"],
+                       "CMC rank-1": m["recall@1"], "CMC rank-5": m["recall@5"],
+                       "identities": ev.queries["label"].nunique(), "queries": len(ev.queries)}).to_frame(split))
+    per_identity = per_identity_ap(ev.queries["label"], ev.queries["ap"])
+    per_identity.to_csv(results / f"03_per_identity_ap_{tag}.csv")
+    display(pd.concat({"worst": per_identity.head(5), "best": per_identity.dropna().tail(5)}))
+    pairs = pairwise_scores(ev.query_emb, ev.queries["path"], ev.gallery_emb, ev.gallery["path"],
+                            exclude_self=ev.config["protocol"] == "loo")
+    pairs.to_csv(results / f"03_pairs_{tag}.csv", index=False)
+    print(f"{len(pairs)} pairs -> {results / f'03_pairs_{tag}.csv'}")

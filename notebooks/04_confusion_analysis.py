@@ -22,6 +22,7 @@
 
 # %% tags=["parameters"]
 run_dir = "runs/demo"           # a run evaluated by notebook 03
+task = "classification"         # classification | reid (labels are individuals: per-identity and per-context views)
 split = "val"                   # which saved evaluation (val, or test once notebook 03 evaluated it)
 figures_dir = "figures"
 results_dir = "results"
@@ -135,6 +136,18 @@ display(ranks)
 worst
 
 # %% [markdown]
+# Per context (a camera site, a street address), worst first: how many individuals share it, how often the vote is
+# right there, the mean AP, and the individuals that fail every time they are photographed there.
+
+# %%
+contexts = A.per_context(q)
+if contexts is not None:
+    contexts.to_csv(results / f"04_per_context_{tag}.csv")
+    display(contexts.head(worst_n))
+else:
+    print("no context column: nothing per context")
+
+# %% [markdown]
 # Classes that never succeed, with their number of gallery photos and what they were taken for.
 
 # %%
@@ -143,11 +156,16 @@ always.to_csv(results / f"04_always_fail_{tag}.csv")
 always
 
 # %% [markdown]
-# ## Per-class AP
-# Each query ranks the whole gallery; a class's AP is the mean over its queries (lowest first).
+# ## Per-class AP (per-identity AP when task="reid")
+# Each query ranks the whole gallery; a class's AP is the mean over its queries (lowest first). In re-ID the mean
+# of these per-identity APs is the identity-balanced mAP.
 
 # %%
 ap = A.per_class_ap(ev)
+if task == "reid":
+    ap = ap.rename_axis("identity")
+    print(f"identity-balanced mAP {ap['ap'].mean():.3f} over {len(ap)} individuals (plain mAP "
+          f"{ev.metrics.get('mAP', float('nan')):.3f})")
 ap.to_csv(results / f"04_per_class_ap_{tag}.csv")
 save(P.plot_per_class_ap(ap), figures / f"04_per_class_ap_{tag}.png")
 ap.head(worst_n)

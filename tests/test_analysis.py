@@ -263,3 +263,14 @@ def test_evaluation_round_trip_keeps_the_tables(ev, tmp_path):
     back = load_evaluation(save_evaluation(ev, tmp_path / "eval"))
     pd.testing.assert_frame_equal(A.worst(back.queries, "context"), A.worst(ev.queries, "context"))
     pd.testing.assert_frame_equal(A.confused_pairs(back), A.confused_pairs(ev))
+
+
+def test_per_context_counts_accuracy_ap_and_always_failing_individuals():
+    q = pd.DataFrame({"context": ["X", "X", "X", "X", "Y"], "label": ["a", "a", "b", "b", "c"],
+                      "correct": [True, False, False, False, True], "ap": [1.0, 0.5, 0.2, 0.0, 1.0]})
+    table = A.per_context(q)
+    assert table.index.tolist() == ["X", "Y"]  # worst first
+    assert table.loc["X", ["queries", "individuals", "errors"]].tolist() == [4, 2, 3]
+    assert table.loc["X", "accuracy"] == pytest.approx(0.25) and table.loc["X", "mean_ap"] == pytest.approx(0.425)
+    assert table.loc["X", "always_fail"] == ["b"] and table.loc["Y", "always_fail"] == []
+    assert A.per_context(q.drop(columns="context")) is None

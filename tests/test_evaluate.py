@@ -61,6 +61,31 @@ def test_evaluation_agrees_with_an_independent_computation(run_dir, demo):
     pd.testing.assert_frame_equal(back.queries[["path", "pred", "verdict"]], ev.queries[["path", "pred", "verdict"]])
 
 
+def test_leave_one_out_makes_the_split_its_own_gallery_with_identity_metrics(run_dir, tmp_path):
+    from sklearn.metrics import average_precision_score
+
+    ev = evaluate_run(run_dir, k=5, device="cpu", protocol="loo")
+    assert ev.metrics["protocol"] == "loo" and ev.config["protocol"] == "loo"
+    assert ev.gallery["path"].tolist() == ev.queries["path"].tolist()
+    assert not (ev.neighbours == np.arange(len(ev.queries))[:, None]).any(), "a photo never retrieves itself"
+    q = ev.query_emb / np.linalg.norm(ev.query_emb, axis=1, keepdims=True)
+    d2 = ((q[:, None] - q[None]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    np.testing.assert_allclose(ev.distances, np.sort(d2, axis=1)[:, :5], atol=1e-5)
+    labels = ev.queries["label"].to_numpy()
+    expected = []
+    for i in range(len(labels)):  # AP of ranking every other photo of the split, by scikit-learn
+        others = np.arange(len(labels)) != i
+        relevant = labels[others] == labels[i]
+        expected.append(average_precision_score(relevant, -d2[i, others]) if relevant.any() else np.nan)
+    np.testing.assert_allclose(ev.queries["ap"], expected, atol=1e-6)
+    assert ev.metrics["mAP"] == pytest.approx(np.nanmean(expected))
+    per_identity = pd.Series(expected).groupby(labels).mean()
+    assert ev.metrics["identity_balanced_mAP"] == pytest.approx(per_identity.mean())
+    back = load_evaluation(save_evaluation(ev, tmp_path / "loo"))
+    np.testing.assert_allclose(back.queries["ap"], ev.queries["ap"])
+
+
 def test_thresholds_change_verdicts_and_coverage(run_dir):
     ev = evaluate_run(run_dir, k=5, device="cpu")
     apply_thresholds(ev, Thresholds(max_distance=float(ev.queries["top1_distance"].median()), min_margin=0.0))
