@@ -14,7 +14,7 @@ import torch
 
 from lib.checkpoint import load_checkpoint
 from lib.data import IndexDataset
-from lib.decide import Thresholds, class_scores, verdicts, vote
+from lib.decide import Thresholds, class_scores, new_individual_threshold, verdicts, vote
 from lib.device import DeviceSettings, auto_settings
 from lib.embed import cached_embeddings, file_sha256
 from lib.errors import DataError
@@ -155,6 +155,8 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     metrics = evaluate_retrieval(g_emb, g_labels, q_emb, q_labels, ks=(1, 5), exclude_self=loo, device=faiss_device,
                                  per_query=True)
     queries["ap"] = metrics.pop("ap")
+    # a query with no other photo of its individual in the gallery is a new individual (open set)
+    metrics["new_individual"] = new_individual_threshold(queries["top1_distance"], queries["ap"].isna())
     metrics.update(protocol=protocol, vote_accuracy=vote_accuracy(q_labels, queries["pred"]),
                    macro_f1=macro_f1(q_labels, queries["pred"]),
                    **_coverage_metrics(queries), n_gallery=len(gallery),

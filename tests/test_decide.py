@@ -99,3 +99,19 @@ def test_thresholds_file_round_trip_keeps_infinity(tmp_path):
     t, info = load_thresholds(tmp_path / "t.json")
     assert t == Thresholds(float("inf"), 0.25) and info == {"k": 20, "weighting": "inverse"}
     assert "Infinity" not in (tmp_path / "t.json").read_text()  # strict JSON for other tools
+
+
+def test_new_individual_threshold_on_constructed_distances():
+    from lib.decide import new_individual_threshold
+
+    # known individuals sit close to a gallery photo, new ones far; one new one hides among the known
+    d = np.array([0.1, 0.2, 0.3, 0.35, 0.9, 1.1, 1.2])
+    new = np.array([False, False, False, True, False, True, True])
+    got = new_individual_threshold(d, new)
+    called = d > got["threshold"]
+    tp = (called & new).sum()
+    assert got["precision"] == pytest.approx(tp / called.sum()) and got["recall"] == pytest.approx(tp / new.sum())
+    # the best F1 here: call d >= 1.1 new (precision 1, recall 2/3, F1 0.8) over d >= 0.35 (4 called, 3 new: 0.857)
+    assert got["f1"] == pytest.approx(max(2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * 0.75 * 1 / 1.75))
+    assert (got["n_new"], got["n_known"]) == (3, 4)
+    assert np.isnan(new_individual_threshold(d, np.zeros(7, bool))["threshold"])

@@ -82,6 +82,8 @@ def test_leave_one_out_makes_the_split_its_own_gallery_with_identity_metrics(run
     assert ev.metrics["mAP"] == pytest.approx(np.nanmean(expected))
     per_identity = pd.Series(expected).groupby(labels).mean()
     assert ev.metrics["identity_balanced_mAP"] == pytest.approx(per_identity.mean())
+    new = ev.metrics["new_individual"]
+    assert new["n_new"] == int(np.isnan(expected).sum()) and new["n_new"] + new["n_known"] == len(labels)
     back = load_evaluation(save_evaluation(ev, tmp_path / "loo"))
     np.testing.assert_allclose(back.queries["ap"], ev.queries["ap"])
 
