@@ -145,8 +145,9 @@ def worst(queries: pd.DataFrame, by: str = "label", top: int = 10) -> pd.DataFra
 
 
 def per_context(queries: pd.DataFrame) -> pd.DataFrame | None:
-    """Per context (camera site, street address), worst first: queries, individuals, accuracy, mean AP, and the
-    individuals none of whose photos there was decided right (seed 001's 'always-fail' trees). None without contexts."""
+    """Per context (camera site, street address), worst first: queries, individuals, accuracy, mean AP, the median
+    vote margin of its right and of its wrong answers, and the individuals none of whose photos there was decided
+    right (seed 001's 'always-fail' trees). None without contexts."""
     if "context" not in queries:
         return None
     frame = queries.assign(wrong=errors(queries).to_numpy())
@@ -155,6 +156,9 @@ def per_context(queries: pd.DataFrame) -> pd.DataFrame | None:
     table["accuracy"] = 1 - table["errors"] / table["queries"]
     if "ap" in frame:
         table["mean_ap"] = by["ap"].mean()
+    if "margin" in frame:  # errors whose margin sits near 0 there are coin tosses between look-alikes of one site
+        for name, rows in (("right", frame[~frame["wrong"]]), ("wrong", frame[frame["wrong"]])):
+            table[f"median_margin_{name}"] = rows.groupby("context")["margin"].median()
     failing = frame.groupby(["context", "label"])["wrong"].all()
     table["always_fail"] = [sorted(failing[c][failing[c]].index) for c in table.index]
     return table.sort_values(["accuracy", "queries"], ascending=[True, False])

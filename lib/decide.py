@@ -141,27 +141,36 @@ def choose_thresholds(correct, top1_distance, margin, target_accuracy: float | N
     return t, info
 
 
+def new_individual_calls(top1_distance, is_new, threshold: float) -> dict:
+    """Open-set re-ID: precision, recall and F1 of calling a query a new individual when its nearest gallery photo is
+    farther than `threshold` (one chosen on val, measured on test), with the numbers of new and known queries."""
+    d, is_new = np.asarray(top1_distance, dtype=np.float64), np.asarray(is_new, dtype=bool)
+    called = d > threshold
+    hits = np.nan if np.isnan(threshold) else np.float64((called & is_new).sum())  # no threshold: nothing to measure
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision, recall = hits / called.sum(), hits / is_new.sum()
+        f1 = 2 * precision * recall / (precision + recall)
+    return {"n_new": int(is_new.sum()), "n_known": int((~is_new).sum()), "threshold": float(threshold),
+            "precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
 def new_individual_threshold(top1_distance, is_new) -> dict:
-    """Open-set re-ID: a query is called a new individual when its nearest gallery photo is farther than a
-    threshold. Chosen here for the best F1 of that call (scikit-learn's precision-recall curve over the observed
-    distances); returns the threshold with its precision, recall and F1, and the counts. The threshold is NaN when
-    the queries hold no new or no known individual (nothing to choose between)."""
+    """The threshold of new_individual_calls with the best F1 over the observed distances (scikit-learn's
+    precision-recall curve), with its calls' precision, recall and F1. The threshold is NaN when the queries hold no
+    new or no known individual (nothing to choose between)."""
     from sklearn.metrics import precision_recall_curve
 
     d, is_new = np.asarray(top1_distance, dtype=np.float64), np.asarray(is_new, dtype=bool)
-    out = {"n_new": int(is_new.sum()), "n_known": int((~is_new).sum()), "threshold": float("nan"),
-           "precision": float("nan"), "recall": float("nan"), "f1": float("nan")}
-    if out["n_new"] == 0 or out["n_known"] == 0:
-        return out
+    if is_new.all() or not is_new.any():
+        return new_individual_calls(d, is_new, float("nan"))
     precision, recall, cut = precision_recall_curve(is_new, d)
     with np.errstate(invalid="ignore", divide="ignore"):
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
     best = int(f1.argmax())
-    # 'new' means d >= cut[best]; store the midpoint below it so that a strict '>' gives the same calls
+    # 'new' means d >= cut[best]; the midpoint below it makes a strict '>' give the same calls
     below = d[d < cut[best]]
     threshold = (cut[best] + below.max()) / 2 if len(below) else np.nextafter(cut[best], -np.inf)
-    return {**out, "threshold": float(threshold), "precision": float(precision[best]),
-            "recall": float(recall[best]), "f1": float(f1[best])}
+    return new_individual_calls(d, is_new, threshold)
 
 
 def risk_coverage(correct, confidence) -> pd.DataFrame:

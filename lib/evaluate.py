@@ -14,14 +14,14 @@ import torch
 
 from lib.checkpoint import load_checkpoint
 from lib.data import IndexDataset
-from lib.decide import Thresholds, class_scores, new_individual_threshold, verdicts, vote
+from lib.decide import Thresholds, class_scores, new_individual_calls, new_individual_threshold, verdicts, vote
 from lib.device import DeviceSettings, auto_settings
 from lib.embed import cached_embeddings, file_sha256
 from lib.errors import DataError
 from lib.evaluation import Evaluation
 from lib.metrics import macro_f1, per_class_report, vote_accuracy
 from lib.model import ModelConfig, create_model
-from lib.retrieval import build_index, evaluate_retrieval, save_index, search
+from lib.retrieval import build_index, evaluate_retrieval, save_index, search, search_within
 from lib.run import load_run_data
 from lib.train import resolve_val_protocol
 from lib.transforms import build_transforms
@@ -112,7 +112,8 @@ def _coverage_metrics(queries: pd.DataFrame) -> dict:
 def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str = "best", k: int = 20,
                  weighting: str = "inverse", tta: bool = False, thresholds: Thresholds | None = None,
                  device: str = "auto", batch_size: int = 64, progress: bool = False,
-                 protocol: str = "auto") -> Evaluation:
+                 protocol: str = "auto", restrict_to_context: bool = False,
+                 new_threshold: float | None = None) -> Evaluation:
     """Gallery = the run's train split, queries = `split`; every query searched, voted and judged.
 
     protocol 'gallery' is that; 'loo' (leave-one-out) makes the split its own gallery, each photo querying all the
@@ -120,6 +121,11 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     shares no label with train, as training's validation does.
     thresholds=None accepts every query (coverage 1); choose them on 'val' (lib.decide.choose_thresholds) and
     apply_thresholds. The train gallery's index is also saved to run_dir/index/ for lib.predict.
+    restrict_to_context: each query's neighbours (and so its vote, prediction and top-1 distance) come only from
+    gallery photos of its own context (lib.retrieval.search_within); recall@k and mAP still rank the whole gallery.
+    metrics['new_individual']: a query is new when no other photo of its individual is in its gallery, and is called
+    new when its top-1 distance exceeds a threshold: new_threshold, chosen on val (pass val's when evaluating test),
+    or None to choose it here for the best F1.
     """
     if split == "train":
         raise ValueError("split='train' is the gallery; evaluate 'val' (or 'test' when asked for explicitly)")
@@ -128,6 +134,9 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     cols = [c for c in rows.columns if c != "split"]
     gallery = rows.loc[rows["split"] == "train", cols].reset_index(drop=True)
     queries = rows.loc[rows["split"] == split, cols].reset_index(drop=True)
+    if restrict_to_context and "context" not in rows.columns:
+        raise DataError(f"restrict_to_context needs a context column, and the index of "
+                        f"{run.config['data']['splits_dir']} has none (notebook 01's context_col)")
     if queries.empty:
         raise DataError(f"split {split!r} has no images in {run.config['data']['splits_dir']} "
                         f"(splits present: {sorted(set(rows['split']) - {''})})")
@@ -144,7 +153,11 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     if not loo:
         save_index(index, gallery, run.run_dir / "index", {**{k_: g_info[k_] for k_ in ("checkpoint_sha256", "tta",
                    "transform", "data_fingerprint")}, "checkpoint": run.checkpoint.name})
-    distances, neighbours = search(index, q_emb, k, exclude_self=loo)
+    if restrict_to_context:
+        distances, neighbours = search_within(g_emb, gallery["context"], q_emb, queries["context"], k,
+                                              exclude_self=loo, device=faiss_device)
+    else:
+        distances, neighbours = search(index, q_emb, k, exclude_self=loo)
     g_labels, q_labels = gallery["label"].to_numpy(), queries["label"].to_numpy()
     classes = sorted(set(q_labels)) if loo else sorted(run.config["class_to_idx"])
     table, shares = decide(distances, g_labels[neighbours], classes, weighting, thresholds)
@@ -155,15 +168,17 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     metrics = evaluate_retrieval(g_emb, g_labels, q_emb, q_labels, ks=(1, 5), exclude_self=loo, device=faiss_device,
                                  per_query=True)
     queries["ap"] = metrics.pop("ap")
-    # a query with no other photo of its individual in the gallery is a new individual (open set)
-    metrics["new_individual"] = new_individual_threshold(queries["top1_distance"], queries["ap"].isna())
+    is_new = queries["ap"].isna()
+    metrics["new_individual"] = (new_individual_threshold(queries["top1_distance"], is_new) if new_threshold is None
+                                 else new_individual_calls(queries["top1_distance"], is_new, new_threshold))
     metrics.update(protocol=protocol, vote_accuracy=vote_accuracy(q_labels, queries["pred"]),
                    macro_f1=macro_f1(q_labels, queries["pred"]),
                    **_coverage_metrics(queries), n_gallery=len(gallery),
                    inference_ms_per_image=q_info["ms_per_image"],
                    per_class=per_class_report(q_labels, queries["pred"]).to_dict(orient="index"))
     config = {"run_dir": str(run_dir), "checkpoint": run.checkpoint.name, "checkpoint_sha256": run.checkpoint_sha256,
-              "protocol": protocol, "k": k, "weighting": weighting, "tta": tta, "thresholds": asdict(thresholds or Thresholds()),
+              "protocol": protocol, "restrict_to_context": restrict_to_context, "k": k, "weighting": weighting,
+              "tta": tta, "thresholds": asdict(thresholds or Thresholds()),
               "device": settings.device, "run": run.config,
               "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60}
     return Evaluation(split=split, data_root=run.config["data"]["data_dir"], gallery=gallery, queries=queries,

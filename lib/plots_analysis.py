@@ -145,6 +145,26 @@ def plot_margins(queries: pd.DataFrame, tiny: float = 0.005) -> plt.Figure:
     return fig
 
 
+def plot_margins_by(queries: pd.DataFrame, by: str, order) -> plt.Figure:
+    """Vote margin of every query of the values `order` of `by` (e.g. the worst contexts, worst first), right and
+    wrong answers apart: a context whose errors sit at 0 holds look-alikes, one with confident errors label trouble."""
+    wrong = errors(queries).to_numpy()
+    names = [str(v) for v in order]
+    x = pd.Series(np.arange(len(names)), index=names).reindex(queries[by].astype(str)).to_numpy(dtype=float)
+    margins = queries["margin"].astype(float).to_numpy()
+    jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(x))  # spreads equal margins apart, same every run
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(names) + 2), 4))
+    for name, mask, colour in (("right", ~wrong, RIGHT), ("wrong", wrong, WRONG)):
+        shown = mask & ~np.isnan(x)
+        ax.scatter(x[shown] + jitter[shown], margins[shown], s=12, color=colour, alpha=0.6,
+                   label=f"{name} (n={int(shown.sum())})")
+    ax.set_xticks(np.arange(len(names)), names, rotation=90 if len(names) > 15 else 0)
+    ax.set(xlabel=by, ylabel="vote margin between the best two classes", title=f"Vote margin per {by}")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def plot_accuracy_by(table: pd.DataFrame, xlabel: str, title: str) -> plt.Figure:
     """Accuracy per value of a key (candidate classes, context, ...) as bars, each labelled with its query count."""
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(table) + 2), 4))

@@ -133,6 +133,39 @@ def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, 
     return distances, indices
 
 
+def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, exclude_self: bool = False,
+                  device="auto"):
+    """search() where each query retrieves only gallery rows with its key (seed 001: a tree is looked for among the
+    trees at its street address; a photo among the individuals of its camera site).
+
+    Returns (distances, indices) like search(), indices into the whole gallery. One k serves every query, so it is
+    clipped to what the smallest searched context holds (minus the query itself with exclude_self, which needs the
+    queries to be the gallery in order). A query whose context has nothing to retrieve is an error naming it.
+    """
+    g_keys, q_keys = np.asarray(gallery_keys).astype(str), np.asarray(query_keys).astype(str)
+    if len(g_keys) != len(gallery_emb) or len(q_keys) != len(query_emb):
+        raise ValueError(f"{len(gallery_emb)} gallery embeddings for {len(g_keys)} keys, {len(query_emb)} query "
+                         f"embeddings for {len(q_keys)} keys")
+    if exclude_self and not np.array_equal(g_keys, q_keys):
+        raise ValueError("exclude_self needs the queries to be the gallery (same rows, same keys, same order)")
+    contexts, n_queries = np.unique(q_keys, return_counts=True)
+    available = {c: int((g_keys == c).sum()) - exclude_self for c in contexts}
+    empty = [f"{str(c)!r} ({n} queries)" for c, n in zip(contexts, n_queries) if available[c] < 1]
+    if empty:
+        raise DataError(f"no gallery photo to search in context {', '.join(empty[:5])}"
+                        + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+                        + ": give these photos a context the gallery has, or search without the restriction")
+    k = _clip_k(k, min(available.values()))
+    distances = np.empty((len(q_keys), k), dtype=np.float32)
+    indices = np.empty((len(q_keys), k), dtype=np.int64)
+    for c in contexts:
+        rows, members = np.flatnonzero(q_keys == c), np.flatnonzero(g_keys == c)
+        index = build_index(np.asarray(gallery_emb)[members], device)
+        distances[rows], local = search(index, np.asarray(query_emb)[rows], k, exclude_self=exclude_self)
+        indices[rows] = members[local]
+    return distances, indices
+
+
 METADATA_COLUMNS = ("path", "label", "group", "context")  # what a search result says about each gallery row
 
 

@@ -137,12 +137,14 @@ worst
 
 # %% [markdown]
 # Per context (a camera site, a street address), worst first: how many individuals share it, how often the vote is
-# right there, the mean AP, and the individuals that fail every time they are photographed there.
+# right there, the mean AP, the vote margins of its right and wrong answers (plotted for the `worst_n` worst), and
+# the individuals that fail every time they are photographed there.
 
 # %%
 contexts = A.per_context(q)
 if contexts is not None:
     contexts.to_csv(results / f"04_per_context_{tag}.csv")
+    save(P.plot_margins_by(q, "context", contexts.index[:worst_n]), figures / f"04_margins_by_context_{tag}.png")
     display(contexts.head(worst_n))
 else:
     print("no context column: nothing per context")

@@ -235,6 +235,7 @@ def test_analysis_figures_are_real_images(ev, tmp_path):
     q = ev.queries
     figures = {
         "margins": P.plot_margins(q),
+        "margins_by": P.plot_margins_by(q, "label", A.worst(q, "label").index),
         "candidates": P.plot_accuracy_by(A.accuracy_by(q, A.candidate_counts(ev), "candidates"),
                                          "classes among the top 4", "Accuracy by candidates"),
         "shares": P.plot_error_shares(A.rank_of_true_table(ev), A.worst(q, "label"), "class"),
@@ -267,8 +268,11 @@ def test_evaluation_round_trip_keeps_the_tables(ev, tmp_path):
 
 def test_per_context_counts_accuracy_ap_and_always_failing_individuals():
     q = pd.DataFrame({"context": ["X", "X", "X", "X", "Y"], "label": ["a", "a", "b", "b", "c"],
-                      "correct": [True, False, False, False, True], "ap": [1.0, 0.5, 0.2, 0.0, 1.0]})
+                      "correct": [True, False, False, False, True], "ap": [1.0, 0.5, 0.2, 0.0, 1.0],
+                      "margin": [0.5, 0.1, 0.3, 0.0, 0.9]})
     table = A.per_context(q)
+    assert table.loc["X", "median_margin_right"] == 0.5 and table.loc["X", "median_margin_wrong"] == 0.1
+    assert table.loc["Y", "median_margin_right"] == 0.9 and np.isnan(table.loc["Y", "median_margin_wrong"])
     assert table.index.tolist() == ["X", "Y"]  # worst first
     assert table.loc["X", ["queries", "individuals", "errors"]].tolist() == [4, 2, 3]
     assert table.loc["X", "accuracy"] == pytest.approx(0.25) and table.loc["X", "mean_ap"] == pytest.approx(0.425)

@@ -115,3 +115,14 @@ def test_new_individual_threshold_on_constructed_distances():
     assert got["f1"] == pytest.approx(max(2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * 0.75 * 1 / 1.75))
     assert (got["n_new"], got["n_known"]) == (3, 4)
     assert np.isnan(new_individual_threshold(d, np.zeros(7, bool))["threshold"])
+
+
+def test_new_individual_calls_at_a_threshold_chosen_elsewhere():
+    from lib.decide import new_individual_calls
+
+    d = np.array([0.1, 0.5, 0.7, 0.9])
+    new = np.array([False, True, False, True])
+    got = new_individual_calls(d, new, 0.6)  # calls the last two new: one of them is
+    assert (got["precision"], got["recall"], got["f1"]) == (0.5, 0.5, 0.5)
+    assert new_individual_calls(d, new, 1.0)["recall"] == 0 and np.isnan(new_individual_calls(d, new, 1.0)["precision"])
+    assert np.isnan(new_individual_calls(d, new, float("nan"))["recall"])

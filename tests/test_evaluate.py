@@ -88,6 +88,16 @@ def test_leave_one_out_makes_the_split_its_own_gallery_with_identity_metrics(run
     np.testing.assert_allclose(back.queries["ap"], ev.queries["ap"])
 
 
+def test_a_new_individual_threshold_from_val_is_measured_not_chosen_again(run_dir):
+    new = evaluate_run(run_dir, k=5, device="cpu", new_threshold=0.25).metrics["new_individual"]
+    assert new["threshold"] == 0.25 and new["n_new"] == 0 and np.isnan(new["recall"])
+
+
+def test_restricting_to_contexts_needs_a_context_column(run_dir):
+    with pytest.raises(DataError, match="restrict_to_context needs a context column"):
+        evaluate_run(run_dir, k=5, device="cpu", restrict_to_context=True)
+
+
 def test_thresholds_change_verdicts_and_coverage(run_dir):
     ev = evaluate_run(run_dir, k=5, device="cpu")
     apply_thresholds(ev, Thresholds(max_distance=float(ev.queries["top1_distance"].median()), min_margin=0.0))

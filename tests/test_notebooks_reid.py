@@ -1,8 +1,11 @@
 """Re-identification mode end to end: the demo's individuals as labels, an open-set split, its context column."""
 import json
 
+import numpy as np
 import pandas as pd
 from test_notebooks import run
+
+from lib.evaluation import load_evaluation
 
 
 def test_reid_notebooks_01_to_04_on_the_demo_context_column(demo, tmp_path):
@@ -18,9 +21,14 @@ def test_reid_notebooks_01_to_04_on_the_demo_context_column(demo, tmp_path):
     run("02_train", tmp_path, data_dir=str(data), splits_dir=str(splits), run_dir=str(run_dir), epochs=1,
         img_size=32, embed_dim=16, batches_per_epoch=2, figures_dir=str(figures), mlflow_uri="")
     run("03_evaluate", tmp_path, task="reid", run_dir=str(run_dir), results_csv=str(results / "benchmarks.csv"),
-        figures_dir=str(figures), k=5)
+        figures_dir=str(figures), k=5, restrict_to_context=True, evaluate_test=True)
     metrics = json.loads((run_dir / "eval" / "val" / "metrics.json").read_text())["metrics"]
+    ev = load_evaluation(run_dir / "eval" / "val")
+    assert (ev.gallery["context"].to_numpy()[ev.neighbours] == ev.queries["context"].to_numpy()[:, None]).all()
     assert metrics["protocol"] == "loo" and 0 < metrics["identity_balanced_mAP"] <= 1
+    test_metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
+    # the demo's val individuals all have several photos: no new ones, no threshold (NaN), and test reuses that
+    np.testing.assert_equal(test_metrics["new_individual"]["threshold"], metrics["new_individual"]["threshold"])
     n_val = int((index["split"] == "val").sum())
     pairs = pd.read_csv(results / "03_pairs_run_val.csv")
     assert len(pairs) == n_val * (n_val - 1) and not (pairs["query"] == pairs["gallery"]).any()
@@ -31,3 +39,6 @@ def test_reid_notebooks_01_to_04_on_the_demo_context_column(demo, tmp_path):
         results_dir=str(results))
     contexts = pd.read_csv(results / "04_per_context_run_val.csv")
     assert contexts["queries"].sum() == n_val and contexts["context"].str.startswith("site").all()
+    assert (figures / "04_margins_by_context_run_val.png").stat().st_size > 0
+    by_candidates = pd.read_csv(results / "04_accuracy_by_context_candidates_run_val.csv")
+    assert by_candidates["queries"].sum() == n_val

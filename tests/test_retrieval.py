@@ -4,7 +4,8 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from lib.errors import DataError
-from lib.retrieval import build_index, evaluate_retrieval, load_index, save_index, search, search_table
+from lib.retrieval import (build_index, evaluate_retrieval, load_index, save_index, search, search_table,
+                           search_within)
 
 
 def _unit(x):
@@ -239,3 +240,26 @@ def test_search_table_rows_are_the_search_results_with_their_metadata():
     assert table["path"].tolist() == meta["path"].to_numpy()[i.ravel()].tolist()
     one = search_table(index, meta, query[2], k=3)  # a single (d,) vector
     assert one.drop(columns="query").equals(table[table["query"] == 2].drop(columns="query").reset_index(drop=True))
+
+
+def test_search_within_never_leaves_the_query_context_and_ranks_like_brute_force():
+    rng = np.random.default_rng(3)
+    g, q = rng.normal(size=(30, 8)), rng.normal(size=(12, 8))
+    g_ctx, q_ctx = np.array(["a", "b", "c"])[rng.integers(0, 3, 30)], np.array(["a", "b", "c"] * 4)
+    distances, indices = search_within(g, g_ctx, q, q_ctx, k=4, device="cpu")
+    assert (g_ctx[indices] == q_ctx[:, None]).all(), "a neighbour from another context"
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    d2 = ((unit(q)[:, None] - unit(g)[None]) ** 2).sum(-1)
+    d2[g_ctx[None] != q_ctx[:, None]] = np.inf
+    np.testing.assert_array_equal(indices, np.argsort(d2, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(distances, np.sort(d2, axis=1)[:, :4], atol=1e-5)
+
+
+def test_search_within_leave_one_out_and_a_context_the_gallery_lacks():
+    rng = np.random.default_rng(4)
+    e, ctx = rng.normal(size=(9, 4)), np.array(list("aaabbbbcc"))
+    distances, indices = search_within(e, ctx, e, ctx, k=5, exclude_self=True, device="cpu")
+    assert indices.shape == (9, 1), "k is clipped to the smallest context ('c': 2 photos, 1 besides the query)"
+    assert (ctx[indices[:, 0]] == ctx).all() and not (indices[:, 0] == np.arange(9)).any()
+    with pytest.raises(DataError, match="'z' \\(1 queries\\)"):
+        search_within(e, ctx, e[:2], ["a", "z"], k=1)
