@@ -11,6 +11,7 @@ background, occlusion and blur. A few planted bad files exercise the image check
 import argparse
 import colorsys
 import io
+import json
 import shutil
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
+from pycocotools import mask as coco_mask
 
 if __package__ in (None, ""):  # run as a script: make the repo's `lib` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +32,7 @@ JPEG_QUALITY = 90
 UNDERSIZED = 160  # below the 224 px minimum the image checks enforce
 BODY_FRACTION = 0.62  # body diameter / photo side, before the per-view scale
 EXIF_ORIENTATION = 0x0112
-METADATA_COLUMNS = ["path", "label", "individual", "group", "context", "seq", "note"]
+METADATA_COLUMNS = ["path", "label", "individual", "group", "context", "seq", "note", "mask"]
 
 
 @dataclass
@@ -156,19 +158,28 @@ def _background(rng, size):
 
 
 def render_photo(body, rng, size):
-    """One view: posed body on a fresh background, occluded, lit from above with a random cast, blurred, noisy."""
+    """One view: posed body on a fresh background, occluded, lit from above with a random cast, blurred, noisy.
+
+    Returns (photo, mask): mask is the visible body as a bool (size, size) array, the segmentation a user's
+    annotation tool would give (the demo's `mask` column).
+    """
     img = _background(rng, size)
     scale = rng.uniform(0.75, 1.1)
     obj = body.resize((max(1, round(body.width * scale)),) * 2, Image.BICUBIC)
     obj = obj.rotate(rng.uniform(-35, 35), resample=Image.BICUBIC, expand=True)
     cx, cy = (0.5 + rng.uniform(-0.14, 0.14, 2)) * size
-    img.paste(obj, (int(cx - obj.width / 2), int(cy - obj.height / 2)), obj)
+    corner = (int(cx - obj.width / 2), int(cy - obj.height / 2))
+    img.paste(obj, corner, obj)
+    mask = Image.new("L", img.size)
+    mask.paste(obj.getchannel("A"), corner)
     if rng.random() < 0.8:  # something in front: a leaf, a post, a passing branch
         w, h = rng.uniform(0.1, 0.3, 2) * size
         ox, oy = np.array([cx, cy]) + rng.normal(0, 0.15 * size, 2)
-        draw = ImageDraw.Draw(img)
-        shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
-        shape([ox - w / 2, oy - h / 2, ox + w / 2, oy + h / 2], fill=tuple(int(c) for c in rng.uniform(20, 160, 3)))
+        box = [ox - w / 2, oy - h / 2, ox + w / 2, oy + h / 2]
+        rect = rng.random() < 0.5
+        for canvas, fill in ((img, tuple(int(c) for c in rng.uniform(20, 160, 3))), (mask, 0)):
+            draw = ImageDraw.Draw(canvas)
+            (draw.rectangle if rect else draw.ellipse)(box, fill=fill)
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.1)))
     arr = np.asarray(img, dtype=np.float32)
     contrast, brightness = rng.uniform(0.75, 1.2), rng.uniform(-25, 25)
@@ -176,7 +187,13 @@ def render_photo(body, rng, size):
     # daylight falls from above: the top is brighter, which also lets tests see which way is up
     light = np.linspace(1.15, 0.7, size, dtype=np.float32)[:, None, None]
     arr = ((arr - 128) * contrast + 128 + brightness) * cast * light + rng.normal(0, 3, arr.shape)
-    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)), np.asarray(mask) >= 128
+
+
+def _rle_json(mask):
+    """A bool mask as COCO RLE JSON text, the form annotation tools export."""
+    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return json.dumps({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
 
 
 def _jpeg_bytes(img, **kwargs):
@@ -212,7 +229,7 @@ def _planted_files(kind, ind, size, rng_for):
     body = body_image(ind, size)
 
     def view(seq, side=size):
-        return render_photo(body if side == size else body_image(ind, side), rng_for(seq), side)
+        return render_photo(body if side == size else body_image(ind, side), rng_for(seq), side)[0]
 
     if kind == "undersized":
         note = f"undersized {UNDERSIZED}x{UNDERSIZED} (below 224)"
@@ -270,17 +287,18 @@ def make_demo(out_dir, n_classes=6, individuals_per_class=8, views_per_individua
             ind = individual(c, j)
             body = body_image(ind, size)
             for seq in range(1, views_per_individual + 1):
-                img = render_photo(body, rng_for(c, j)(seq), size)
-                files.append((c, j, f"{ind.id}_{seq}.jpg", _jpeg_bytes(img), ""))
+                img, mask = render_photo(body, rng_for(c, j)(seq), size)
+                files.append((c, j, f"{ind.id}_{seq}.jpg", _jpeg_bytes(img), "", _rle_json(mask)))
     for kind, c, j in _planted(n_classes, individuals_per_class):
-        files += [(c, j, name, data, note) for name, data, note in _planted_files(kind, individual(c, j), size,
-                                                                                  rng_for(c, j))]
-    for c, j, name, data, note in files:
+        # planted files carry no mask: the probe then uses those photos whole
+        files += [(c, j, name, data, note, "") for name, data, note in _planted_files(kind, individual(c, j), size,
+                                                                                      rng_for(c, j))]
+    for c, j, name, data, note, mask in files:
         rel = f"{FAMILIES[c]}/{name}"
         (out / FAMILIES[c]).mkdir(exist_ok=True)
         (out / rel).write_bytes(data)
         ind_id, seq = Path(name).stem.split("_")
-        rows.append((rel, FAMILIES[c], ind_id, ind_id, context_of(c, j, n_contexts), int(seq), note))
+        rows.append((rel, FAMILIES[c], ind_id, ind_id, context_of(c, j, n_contexts), int(seq), note, mask))
     # a stray non-image the folder reader must skip; deliberately absent from metadata.csv
     (out / FAMILIES[n_classes - 1] / "notes.txt").write_text("field notes: cloudy.\n")
     meta = pd.DataFrame(rows, columns=METADATA_COLUMNS).sort_values(["label", "group", "seq"], ignore_index=True)

@@ -59,20 +59,23 @@ def files_fingerprint(paths) -> str:
     return digest.hexdigest()
 
 
-def embedding_key(checkpoint_sha256: str, data_fingerprint: str, transform: str, tta: bool, precision: str) -> dict:
-    """Everything an embedding depends on besides the model code; its hash names the cache file."""
+def embedding_key(checkpoint_sha256: str, data_fingerprint: str, transform: str, tta: bool, precision: str,
+                  extra: dict | None = None) -> dict:
+    """Everything an embedding depends on besides the model code; its hash names the cache file. `extra`: what else
+    the caller's images depend on (e.g. the probe's background masks)."""
     return {"checkpoint_sha256": checkpoint_sha256, "data_fingerprint": data_fingerprint, "transform": transform,
-            "tta": bool(tta), "precision": precision}
+            "tta": bool(tta), "precision": precision, **(extra or {})}
 
 
 def cached_embeddings(model: torch.nn.Module, dataset: Dataset, settings: DeviceSettings, cache_dir: str | os.PathLike,
                       checkpoint_sha256: str, tta: bool = False, batch_size: int = 64, progress: bool = False,
-                      desc: str = "embed") -> tuple[np.ndarray, dict]:
+                      desc: str = "embed", extra: dict | None = None) -> tuple[np.ndarray, dict]:
     """(embeddings, info) for an IndexDataset-like `dataset` (it has `.paths` and `.transform`), from the cache when
     it holds them, else extracted and stored. info: the key, `file`, `cached` and `ms_per_image` (of extraction).
+    checkpoint_sha256 may name any model state (e.g. a backbone and the hash of its weights file); `extra` joins the key.
     """
     key = embedding_key(checkpoint_sha256, files_fingerprint(dataset.paths), repr(dataset.transform), tta,
-                        settings.precision)
+                        settings.precision, extra)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{name}.npz"
     if path.exists():

@@ -217,15 +217,15 @@ def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
             "inference_ms_per_image": m["inference_ms_per_image"], "notes": notes}
 
 
-def append_benchmark_row(results_csv: str | os.PathLike, row: dict) -> Path:
-    """Append one row; a new file gets BENCHMARK_COLUMNS (+ the row's extra keys) as its header.
+def append_benchmark_row(results_csv: str | os.PathLike, row: dict, columns=BENCHMARK_COLUMNS) -> Path:
+    """Append one row; a new file gets `columns` (+ the row's extra keys) as its header.
 
     An existing file with other columns is rewritten with the union of both (its columns first), never cut.
     """
     path = Path(results_csv)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.stat().st_size == 0:
-        header = list(BENCHMARK_COLUMNS) + [c for c in row if c not in BENCHMARK_COLUMNS]
+        header = list(columns) + [c for c in row if c not in columns]
         pd.DataFrame([row], columns=header).to_csv(path, index=False)
         return path
     with open(path, newline="") as f:

@@ -27,6 +27,7 @@ from lib.losses import CombinedLoss, MarginSchedule
 from lib.losses import class_context_matrix, context_margins
 from lib.mining import context_error, mining_weights
 from lib.retrieval import build_index, evaluate_retrieval, search
+from lib.tracking import flat_params, mlflow_for
 
 SCHEDULERS = ("cosine_restarts", "plateau", "none")
 CHECKPOINT_FILES = ("latest_model.pt", "best_model.pt", "metrics.csv")
@@ -111,17 +112,11 @@ class MetricsLog:
     def start(self, config: dict, run_name: str, run_id: str | None = None) -> None:
         if not self.mlflow_uri:
             return
-        if self.mlflow_uri.startswith("file:"):
-            # The local file store needs no database packages (mlflow-skinny has none); MLflow 3 asks for this opt-in.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        import mlflow
-
-        mlflow.set_tracking_uri(self.mlflow_uri)
-        mlflow.set_experiment(self.experiment)
+        mlflow = mlflow_for(self.mlflow_uri, self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
         self.mlflow_run_id = run.info.run_id
         if run_id is None:
-            mlflow.log_params(pd.json_normalize(config, sep=".").iloc[0].astype(str).str[:500].to_dict())
+            mlflow.log_params(flat_params(config))
 
     def write(self, history: list[dict]) -> None:
         tmp = self.path.with_suffix(".tmp")

@@ -1,6 +1,7 @@
 """The demo generator: deterministic bytes, the seed layout, planted bad files, learnable content, no clobbering."""
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -44,17 +45,34 @@ def test_same_seed_same_bytes_other_seed_other_images(demo, tmp_path):
     assert file_hashes(tmp_path / "again") == h0
     h1 = file_hashes(tmp_path / "other")
     assert h1.keys() == h0.keys()
-    # only the seed-free files may agree: the table (sites are assigned by rule), the stray text files
+    # only the seed-free files may agree: the stray text files (the table holds each view's mask, which moves)
     text_jpg = planted(meta, "text file")["path"].item()
     stray = next(p for p in h0 if p.endswith("notes.txt"))
-    assert {p for p in h0 if h0[p] == h1[p]} == {"metadata.csv", text_jpg, stray}
+    assert {p for p in h0 if h0[p] == h1[p]} == {text_jpg, stray}
+
+
+def test_masks_cover_the_body(demo):
+    """Each regular view carries its posed body's mask (COCO RLE); planted files carry none."""
+    out, meta = demo
+    regular = meta[meta["mask"] != ""]
+    assert (meta.loc[meta["note"] != "", "mask"] == "").all() and len(regular) > 0.8 * len(meta)
+    from pycocotools import mask as coco_mask
+    for row in regular.head(6).itertuples():
+        rle = json.loads(row.mask)
+        m = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+        photo = np.asarray(Image.open(out / row.path).convert("RGB"), dtype=float)
+        assert m.shape == photo.shape[:2]
+        assert 0.05 < m.mean() < 0.6
+        ys, xs = np.nonzero(m)
+        # the body is posed around the centre (offset at most 14 % of the side)
+        assert abs(xs.mean() / m.shape[1] - 0.5) < 0.25 and abs(ys.mean() / m.shape[0] - 0.5) < 0.25
 
 
 def test_layout_matches_metadata(demo):
     out, meta = demo
     on_disk = pd.read_csv(out / "metadata.csv", keep_default_na=False)
     pd.testing.assert_frame_equal(on_disk, meta)
-    assert list(meta.columns) == ["path", "label", "individual", "group", "context", "seq", "note"]
+    assert list(meta.columns) == ["path", "label", "individual", "group", "context", "seq", "note", "mask"]
 
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     strays = {p for p in files if p.endswith("notes.txt")}

@@ -30,7 +30,7 @@ def run(name: str, out: Path, **params) -> nbformat.NotebookNode:
     return nbformat.read(out / f"{name}.ipynb", as_version=4)
 
 
-def test_notebooks_01_to_05_on_the_demo(demo, tmp_path):
+def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
     """The demo pipeline, each notebook reading what the one before wrote."""
     data, _ = demo
     splits, figures, run_dir = tmp_path / "splits", tmp_path / "figures", tmp_path / "run"
@@ -64,3 +64,15 @@ def test_notebooks_01_to_05_on_the_demo(demo, tmp_path):
     nb = run("05_retrieval_gallery", tmp_path, run_dir=str(run_dir), figures_dir=str(figures), browser=False)
     assert_real_png(figures / "05_gallery_run_val.png")
     assert any("upload path vs notebook 03, cosine" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+    backbones = [{"name": "lite0", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 64},
+                 {"name": "run", "run_dir": str(run_dir)}]
+    run("06_probe", tmp_path, data_dir=str(data), splits_dir=str(splits), backbones=backbones,
+        sift={"max_side": 256, "n_features": 300}, cache_dir=str(tmp_path / "probe_cache"),
+        figures_dir=str(figures), results_dir=str(tmp_path / "results"), mlflow_uri=(tmp_path / "mlruns").as_uri())
+    probe = pd.read_csv(tmp_path / "results" / "probe.csv")
+    assert len(probe) == 10 and set(probe["backbone"]) == {"lite0", "run"} and (probe["protocol"] == "loo").all()
+    assert len(list((tmp_path / "results" / "probe").glob("*.json"))) == 1
+    assert_real_png(figures / "06_probe_splits_val.png")
+    assert list((tmp_path / "mlruns").rglob("lite0/fusion/identity_balanced_mAP")) or \
+        list((tmp_path / "mlruns").rglob("*identity_balanced_mAP*")), "probe metrics reach MLflow"

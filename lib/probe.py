@@ -1,0 +1,332 @@
+"""Probe (seed 004): how well do retrieval methods identify individuals, on one split, with pretrained or fine-tuned
+backbones? One row per method x backbone with identity-balanced mAP, CMC and the time each costs per query.
+
+Methods, each a full ranking of the gallery per query:
+- global: cosine similarity of the embeddings;
+- qe: alpha-weighted query expansion, then cosine;
+- kreciprocal: k-reciprocal re-ranking (Jaccard distance of k-reciprocal neighbour sets blended with the original);
+- local: the global top-`shortlist_k` re-sorted by SIFT + ratio test + RANSAC inliers;
+- fusion: on that shortlist, cosine and inliers each calibrated into P(same individual) by isotonic regression on
+  pairs of the `calibrate_on` split, and averaged (WildFusion). When that is the probed split itself, identities
+  are cross-fitted in two halves, so no query's own pairs calibrate its scores.
+Rankings are dense (queries x gallery) matrices: meant for probe-sized sets (a few thousand photos).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib.device import auto_settings
+from lib.errors import DataError
+from lib.evaluate import append_benchmark_row
+from lib.fusion import ScoreFusion
+from lib.local_match import SiftConfig, shortlist_inliers
+from lib.metrics import average_precision, identity_balanced_map, recall_at_k, summarize_ap
+from lib.probe_features import embeddings, load_backbone, sift_table
+from lib.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
+from lib.splits import load_split_index
+from lib.train import resolve_val_protocol
+
+METHODS = ("global", "qe", "kreciprocal", "local", "fusion")
+MAX_PAIRS = 40_000_000  # dense (queries x gallery) matrices beyond this take GBs: refused with a message
+PROBE_COLUMNS = ("run_id", "time", "splits_dir", "split", "protocol", "identity_col", "mask_col", "backbone", "method",
+                 "recall@1", "recall@5", "mAP", "identity_balanced_mAP", "n_queries", "n_gallery",
+                 "feature_ms_per_image", "method_ms_per_query", "ms_per_query", "features_cached")
+
+
+@dataclass
+class ProbeConfig:
+    data_dir: str = "data/demo"
+    splits_dir: str = "splits"
+    split: str = "val"                 # the probed split; 'test' only when asked for, as everywhere
+    identity_col: str = "label"        # column naming the individual ('group' = the folder layout's ID)
+    protocol: str = "auto"             # auto | gallery (train photos are the gallery) | loo (split all-vs-all)
+    methods: list = field(default_factory=lambda: list(METHODS))
+    backbones: list = field(default_factory=lambda: [
+        {"name": "imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}])
+    shortlist_k: int = 20              # global candidates re-scored by local matching and fusion
+    qe_n: int = 3
+    qe_alpha: float = 3.0
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    sift: dict = field(default_factory=dict)  # SiftConfig fields (max_side, n_features, ratio, ransac_px, geometry)
+    calibrate_on: str = "val"          # split whose pairs calibrate the fused scores
+    mask_col: str = ""                 # column with polygon / RLE / mask image path: background painted out
+    masks_csv: str = ""                # CSV (path + mask_col) to take the masks from when the index has none
+    cache_dir: str = "runs/probe_cache"  # "" = no feature cache
+    device: str = "auto"
+    batch_size: int = 64
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods {unknown or self.methods}: choose from {', '.join(METHODS)}")
+        if self.shortlist_k < 1:
+            raise ValueError(f"shortlist_k must be >= 1, got {self.shortlist_k}")
+        names = [b.get("name") for b in self.backbones]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"backbones need distinct names, got {names}")
+        SiftConfig(**self.sift)  # a bad SIFT knob fails here, before any feature is computed
+
+
+@dataclass
+class ProbeSet:
+    """One probed split: query rows, gallery rows and whether the gallery is the queries themselves."""
+    queries: pd.DataFrame
+    gallery: pd.DataFrame
+    protocol: str
+
+    @property
+    def loo(self) -> bool:
+        return self.protocol == "loo"
+
+
+def probe_set(index: pd.DataFrame, split: str, identity_col: str, protocol: str) -> ProbeSet:
+    if identity_col not in index.columns:
+        raise DataError(f"identity_col {identity_col!r} is not a column of the split index; it has {list(index.columns)}")
+    queries = index[index["split"] == split].reset_index(drop=True)
+    train = index[index["split"] == "train"].reset_index(drop=True)
+    if queries.empty:
+        raise DataError(f"the split index has no '{split}' photos; splits: {sorted(set(index['split']) - {''})}")
+    protocol = resolve_val_protocol(protocol, train[identity_col], queries[identity_col])
+    return ProbeSet(queries, queries if protocol == "loo" else train, protocol)
+
+
+def with_masks(index: pd.DataFrame, masks_csv: str, mask_col: str) -> pd.DataFrame:
+    """The index with mask_col joined from masks_csv by path (photos it does not list are used whole)."""
+    if not masks_csv:
+        if mask_col and mask_col not in index.columns:
+            raise DataError(f"mask_col {mask_col!r} is not a column of the split index (columns: {list(index.columns)}); "
+                            "name a CSV that has it in masks_csv")
+        return index
+    table = pd.read_csv(masks_csv, dtype=str, keep_default_na=False)
+    missing = [c for c in ("path", mask_col) if c not in table.columns]
+    if missing:
+        raise DataError(f"{masks_csv} lacks the column(s) {missing}; its columns are {list(table.columns)}")
+    masks = table.drop_duplicates("path").set_index("path")[mask_col]
+    return index.drop(columns=mask_col, errors="ignore").assign(**{mask_col: index["path"].map(masks).fillna("")})
+
+
+def ranking_metrics(order: np.ndarray, gallery_labels, query_labels, loo: bool, ks=(1, 5)) -> dict:
+    """Recall@k (CMC), mAP, identity-balanced mAP and per-query AP of full rankings `order` (n_q, n_g: gallery rows
+    best first). loo: queries are the gallery and each query's own row is dropped from its ranking."""
+    g, q = np.asarray(gallery_labels), np.asarray(query_labels)
+    if loo:
+        keep = order != np.arange(len(order))[:, None]
+        order = order[keep].reshape(len(order), -1)
+    ranked = g[order]
+    relevant = ranked == q[:, None]
+    n_relevant = (g[None, :] == q[:, None]).sum(axis=1) - loo
+    ap = average_precision(relevant, n_relevant)
+    mean_ap, _ = summarize_ap(ap)
+    return {**recall_at_k(q, ranked[:, :max(ks)], ks), "mAP": mean_ap,
+            "identity_balanced_mAP": identity_balanced_map(q, ap), "ap": ap}
+
+
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _order(scores: np.ndarray) -> np.ndarray:
+    return np.argsort(-scores, axis=1, kind="stable")
+
+
+def _cosine(q, g, loo: bool) -> np.ndarray:
+    s = _unit(q) @ _unit(g).T
+    if loo:
+        np.fill_diagonal(s, -np.inf)
+    return s
+
+
+def _kreciprocal(q, g, loo: bool, cfg: ProbeConfig) -> np.ndarray:
+    items = _unit(g) if loo else _unit(np.concatenate([q, g]))
+    dist = np.clip(2 - 2 * items @ items.T, 0, 4)
+    rows = np.arange(len(g)) if loo else np.arange(len(q))
+    cols = np.arange(len(g)) if loo else len(q) + np.arange(len(g))
+    final = k_reciprocal_distances(dist, rows, cols, cfg.k1, cfg.k2, cfg.lambda_value)
+    if loo:
+        np.fill_diagonal(final, np.inf)
+    return -final
+
+
+def _identity_halves(labels: np.ndarray) -> np.ndarray:
+    """0/1 per query: its identity's half of the sorted identities, alternating, so both halves hold similar mixes."""
+    names = np.unique(labels)
+    return (np.searchsorted(names, labels) % 2).astype(int)
+
+
+def _fit_fusion(cos, inliers, same) -> ScoreFusion:
+    return ScoreFusion().fit({"global": cos.ravel(), "local": inliers.ravel()}, same.ravel())
+
+
+def _shortlist(s: ProbeSet, q_emb, g_emb, q_sift, g_sift, cfg: ProbeConfig):
+    """(global order, shortlist cosines, shortlist inliers, same-identity flags) of a probe set."""
+    cos = _cosine(q_emb, g_emb, s.loo)
+    order = _order(cos)
+    top = order[:, :min(cfg.shortlist_k, order.shape[1] - s.loo)]
+    inliers = shortlist_inliers(q_sift, g_sift, top, SiftConfig(**cfg.sift))
+    same = s.gallery[cfg.identity_col].to_numpy()[top] == s.queries[cfg.identity_col].to_numpy()[:, None]
+    return order, np.take_along_axis(cos, top, axis=1), inliers, same
+
+
+def _check_size(s: ProbeSet, methods) -> None:
+    n_q, n_g = len(s.queries), len(s.gallery)
+    n_items = n_g if s.loo else n_q + n_g
+    pairs = n_items**2 if "kreciprocal" in methods else n_q * n_g
+    if pairs > MAX_PAIRS:
+        raise DataError(f"{n_q} queries x {n_g} gallery photos make {pairs:,} pairs, more than the probe's dense "
+                        f"matrices hold in memory ({MAX_PAIRS:,}); probe a smaller split or leave out 'kreciprocal'")
+
+
+class _Features:
+    """Each backbone's embeddings and the SIFT features, per row set, computed on first use (through the cache)."""
+
+    def __init__(self, cfg: ProbeConfig, settings, progress: bool):
+        self.cfg, self.settings, self.progress = cfg, settings, progress
+        self.cache_dir = cfg.cache_dir or None
+        self.cached, self._sift = [], {}
+
+    def embed(self, backbone, rows: pd.DataFrame):
+        emb, info = embeddings(backbone, rows, self.cfg.data_dir, self.settings, self.cfg.mask_col, self.cache_dir,
+                               self.cfg.batch_size, self.progress)
+        self.cached.append(bool(info.get("cached")))
+        return emb, info["ms_per_image"]
+
+    def sift(self, rows: pd.DataFrame):
+        key = tuple(rows["path"])
+        if key not in self._sift:
+            feats, info = sift_table(rows, self.cfg.data_dir, SiftConfig(**self.cfg.sift), self.cfg.mask_col,
+                                     self.cache_dir, self.progress)
+            self.cached.append(bool(info.get("cached")))
+            self._sift[key] = feats, info["ms_per_image"]
+        return self._sift[key]
+
+
+def _fusion_scores(s: ProbeSet, cos, inliers, same, calibration, cfg: ProbeConfig) -> np.ndarray:
+    """Fused shortlist scores; calibration = (cos, inliers, same) of another split, or None to cross-fit on s."""
+    if calibration is not None:
+        fusion = _fit_fusion(*calibration)
+        return fusion.fuse({"global": cos, "local": inliers})
+    half = _identity_halves(s.queries[cfg.identity_col].to_numpy())
+    fused = np.empty_like(cos, dtype=np.float64)
+    for h in (0, 1):
+        fit_rows, apply_rows = half != h, half == h
+        if apply_rows.any():
+            fusion = _fit_fusion(cos[fit_rows], inliers[fit_rows], same[fit_rows])
+            fused[apply_rows] = fusion.fuse({"global": cos[apply_rows], "local": inliers[apply_rows]})
+    return fused
+
+
+def _probe_backbone(backbone, s: ProbeSet, cal: ProbeSet | None, feats: _Features, cfg: ProbeConfig):
+    """{method: (order, feature ms per image, method ms per query)} for one backbone."""
+    q_emb, q_ms = feats.embed(backbone, s.queries)
+    g_emb, _ = (q_emb, q_ms) if s.loo else feats.embed(backbone, s.gallery)
+    n_q, out = len(s.queries), {}
+
+    def timed(method, ms_feature, fn, shared_ms=0.0):
+        t0 = time.perf_counter()
+        out[method] = (fn(), ms_feature, shared_ms + 1000 * (time.perf_counter() - t0) / n_q)
+
+    if "global" in cfg.methods:
+        timed("global", q_ms, lambda: _order(_cosine(q_emb, g_emb, s.loo)))
+    if "qe" in cfg.methods:
+        timed("qe", q_ms, lambda: _order(_cosine(query_expansion(q_emb, g_emb, cfg.qe_n, cfg.qe_alpha, s.loo),
+                                                 g_emb, s.loo)))
+    if "kreciprocal" in cfg.methods:
+        timed("kreciprocal", q_ms, lambda: _order(_kreciprocal(q_emb, g_emb, s.loo, cfg)))
+    if {"local", "fusion"} & set(cfg.methods):
+        q_sift, sift_ms = feats.sift(s.queries)
+        g_sift = q_sift if s.loo else feats.sift(s.gallery)[0]
+        t0 = time.perf_counter()
+        order, cos, inliers, same = _shortlist(s, q_emb, g_emb, q_sift, g_sift, cfg)
+        shortlist_ms = 1000 * (time.perf_counter() - t0) / n_q
+        if "local" in cfg.methods:
+            timed("local", q_ms + sift_ms, lambda: rerank_shortlist(order, inliers), shortlist_ms)
+        if "fusion" in cfg.methods:
+            calibration = None
+            if cal is not None:
+                cq, _ = feats.embed(backbone, cal.queries)
+                cg = cq if cal.loo else feats.embed(backbone, cal.gallery)[0]
+                cq_sift = feats.sift(cal.queries)[0]
+                cg_sift = cq_sift if cal.loo else feats.sift(cal.gallery)[0]
+                calibration = _shortlist(cal, cq, cg, cq_sift, cg_sift, cfg)[1:]
+            timed("fusion", q_ms + sift_ms,
+                  lambda: rerank_shortlist(order, _fusion_scores(s, cos, inliers, same, calibration, cfg)), shortlist_ms)
+    return out
+
+
+def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """(one row per backbone x method, {(backbone, method): per-query table with the top-5 gallery rows and AP})."""
+    index, splits = load_split_index(cfg.splits_dir)
+    index = with_masks(index, cfg.masks_csv, cfg.mask_col)
+    s = probe_set(index, cfg.split, cfg.identity_col, cfg.protocol)
+    _check_size(s, cfg.methods)
+    cal = None
+    if "fusion" in cfg.methods and cfg.calibrate_on != cfg.split:
+        cal = probe_set(index, cfg.calibrate_on, cfg.identity_col, cfg.protocol)
+    settings = auto_settings(device=cfg.device)
+    feats = _Features(cfg, settings, progress)
+    rows, rankings = [], {}
+    stamp = datetime.now(timezone.utc)
+    run_id = stamp.strftime("%Y%m%d-%H%M%S-%f")
+    q_labels, g_labels = s.queries[cfg.identity_col].to_numpy(), s.gallery[cfg.identity_col].to_numpy()
+    for spec in cfg.backbones:
+        backbone = load_backbone(spec)
+        trained_on = backbone.data_fingerprint
+        if trained_on and trained_on != splits.report.get("data_fingerprint"):
+            raise DataError(f"backbone {backbone.name!r} was trained on other data than {cfg.splits_dir} describes "
+                            "(data fingerprints differ): its training photos could be among the probed ones")
+        feats.cached = []
+        for method, (order, feature_ms, method_ms) in _probe_backbone(backbone, s, cal, feats, cfg).items():
+            m = ranking_metrics(order, g_labels, q_labels, s.loo)
+            rows.append({"run_id": run_id, "time": stamp.isoformat(timespec="seconds"), "splits_dir": cfg.splits_dir,
+                         "split": cfg.split, "protocol": s.protocol, "identity_col": cfg.identity_col,
+                         "mask_col": cfg.mask_col, "backbone": backbone.name, "method": method,
+                         **{k: m[k] for k in ("recall@1", "recall@5", "mAP", "identity_balanced_mAP")},
+                         "n_queries": len(s.queries), "n_gallery": len(s.gallery) - s.loo,
+                         "feature_ms_per_image": feature_ms, "method_ms_per_query": method_ms,
+                         "ms_per_query": feature_ms + method_ms, "features_cached": all(feats.cached)})
+            rankings[backbone.name, method] = _ranking_table(s, order, m["ap"], cfg.identity_col)
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS), rankings
+
+
+def _ranking_table(s: ProbeSet, order: np.ndarray, ap: np.ndarray, identity_col: str, k: int = 5) -> pd.DataFrame:
+    """Per query: path, identity, AP and the paths and identities of its top-k gallery photos (self excluded in loo),
+    for figures."""
+    if s.loo:
+        order = order[order != np.arange(len(order))[:, None]].reshape(len(order), -1)
+    top = order[:, :k]
+    return pd.DataFrame({"path": s.queries["path"], "identity": s.queries[identity_col], "ap": ap,
+                         "top_paths": list(s.gallery["path"].to_numpy()[top]),
+                         "top_identities": list(s.gallery[identity_col].to_numpy()[top])})
+
+
+def save_probe(table: pd.DataFrame, cfg: ProbeConfig, results_dir: str | os.PathLike = "results") -> Path:
+    """Append the rows to results_dir/probe.csv and write the config snapshot results_dir/probe/<run_id>.json."""
+    results_dir = Path(results_dir)
+    for row in table.to_dict("records"):
+        append_benchmark_row(results_dir / "probe.csv", row, PROBE_COLUMNS)
+    run_id = table["run_id"].iloc[0]
+    snapshot = results_dir / "probe" / f"{run_id}.json"
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.write_text(json.dumps({"config": asdict(cfg), "rows": table.to_dict("records")}, indent=2, default=str))
+    return snapshot
+
+
+def probe_config(**params) -> ProbeConfig:
+    """ProbeConfig from flat notebook parameters; an unknown name is an error listing the valid ones."""
+    valid = {f.name for f in dataclasses.fields(ProbeConfig)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ValueError(f"unknown probe parameter(s) {unknown}; valid: {sorted(valid)}")
+    return ProbeConfig(**params)

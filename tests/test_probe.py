@@ -1,0 +1,110 @@
+"""The probe: its metrics against the evaluation code, every method end to end on the demo, the feature cache (a second
+run computes nothing and gives the same numbers), masks in the cache key, and its refusals."""
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lib.embed
+import lib.probe_features
+from lib.errors import DataError
+from lib.probe import METHODS, ProbeConfig, probe_config, ranking_metrics, run_probe, save_probe, with_masks
+from lib.retrieval import evaluate_retrieval
+
+METRICS = ["recall@1", "recall@5", "mAP", "identity_balanced_mAP"]
+
+
+def config(demo, run_dir, cache, **kw) -> ProbeConfig:
+    data, splits = demo
+    return ProbeConfig(**{"data_dir": str(data), "splits_dir": str(splits), "identity_col": "group",
+                          "backbones": [{"name": "run", "run_dir": str(run_dir)}], "cache_dir": str(cache),
+                          "sift": {"max_side": 256, "n_features": 300}, "device": "cpu", **kw})
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_ranking_metrics_equal_the_evaluation_code(loo):
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(40, 8)).astype(np.float32)
+    g_labels = rng.integers(0, 6, 40).astype(str)
+    q, q_labels = (g, g_labels) if loo else (rng.normal(size=(15, 8)).astype(np.float32), rng.integers(0, 7, 15).astype(str))
+    gn, qn = g / np.linalg.norm(g, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+    scores = qn @ gn.T
+    if loo:
+        np.fill_diagonal(scores, -np.inf)
+    got = ranking_metrics(np.argsort(-scores, axis=1), g_labels, q_labels, loo)
+    want = evaluate_retrieval(g, g_labels, q, q_labels, exclude_self=loo, device="cpu")
+    for key in METRICS:
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_every_method_runs_then_the_cache_serves_a_second_run(demo, run_dir, tmp_path, monkeypatch):
+    cfg = config(demo, run_dir, tmp_path / "cache")
+    first, rankings = run_probe(cfg)
+    assert first["method"].tolist() == list(METHODS) and not first["features_cached"].any()
+    assert (first["protocol"] == "loo").all(), "val individuals are not in train: leave-one-out"
+    assert first[METRICS].apply(lambda c: c.between(0, 1)).all().all()
+    top = rankings["run", "global"]
+    assert len(top) == first["n_queries"].iloc[0] and all(len(p) == 5 for p in top["top_paths"])
+    assert not any(q in p for q, p in zip(top["path"], top["top_paths"])), "a query never retrieves itself"
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed a cached feature")
+    monkeypatch.setattr(lib.embed, "extract_embeddings", fail)
+    monkeypatch.setattr(lib.probe_features, "extract_embeddings", fail)
+    monkeypatch.setattr(lib.probe_features, "sift_features", fail)
+    second, _ = run_probe(cfg)
+    assert second["features_cached"].all()
+    pd.testing.assert_frame_equal(second[METRICS], first[METRICS])
+
+    snapshot = save_probe(first, cfg, tmp_path / "results")
+    save_probe(second, cfg, tmp_path / "results")
+    assert len(pd.read_csv(tmp_path / "results" / "probe.csv")) == 2 * len(METHODS)
+    assert snapshot.exists() and '"identity_col": "group"' in snapshot.read_text()
+
+
+def test_masks_change_the_features_and_the_cache_key(demo, run_dir, tmp_path):
+    data, _ = demo
+    plain, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global", "local"]))
+    masked, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global", "local"],
+                                 mask_col="mask", masks_csv=str(data / "metadata.csv")))
+    assert not masked["features_cached"].any(), "masked photos are other features: not read from the plain cache"
+    assert not np.allclose(masked[METRICS].to_numpy(), plain[METRICS].to_numpy())
+
+
+def test_fusion_calibrated_on_another_split(demo, run_dir, tmp_path):
+    table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["fusion"], calibrate_on="test"))
+    assert table["method"].tolist() == ["fusion"] and table["mAP"].between(0, 1).all()
+
+
+def test_refusals(demo, run_dir, tmp_path, monkeypatch):
+    index = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["x", "y"]})
+    with pytest.raises(DataError, match="'mask'"):
+        with_masks(index, "", "mask")
+    pd.DataFrame({"path": ["a.jpg"], "outline": ["[]"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(DataError, match=r"\['mask'\]"):
+        with_masks(index, str(tmp_path / "m.csv"), "mask")
+    joined = with_masks(index, str(tmp_path / "m.csv"), "outline")
+    assert joined["outline"].tolist() == ["[]", ""]
+    with pytest.raises(ValueError, match="bogus"):
+        probe_config(methods=["global", "bogus"])
+    with pytest.raises(ValueError, match="unknown probe parameter"):
+        probe_config(epochs=3)
+    with pytest.raises(ValueError, match="ratio"):
+        ProbeConfig(sift={"ratio": 2.0})
+    with pytest.raises(DataError, match="identity_col 'animal'"):
+        run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="animal"))
+    monkeypatch.setattr("lib.probe.MAX_PAIRS", 10)
+    with pytest.raises(DataError, match="pairs"):
+        run_probe(config(demo, run_dir, tmp_path / "cache"))
+
+
+def test_a_run_trained_on_other_data_is_refused(demo, run_dir, tmp_path, monkeypatch):
+    real = lib.probe_features.load_trained
+
+    def other_data(*a, **k):
+        run = real(*a, **k)
+        return dataclasses.replace(run, config={**run.config, "data_fingerprint": "0" * 64})
+    monkeypatch.setattr(lib.probe_features, "load_trained", other_data)
+    with pytest.raises(DataError, match="other data"):
+        run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global"]))
