@@ -25,13 +25,14 @@
 data_dir = "data/demo"
 splits_dir = "splits"           # made by notebook 01
 split = "val"                   # the probed split ('test' only for the final word)
-identity_col = "group"          # the individual: 'label' in re-ID mode, 'group' = the folder layout's ID
+task = "classification"         # classification | reid: which column names the individual (see identity_col)
+identity_col = ""               # "" = the label in re-ID mode, the group (the folder layout's ID) otherwise
 protocol = "auto"               # auto | gallery (train photos are the gallery) | loo (the split queries itself)
 methods = ["global", "qe", "kreciprocal", "local", "fusion"]
-backbones = [                   # a pretrained timm backbone as it comes, and/or trained runs of notebook 02
+run_dir = "runs/demo"           # a run of notebook 02 on these splits, probed beside `backbones`; "" = none
+backbones = [                   # pretrained timm backbones as they come (pooled features), and/or more runs:
     {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224},
-    {"name": "demo run", "run_dir": "runs/demo"},
-]
+]                               # {"name": "other", "run_dir": "runs/other"}
 metric = "identity_balanced_mAP"  # the figure's metric (also: mAP, recall@1, recall@5)
 shortlist_k = 20                # global candidates that local matching and fusion re-score
 qe_n = 3                        # query expansion: neighbours added, weighted by cos ** qe_alpha
@@ -67,8 +68,10 @@ from lib.plots_probe import most_changed, plot_probe, plot_rankings
 from lib.probe import probe_config, run_probe, save_probe
 from lib.tracking import log_table
 
-cfg = probe_config(data_dir=data_dir, splits_dir=splits_dir, split=split, identity_col=identity_col,
-                   protocol=protocol, methods=methods, backbones=backbones, shortlist_k=shortlist_k, qe_n=qe_n,
+identity = identity_col or ("label" if task == "reid" else "group")
+runs = [{"name": Path(run_dir).name, "run_dir": run_dir}] if run_dir else []
+cfg = probe_config(data_dir=data_dir, splits_dir=splits_dir, split=split, identity_col=identity,
+                   protocol=protocol, methods=methods, backbones=backbones + runs, shortlist_k=shortlist_k, qe_n=qe_n,
                    qe_alpha=qe_alpha, k1=k1, k2=k2, lambda_value=lambda_value, sift=sift, calibrate_on=calibrate_on,
                    mask_col=mask_col, masks_csv=masks_csv, cache_dir=cache_dir, device=device)
 table, rankings = run_probe(cfg, progress=True)

@@ -65,9 +65,8 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
     assert_real_png(figures / "05_gallery_run_val.png")
     assert any("upload path vs notebook 03, cosine" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
 
-    backbones = [{"name": "lite0", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 64},
-                 {"name": "run", "run_dir": str(run_dir)}]
-    run("06_probe", tmp_path, data_dir=str(data), splits_dir=str(splits), backbones=backbones,
+    backbones = [{"name": "lite0", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 64}]
+    run("06_probe", tmp_path, data_dir=str(data), splits_dir=str(splits), backbones=backbones, run_dir=str(run_dir),
         sift={"max_side": 256, "n_features": 300}, cache_dir=str(tmp_path / "probe_cache"),
         figures_dir=str(figures), results_dir=str(tmp_path / "results"), mlflow_uri=(tmp_path / "mlruns").as_uri())
     probe = pd.read_csv(tmp_path / "results" / "probe.csv")

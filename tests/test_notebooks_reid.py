@@ -8,7 +8,7 @@ from test_notebooks import run
 from lib.evaluation import load_evaluation
 
 
-def test_reid_notebooks_01_to_04_on_the_demo_context_column(demo, tmp_path):
+def test_reid_notebooks_01_to_06_on_the_demo_context_column(demo, tmp_path):
     data, _ = demo
     splits, figures, run_dir, results = (tmp_path / n for n in ("splits", "figures", "run", "results"))
     run("01_split", tmp_path, task="reid", data_dir=str(data), metadata_csv=str(data / "metadata.csv"),
@@ -42,3 +42,13 @@ def test_reid_notebooks_01_to_04_on_the_demo_context_column(demo, tmp_path):
     assert (figures / "04_margins_by_context_run_val.png").stat().st_size > 0
     by_candidates = pd.read_csv(results / "04_accuracy_by_context_candidates_run_val.csv")
     assert by_candidates["queries"].sum() == n_val
+
+    # the probe in re-ID mode, backgrounds painted out from the mask column the metadata CSV brought into the index
+    run("06_probe", tmp_path, task="reid", data_dir=str(data), splits_dir=str(splits), run_dir=str(run_dir),
+        backbones=[], methods=["global", "local", "fusion"], mask_col="mask", sift={"max_side": 256, "n_features": 300},
+        cache_dir=str(tmp_path / "probe_cache"), figures_dir=str(figures), results_dir=str(results), mlflow_uri="")
+    probe = pd.read_csv(results / "probe.csv", keep_default_na=False)
+    assert probe["method"].tolist() == ["global", "local", "fusion"]
+    assert (probe["identity_col"] == "label").all() and (probe["mask_col"] == "mask").all()
+    assert (probe["n_queries"] == n_val).all() and (probe["protocol"] == "loo").all()
+    assert (figures / "06_probe_splits_val_masked-mask.png").stat().st_size > 0
