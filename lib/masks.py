@@ -193,13 +193,33 @@ def mean_fill(mean) -> tuple[int, int, int]:
     return tuple(int(round(m * 255)) for m in mean)
 
 
-def masks_fingerprint(values) -> str:
-    """sha256 hex of the mask values in order, so a cache key changes when any mask changes.
+def _image_stamp(value, data_root) -> str:
+    """Size and mtime of the mask image a value names ('' for polygons, RLEs and missing files)."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        return ""
+    path = Path(value)
+    path = path if path.is_absolute() or data_root is None else Path(data_root) / path
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def masks_fingerprint(values, data_root=None) -> str:
+    """sha256 hex of the mask values in order, so a cache key changes when any mask changes; a mask image path
+    also contributes its file's size and mtime (relative to data_root), so a redrawn mask image counts as changed.
 
     Empty cells hash alike whatever their type, since None and NaN swap when a table goes through a CSV file.
     """
-    texts = ["" if _is_empty(v) else v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
-             for v in values]
+    texts = []
+    for v in values:
+        if _is_empty(v):
+            texts.append("")
+        elif isinstance(v, (str, os.PathLike)):
+            texts.append(f"{os.fspath(v)}\x1f{_image_stamp(os.fspath(v), data_root)}")
+        else:
+            texts.append(json.dumps(v, sort_keys=True, default=str))
     return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
 
 

@@ -68,8 +68,8 @@ def load_backbone(spec: dict) -> Backbone:
     return Backbone(spec["name"], net, tf, tuple(dc["mean"]), f"pretrained:{spec['backbone']}:{state_sha256(net)}")
 
 
-def mask_key(rows: pd.DataFrame, mask_col: str) -> dict:
-    return {"mask_col": mask_col, "masks": masks_fingerprint(rows[mask_col])} if mask_col else {"mask_col": ""}
+def mask_key(rows: pd.DataFrame, mask_col: str, data_dir: str | os.PathLike) -> dict:
+    return {"mask_col": mask_col, "masks": masks_fingerprint(rows[mask_col], data_dir)} if mask_col else {"mask_col": ""}
 
 
 def _key_name(key: dict) -> str:
@@ -89,7 +89,8 @@ def embeddings(backbone: Backbone, rows: pd.DataFrame, data_dir: str | os.PathLi
     desc = f"embed {backbone.name}"
     if cache_dir:
         return cached_embeddings(backbone.net, dataset, settings, Path(cache_dir) / "embeddings", backbone.signature,
-                                 batch_size=batch_size, progress=progress, desc=desc, extra=mask_key(rows, mask_col))
+                                 batch_size=batch_size, progress=progress, desc=desc,
+                                 extra=mask_key(rows, mask_col, data_dir))
     t0 = time.perf_counter()
     emb = extract_embeddings(backbone.net, dataset, settings, batch_size, progress=progress, desc=desc)
     return emb, {"cached": False, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
@@ -107,7 +108,8 @@ def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig,
     OpenCV's SIFT descriptors are whole numbers 0..255 held in float32, so nothing is lost at a quarter of the size."""
     data_dir = Path(data_dir)
     paths = [data_dir / p for p in rows["path"]]
-    key = {"method": "sift", **asdict(cfg), "data_fingerprint": files_fingerprint(paths), **mask_key(rows, mask_col)}
+    key = {"method": "sift", **asdict(cfg), "data_fingerprint": files_fingerprint(paths),
+           **mask_key(rows, mask_col, data_dir)}
     file = Path(cache_dir) / "sift" / f"{_key_name(key)}.npz" if cache_dir else None
     if file is not None and file.exists():
         with np.load(file) as f:

@@ -1,4 +1,6 @@
+"""Background masks: polygons, RLE and mask images decoded and fitted, painted out, keyed, and named when bad."""
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -175,6 +177,16 @@ def test_masks_fingerprint_follows_every_mask():
     assert masks_fingerprint(["[[0, 0, 5, 0, 5, 6]]", None, "masks/a.png"]) != base
     assert masks_fingerprint(values[::-1]) != base
     assert masks_fingerprint(["[[0, 0, 5, 0, 5, 5]]", float("nan"), "masks/a.png"]) == base  # CSV round trip
+
+
+def test_masks_fingerprint_follows_a_redrawn_mask_image(tmp_path):
+    """A mask image edited in place keeps its path, but not its size and mtime: the key must change."""
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "masks" / "a.png")
+    before = masks_fingerprint(["masks/a.png"], tmp_path)
+    assert before == masks_fingerprint(["masks/a.png"], tmp_path)
+    os.utime(tmp_path / "masks" / "a.png", ns=(0, 10**9))
+    assert masks_fingerprint(["masks/a.png"], tmp_path) != before
 
 
 @pytest.fixture
