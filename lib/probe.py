@@ -311,8 +311,10 @@ def _ranking_table(s: ProbeSet, order: np.ndarray, ap: np.ndarray, identity_col:
                          "top_identities": list(s.gallery[identity_col].to_numpy()[top])})
 
 
-def save_probe(table: pd.DataFrame, cfg: ProbeConfig, results_dir: str | os.PathLike = "results") -> Path:
-    """Append the rows to results_dir/probe.csv and write the config snapshot results_dir/probe/<run_id>.json."""
+def save_probe(table: pd.DataFrame, cfg: ProbeConfig, results_dir: str | os.PathLike = "results",
+               rankings: dict | None = None) -> Path:
+    """Append the rows to results_dir/probe.csv and write the config snapshot results_dir/probe/<run_id>.json; with
+    `rankings`, also each query's AP and top-1 per backbone and method (<run_id>_queries.csv: which photos fail)."""
     results_dir = Path(results_dir)
     for row in table.to_dict("records"):
         append_benchmark_row(results_dir / "probe.csv", row, PROBE_COLUMNS)
@@ -320,6 +322,12 @@ def save_probe(table: pd.DataFrame, cfg: ProbeConfig, results_dir: str | os.Path
     snapshot = results_dir / "probe" / f"{run_id}.json"
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     snapshot.write_text(json.dumps({"config": asdict(cfg), "rows": table.to_dict("records")}, indent=2, default=str))
+    if rankings:
+        queries = pd.concat([r.assign(backbone=b, method=m, top1_identity=r["top_identities"].str[0],
+                                      top1_path=r["top_paths"].str[0]).drop(columns=["top_paths", "top_identities"])
+                             for (b, m), r in rankings.items()], ignore_index=True)
+        cols = ["backbone", "method", "path", "identity", "ap", "top1_identity", "top1_path"]
+        queries[cols].to_csv(snapshot.with_name(f"{run_id}_queries.csv"), index=False)
     return snapshot
 
 

@@ -19,7 +19,7 @@
 # the WildFusion-style fusion of cosine and inliers calibrated on the validation split. Every method is scored by
 # identity-balanced mAP, mAP and CMC rank-1/5, with the milliseconds it costs per query. Features are cached
 # (`cache_dir`), so a second probe computes nothing again. Rows are appended to `results/probe.csv`, the config
-# snapshot goes to `results/probe/<run_id>.json`.
+# snapshot goes to `results/probe/<run_id>.json`, each query's AP and top-1 per method to `<run_id>_queries.csv`.
 
 # %% tags=["parameters"]
 data_dir = "data/demo"
@@ -75,7 +75,7 @@ cfg = probe_config(data_dir=data_dir, splits_dir=splits_dir, split=split, identi
                    qe_alpha=qe_alpha, k1=k1, k2=k2, lambda_value=lambda_value, sift=sift, calibrate_on=calibrate_on,
                    mask_col=mask_col, masks_csv=masks_csv, cache_dir=cache_dir, device=device)
 table, rankings = run_probe(cfg, progress=True)
-snapshot = save_probe(table, cfg, results_dir)
+snapshot = save_probe(table, cfg, results_dir, rankings)
 log_table(table, asdict(cfg), f"probe {table['run_id'].iloc[0]}", ["backbone", "method"], mlflow_uri, wandb_project)
 print(f"rows appended to {Path(results_dir) / 'probe.csv'}; config snapshot {snapshot}")
 table[["backbone", "method", "recall@1", "recall@5", "mAP", "identity_balanced_mAP", "feature_ms_per_image",

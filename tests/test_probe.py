@@ -57,10 +57,15 @@ def test_every_method_runs_then_the_cache_serves_a_second_run(demo, run_dir, tmp
     assert second["features_cached"].all()
     pd.testing.assert_frame_equal(second[METRICS], first[METRICS])
 
-    snapshot = save_probe(first, cfg, tmp_path / "results")
+    snapshot = save_probe(first, cfg, tmp_path / "results", rankings)
     save_probe(second, cfg, tmp_path / "results")
     assert len(pd.read_csv(tmp_path / "results" / "probe.csv")) == 2 * len(METHODS)
     assert snapshot.exists() and '"identity_col": "group"' in snapshot.read_text()
+    queries = pd.read_csv(snapshot.with_name(f"{first['run_id'].iloc[0]}_queries.csv"), keep_default_na=False)
+    assert len(queries) == len(METHODS) * first["n_queries"].iloc[0]
+    per_method = queries.groupby("method", sort=False)
+    hits = per_method.apply(lambda t: (t["top1_identity"] == t["identity"]).mean(), include_groups=False)
+    np.testing.assert_allclose(hits[list(METHODS)].to_numpy(), first["recall@1"].to_numpy())
 
 
 def test_masks_change_the_features_and_the_cache_key(demo, run_dir, tmp_path):
