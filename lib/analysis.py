@@ -13,7 +13,7 @@ import pandas as pd
 from lib.errors import DataError
 from lib.evaluation import Evaluation
 from lib.metrics import average_precision, confusion_table, relevance
-from lib.retrieval import build_index, search
+from lib.retrieval import NO_NEIGHBOUR, build_index, fill_padding, search
 
 MARGIN_THRESHOLDS = (0.005, 0.01, 0.05, 0.1)
 NOT_RANKED = "no vote"  # the true class got no vote (none of its photos among the neighbours, or none at all)
@@ -69,7 +69,8 @@ def confused_pairs(ev: Evaluation, top: int = 20) -> pd.DataFrame:
                                        "example_query": q["path"].iat[i], "example_match": ""})
         row["a_as_b" if true == a else "b_as_a"] += 1
         if not row["example_match"]:
-            hits = ev.neighbours[i][gallery_labels[ev.neighbours[i]] == pred]
+            real = ev.neighbours[i][ev.neighbours[i] != NO_NEIGHBOUR]
+            hits = real[gallery_labels[real] == pred]
             if len(hits):
                 row["example_query"], row["example_match"] = q["path"].iat[i], ev.gallery["path"].iat[hits[0]]
     table = pd.DataFrame(rows.values())
@@ -93,7 +94,7 @@ def margin_summary(queries: pd.DataFrame, thresholds=MARGIN_THRESHOLDS) -> pd.Da
 def candidate_counts(ev: Evaluation, k: int | None = None) -> np.ndarray:
     """Distinct gallery classes among each query's first k neighbours (all stored neighbours when None)."""
     codes, _ = pd.factorize(ev.gallery["label"])
-    ranked = np.sort(codes[ev.neighbours[:, :k]], axis=1)
+    ranked = np.sort(codes[fill_padding(ev.neighbours[:, :k])], axis=1)
     return 1 + (np.diff(ranked, axis=1) != 0).sum(axis=1)
 
 

@@ -22,14 +22,17 @@ def neighbour_weights(distances, weighting: str = "inverse", eps: float = 1e-6, 
 
     inverse: 1/(d + eps) (seed 000; eps keeps an exact duplicate finite); uniform: 1 (plain majority);
     softmax: exp(cos / temperature) with cos = 1 − d/2, i.e. a softmax over the neighbours' similarities.
+    A neighbour at distance inf (padding) weighs 0.
     """
     d = np.asarray(distances, dtype=np.float64)
+    # an infinite distance is padding (lib.retrieval.search_within: the context held fewer than k photos): no vote
+    real = np.isfinite(d)
     if weighting == "inverse":
-        return 1.0 / (d + eps)
+        return np.where(real, 1.0 / (d + eps), 0.0)
     if weighting == "uniform":
-        return np.ones_like(d)
+        return real.astype(np.float64)
     if weighting == "softmax":
-        logits = (1.0 - d / 2.0) / temperature
+        logits = np.where(real, (1.0 - d / 2.0) / temperature, -np.inf)
         # subtracting each row's max changes no share but keeps exp from overflowing at small temperatures
         return np.exp(logits - logits.max(axis=-1, keepdims=True))
     raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")

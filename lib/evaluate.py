@@ -4,6 +4,8 @@ the embedding cache, search, vote, decide, measure; and the one-row-per-run resu
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from lib.errors import DataError
 from lib.evaluation import Evaluation
 from lib.metrics import macro_f1, per_class_report, vote_accuracy
 from lib.model import ModelConfig, create_model
-from lib.retrieval import build_index, evaluate_retrieval, save_index, search, search_within
+from lib.retrieval import build_index, evaluate_retrieval, fill_padding, save_index, search, search_within
 from lib.run import load_run_data
 from lib.train import resolve_val_protocol
 from lib.transforms import build_transforms
@@ -29,7 +31,9 @@ from lib.transforms import build_transforms
 CHECKPOINTS = {"best": "best_model.pt", "latest": "latest_model.pt"}
 BENCHMARK_COLUMNS = ("version", "split", "backbone", "loss", "embedding_dim", "img_size", "augmentation", "recall@1",
                      "recall@5", "mAP", "identity_balanced_mAP", "vote_accuracy", "macro_f1", "coverage", "accuracy_at_coverage",
-                     "train_time_min", "inference_ms_per_image", "notes")
+                     "train_time_min", "inference_ms_per_image", "notes", "evaluation_id")
+# what makes two evaluations the same one: re-running it replaces its row in the results table instead of adding one
+EVALUATION_KEYS = ("checkpoint_sha256", "protocol", "restrict_to_context", "k", "weighting", "tta", "thresholds")
 
 
 @dataclass
@@ -159,11 +163,12 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     else:
         distances, neighbours = search(index, q_emb, k, exclude_self=loo)
     g_labels, q_labels = gallery["label"].to_numpy(), queries["label"].to_numpy()
+    neighbour_labels = g_labels[fill_padding(neighbours)]
     classes = sorted(set(q_labels)) if loo else sorted(run.config["class_to_idx"])
-    table, shares = decide(distances, g_labels[neighbours], classes, weighting, thresholds)
+    table, shares = decide(distances, neighbour_labels, classes, weighting, thresholds)
     queries = pd.concat([queries, table], axis=1)
     queries["correct"] = queries["pred"] == queries["label"]
-    queries["rank_of_true"] = _rank_of_true(g_labels[neighbours], q_labels)
+    queries["rank_of_true"] = _rank_of_true(neighbour_labels, q_labels)
 
     metrics = evaluate_retrieval(g_emb, g_labels, q_emb, q_labels, ks=(1, 5), exclude_self=loo, device=faiss_device,
                                  per_query=True)
@@ -214,13 +219,23 @@ def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
                                                           "vote_accuracy", "macro_f1", "coverage",
                                                           "accuracy_at_coverage")},
             "train_time_min": ev.config.get("train_time_min", float("nan")),
-            "inference_ms_per_image": m["inference_ms_per_image"], "notes": notes}
+            "inference_ms_per_image": m["inference_ms_per_image"], "notes": notes,
+            "evaluation_id": evaluation_id(ev)}
 
 
-def append_benchmark_row(results_csv: str | os.PathLike, row: dict, columns=BENCHMARK_COLUMNS) -> Path:
+def evaluation_id(ev: Evaluation) -> str:
+    """12 hex digits naming the checkpoint, split and settings of an evaluation (EVALUATION_KEYS)."""
+    key = {"split": ev.split, **{k: ev.config.get(k) for k in EVALUATION_KEYS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def append_benchmark_row(results_csv: str | os.PathLike, row: dict, columns=BENCHMARK_COLUMNS,
+                         replace_key: str | None = None) -> Path:
     """Append one row; a new file gets `columns` (+ the row's extra keys) as its header.
 
     An existing file with other columns is rewritten with the union of both (its columns first), never cut.
+    replace_key: a row of the file with the same value in this column is replaced by `row` (the same evaluation
+    run again), in its place; other rows are kept as they are.
     """
     path = Path(results_csv)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,12 +244,20 @@ def append_benchmark_row(results_csv: str | os.PathLike, row: dict, columns=BENC
         pd.DataFrame([row], columns=header).to_csv(path, index=False)
         return path
     with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
-    if set(row) <= set(header):
+        reader = csv.reader(f)
+        header = next(reader, [])
+        at = header.index(replace_key) if replace_key in header else None
+        same = at is not None and any(len(r) > at and r[at] == str(row[replace_key]) for r in reader)
+    if set(row) <= set(header) and not same:
         pd.DataFrame([row], columns=header).to_csv(path, mode="a", header=False, index=False)
         return path
     old = pd.read_csv(path, dtype=str, keep_default_na=False)
-    table = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
+    if same:
+        hit = old[replace_key] == str(row[replace_key])
+        after_first = hit.cumsum().astype(bool)
+        table = pd.concat([old[~after_first], pd.DataFrame([row]), old[after_first & ~hit]], ignore_index=True)
+    else:
+        table = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
     tmp = path.with_name(f".{path.name}.tmp")
     table.to_csv(tmp, index=False)
     os.replace(tmp, path)

@@ -19,7 +19,7 @@ from lib.analysis import errors
 from lib.decide import Thresholds, class_scores, verdicts, vote
 from lib.evaluation import Evaluation
 from lib.plots_analysis import NEUTRAL, QUERY, RIGHT, WRONG, show_thumb
-from lib.retrieval import build_index, search
+from lib.retrieval import NO_NEIGHBOUR, build_index, search
 
 ALL = "(all classes)"
 
@@ -43,6 +43,8 @@ class QueryResult:
 
 
 def _neighbour_table(ev: Evaluation, rows, distances) -> pd.DataFrame:
+    real = np.asarray(rows) != NO_NEIGHBOUR  # padding of a context-restricted search is no photo to show
+    rows, distances = np.asarray(rows)[real], np.asarray(distances)[real]
     g = ev.gallery.iloc[rows]
     return pd.DataFrame({"path": [str(Path(ev.data_root) / p) for p in g["path"]], "label": g["label"].to_numpy(),
                          "group": g["group"].to_numpy(), "distance": np.asarray(distances, dtype=float)})

@@ -12,6 +12,7 @@ from PIL import Image
 from lib.analysis import errors
 from lib.evaluation import Evaluation
 from lib.images import open_image
+from lib.retrieval import NO_NEIGHBOUR
 
 RIGHT, WRONG, NEUTRAL, QUERY = "#2ca02c", "#d62728", "#7f7f7f", "#1f4e9c"
 THUMB = 192  # px, longer side of a thumbnail: enough to see a pattern, small enough for 60 of them in one figure
@@ -42,7 +43,8 @@ def neighbour_cells(ev: Evaluation, i: int, k: int, with_group: bool = False) ->
     root = Path(ev.data_root)
     true = ev.queries["label"].iat[i]
     cells = []
-    for rank, (g, d) in enumerate(zip(ev.neighbours[i, :k], ev.distances[i, :k]), start=1):
+    real = ev.neighbours[i, :k] != NO_NEIGHBOUR  # padding of a context-restricted search is no photo to show
+    for rank, (g, d) in enumerate(zip(ev.neighbours[i, :k][real], ev.distances[i, :k][real]), start=1):
         row = ev.gallery.iloc[g]
         caption = f"#{rank} {row['label']}" + (f"\n{row['group']}" if with_group else "") + f"\nd={d:.3f}"
         cells.append((str(root / row["path"]), caption, RIGHT if row["label"] == true else WRONG))

@@ -22,6 +22,7 @@ SEARCH_BATCH = 4096  # queries per faiss call in search(): bounds its (batch, k)
 # evaluate_retrieval ranks this many (query, gallery) pairs at a time; each pair costs ~30 bytes of
 # temporaries (distance, index, label code, relevance, cumulative precision), so ~0.5 GB per chunk
 EVAL_PAIRS_PER_CHUNK = 2**24
+NO_NEIGHBOUR = -1  # index of a padding entry in a search_within row whose context has fewer than k photos
 GPU_MAX_K = 2048  # faiss-gpu's k-selection limit (GPU_MAX_SELECTION_K): a full ranking beyond it runs on the CPU
 
 
@@ -138,9 +139,10 @@ def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, excl
     """search() where each query retrieves only gallery rows with its key (seed 001: a tree is looked for among the
     trees at its street address; a photo among the individuals of its camera site).
 
-    Returns (distances, indices) like search(), indices into the whole gallery. One k serves every query, so it is
-    clipped to what the smallest searched context holds (minus the query itself with exclude_self, which needs the
-    queries to be the gallery in order). A query whose context has nothing to retrieve is an error naming it.
+    Returns (distances, indices) like search(), indices into the whole gallery, k columns (clipped to what the
+    largest searched context holds). A query whose context holds fewer than k photos (minus itself with
+    exclude_self, which needs the queries to be the gallery in order) gets them all, and the rest of its row is
+    padding: index NO_NEIGHBOUR, distance inf. A query whose context has nothing to retrieve is an error naming it.
     """
     g_keys, q_keys = np.asarray(gallery_keys).astype(str), np.asarray(query_keys).astype(str)
     if len(g_keys) != len(gallery_emb) or len(q_keys) != len(query_emb):
@@ -155,15 +157,23 @@ def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, excl
         raise DataError(f"no gallery photo to search in context {', '.join(empty[:5])}"
                         + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
                         + ": give these photos a context the gallery has, or search without the restriction")
-    k = _clip_k(k, min(available.values()))
-    distances = np.empty((len(q_keys), k), dtype=np.float32)
-    indices = np.empty((len(q_keys), k), dtype=np.int64)
+    k = _clip_k(k, max(available.values()))
+    distances = np.full((len(q_keys), k), np.inf, dtype=np.float32)
+    indices = np.full((len(q_keys), k), NO_NEIGHBOUR, dtype=np.int64)
     for c in contexts:
         rows, members = np.flatnonzero(q_keys == c), np.flatnonzero(g_keys == c)
         index = build_index(np.asarray(gallery_emb)[members], device)
-        distances[rows], local = search(index, np.asarray(query_emb)[rows], k, exclude_self=exclude_self)
-        indices[rows] = members[local]
+        k_c = min(k, available[c])
+        distances[rows, :k_c], local = search(index, np.asarray(query_emb)[rows], k_c, exclude_self=exclude_self)
+        indices[rows, :k_c] = members[local]
     return distances, indices
+
+
+def fill_padding(neighbours: np.ndarray) -> np.ndarray:
+    """Neighbour rows with each padding entry (NO_NEIGHBOUR) replaced by the row's first neighbour, for label
+    lookups: the padding then adds no class to a row, and as its distance is inf it carries no vote."""
+    neighbours = np.asarray(neighbours)
+    return np.where(neighbours == NO_NEIGHBOUR, neighbours[:, :1], neighbours)
 
 
 METADATA_COLUMNS = ("path", "label", "group", "context")  # what a search result says about each gallery row

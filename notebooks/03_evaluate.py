@@ -115,7 +115,7 @@ rows = []
 for name, e in evaluations.items():
     save_evaluation(e, eval_dir / name)
     row = benchmark_row(e, notes=notes)
-    append_benchmark_row(results_csv, row)
+    append_benchmark_row(results_csv, row, replace_key="evaluation_id")  # a re-run replaces its own row
     rows.append(row)
 pd.DataFrame(rows).set_index("split")
 

@@ -104,6 +104,9 @@ def test_candidate_counts_match_a_set_count(ev):
     labels = ev.gallery["label"].to_numpy()[ev.neighbours]
     assert A.candidate_counts(ev).tolist() == [len(set(r)) for r in labels] == EXPECTED_CANDIDATES
     assert A.candidate_counts(ev, k=1).tolist() == [1] * 8
+    # padding (a context-restricted row shorter than k) adds no class: rows cut to their first 2 real neighbours
+    ev.neighbours[:, 2:], ev.distances[:, 2:] = -1, np.inf
+    assert A.candidate_counts(ev).tolist() == [len(set(r[:2])) for r in labels]
 
 
 def test_accuracy_by_candidates_and_by_context_candidates(ev):

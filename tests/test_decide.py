@@ -126,3 +126,15 @@ def test_new_individual_calls_at_a_threshold_chosen_elsewhere():
     assert (got["precision"], got["recall"], got["f1"]) == (0.5, 0.5, 0.5)
     assert new_individual_calls(d, new, 1.0)["recall"] == 0 and np.isnan(new_individual_calls(d, new, 1.0)["precision"])
     assert np.isnan(new_individual_calls(d, new, float("nan"))["recall"])
+
+
+@pytest.mark.parametrize("weighting", ["inverse", "uniform", "softmax"])
+def test_padding_at_distance_inf_carries_no_vote(weighting):
+    """A context-restricted row shorter than k ends in padding (distance inf, the first neighbour's label): the vote
+    equals the vote of the real neighbours alone."""
+    real_d, real_l = np.array([[0.2, 0.5]]), np.array([["a", "b"]])
+    padded_d = np.array([[0.2, 0.5, np.inf, np.inf]])
+    padded_l = np.array([["a", "b", "a", "a"]])
+    assert (neighbour_weights(padded_d, weighting)[0, 2:] == 0).all()
+    np.testing.assert_allclose(class_scores(padded_d, padded_l, ["a", "b"], weighting),
+                               class_scores(real_d, real_l, ["a", "b"], weighting))

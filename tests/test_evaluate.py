@@ -195,3 +195,22 @@ def test_benchmark_rows_append_and_unite_columns(run_dir, tmp_path):
     assert table["ensemble"].isna().tolist() == [True, True, False]
     append_benchmark_row(csv, {"version": "x", "split": "val"})  # a row with fewer keys keeps the header
     assert pd.read_csv(csv)["version"].tolist()[-1] == "x" and len(pd.read_csv(csv).columns) == len(table.columns)
+
+
+def test_the_same_evaluation_again_replaces_its_row(run_dir, tmp_path):
+    """Re-running notebook 03 replaces that evaluation's row in place; another checkpoint, split or setting is a new
+    row, and rows written before the id existed are kept."""
+    csv = tmp_path / "benchmarks.csv"
+    append_benchmark_row(csv, {"version": "old", "split": "val", "notes": "before ids"})
+    ev = evaluate_run(run_dir, device="cpu")
+    first = benchmark_row(ev, notes="first")
+    append_benchmark_row(csv, first, replace_key="evaluation_id")
+    other = benchmark_row(evaluate_run(run_dir, device="cpu", k=3), notes="k=3")
+    assert other["evaluation_id"] != first["evaluation_id"]
+    append_benchmark_row(csv, other, replace_key="evaluation_id")
+    again = benchmark_row(evaluate_run(run_dir, device="cpu"), notes="again")
+    assert again["evaluation_id"] == first["evaluation_id"]
+    append_benchmark_row(csv, again, replace_key="evaluation_id")
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert table["notes"].tolist() == ["before ids", "again", "k=3"]
+    assert float(table.loc[1, "recall@1"]) == pytest.approx(first["recall@1"])

@@ -116,3 +116,13 @@ def test_browser_without_a_model_disables_upload(ev):
 
     upload = next(x for x in _widgets(G.query_browser(ev)) if isinstance(x, w.FileUpload))
     assert upload.disabled
+
+
+def test_padding_of_a_context_restricted_row_is_not_drawn(ev):
+    """A query whose context held only 2 photos has padding after them (index -1, distance inf): 2 photos drawn,
+    not the gallery's last row twice."""
+    ev.neighbours[1, 2:], ev.distances[1, 2:] = -1, np.inf
+    fig = G.render_query(ev, 1, k=4)
+    assert len(image_axes(fig)) == 3
+    assert len(G.query_result(ev, 1).neighbours) == 2
+    plt.close(fig)

@@ -4,8 +4,8 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from lib.errors import DataError
-from lib.retrieval import (build_index, evaluate_retrieval, load_index, save_index, search, search_table,
-                           search_within)
+from lib.retrieval import (NO_NEIGHBOUR, build_index, evaluate_retrieval, fill_padding, load_index, save_index, search,
+                           search_table, search_within)
 
 
 def _unit(x):
@@ -259,7 +259,14 @@ def test_search_within_leave_one_out_and_a_context_the_gallery_lacks():
     rng = np.random.default_rng(4)
     e, ctx = rng.normal(size=(9, 4)), np.array(list("aaabbbbcc"))
     distances, indices = search_within(e, ctx, e, ctx, k=5, exclude_self=True, device="cpu")
-    assert indices.shape == (9, 1), "k is clipped to the smallest context ('c': 2 photos, 1 besides the query)"
-    assert (ctx[indices[:, 0]] == ctx).all() and not (indices[:, 0] == np.arange(9)).any()
+    assert indices.shape == (9, 3), "k is clipped to the largest context ('b': 4 photos, 3 besides the query)"
+    real = indices != NO_NEIGHBOUR
+    # every query gets all the other photos of its context; a smaller context's row ends in padding
+    assert real.sum(axis=1).tolist() == [2, 2, 2, 3, 3, 3, 3, 1, 1]
+    assert (ctx[indices[real]] == np.repeat(ctx, real.sum(axis=1))).all()
+    assert not (indices == np.arange(9)[:, None]).any() and np.isinf(distances[~real]).all()
+    assert np.isfinite(distances[real]).all() and (np.diff(distances[real[:, 1]][:, :2], axis=1) >= 0).all()
+    filled = fill_padding(indices)
+    assert (filled[real] == indices[real]).all() and (filled[~real] == np.broadcast_to(indices[:, :1], (9, 3))[~real]).all()
     with pytest.raises(DataError, match="'z' \\(1 queries\\)"):
         search_within(e, ctx, e[:2], ["a", "z"], k=1)
