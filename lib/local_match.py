@@ -71,6 +71,8 @@ def count_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndar
     (pts_a, desc_a), (pts_b, desc_b) = a, b
     if len(desc_a) < 2 or len(desc_b) < 2:
         return 0
+    if desc_a.dtype != desc_b.dtype:  # the matcher needs one type; uint8 (a compact store) and float32 agree on L2
+        desc_a, desc_b = desc_a.astype(np.float32), desc_b.astype(np.float32)
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc_a, desc_b, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < cfg.ratio * p[1].distance]
     # One match per keypoint of b (the nearest): otherwise many of a's keypoints can pile onto one of b's and

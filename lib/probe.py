@@ -9,7 +9,9 @@ Methods, each a full ranking of the gallery per query:
 - fusion: on that shortlist, cosine and inliers each calibrated into P(same individual) by isotonic regression on
   pairs of the `calibrate_on` split, and averaged (WildFusion). When that is the probed split itself, identities
   are cross-fitted in two halves, so no query's own pairs calibrate its scores.
-Rankings are dense (queries x gallery) matrices: meant for probe-sized sets (a few thousand photos).
+Every method ranks the whole gallery for each query, a chunk of queries at a time (RANK_ELEMENTS), so memory
+stays bounded for large splits; k-reciprocal re-ranking needs a dense all-pairs matrix and is left out, with a
+warning, where that would not fit (MAX_PAIRS).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +39,8 @@ from lib.splits import load_split_index
 from lib.train import resolve_val_protocol
 
 METHODS = ("global", "qe", "kreciprocal", "local", "fusion")
-MAX_PAIRS = 40_000_000  # dense (queries x gallery) matrices beyond this take GBs: refused with a message
+MAX_PAIRS = 40_000_000  # k-reciprocal's dense (items x items) matrices beyond this take GBs: it is left out
+RANK_ELEMENTS = 2**23  # (queries x gallery) scores ranked at once: ~0.5 GB of scores, ranking and AP temporaries
 PROBE_COLUMNS = ("run_id", "time", "splits_dir", "split", "protocol", "identity_col", "mask_col", "backbone", "method",
                  "recall@1", "recall@5", "mAP", "identity_balanced_mAP", "n_queries", "n_gallery",
                  "feature_ms_per_image", "method_ms_per_query", "ms_per_query", "features_cached")
@@ -116,20 +120,42 @@ def with_masks(index: pd.DataFrame, masks_csv: str, mask_col: str) -> pd.DataFra
     return index.drop(columns=mask_col, errors="ignore").assign(**{mask_col: index["path"].map(masks).fillna("")})
 
 
+class _Tally:
+    """Per-query AP, the labels of the first ranks and the first gallery rows of one method's rankings, gathered
+    a chunk of queries at a time. loo: each query's own row (its index among the queries) leaves its ranking."""
+
+    def __init__(self, gallery_labels, query_labels, loo: bool, ks=(1, 5), keep: int = 5):
+        self.q_labels, self.loo, self.ks, self.keep = np.asarray(query_labels), loo, ks, keep
+        # integer codes: a ranked chunk of label strings would take 4 bytes a character per cell
+        _, codes = np.unique(np.concatenate([np.asarray(gallery_labels), self.q_labels]).astype(str),
+                             return_inverse=True)
+        self.g, self.q = codes[:len(gallery_labels)], codes[len(gallery_labels):]
+        self.n_relevant = np.bincount(self.g, minlength=codes.max() + 1)[self.q] - loo
+        self.ap, self.ranked, self.top = [], [], []
+
+    def add(self, rows: np.ndarray, order: np.ndarray) -> None:
+        if self.loo:
+            order = order[order != rows[:, None]].reshape(len(order), -1)
+        ranked = self.g[order]
+        self.ap.append(average_precision(ranked == self.q[rows, None], self.n_relevant[rows]))
+        # copies: a slice would keep the chunk's whole ranking alive
+        self.ranked.append(ranked[:, :max(self.ks)].copy())
+        self.top.append(order[:, :self.keep].copy())
+
+    def metrics(self) -> dict:
+        ap = np.concatenate(self.ap)
+        mean_ap, _ = summarize_ap(ap)
+        return {**recall_at_k(self.q, np.concatenate(self.ranked), self.ks), "mAP": mean_ap,
+                "identity_balanced_mAP": identity_balanced_map(self.q_labels, ap), "ap": ap,
+                "top": np.concatenate(self.top)}
+
+
 def ranking_metrics(order: np.ndarray, gallery_labels, query_labels, loo: bool, ks=(1, 5)) -> dict:
     """Recall@k (CMC), mAP, identity-balanced mAP and per-query AP of full rankings `order` (n_q, n_g: gallery rows
     best first). loo: queries are the gallery and each query's own row is dropped from its ranking."""
-    g, q = np.asarray(gallery_labels), np.asarray(query_labels)
-    if loo:
-        keep = order != np.arange(len(order))[:, None]
-        order = order[keep].reshape(len(order), -1)
-    ranked = g[order]
-    relevant = ranked == q[:, None]
-    n_relevant = (g[None, :] == q[:, None]).sum(axis=1) - loo
-    ap = average_precision(relevant, n_relevant)
-    mean_ap, _ = summarize_ap(ap)
-    return {**recall_at_k(q, ranked[:, :max(ks)], ks), "mAP": mean_ap,
-            "identity_balanced_mAP": identity_balanced_map(q, ap), "ap": ap}
+    tally = _Tally(gallery_labels, query_labels, loo, ks)
+    tally.add(np.arange(len(order)), np.asarray(order))
+    return tally.metrics()
 
 
 def _unit(x) -> np.ndarray:
@@ -141,15 +167,23 @@ def _order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")
 
 
-def _cosine(q, g, loo: bool) -> np.ndarray:
-    s = _unit(q) @ _unit(g).T
-    if loo:
-        np.fill_diagonal(s, -np.inf)
+def _chunks(n_q: int, n_g: int):
+    """Query index chunks small enough that a chunk's (queries x gallery) scores and ranking fit RANK_ELEMENTS."""
+    size = max(1, RANK_ELEMENTS // max(n_g, 1))
+    return [np.arange(start, min(start + size, n_q)) for start in range(0, n_q, size)]
+
+
+def _cosine(q_unit, g_unit, self_rows=None) -> np.ndarray:
+    """Cosine of unit query rows to every gallery row; self_rows (leave-one-out): each query's own row at -inf."""
+    s = q_unit @ g_unit.T
+    if self_rows is not None:
+        s[np.arange(len(s)), self_rows] = -np.inf
     return s
 
 
 def _kreciprocal(q, g, loo: bool, cfg: ProbeConfig) -> np.ndarray:
-    items = _unit(g) if loo else _unit(np.concatenate([q, g]))
+    """(n_q, n_g) scores (minus the final distance) of k-reciprocal re-ranking over all queries and gallery."""
+    items = g if loo else np.concatenate([q, g])
     dist = np.clip(2 - 2 * items @ items.T, 0, 4)
     rows = np.arange(len(g)) if loo else np.arange(len(q))
     cols = np.arange(len(g)) if loo else len(q) + np.arange(len(g))
@@ -169,23 +203,27 @@ def _fit_fusion(cos, inliers, same) -> ScoreFusion:
     return ScoreFusion().fit({"global": cos.ravel(), "local": inliers.ravel()}, same.ravel())
 
 
-def _shortlist(s: ProbeSet, q_emb, g_emb, q_sift, g_sift, cfg: ProbeConfig):
-    """(global order, shortlist cosines, shortlist inliers, same-identity flags) of a probe set."""
-    cos = _cosine(q_emb, g_emb, s.loo)
-    order = _order(cos)
-    top = order[:, :min(cfg.shortlist_k, order.shape[1] - s.loo)]
+def _shortlist(s: ProbeSet, q_unit, g_unit, q_sift, g_sift, cfg: ProbeConfig):
+    """(shortlist gallery rows, their cosines, their inliers, same-identity flags), each (n_q, K), of a probe set."""
+    k = min(cfg.shortlist_k, len(g_unit) - s.loo)
+    top = np.empty((len(q_unit), k), dtype=np.int64)
+    cos = np.empty((len(q_unit), k), dtype=np.float32)
+    for rows in _chunks(len(q_unit), len(g_unit)):
+        c = _cosine(q_unit[rows], g_unit, rows if s.loo else None)
+        top[rows] = _order(c)[:, :k]
+        cos[rows] = np.take_along_axis(c, top[rows], axis=1)
     inliers = shortlist_inliers(q_sift, g_sift, top, SiftConfig(**cfg.sift))
     same = s.gallery[cfg.identity_col].to_numpy()[top] == s.queries[cfg.identity_col].to_numpy()[:, None]
-    return order, np.take_along_axis(cos, top, axis=1), inliers, same
+    return top, cos, inliers, same
 
 
-def _check_size(s: ProbeSet, methods) -> None:
-    n_q, n_g = len(s.queries), len(s.gallery)
-    n_items = n_g if s.loo else n_q + n_g
-    pairs = n_items**2 if "kreciprocal" in methods else n_q * n_g
-    if pairs > MAX_PAIRS:
-        raise DataError(f"{n_q} queries x {n_g} gallery photos make {pairs:,} pairs, more than the probe's dense "
-                        f"matrices hold in memory ({MAX_PAIRS:,}); probe a smaller split or leave out 'kreciprocal'")
+def _kreciprocal_fits(s: ProbeSet) -> bool:
+    n_items = len(s.gallery) if s.loo else len(s.queries) + len(s.gallery)
+    if n_items**2 <= MAX_PAIRS:
+        return True
+    warnings.warn(f"kreciprocal left out: it needs a dense {n_items:,} x {n_items:,} distance matrix, more than the "
+                  f"probe holds in memory ({MAX_PAIRS:,} entries); probe a smaller split to include it")
+    return False
 
 
 class _Features:
@@ -200,7 +238,7 @@ class _Features:
         emb, info = embeddings(backbone, rows, self.cfg.data_dir, self.settings, self.cfg.mask_col, self.cache_dir,
                                self.cfg.batch_size, self.progress)
         self.cached.append(bool(info.get("cached")))
-        return emb, info["ms_per_image"]
+        return _unit(emb), info["ms_per_image"]
 
     def sift(self, rows: pd.DataFrame):
         key = tuple(rows["path"])
@@ -210,6 +248,13 @@ class _Features:
             self.cached.append(bool(info.get("cached")))
             self._sift[key] = feats, info["ms_per_image"]
         return self._sift[key]
+
+    def set_features(self, backbone, s: ProbeSet):
+        """(query vectors, gallery vectors, query SIFT, gallery SIFT) of a probe set."""
+        q, _ = self.embed(backbone, s.queries)
+        g = q if s.loo else self.embed(backbone, s.gallery)[0]
+        q_sift = self.sift(s.queries)[0]
+        return q, g, q_sift, q_sift if s.loo else self.sift(s.gallery)[0]
 
 
 def _fusion_scores(s: ProbeSet, cos, inliers, same, calibration, cfg: ProbeConfig) -> np.ndarray:
@@ -228,40 +273,55 @@ def _fusion_scores(s: ProbeSet, cos, inliers, same, calibration, cfg: ProbeConfi
 
 
 def _probe_backbone(backbone, s: ProbeSet, cal: ProbeSet | None, feats: _Features, cfg: ProbeConfig):
-    """{method: (order, feature ms per image, method ms per query)} for one backbone."""
-    q_emb, q_ms = feats.embed(backbone, s.queries)
-    g_emb, _ = (q_emb, q_ms) if s.loo else feats.embed(backbone, s.gallery)
-    n_q, out = len(s.queries), {}
+    """{method: (metrics with 'ap' and 'top', feature ms per image, method ms per query)} for one backbone.
 
-    def timed(method, ms_feature, fn, shared_ms=0.0):
+    Each method ranks the whole gallery for every query, a chunk of queries at a time; its time is what its own
+    work takes (shortlists and fusion calibration included), not the scoring."""
+    q, q_ms = feats.embed(backbone, s.queries)
+    g = q if s.loo else feats.embed(backbone, s.gallery)[0]
+    n_q, out = len(q), {}
+    g_labels, q_labels = s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy()
+    self_rows = (lambda rows: rows) if s.loo else (lambda rows: None)
+
+    def rank(method, feature_ms, order_of, prepare=lambda: None, shared_s=0.0):
+        """order_of(rows, prepared) -> rankings of those queries; prepare() runs once before, timed with it;
+        shared_s: seconds of work this method shares with another (the shortlist)."""
         t0 = time.perf_counter()
-        out[method] = (fn(), ms_feature, shared_ms + 1000 * (time.perf_counter() - t0) / n_q)
+        prepared = prepare()
+        seconds = shared_s + time.perf_counter() - t0
+        tally = _Tally(g_labels, q_labels, s.loo)
+        for rows in _chunks(n_q, len(g)):
+            t0 = time.perf_counter()
+            order = order_of(rows, prepared)
+            seconds += time.perf_counter() - t0
+            tally.add(rows, order)
+        out[method] = (tally.metrics(), feature_ms, 1000 * seconds / n_q)
 
     if "global" in cfg.methods:
-        timed("global", q_ms, lambda: _order(_cosine(q_emb, g_emb, s.loo)))
+        rank("global", q_ms, lambda rows, _: _order(_cosine(q[rows], g, self_rows(rows))))
     if "qe" in cfg.methods:
-        timed("qe", q_ms, lambda: _order(_cosine(query_expansion(q_emb, g_emb, cfg.qe_n, cfg.qe_alpha, s.loo),
-                                                 g_emb, s.loo)))
-    if "kreciprocal" in cfg.methods:
-        timed("kreciprocal", q_ms, lambda: _order(_kreciprocal(q_emb, g_emb, s.loo, cfg)))
+        rank("qe", q_ms, lambda rows, _: _order(_cosine(
+            query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, self_rows=self_rows(rows)), g, self_rows(rows))))
+    if "kreciprocal" in cfg.methods and _kreciprocal_fits(s):
+        rank("kreciprocal", q_ms, lambda rows, scores: _order(scores[rows]), lambda: _kreciprocal(q, g, s.loo, cfg))
     if {"local", "fusion"} & set(cfg.methods):
         q_sift, sift_ms = feats.sift(s.queries)
         g_sift = q_sift if s.loo else feats.sift(s.gallery)[0]
         t0 = time.perf_counter()
-        order, cos, inliers, same = _shortlist(s, q_emb, g_emb, q_sift, g_sift, cfg)
-        shortlist_ms = 1000 * (time.perf_counter() - t0) / n_q
+        _, cos, inliers, same = _shortlist(s, q, g, q_sift, g_sift, cfg)
+        shortlist_s = time.perf_counter() - t0
+
+        def reranked(rows, scores):
+            return rerank_shortlist(_order(_cosine(q[rows], g, self_rows(rows))), scores[rows])
+
+        def fused():
+            calibration = _shortlist(cal, *feats.set_features(backbone, cal), cfg)[1:] if cal is not None else None
+            return _fusion_scores(s, cos, inliers, same, calibration, cfg)
+
         if "local" in cfg.methods:
-            timed("local", q_ms + sift_ms, lambda: rerank_shortlist(order, inliers), shortlist_ms)
+            rank("local", q_ms + sift_ms, reranked, lambda: inliers, shortlist_s)
         if "fusion" in cfg.methods:
-            calibration = None
-            if cal is not None:
-                cq, _ = feats.embed(backbone, cal.queries)
-                cg = cq if cal.loo else feats.embed(backbone, cal.gallery)[0]
-                cq_sift = feats.sift(cal.queries)[0]
-                cg_sift = cq_sift if cal.loo else feats.sift(cal.gallery)[0]
-                calibration = _shortlist(cal, cq, cg, cq_sift, cg_sift, cfg)[1:]
-            timed("fusion", q_ms + sift_ms,
-                  lambda: rerank_shortlist(order, _fusion_scores(s, cos, inliers, same, calibration, cfg)), shortlist_ms)
+            rank("fusion", q_ms + sift_ms, reranked, fused, shortlist_s)
     return out
 
 
@@ -270,7 +330,6 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
     index, splits = load_split_index(cfg.splits_dir)
     index = with_masks(index, cfg.masks_csv, cfg.mask_col)
     s = probe_set(index, cfg.split, cfg.identity_col, cfg.protocol)
-    _check_size(s, cfg.methods)
     cal = None
     if "fusion" in cfg.methods and cfg.calibrate_on != cfg.split:
         cal = probe_set(index, cfg.calibrate_on, cfg.identity_col, cfg.protocol)
@@ -279,7 +338,6 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
     rows, rankings = [], {}
     stamp = datetime.now(timezone.utc)
     run_id = stamp.strftime("%Y%m%d-%H%M%S-%f")
-    q_labels, g_labels = s.queries[cfg.identity_col].to_numpy(), s.gallery[cfg.identity_col].to_numpy()
     for spec in cfg.backbones:
         backbone = load_backbone(spec)
         trained_on = backbone.data_fingerprint
@@ -287,8 +345,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
             raise DataError(f"backbone {backbone.name!r} was trained on other data than {cfg.splits_dir} describes "
                             "(data fingerprints differ): its training photos could be among the probed ones")
         feats.cached = []
-        for method, (order, feature_ms, method_ms) in _probe_backbone(backbone, s, cal, feats, cfg).items():
-            m = ranking_metrics(order, g_labels, q_labels, s.loo)
+        for method, (m, feature_ms, method_ms) in _probe_backbone(backbone, s, cal, feats, cfg).items():
             rows.append({"run_id": run_id, "time": stamp.isoformat(timespec="seconds"), "splits_dir": cfg.splits_dir,
                          "split": cfg.split, "protocol": s.protocol, "identity_col": cfg.identity_col,
                          "mask_col": cfg.mask_col, "backbone": backbone.name, "method": method,
@@ -296,16 +353,13 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
                          "n_queries": len(s.queries), "n_gallery": len(s.gallery) - s.loo,
                          "feature_ms_per_image": feature_ms, "method_ms_per_query": method_ms,
                          "ms_per_query": feature_ms + method_ms, "features_cached": all(feats.cached)})
-            rankings[backbone.name, method] = _ranking_table(s, order, m["ap"], cfg.identity_col)
+            rankings[backbone.name, method] = _ranking_table(s, m["top"], m["ap"], cfg.identity_col)
     return pd.DataFrame(rows, columns=PROBE_COLUMNS), rankings
 
 
-def _ranking_table(s: ProbeSet, order: np.ndarray, ap: np.ndarray, identity_col: str, k: int = 5) -> pd.DataFrame:
-    """Per query: path, identity, AP and the paths and identities of its top-k gallery photos (self excluded in loo),
-    for figures."""
-    if s.loo:
-        order = order[order != np.arange(len(order))[:, None]].reshape(len(order), -1)
-    top = order[:, :k]
+def _ranking_table(s: ProbeSet, top: np.ndarray, ap: np.ndarray, identity_col: str) -> pd.DataFrame:
+    """Per query: path, identity, AP and the paths and identities of its first gallery photos (`top`: gallery rows,
+    self already out in loo), for figures and the per-query table."""
     return pd.DataFrame({"path": s.queries["path"], "identity": s.queries[identity_col], "ap": ap,
                          "top_paths": list(s.gallery["path"].to_numpy()[top]),
                          "top_identities": list(s.gallery[identity_col].to_numpy()[top])})

@@ -104,8 +104,9 @@ def _photo_sift(row: pd.Series, i: int, data_dir: Path, cfg: SiftConfig, mask_co
 
 def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig, mask_col: str = "",
                cache_dir: str | os.PathLike | None = None, progress: bool = False) -> tuple[list, dict]:
-    """([(keypoints, descriptors)] per row, info) from the cache when it holds them. Descriptors are stored as uint8:
-    OpenCV's SIFT descriptors are whole numbers 0..255 held in float32, so nothing is lost at a quarter of the size."""
+    """([(keypoints, descriptors)] per row, info) from the cache when it holds them. Descriptors are kept (in memory
+    and on disk) as uint8: OpenCV's SIFT descriptors are whole numbers 0..255 held in float32, so nothing is lost at
+    a quarter of the size, which is what lets a large gallery's features fit in memory."""
     data_dir = Path(data_dir)
     paths = [data_dir / p for p in rows["path"]]
     key = {"method": "sift", **asdict(cfg), "data_fingerprint": files_fingerprint(paths),
@@ -114,19 +115,22 @@ def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig,
     if file is not None and file.exists():
         with np.load(file) as f:
             splits = np.cumsum(f["counts"])[:-1]
-            feats = list(zip(np.split(f["keypoints"], splits), np.split(f["descriptors"].astype(np.float32), splits)))
+            feats = list(zip(np.split(f["keypoints"], splits), np.split(f["descriptors"], splits)))
             return feats, {**json.loads(str(f["info"])), "cached": True, "file": str(file)}
     t0 = time.perf_counter()
     feats = [_photo_sift(row, i, data_dir, cfg, mask_col)
              for i, row in tqdm(rows.reset_index(drop=True).iterrows(), total=len(rows), desc="sift",
                                 disable=not progress, leave=False)]
     info = {**key, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
+    desc = np.concatenate([d for _, d in feats]) if feats else np.zeros((0, 128), np.float32)
+    if len(desc) and (desc.min() < 0 or desc.max() > 255 or not np.array_equal(desc, np.round(desc))):
+        if file is not None:
+            raise DataError("SIFT descriptors are not whole numbers 0..255 in this OpenCV build; the cache would "
+                            "lose precision (run with cache_dir='')")
+    else:
+        feats = [(k, d.astype(np.uint8)) for k, d in feats]
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        desc = np.concatenate([d for _, d in feats]) if feats else np.zeros((0, 128), np.float32)
-        if len(desc) and (desc.max() > 255 or not np.array_equal(desc, np.round(desc))):
-            raise DataError("SIFT descriptors are not whole numbers 0..255 in this OpenCV build; the cache would "
-                            "lose precision (run with cache=False)")
         tmp = file.with_name(f".{file.name}.tmp")
         with open(tmp, "wb") as f:
             np.savez(f, counts=np.array([len(k) for k, _ in feats], dtype=np.int64),

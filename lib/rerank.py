@@ -133,13 +133,15 @@ def k_reciprocal_distances(dist: np.ndarray, query_rows, gallery_rows, k1: int =
     return (1 - lambda_value) * jaccard + lambda_value * original
 
 
-def query_expansion(query_emb, gallery_emb, n: int = 3, alpha: float = 3.0, exclude_self: bool = False) -> np.ndarray:
+def query_expansion(query_emb, gallery_emb, n: int = 3, alpha: float = 3.0, exclude_self: bool = False,
+                    self_rows=None) -> np.ndarray:
     """alpha-weighted query expansion (alpha-QE, Radenovic et al. 2018).
 
     Each query becomes the L2-normalised sum of itself (weight 1) and its n most similar gallery vectors, each
     weighted by max(cos, 0) ** alpha; n=0 returns the normalised queries. exclude_self: queries are the gallery
-    (same rows, same order) and a vector never expands itself. Ties between gallery rows go to the lower row.
-    Returns (n_q, d) float32 unit rows.
+    (same rows, same order) and a vector never expands itself; self_rows does the same for queries that are some
+    of the gallery's rows (a chunk of a leave-one-out probe): self_rows[i] is query i's own gallery row. Ties
+    between gallery rows go to the lower row. Returns (n_q, d) float32 unit rows.
     """
     q = _unit_rows(query_emb, "query_emb")
     g = _unit_rows(gallery_emb, "gallery_emb")
@@ -151,10 +153,16 @@ def query_expansion(query_emb, gallery_emb, n: int = 3, alpha: float = 3.0, excl
         raise ValueError(f"n must be >= 0, got {n}")
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    sims = q @ g.T
     if exclude_self:
-        np.fill_diagonal(sims, -np.inf)
-    n = min(n, g.shape[0] - int(exclude_self))
+        self_rows = np.arange(len(q))
+    if self_rows is not None:
+        self_rows = _rows(self_rows, len(g), "self_rows")
+        if len(self_rows) != len(q):
+            raise ValueError(f"self_rows needs one gallery row per query ({len(q)}), got {len(self_rows)}")
+    sims = q @ g.T
+    if self_rows is not None:
+        sims[np.arange(len(q)), self_rows] = -np.inf
+    n = min(n, g.shape[0] - int(self_rows is not None))
     top = np.argsort(-sims, axis=1, kind="stable")[:, :n]
     weights = np.maximum(np.take_along_axis(sims, top, axis=1), 0) ** alpha
     expanded = q + np.einsum("qn,qnd->qd", weights, g[top])

@@ -122,3 +122,12 @@ def test_counts_are_deterministic(base):
         cfg = SiftConfig(geometry=geometry, ransac_px=2.0)
         runs = [count_inliers(sift_features(base, cfg), sift_features(other, cfg), cfg) for _ in range(3)]
         assert runs[0] > 0 and len(set(runs)) == 1, runs
+
+
+def test_uint8_descriptors_match_like_float32():
+    """The probe keeps descriptors as uint8 (SIFT's are whole numbers 0..255): the counts must not change."""
+    a, b = sift_features(textured(0)), sift_features(textured(0).rotate(20, expand=True))
+    as_uint8 = lambda f: (f[0], f[1].astype(np.uint8))  # noqa: E731
+    assert np.array_equal(a[1], a[1].astype(np.uint8)), "SIFT descriptors are whole numbers 0..255"
+    n = count_inliers(a, b)
+    assert n > 30 and count_inliers(as_uint8(a), as_uint8(b)) == n == count_inliers(as_uint8(a), b)

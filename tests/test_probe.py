@@ -100,8 +100,20 @@ def test_refusals(demo, run_dir, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="identity_col 'animal'"):
         run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="animal"))
     monkeypatch.setattr("lib.probe.MAX_PAIRS", 10)
-    with pytest.raises(DataError, match="pairs"):
-        run_probe(config(demo, run_dir, tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="kreciprocal left out"):
+        table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global", "kreciprocal"]))
+    assert table["method"].tolist() == ["global"]
+
+
+def test_ranking_a_few_queries_at_a_time_changes_nothing(demo, run_dir, tmp_path, monkeypatch):
+    """Large splits are ranked in query chunks to bound memory: chunks of 1-2 queries give the very same rows."""
+    cfg = config(demo, run_dir, tmp_path / "cache", methods=["global", "qe", "local", "fusion"])
+    whole, whole_rankings = run_probe(cfg)
+    monkeypatch.setattr("lib.probe.RANK_ELEMENTS", 50)  # ~33 gallery photos: one or two queries per chunk
+    chunked, chunked_rankings = run_probe(cfg)
+    pd.testing.assert_frame_equal(chunked[METRICS], whole[METRICS])
+    for key, table in whole_rankings.items():
+        assert chunked_rankings[key]["top_paths"].map(list).tolist() == table["top_paths"].map(list).tolist()
 
 
 def test_a_run_trained_on_other_data_is_refused(demo, run_dir, tmp_path, monkeypatch):

@@ -243,3 +243,13 @@ def test_rerank_shortlist_leaves_rows_beyond_k_and_reads_unsigned_counts():
 def test_rerank_shortlist_rejects_mismatched_shapes(order, scores):
     with pytest.raises(ValueError):
         rerank_shortlist(order, scores)
+
+
+def test_query_expansion_of_a_chunk_with_self_rows_equals_the_whole_leave_one_out():
+    rng = np.random.default_rng(7)
+    g = rng.normal(size=(12, 5))
+    whole = query_expansion(g, g, n=3, alpha=2.0, exclude_self=True)
+    rows = np.array([3, 4, 5, 9])
+    np.testing.assert_allclose(query_expansion(g[rows], g, n=3, alpha=2.0, self_rows=rows), whole[rows], atol=1e-6)
+    with pytest.raises(ValueError, match="self_rows"):
+        query_expansion(g[rows], g, self_rows=rows[:2])
