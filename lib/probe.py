@@ -54,6 +54,7 @@ class ProbeConfig:
     identity_col: str = "label"        # column naming the individual ('group' = the folder layout's ID)
     protocol: str = "auto"             # auto | gallery (train photos are the gallery) | loo (split all-vs-all)
     methods: list = field(default_factory=lambda: list(METHODS))
+    ranks: list = field(default_factory=lambda: [1, 5])  # CMC ranks, reported as recall@k
     backbones: list = field(default_factory=lambda: [
         {"name": "imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}])
     shortlist_k: int = 20              # global candidates re-scored by local matching and fusion
@@ -74,6 +75,8 @@ class ProbeConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods {unknown or self.methods}: choose from {', '.join(METHODS)}")
+        if not self.ranks or min(self.ranks) < 1:
+            raise ValueError(f"ranks must be CMC ranks >= 1, got {self.ranks}")
         if self.shortlist_k < 1:
             raise ValueError(f"shortlist_k must be >= 1, got {self.shortlist_k}")
         names = [b.get("name") for b in self.backbones]
@@ -289,7 +292,7 @@ def _probe_backbone(backbone, s: ProbeSet, cal: ProbeSet | None, feats: _Feature
         t0 = time.perf_counter()
         prepared = prepare()
         seconds = shared_s + time.perf_counter() - t0
-        tally = _Tally(g_labels, q_labels, s.loo)
+        tally = _Tally(g_labels, q_labels, s.loo, tuple(cfg.ranks))
         for rows in _chunks(n_q, len(g)):
             t0 = time.perf_counter()
             order = order_of(rows, prepared)
@@ -349,12 +352,14 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
             rows.append({"run_id": run_id, "time": stamp.isoformat(timespec="seconds"), "splits_dir": cfg.splits_dir,
                          "split": cfg.split, "protocol": s.protocol, "identity_col": cfg.identity_col,
                          "mask_col": cfg.mask_col, "backbone": backbone.name, "method": method,
-                         **{k: m[k] for k in ("recall@1", "recall@5", "mAP", "identity_balanced_mAP")},
+                         **{f"recall@{k}": m[f"recall@{k}"] for k in cfg.ranks},
+                         "mAP": m["mAP"], "identity_balanced_mAP": m["identity_balanced_mAP"],
                          "n_queries": len(s.queries), "n_gallery": len(s.gallery) - s.loo,
                          "feature_ms_per_image": feature_ms, "method_ms_per_query": method_ms,
                          "ms_per_query": feature_ms + method_ms, "features_cached": all(feats.cached)})
             rankings[backbone.name, method] = _ranking_table(s, m["top"], m["ap"], cfg.identity_col)
-    return pd.DataFrame(rows, columns=PROBE_COLUMNS), rankings
+    table = pd.DataFrame(rows)
+    return table[[c for c in PROBE_COLUMNS if c in table] + [c for c in table if c not in PROBE_COLUMNS]], rankings
 
 
 def _ranking_table(s: ProbeSet, top: np.ndarray, ap: np.ndarray, identity_col: str) -> pd.DataFrame:

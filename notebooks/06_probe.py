@@ -33,7 +33,8 @@ run_dir = "runs/demo"           # a run of notebook 02 on these splits, probed b
 backbones = [                   # pretrained timm backbones as they come (pooled features), and/or more runs:
     {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224},
 ]                               # {"name": "other", "run_dir": "runs/other"}
-metric = "identity_balanced_mAP"  # the figure's metric (also: mAP, recall@1, recall@5)
+ranks = [1, 5]                  # CMC ranks reported as recall@k
+metric = "identity_balanced_mAP"  # the figure's metric (also: mAP, or recall@k of a rank above)
 shortlist_k = 20                # global candidates that local matching and fusion re-score
 qe_n = 3                        # query expansion: neighbours added, weighted by cos ** qe_alpha
 qe_alpha = 3.0
@@ -71,14 +72,15 @@ from lib.tracking import log_table
 identity = identity_col or ("label" if task == "reid" else "group")
 runs = [{"name": Path(run_dir).name, "run_dir": run_dir}] if run_dir else []
 cfg = probe_config(data_dir=data_dir, splits_dir=splits_dir, split=split, identity_col=identity,
-                   protocol=protocol, methods=methods, backbones=backbones + runs, shortlist_k=shortlist_k, qe_n=qe_n,
+                   protocol=protocol, methods=methods, ranks=ranks, backbones=backbones + runs,
+                   shortlist_k=shortlist_k, qe_n=qe_n,
                    qe_alpha=qe_alpha, k1=k1, k2=k2, lambda_value=lambda_value, sift=sift, calibrate_on=calibrate_on,
                    mask_col=mask_col, masks_csv=masks_csv, cache_dir=cache_dir, device=device)
 table, rankings = run_probe(cfg, progress=True)
 snapshot = save_probe(table, cfg, results_dir, rankings)
 log_table(table, asdict(cfg), f"probe {table['run_id'].iloc[0]}", ["backbone", "method"], mlflow_uri, wandb_project)
 print(f"rows appended to {Path(results_dir) / 'probe.csv'}; config snapshot {snapshot}")
-table[["backbone", "method", "recall@1", "recall@5", "mAP", "identity_balanced_mAP", "feature_ms_per_image",
+table[["backbone", "method", *[f"recall@{k}" for k in ranks], "mAP", "identity_balanced_mAP", "feature_ms_per_image",
        "method_ms_per_query", "ms_per_query", "features_cached"]].round(4)
 
 # %% [markdown]

@@ -77,6 +77,15 @@ def test_masks_change_the_features_and_the_cache_key(demo, run_dir, tmp_path):
     assert not np.allclose(masked[METRICS].to_numpy(), plain[METRICS].to_numpy())
 
 
+def test_cmc_ranks_as_asked(demo, run_dir, tmp_path):
+    table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global"], ranks=[1, 3, 10]))
+    assert [c for c in table.columns if c.startswith("recall@")] == ["recall@1", "recall@3", "recall@10"]
+    r = table.iloc[0]
+    assert r["recall@1"] <= r["recall@3"] <= r["recall@10"]
+    with pytest.raises(ValueError, match="ranks"):
+        ProbeConfig(ranks=[0, 5])
+
+
 def test_fusion_calibrated_on_another_split(demo, run_dir, tmp_path):
     table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["fusion"], calibrate_on="test"))
     assert table["method"].tolist() == ["fusion"] and table["mAP"].between(0, 1).all()
