@@ -35,6 +35,7 @@ from lib.local_match import SiftConfig, shortlist_inliers
 from lib.metrics import average_precision, identity_balanced_map, recall_at_k, summarize_ap
 from lib.probe_features import embeddings, load_backbone, sift_table
 from lib.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
+from lib.retrieval import unit_rows
 from lib.splits import load_split_index
 from lib.train import resolve_val_protocol
 
@@ -161,11 +162,6 @@ def ranking_metrics(order: np.ndarray, gallery_labels, query_labels, loo: bool, 
     return tally.metrics()
 
 
-def _unit(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def _order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")
 
@@ -241,7 +237,7 @@ class _Features:
         emb, info = embeddings(backbone, rows, self.cfg.data_dir, self.settings, self.cfg.mask_col, self.cache_dir,
                                self.cfg.batch_size, self.progress)
         self.cached.append(bool(info.get("cached")))
-        return _unit(emb), info["ms_per_image"]
+        return unit_rows(emb, f"{backbone.name} embeddings"), info["ms_per_image"]
 
     def sift(self, rows: pd.DataFrame):
         key = tuple(rows["path"])

@@ -11,24 +11,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from lib.retrieval import unit_rows
+
 # squared L2 of float32 unit vectors (2 - 2cos) can come out a hair below zero; anything lower than this
 # is not round-off but a similarity matrix passed where distances were wanted
 NEGATIVE_TOLERANCE = 1e-4
-
-
-def _unit_rows(x, what: str) -> np.ndarray:
-    """float32 L2-normalised copy of a non-empty (n, d) finite array, or a ValueError naming `what`."""
-    x = np.asarray(x)
-    if x.ndim != 2 or 0 in x.shape:
-        raise ValueError(f"{what} must be a non-empty (n, d) array, got shape {x.shape}")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{what} contains NaN or inf")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
-    if len(zero):
-        raise ValueError(f"{what}: rows {zero[:10].tolist()} are all zero; they have no direction")
-    return x / norms
 
 
 def _rows(rows, n: int, what: str) -> np.ndarray:
@@ -143,8 +130,8 @@ def query_expansion(query_emb, gallery_emb, n: int = 3, alpha: float = 3.0, excl
     of the gallery's rows (a chunk of a leave-one-out probe): self_rows[i] is query i's own gallery row. Ties
     between gallery rows go to the lower row. Returns (n_q, d) float32 unit rows.
     """
-    q = _unit_rows(query_emb, "query_emb")
-    g = _unit_rows(gallery_emb, "gallery_emb")
+    q = unit_rows(query_emb, "query_emb")
+    g = unit_rows(gallery_emb, "gallery_emb")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query_emb has dimension {q.shape[1]} but gallery_emb has {g.shape[1]}")
     if exclude_self and q.shape != g.shape:

@@ -26,7 +26,7 @@ NO_NEIGHBOUR = -1  # index of a padding entry in a search_within row whose conte
 GPU_MAX_K = 2048  # faiss-gpu's k-selection limit (GPU_MAX_SELECTION_K): a full ranking beyond it runs on the CPU
 
 
-def _unit_rows(x, what: str) -> np.ndarray:
+def unit_rows(x, what: str) -> np.ndarray:
     """float32, C-contiguous, L2-normalised copy of a (n, d) float array, or a clear error."""
     x = np.asarray(x)
     if x.ndim != 2 or 0 in x.shape:
@@ -68,7 +68,7 @@ def build_index(embeddings, device="auto") -> faiss.Index:
     device: 'auto' (GPU if faiss sees one), 'cpu', 'cuda' or 'cuda:N'. Index row i is embeddings row i.
     A GPU index must go through faiss.index_gpu_to_cpu before faiss.write_index.
     """
-    x = _unit_rows(embeddings, "embeddings")
+    x = unit_rows(embeddings, "embeddings")
     index = _on_device(faiss.IndexFlatL2(x.shape[1]), device)
     index.add(x)
     return index
@@ -86,7 +86,7 @@ def _on_device(index: faiss.Index, device) -> faiss.Index:
 
 
 def _queries_for(index: faiss.Index, queries) -> np.ndarray:
-    q = _unit_rows(queries, "queries")
+    q = unit_rows(queries, "queries")
     if q.shape[1] != index.d:
         raise ValueError(f"queries have dimension {q.shape[1]} but the index holds dimension {index.d}")
     return q

@@ -17,7 +17,7 @@
 # Compares, on one split, global cosine on embeddings (a pretrained backbone as it comes, and fine-tuned runs),
 # alpha query expansion, k-reciprocal re-ranking, re-ranking of the global shortlist by SIFT + RANSAC inliers, and
 # the WildFusion-style fusion of cosine and inliers calibrated on the validation split. Every method is scored by
-# identity-balanced mAP, mAP and CMC rank-1/5, with the milliseconds it costs per query. Features are cached
+# identity-balanced mAP, mAP and CMC at `ranks`, with the milliseconds it costs per query. Features are cached
 # (`cache_dir`), so a second probe computes nothing again. Rows are appended to `results/probe.csv`, the config
 # snapshot goes to `results/probe/<run_id>.json`, each query's AP and top-1 per method to `<run_id>_queries.csv`.
 
