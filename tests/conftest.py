@@ -27,8 +27,8 @@ def write_image(path: Path, size=(240, 240), seed: int = 0, fmt: str = "JPEG") -
 def demo(tmp_path_factory):
     """The synthetic demo collection, indexed, checked and split once per test session: (data_dir, splits_dir)."""
     from data_prep.make_demo import make_demo
-    from lib.index import check_images, index_from_folder
-    from lib.splits import SplitConfig, prepare_splits
+    from lib.data.splits import SplitConfig, prepare_splits
+    from lib.data.table import check_images, index_from_folder
 
     base = tmp_path_factory.mktemp("demo")
     data = base / "data"
@@ -42,7 +42,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def run_dir(demo, tmp_path_factory):
     """A tiny model trained one short epoch on the demo: something to evaluate and predict with."""
-    from lib.run import build_config, train_run
+    from lib.train.run import build_config, train_run
 
     data, splits = demo
     run = tmp_path_factory.mktemp("run")

@@ -8,16 +8,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from conftest import write_image  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import average_precision_score  # noqa: E402
 
-from conftest import write_image  # noqa: E402
-from lib import analysis as A  # noqa: E402
-from lib import plots_analysis as P  # noqa: E402
-from lib.decide import class_scores, vote  # noqa: E402
-from lib.evaluation import Evaluation, load_evaluation, save_evaluation  # noqa: E402
-from lib.plots import save  # noqa: E402
-from lib.retrieval import build_index, search  # noqa: E402
+from lib.analysis import figures as P  # noqa: E402
+from lib.analysis import tables as A  # noqa: E402
+from lib.analysis.figures import save  # noqa: E402
+from lib.evaluate.record import Evaluation, load_evaluation, save_evaluation  # noqa: E402
+from lib.retrieval.decide import class_scores, vote  # noqa: E402
+from lib.retrieval.faiss_index import build_index, search  # noqa: E402
 
 K = 4
 E = np.eye(6)
@@ -62,7 +62,7 @@ def constructed_evaluation(root, queries=QUERIES, seed=0) -> Evaluation:
     q["verdict"] = "accepted"
     q["correct"] = q["pred"] == q["label"]
     hit = gallery["label"].to_numpy()[neighbours] == q["label"].to_numpy()[:, None]
-    q["rank_of_true"] = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, 0)  # as lib.evaluate: first photo of it
+    q["rank_of_true"] = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, 0)  # as lib.evaluate.run_eval: first photo of it
     for i, path in enumerate(list(gallery["path"]) + list(q["path"])):
         write_image(root / path, size=(96, 72), seed=i)
     return Evaluation(split="val", data_root=str(root), gallery=gallery, queries=q, neighbours=neighbours,

@@ -1,8 +1,18 @@
 import numpy as np
 import pytest
 
-from lib.decide import (Thresholds, choose_thresholds, class_scores, load_thresholds, neighbour_weights,
-                        risk_coverage, save_thresholds, threshold_grid, verdicts, vote)
+from lib.retrieval.decide import (
+    Thresholds,
+    choose_thresholds,
+    class_scores,
+    load_thresholds,
+    neighbour_weights,
+    risk_coverage,
+    save_thresholds,
+    threshold_grid,
+    verdicts,
+    vote,
+)
 
 CLASSES = ["a", "b", "c"]
 
@@ -102,7 +112,7 @@ def test_thresholds_file_round_trip_keeps_infinity(tmp_path):
 
 
 def test_new_individual_threshold_on_constructed_distances():
-    from lib.decide import new_individual_threshold
+    from lib.retrieval.decide import new_individual_threshold
 
     # known individuals sit close to a gallery photo, new ones far; one new one hides among the known
     d = np.array([0.1, 0.2, 0.3, 0.35, 0.9, 1.1, 1.2])
@@ -118,7 +128,7 @@ def test_new_individual_threshold_on_constructed_distances():
 
 
 def test_new_individual_calls_at_a_threshold_chosen_elsewhere():
-    from lib.decide import new_individual_calls
+    from lib.retrieval.decide import new_individual_calls
 
     d = np.array([0.1, 0.5, 0.7, 0.9])
     new = np.array([False, True, False, True])

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib.device import auto_settings, gpu_profile
+from lib.core.device import auto_settings, gpu_profile
 
 
 @pytest.mark.parametrize("memory_gb, cc, expected", [
@@ -25,7 +25,7 @@ def fake_gpu(monkeypatch, memory_gb, major, minor):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: major >= 8)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(
         name="FakeGPU", total_memory=memory_gb * 2**30, major=major, minor=minor))
-    monkeypatch.setattr("lib.device.usable_cpus", lambda: 32)
+    monkeypatch.setattr("lib.core.device.usable_cpus", lambda: 32)
 
 
 def test_auto_settings_on_a_mocked_a100_and_overrides(monkeypatch):

@@ -7,30 +7,31 @@ import pytest
 import torch
 from conftest import write_image
 
-import lib.embed
-from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.data import IndexDataset
-from lib.decide import Thresholds
-from lib.device import DeviceSettings
-from lib.embed import cached_embeddings, extract_embeddings
-from lib.errors import DataError
-from lib.evaluate import BENCHMARK_COLUMNS, append_benchmark_row, apply_thresholds, benchmark_row, evaluate_run
-from lib.evaluation import load_evaluation, save_evaluation
-from lib.retrieval import load_index
-from lib.transforms import build_transforms
+import lib.retrieval.embed
+from lib.core.device import DeviceSettings
+from lib.core.errors import DataError
+from lib.data.dataset import IndexDataset
+from lib.data.transforms import build_transforms
+from lib.evaluate.record import load_evaluation, save_evaluation
+from lib.evaluate.results_table import BENCHMARK_COLUMNS, append_benchmark_row, benchmark_row
+from lib.evaluate.run_eval import apply_thresholds, evaluate_run
+from lib.retrieval.decide import Thresholds
+from lib.retrieval.embed import cached_embeddings, extract_embeddings
+from lib.retrieval.faiss_index import load_index
+from lib.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture
 def extractions(monkeypatch):
     """Counts the embedding extractions the cache lets through."""
     calls = []
-    original = lib.embed.extract_embeddings
+    original = lib.retrieval.embed.extract_embeddings
 
     def counting(model, dataset, *args, **kwargs):
         calls.append(len(dataset))
         return original(model, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(lib.embed, "extract_embeddings", counting)
+    monkeypatch.setattr(lib.retrieval.embed, "extract_embeddings", counting)
     return calls
 
 
@@ -55,7 +56,7 @@ def test_evaluation_agrees_with_an_independent_computation(run_dir, demo):
     assert (ev.queries["rank_of_true"] == np.where(hit.any(1), hit.argmax(1) + 1, 0)).all()
     assert ev.metrics["coverage"] == 1.0 and set(ev.queries["verdict"]) == {"accepted"}
     assert sum(c["support"] for c in ev.metrics["per_class"].values()) == len(truth)
-    _, meta, info = load_index(run_dir / "index")  # saved for lib.predict
+    _, meta, info = load_index(run_dir / "index")  # saved for lib.evaluate.predict
     assert meta["path"].tolist() == ev.gallery["path"].tolist() and info["checkpoint"] == "best_model.pt"
     back = load_evaluation(save_evaluation(ev, run_dir / "eval" / "val"))
     pd.testing.assert_frame_equal(back.queries[["path", "pred", "verdict"]], ev.queries[["path", "pred", "verdict"]])

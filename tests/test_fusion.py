@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lib.fusion import ScoreFusion
+from lib.probe.fusion import ScoreFusion
 
 
 def calibration_pairs(n: int = 2000, seed: int = 0):

@@ -9,12 +9,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from lib import gallery as G  # noqa: E402
-from lib.decide import Thresholds  # noqa: E402
-from lib.plots import save  # noqa: E402
-from lib.plots_analysis import NEUTRAL, RIGHT, WRONG  # noqa: E402
 from test_analysis import E, assert_real_png, constructed_evaluation  # noqa: E402
+
+from lib.analysis import gallery as G  # noqa: E402
+from lib.analysis.figures import (  # noqa: E402
+    NEUTRAL,
+    RIGHT,
+    WRONG,
+    save,  # noqa: E402
+)
+from lib.retrieval.decide import Thresholds  # noqa: E402
 
 
 @pytest.fixture

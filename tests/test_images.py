@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageFile
 
-from lib.errors import DataError
-from lib.images import find_images, load_resized, open_image, probe_image
+from lib.core.errors import DataError
+from lib.data.images import find_images, load_resized, open_image, probe_image
 
 
 def photo(w, h, seed=0):

@@ -1,11 +1,10 @@
 from pathlib import Path
 
-import pandas as pd
 import pytest
-
 from conftest import write_image
-from lib.errors import DataError
-from lib.index import check_images, index_from_csv, index_from_folder
+
+from lib.core.errors import DataError
+from lib.data.table import check_images, index_from_csv, index_from_folder
 
 
 def make_folder(root: Path) -> Path:

@@ -5,9 +5,16 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import ArcFaceLoss
 
-from lib.errors import DataError
-from lib.losses import (ArcFaceHead, CombinedLoss, LossConfig, MarginSchedule, build_loss, class_context_matrix,
-                        context_margins)
+from lib.core.errors import DataError
+from lib.train.losses import (
+    ArcFaceHead,
+    CombinedLoss,
+    LossConfig,
+    MarginSchedule,
+    build_loss,
+    class_context_matrix,
+    context_margins,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_prep.make_demo import make_demo
-from lib.errors import DataError
+from lib.core.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 # five classes so each planted kind sits in its own class, as in the default set

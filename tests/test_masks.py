@@ -10,8 +10,14 @@ import torch
 from PIL import ExifTags, Image, ImageDraw
 from torchvision import transforms
 
-from lib.errors import DataError
-from lib.masks import MaskedDataset, apply_mask, decode_mask, masks_fingerprint, mean_fill
+from lib.core.errors import DataError
+from lib.data.masks import (
+    MaskedDataset,
+    apply_mask,
+    decode_mask,
+    masks_fingerprint,
+    mean_fill,
+)
 
 W, H = 64, 48
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

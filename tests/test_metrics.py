@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from lib.metrics import (average_precision, cmc, identity_balanced_map, mean_average_precision, per_identity_ap,
-                         recall_at_k, relevance, summarize_ap)
+from lib.retrieval.metrics import (
+    average_precision,
+    cmc,
+    identity_balanced_map,
+    mean_average_precision,
+    per_identity_ap,
+    recall_at_k,
+    relevance,
+    summarize_ap,
+)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +102,12 @@ def test_mean_average_precision_equals_sklearn_on_random_scores():
 
 
 def test_vote_metrics_hand_computed():
-    from lib.metrics import confusion_table, macro_f1, per_class_report, vote_accuracy
+    from lib.retrieval.metrics import (
+        confusion_table,
+        macro_f1,
+        per_class_report,
+        vote_accuracy,
+    )
 
     y_true = ["a", "a", "a", "b", "b", "c"]
     y_pred = ["a", "a", "b", "b", "c", "c"]
@@ -112,7 +125,7 @@ def test_vote_metrics_hand_computed():
 def test_macro_f1_averages_over_the_classes_with_queries_and_matches_sklearn():
     from sklearn.metrics import f1_score
 
-    from lib.metrics import macro_f1
+    from lib.retrieval.metrics import macro_f1
 
     rng = np.random.default_rng(0)
     y_true = rng.choice(["a", "b", "c"], 200)

@@ -1,13 +1,12 @@
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from lib.checkpoint import load_checkpoint
-from lib.index import check_images, index_from_csv
-from lib.mining import context_error, mining_weights
-from lib.run import build_config, train_run
-from lib.splits import SplitConfig, prepare_splits
+from lib.data.splits import SplitConfig, prepare_splits
+from lib.data.table import check_images, index_from_csv
+from lib.train.checkpoint import load_checkpoint
+from lib.train.mining import context_error, mining_weights
+from lib.train.run import build_config, train_run
 
 
 def test_weights_move_toward_failing_contexts():
@@ -34,10 +33,10 @@ def demo_with_context(demo, tmp_path_factory):
 
 def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, monkeypatch):
     data, splits = demo_with_context
-    import lib.train
+    import lib.train.loop
 
     seen = []
-    original = lib.train.context_margins
+    original = lib.train.loop.context_margins
 
     def spy(*a, **k):
         seen.append(original(*a, **k))
@@ -46,7 +45,7 @@ def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, 
     cfg = build_config(data_dir=str(data), splits_dir=str(splits), backbone="resnet10t", embed_dim=32, img_size=32,
                        s=30.0, warmup_epochs=1, margin=0.3, context_margin=0.2, mining_warmup_epochs=1,
                        sampler="context_pk", p=6, k=2, batches_per_epoch=2, epochs=3, num_workers=0, device="cpu")
-    monkeypatch.setattr(lib.train, "context_margins", spy)
+    monkeypatch.setattr(lib.train.loop, "context_margins", spy)
     history = train_run(str(tmp_path), cfg, progress=False)
     assert history["worst_contexts"].iloc[-1]
     ckpt = load_checkpoint(tmp_path / "latest_model.pt")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.model import EmbeddingModel, GeM, ModelConfig, create_model
+from lib.train.model import EmbeddingModel, GeM, ModelConfig, create_model
 
 X = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

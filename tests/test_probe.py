@@ -6,11 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import lib.embed
-import lib.probe_features
-from lib.errors import DataError
-from lib.probe import METHODS, ProbeConfig, probe_config, ranking_metrics, run_probe, save_probe, with_masks
-from lib.retrieval import evaluate_retrieval
+import lib.probe.features
+import lib.retrieval.embed
+from lib.core.errors import DataError
+from lib.probe.run import (
+    METHODS,
+    ProbeConfig,
+    probe_config,
+    run_probe,
+    save_probe,
+    with_masks,
+)
+from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
 
 METRICS = ["recall@1", "recall@5", "mAP", "identity_balanced_mAP"]
 
@@ -50,9 +57,9 @@ def test_every_method_runs_then_the_cache_serves_a_second_run(demo, run_dir, tmp
 
     def fail(*a, **k):
         raise AssertionError("recomputed a cached feature")
-    monkeypatch.setattr(lib.embed, "extract_embeddings", fail)
-    monkeypatch.setattr(lib.probe_features, "extract_embeddings", fail)
-    monkeypatch.setattr(lib.probe_features, "sift_features", fail)
+    monkeypatch.setattr(lib.retrieval.embed, "extract_embeddings", fail)
+    monkeypatch.setattr(lib.probe.features, "extract_embeddings", fail)
+    monkeypatch.setattr(lib.probe.features, "sift_features", fail)
     second, _ = run_probe(cfg)
     assert second["features_cached"].all()
     pd.testing.assert_frame_equal(second[METRICS], first[METRICS])
@@ -108,7 +115,7 @@ def test_refusals(demo, run_dir, tmp_path, monkeypatch):
         ProbeConfig(sift={"ratio": 2.0})
     with pytest.raises(DataError, match="identity_col 'animal'"):
         run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="animal"))
-    monkeypatch.setattr("lib.probe.MAX_PAIRS", 10)
+    monkeypatch.setattr("lib.probe.run.MAX_PAIRS", 10)
     with pytest.warns(UserWarning, match="kreciprocal left out"):
         table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global", "kreciprocal"]))
     assert table["method"].tolist() == ["global"]
@@ -118,7 +125,7 @@ def test_ranking_a_few_queries_at_a_time_changes_nothing(demo, run_dir, tmp_path
     """Large splits are ranked in query chunks to bound memory: chunks of 1-2 queries give the very same rows."""
     cfg = config(demo, run_dir, tmp_path / "cache", methods=["global", "qe", "local", "fusion"])
     whole, whole_rankings = run_probe(cfg)
-    monkeypatch.setattr("lib.probe.RANK_ELEMENTS", 50)  # ~33 gallery photos: one or two queries per chunk
+    monkeypatch.setattr("lib.retrieval.ranking.RANK_PAIRS", 50)  # ~33 gallery photos: one or two queries per chunk
     chunked, chunked_rankings = run_probe(cfg)
     pd.testing.assert_frame_equal(chunked[METRICS], whole[METRICS])
     for key, table in whole_rankings.items():
@@ -126,11 +133,11 @@ def test_ranking_a_few_queries_at_a_time_changes_nothing(demo, run_dir, tmp_path
 
 
 def test_a_run_trained_on_other_data_is_refused(demo, run_dir, tmp_path, monkeypatch):
-    real = lib.probe_features.load_trained
+    real = lib.probe.features.load_trained
 
     def other_data(*a, **k):
         run = real(*a, **k)
         return dataclasses.replace(run, config={**run.config, "data_fingerprint": "0" * 64})
-    monkeypatch.setattr(lib.probe_features, "load_trained", other_data)
+    monkeypatch.setattr(lib.probe.features, "load_trained", other_data)
     with pytest.raises(DataError, match="other data"):
         run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global"]))

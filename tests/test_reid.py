@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lib.reid import pairwise_scores
+from lib.retrieval.pairwise import pairwise_scores
 
 
 def test_pairwise_scores_are_every_pair_by_cosine_best_first():

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from lib.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
+from lib.probe.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
 
 
 def squared_l2(points) -> np.ndarray:

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.errors import DataError
-from lib.resize_cache import MANIFEST, build_cache, cache_path
+from lib.core.errors import DataError
+from lib.data.resize_cache import MANIFEST, build_cache, cache_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +139,7 @@ def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         return real_save(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", save_then_die)
-    monkeypatch.setattr("lib.resize_cache._FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr("lib.data.resize_cache._FLUSH_SECONDS", 0.0)
     with pytest.raises(KeyboardInterrupt):
         build_cache(data, rels, cache, size=48, workers=1)
     assert (cache / "b.jpg").read_bytes() == old

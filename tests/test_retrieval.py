@@ -3,9 +3,18 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from lib.errors import DataError
-from lib.retrieval import (NO_NEIGHBOUR, build_index, evaluate_retrieval, fill_padding, load_index, save_index, search,
-                           search_table, search_within)
+from lib.core.errors import DataError
+from lib.retrieval.faiss_index import (
+    NO_NEIGHBOUR,
+    build_index,
+    fill_padding,
+    load_index,
+    save_index,
+    search,
+    search_table,
+    search_within,
+)
+from lib.retrieval.ranking import evaluate_retrieval
 
 
 def _unit(x):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lib.errors import DataError
-from lib.samplers import ContextPKSampler, PKSampler, weighted_sampler
+from lib.core.errors import DataError
+from lib.data.samplers import ContextPKSampler, PKSampler, weighted_sampler
 
 # 11 classes: sizes 1..11, so several have fewer than K=4 images.
 LABELS = [f"c{c:02d}" for c in range(11) for _ in range(c + 1)]

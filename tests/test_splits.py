@@ -4,9 +4,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.errors import DataError
-from lib.splits import (SPLITS, SplitConfig, assign_splits, data_fingerprint, load_split_index, prepare_splits,
-                        split_groups)
+from lib.core.errors import DataError
+from lib.data.splits import (
+    SPLITS,
+    SplitConfig,
+    assign_splits,
+    data_fingerprint,
+    load_split_index,
+    prepare_splits,
+    split_groups,
+)
 
 
 def synthetic_index(n_classes=12, seed=0, rare=True) -> pd.DataFrame:

@@ -5,8 +5,8 @@ import types
 import pandas as pd
 import pytest
 
-from lib.errors import DataError
-from lib.tracking import log_table
+from lib.core.errors import DataError
+from lib.train.tracking import log_table
 
 TABLE = pd.DataFrame({"backbone": ["a", "a"], "method": ["global", "local"], "recall@1": [0.5, 0.75],
                       "features_cached": [True, True], "note": ["x", "y"]})

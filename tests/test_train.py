@@ -2,10 +2,10 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.errors import DataError
-from lib.run import build_config, train_run
-from lib.train import TrainingDiverged, settings_diff
+from lib.core.errors import DataError
+from lib.train.checkpoint import load_checkpoint, save_checkpoint
+from lib.train.loop import TrainingDiverged, settings_diff
+from lib.train.run import build_config, train_run
 
 TINY = dict(backbone="resnet10t", embed_dim=32, img_size=32, s=30.0, margin=0.3, warmup_epochs=1, p=6, k=4,
             lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.transforms import PRESETS, build_transforms
+from lib.data.transforms import PRESETS, build_transforms
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

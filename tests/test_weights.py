@@ -10,10 +10,10 @@ import torch
 from huggingface_hub import constants as hf_constants
 from PIL import Image
 
-import lib.weights
-from lib.errors import DataError
-from lib.model import ModelConfig, create_model
-from lib.weights import imagenet_classifier, load_backbone_weights
+import lib.train.weights
+from lib.core.errors import DataError
+from lib.train.model import ModelConfig, create_model
+from lib.train.weights import imagenet_classifier, load_backbone_weights
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 LION = 291  # ImageNet class index of "lion"
@@ -68,7 +68,7 @@ def test_a_renamed_file_in_the_same_order_loads_by_order_and_drops_its_head(tmp_
     backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     torch.save(renamed(backbone_state), tmp_path / "theirs.pth")
     load_backbone_weights(by_name, tmp_path / "ours.pt")
-    with caplog.at_level(logging.WARNING, logger="lib.weights"):
+    with caplog.at_level(logging.WARNING, logger="lib.train.weights"):
         note = load_backbone_weights(by_order, tmp_path / "theirs.pth")
     assert "by order" in note and "head dropped" in note
     assert [r.levelno for r in caplog.records] == [logging.WARNING] and "by order" in caplog.records[0].message
@@ -119,7 +119,7 @@ def test_unreadable_and_missing_files_are_named(tmp_path):
 def test_hub_weights_offline_fail_fast_naming_the_offline_alternative(monkeypatch, tmp_path, already_offline):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine holds
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", already_offline)
-    monkeypatch.setattr(lib.weights, "_hub_reachable", lambda: False)  # no network, even on a machine that has one
+    monkeypatch.setattr(lib.train.weights, "_hub_reachable", lambda: False)  # no network, even on a machine that has one
     start = time.monotonic()
     with pytest.raises(DataError, match="could not be downloaded") as caught:
         create_model(ModelConfig(backbone="test_efficientnet", pretrained=True))

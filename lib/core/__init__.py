@@ -1,0 +1,1 @@
+"""What every stage uses: the data error type, the CPUs this process may use, device settings (GPU, precision, workers)."""

@@ -1,0 +1,40 @@
+"""The torch Dataset over the index table: one row -> (image tensor, class index)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from lib.data.images import open_image
+from lib.data.resize_cache import cache_path
+
+
+class IndexDataset(Dataset):
+    """Rows of the index; images come from the resize cache when it holds them (decode once), else the originals.
+
+    Labels missing from `class_to_idx` (e.g. open-set queries) get -1.
+    """
+
+    def __init__(self, index: pd.DataFrame, data_root: str | os.PathLike, transform, class_to_idx: dict[str, int],
+                 cache_dir: str | os.PathLike | None = None):
+        self.index = index.reset_index(drop=True)
+        self.paths = [self._source(Path(data_root), cache_dir, p) for p in self.index["path"]]
+        self.targets = torch.tensor([class_to_idx.get(label, -1) for label in self.index["label"]], dtype=torch.long)
+        self.transform = transform
+
+    @staticmethod
+    def _source(root: Path, cache_dir, rel: str) -> Path:
+        if cache_dir:
+            cached = cache_path(cache_dir, rel)
+            if cached.exists():
+                return cached
+        return root / rel
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(open_image(self.paths[i])), self.targets[i]

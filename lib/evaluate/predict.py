@@ -1,0 +1,94 @@
+"""New photos + a trained run -> one table row per photo: predicted class, score, top-K neighbours, verdict.
+
+A photo that cannot be read gets a row with its `error` and no prediction; the others go on.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib.core.device import auto_settings
+from lib.core.errors import DataError
+from lib.data.dataset import IndexDataset
+from lib.data.images import looks_like_image, probe_image
+from lib.evaluate.gallery_index import gallery_index
+from lib.retrieval.decide import (
+    DEFAULT_K,
+    DEFAULT_WEIGHTING,
+    decisions,
+    load_thresholds,
+)
+from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings
+from lib.retrieval.faiss_index import search
+from lib.train.trained_run import load_trained
+
+THRESHOLDS_FILE = Path("eval") / "val" / "thresholds.json"  # inside the run folder; written by notebook 03
+COLUMNS = ("path", "pred", "score", "margin", "top1_distance", "verdict", "error", "neighbour_labels",
+           "neighbour_paths", "neighbour_distances")
+
+
+def list_photos(source: str | os.PathLike) -> list[str]:
+    """Photos named by `source`: a folder (searched recursively; hidden entries skipped), a text file with one path
+    a line (blank lines and '#' comments skipped; relative paths are relative to the list's folder), or one image.
+
+    In a folder, a file with an image extension is always listed (so a corrupt one is reported, not lost); any
+    other file is listed when its content is an image.
+    """
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if (p.is_file() or p.is_symlink())  # a broken link is reported
+                       and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        return [str(p) for p in files if looks_like_image(p)]
+    if not source.is_file():
+        raise DataError(f"{source}: no such folder or file of photos")
+    if looks_like_image(source):
+        return [str(source)]
+    lines = [line.strip() for line in source.read_text().splitlines()]
+    return [str(source.parent / line) for line in lines if line and not line.startswith("#")]
+
+
+def predict_photos(run_dir: str | os.PathLike, photos: list[str], k: int | None = None, tta: bool = False,
+                   checkpoint: str = "best", weighting: str | None = None, device: str = "auto",
+                   batch_size: int = EMBED_BATCH_SIZE, progress: bool = False) -> pd.DataFrame:
+    """One row per photo (COLUMNS; neighbour lists as JSON arrays, nearest first).
+
+    The verdict uses run_dir/eval/val/thresholds.json when notebook 03 wrote it (and k, weighting default to the
+    values the thresholds were chosen with, since a margin means something else under another vote); without it
+    the verdict is empty. k falls back to DEFAULT_K, weighting to DEFAULT_WEIGHTING (lib.retrieval.decide).
+    """
+    thresholds, chosen = None, {}
+    if (Path(run_dir) / THRESHOLDS_FILE).exists():
+        thresholds, chosen = load_thresholds(Path(run_dir) / THRESHOLDS_FILE)
+        for name, value, saved in (("k", k, chosen.get("k")), ("weighting", weighting, chosen.get("weighting"))):
+            if value is not None and saved is not None and value != saved:
+                print(f"note: thresholds were chosen with {name}={saved}; {name}={value} makes their margin less apt")
+    k = k or chosen.get("k") or DEFAULT_K
+    weighting = weighting or chosen.get("weighting") or DEFAULT_WEIGHTING
+
+    run = load_trained(run_dir, checkpoint)
+    settings = auto_settings(device=device)
+    checks = [probe_image(p) for p in photos]
+    out = pd.DataFrame({"path": photos, "error": [c.reason if not c.ok else "" for c in checks]})
+    ok = out["error"] == ""
+    for col in COLUMNS:
+        if col not in out:
+            out[col] = np.nan if col in ("score", "margin", "top1_distance") else ""
+    if ok.any():
+        index, gallery = gallery_index(run, settings, tta, progress)
+        readable = pd.DataFrame({"path": out.loc[ok, "path"], "label": ""})
+        dataset = IndexDataset(readable, "", run.eval_tf, {})
+        emb = extract_embeddings(run.model.to(settings.device), dataset, settings, batch_size, progress, "photos", tta)
+        distances, neighbours = search(index, emb, k)
+        labels = gallery["label"].to_numpy()[neighbours]
+        table, _ = decisions(distances, labels, sorted(run.config["class_to_idx"]), weighting, thresholds)
+        if thresholds is None:
+            table["verdict"] = ""
+        table["neighbour_labels"] = [json.dumps(row.tolist()) for row in labels]
+        table["neighbour_paths"] = [json.dumps(row.tolist()) for row in gallery["path"].to_numpy()[neighbours]]
+        table["neighbour_distances"] = [json.dumps(np.round(row, 6).tolist()) for row in distances.astype(float)]
+        out.loc[ok, table.columns] = table.set_index(out.index[ok])
+    return out[list(COLUMNS)]

@@ -1,0 +1,83 @@
+"""The results table: one row per evaluation (results/benchmarks.csv) or probe run (results/probe.csv), appended
+without ever cutting a column an older row has; re-running an evaluation replaces its own row."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from lib.evaluate.record import Evaluation
+
+BENCHMARK_COLUMNS = ("version", "split", "backbone", "loss", "embedding_dim", "img_size", "augmentation", "recall@1",
+                     "recall@5", "mAP", "identity_balanced_mAP", "vote_accuracy", "macro_f1", "coverage", "accuracy_at_coverage",
+                     "train_time_min", "inference_ms_per_image", "notes", "evaluation_id")
+# what makes two evaluations the same one: re-running it replaces its row in the results table instead of adding one
+EVALUATION_KEYS = ("checkpoint_sha256", "protocol", "restrict_to_context", "k", "weighting", "tta", "thresholds")
+
+
+def _loss_name(loss: dict) -> str:
+    name = "arcface" if loss.get("k_subcenters", 1) <= 1 else f"subcenter-arcface(k={loss['k_subcenters']})"
+    extras = [f"+{term}{loss[f'{term}_weight']:g}" for term in ("triplet", "ms") if loss.get(f"{term}_weight")]
+    return f"{name}(s={loss['s']:g})" + "".join(extras)
+
+
+def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
+    """The results-table row of an evaluation (columns BENCHMARK_COLUMNS)."""
+    cfg = ev.config["run"]
+    m = ev.metrics
+    aug = cfg["aug"]
+    return {"version": Path(ev.config["run_dir"]).name, "split": ev.split, "backbone": cfg["model"]["backbone"],
+            "loss": _loss_name(cfg["loss"]), "embedding_dim": cfg["model"]["embed_dim"], "img_size": aug["img_size"],
+            "augmentation": aug["augment"] + ("+hflip" if aug["hflip"] else ""),
+            # .get: evaluations saved before a metric existed still make a row
+            **{key: m.get(key, float("nan")) for key in ("recall@1", "recall@5", "mAP", "identity_balanced_mAP",
+                                                          "vote_accuracy", "macro_f1", "coverage",
+                                                          "accuracy_at_coverage")},
+            "train_time_min": ev.config.get("train_time_min", float("nan")),
+            "inference_ms_per_image": m["inference_ms_per_image"], "notes": notes,
+            "evaluation_id": evaluation_id(ev)}
+
+
+def evaluation_id(ev: Evaluation) -> str:
+    """12 hex digits naming the checkpoint, split and settings of an evaluation (EVALUATION_KEYS)."""
+    key = {"split": ev.split, **{k: ev.config.get(k) for k in EVALUATION_KEYS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def append_benchmark_row(results_csv: str | os.PathLike, row: dict, columns=BENCHMARK_COLUMNS,
+                         replace_key: str | None = None) -> Path:
+    """Append one row; a new file gets `columns` (+ the row's extra keys) as its header.
+
+    An existing file with other columns is rewritten with the union of both (its columns first), never cut.
+    replace_key: a row of the file with the same value in this column is replaced by `row` (the same evaluation
+    run again), in its place; other rows are kept as they are.
+    """
+    path = Path(results_csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.stat().st_size == 0:
+        header = list(columns) + [c for c in row if c not in columns]
+        pd.DataFrame([row], columns=header).to_csv(path, index=False)
+        return path
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        at = header.index(replace_key) if replace_key in header else None
+        same = at is not None and any(len(r) > at and r[at] == str(row[replace_key]) for r in reader)
+    if set(row) <= set(header) and not same:
+        pd.DataFrame([row], columns=header).to_csv(path, mode="a", header=False, index=False)
+        return path
+    old = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if same:
+        hit = old[replace_key] == str(row[replace_key])
+        after_first = hit.cumsum().astype(bool)
+        table = pd.concat([old[~after_first], pd.DataFrame([row]), old[after_first & ~hit]], ignore_index=True)
+    else:
+        table = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,145 @@
+"""What the probe compares retrieval methods on: each photo's global embedding (per backbone) and its SIFT features,
+computed once and cached under a key of method, model state, dataset signature and mask setting (seed 004)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+from tqdm.auto import tqdm
+
+from lib.core.device import DeviceSettings
+from lib.core.errors import DataError
+from lib.data.dataset import IndexDataset
+from lib.data.images import open_image
+from lib.data.masks import MaskedDataset, decode_mask, masks_fingerprint, mean_fill
+from lib.data.transforms import build_transforms
+from lib.probe.local_match import SiftConfig, sift_features
+from lib.retrieval.embed import (
+    EMBED_BATCH_SIZE,
+    cached_embeddings,
+    extract_embeddings,
+    files_fingerprint,
+)
+from lib.train.model import ModelConfig, create_model
+from lib.train.trained_run import load_trained
+
+RUN_KEYS = {"name", "run_dir", "checkpoint"}
+PRETRAINED_KEYS = {"name", "backbone", "pretrained", "img_size"}
+
+
+@dataclass
+class Backbone:
+    name: str
+    net: nn.Module        # image batch -> one vector per image
+    transform: object     # the eval transform its vectors were trained or pretrained with
+    mean: tuple           # normalisation mean: masked-out pixels are painted this colour, so they carry no signal
+    signature: str        # what the vectors depend on in the model (checkpoint or weights content)
+    data_fingerprint: str | None = None  # a trained run's data, to refuse probing it on other splits
+
+
+def state_sha256(module: nn.Module) -> str:
+    """Hash of a module's parameter names and values: identifies pretrained weights from any source (hub, file,
+    package) without trusting a file name."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_backbone(spec: dict) -> Backbone:
+    """spec {'name', 'run_dir'[, 'checkpoint']}: a trained run's embedding model; spec {'name', 'backbone',
+    'pretrained'[, 'img_size']}: a timm backbone as it comes, its pooled features (no training: the embedding head of
+    an untrained model would be random, and a random projection only blurs the pretrained features)."""
+    keys = RUN_KEYS if "run_dir" in spec else PRETRAINED_KEYS
+    if "name" not in spec or set(spec) - keys or ("run_dir" not in spec and "backbone" not in spec):
+        raise ValueError(f"backbone spec {spec}: give {{'name', 'run_dir'[, 'checkpoint']}} for a trained run or "
+                         "{'name', 'backbone', 'pretrained'[, 'img_size']} for a pretrained timm backbone")
+    if "run_dir" in spec:
+        run = load_trained(spec["run_dir"], spec.get("checkpoint", "best"))
+        return Backbone(spec["name"], run.model, run.eval_tf, tuple(run.model.data_config["mean"]),
+                        f"run:{run.checkpoint_sha256}", run.config.get("data_fingerprint"))
+    model = create_model(ModelConfig(backbone=spec["backbone"], pretrained=spec.get("pretrained", "auto")))
+    dc = model.data_config
+    _, tf = build_transforms(spec.get("img_size", 224), dc["mean"], dc["std"], preset="none")
+    net = nn.Sequential(model.backbone, model.pool).eval()
+    return Backbone(spec["name"], net, tf, tuple(dc["mean"]), f"pretrained:{spec['backbone']}:{state_sha256(net)}")
+
+
+def mask_key(rows: pd.DataFrame, mask_col: str, data_dir: str | os.PathLike) -> dict:
+    return {"mask_col": mask_col, "masks": masks_fingerprint(rows[mask_col], data_dir)} if mask_col else {"mask_col": ""}
+
+
+def _key_name(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def embeddings(backbone: Backbone, rows: pd.DataFrame, data_dir: str | os.PathLike, settings: DeviceSettings,
+               mask_col: str = "", cache_dir: str | os.PathLike | None = None, batch_size: int = EMBED_BATCH_SIZE,
+               progress: bool = False) -> tuple[np.ndarray, dict]:
+    """(embeddings, info) of the rows' photos, background painted out when mask_col is set; from the cache when it
+    holds them. info: 'cached' and 'ms_per_image' (of the extraction that made them)."""
+    if mask_col:
+        dataset = MaskedDataset(rows, data_dir, backbone.transform, {}, mask_col, mean_fill(backbone.mean))
+    else:
+        dataset = IndexDataset(rows, data_dir, backbone.transform, {})
+    backbone.net.to(settings.device)
+    desc = f"embed {backbone.name}"
+    if cache_dir:
+        return cached_embeddings(backbone.net, dataset, settings, Path(cache_dir) / "embeddings", backbone.signature,
+                                 batch_size=batch_size, progress=progress, desc=desc,
+                                 extra=mask_key(rows, mask_col, data_dir))
+    t0 = time.perf_counter()
+    emb = extract_embeddings(backbone.net, dataset, settings, batch_size, progress=progress, desc=desc)
+    return emb, {"cached": False, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
+
+
+def _photo_sift(row: pd.Series, i: int, data_dir: Path, cfg: SiftConfig, mask_col: str):
+    image = open_image(data_dir / row["path"])
+    mask = decode_mask(row[mask_col], image.size, data_dir, where=f"index row {i} ({row['path']})") if mask_col else None
+    return sift_features(image, cfg, mask)
+
+
+def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig, mask_col: str = "",
+               cache_dir: str | os.PathLike | None = None, progress: bool = False) -> tuple[list, dict]:
+    """([(keypoints, descriptors)] per row, info) from the cache when it holds them. Descriptors are kept (in memory
+    and on disk) as uint8: OpenCV's SIFT descriptors are whole numbers 0..255 held in float32, so nothing is lost at
+    a quarter of the size, which is what lets a large gallery's features fit in memory."""
+    data_dir = Path(data_dir)
+    paths = [data_dir / p for p in rows["path"]]
+    key = {"method": "sift", **asdict(cfg), "data_fingerprint": files_fingerprint(paths),
+           **mask_key(rows, mask_col, data_dir)}
+    file = Path(cache_dir) / "sift" / f"{_key_name(key)}.npz" if cache_dir else None
+    if file is not None and file.exists():
+        with np.load(file) as f:
+            splits = np.cumsum(f["counts"])[:-1]
+            feats = list(zip(np.split(f["keypoints"], splits), np.split(f["descriptors"], splits)))
+            return feats, {**json.loads(str(f["info"])), "cached": True, "file": str(file)}
+    t0 = time.perf_counter()
+    feats = [_photo_sift(row, i, data_dir, cfg, mask_col)
+             for i, row in tqdm(rows.reset_index(drop=True).iterrows(), total=len(rows), desc="sift",
+                                disable=not progress, leave=False)]
+    info = {**key, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
+    desc = np.concatenate([d for _, d in feats]) if feats else np.zeros((0, 128), np.float32)
+    if len(desc) and (desc.min() < 0 or desc.max() > 255 or not np.array_equal(desc, np.round(desc))):
+        if file is not None:
+            raise DataError("SIFT descriptors are not whole numbers 0..255 in this OpenCV build; the cache would "
+                            "lose precision (run with cache_dir='')")
+    else:
+        feats = [(k, d.astype(np.uint8)) for k, d in feats]
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, counts=np.array([len(k) for k, _ in feats], dtype=np.int64),
+                     keypoints=np.concatenate([k for k, _ in feats]) if feats else np.zeros((0, 2), np.float32),
+                     descriptors=desc.astype(np.uint8), info=json.dumps(info, default=str))
+        os.replace(tmp, file)
+    return feats, {**info, "cached": False, **({"file": str(file)} if file else {})}

@@ -1,0 +1,226 @@
+"""From neighbours to a decision: weighted class votes, a reliability verdict, thresholds chosen on validation.
+
+Distances are squared L2 between unit vectors as lib.retrieval.faiss_index returns them (d² = 2 − 2·cos, in [0, 4]).
+A query's class scores are normalised to shares (they sum to 1), so `score` (the winner's share) and `margin`
+(winner's share − runner-up's share) mean the same for any k and weighting.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+WEIGHTINGS = ("inverse", "uniform", "softmax")
+# The vote's defaults wherever one is taken (evaluation, prediction, the gallery's uploaded photos): 20 neighbours
+# weighted by inverse distance, so a close match counts more than a crowd of far ones
+DEFAULT_K = 20
+DEFAULT_WEIGHTING = "inverse"
+
+
+def neighbour_weights(distances, weighting: str = DEFAULT_WEIGHTING, eps: float = 1e-6, temperature: float = 0.05):
+    """Vote weight of each neighbour (same shape as `distances`).
+
+    inverse: 1/(d + eps) (seed 000; eps keeps an exact duplicate finite); uniform: 1 (plain majority);
+    softmax: exp(cos / temperature) with cos = 1 − d/2, i.e. a softmax over the neighbours' similarities.
+    A neighbour at distance inf (padding) weighs 0.
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    # an infinite distance is padding (lib.retrieval.faiss_index.search_within: the context held fewer than k photos): no vote
+    real = np.isfinite(d)
+    if weighting == "inverse":
+        return np.where(real, 1.0 / (d + eps), 0.0)
+    if weighting == "uniform":
+        return real.astype(np.float64)
+    if weighting == "softmax":
+        logits = np.where(real, (1.0 - d / 2.0) / temperature, -np.inf)
+        # subtracting each row's max changes no share but keeps exp from overflowing at small temperatures
+        return np.exp(logits - logits.max(axis=-1, keepdims=True))
+    raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+
+
+def class_scores(distances, neighbour_labels, classes, weighting: str = DEFAULT_WEIGHTING, **weight_kw) -> np.ndarray:
+    """(n_q, n_classes) vote shares: sum of the weights of the neighbours of each class, divided by the row total.
+
+    `classes` names the columns; a neighbour label outside `classes` is an error, not a silent lost vote.
+    """
+    distances = np.atleast_2d(distances)
+    labels = np.atleast_2d(np.asarray(neighbour_labels))
+    if distances.shape != labels.shape:
+        raise ValueError(f"distances {distances.shape} and neighbour_labels {labels.shape} must have one shape")
+    classes = np.asarray(classes)
+    order = np.argsort(classes)
+    pos = np.searchsorted(classes, labels, sorter=order).clip(max=len(classes) - 1)
+    codes = order[pos]
+    unknown = classes[codes] != labels
+    if unknown.any():
+        raise ValueError(f"neighbour labels not in classes: {sorted(set(labels[unknown].tolist()))[:5]}")
+    w = neighbour_weights(distances, weighting, **weight_kw)
+    scores = np.zeros((len(labels), len(classes)))
+    np.add.at(scores, (np.arange(len(labels))[:, None], codes), w)
+    return scores / scores.sum(axis=1, keepdims=True)
+
+
+def vote(scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(winner column, winner's share, margin to the runner-up) of each row of class shares.
+
+    Ties go to the first column. With one class the margin is the whole share (nothing competes).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    winner = scores.argmax(axis=1)
+    top2 = -np.sort(-scores, axis=1)[:, :2]
+    second = top2[:, 1] if scores.shape[1] > 1 else np.zeros(len(scores))
+    return winner, top2[:, 0], top2[:, 0] - second
+
+
+@dataclass
+class Thresholds:
+    """Reliability thresholds; the defaults accept every query."""
+
+    max_distance: float = float("inf")  # top-1 d² above this: 'unclassifiable' (nothing like it in the gallery)
+    min_margin: float = 0.0             # share margin below this: 'reshoot' (two classes about equally likely)
+
+
+def verdicts(top1_distance, margin, thresholds: Thresholds) -> np.ndarray:
+    """'unclassifiable' when the nearest photo is too far (checked first), 'reshoot' when the vote is too close,
+    else 'accepted'."""
+    top1_distance, margin = np.asarray(top1_distance), np.asarray(margin)
+    return np.where(top1_distance > thresholds.max_distance, "unclassifiable",
+                    np.where(margin < thresholds.min_margin, "reshoot", "accepted")).astype(object)
+
+
+def decisions(distances, neighbour_labels, classes, weighting: str = DEFAULT_WEIGHTING,
+              thresholds: Thresholds | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """The decision for each searched query: (table of pred, score, margin, top1_distance, verdict; (n_q, n_classes)
+    class shares). thresholds=None accepts every query."""
+    shares = class_scores(distances, neighbour_labels, classes, weighting)
+    winner, score, margin = vote(shares)
+    top1 = np.asarray(distances)[:, 0]
+    table = pd.DataFrame({"pred": np.asarray(classes)[winner], "score": score, "margin": margin,
+                          "top1_distance": top1, "verdict": verdicts(top1, margin, thresholds or Thresholds())})
+    return table, shares
+
+
+def _candidates(values, n_grid: int, none: float) -> np.ndarray:
+    """Quantiles of the observed values plus the value that rejects nothing on this axis."""
+    q = np.quantile(np.asarray(values, dtype=np.float64), np.linspace(0, 1, n_grid)) if len(values) else []
+    return np.unique(np.append(q, none))
+
+
+def threshold_grid(correct, top1_distance, margin, n_grid: int = 101) -> pd.DataFrame:
+    """Coverage and accuracy-on-accepted of every (max_distance, min_margin) pair on a quantile grid.
+
+    Accuracy is NaN where nothing is accepted.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    d, m = np.asarray(top1_distance, dtype=np.float64), np.asarray(margin, dtype=np.float64)
+    dist_c, marg_c = _candidates(d, n_grid, np.inf), _candidates(m, n_grid, 0.0)
+    # (n_dist, n_marg, n) is fine for validation-sized splits: 101 x 101 x 10k bools = 100 MB at most
+    accepted = (d[None, None, :] <= dist_c[:, None, None]) & (m[None, None, :] >= marg_c[None, :, None])
+    n_acc = accepted.sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = (accepted & correct).sum(axis=2) / n_acc
+    dd, mm = np.meshgrid(dist_c, marg_c, indexing="ij")
+    return pd.DataFrame({"max_distance": dd.ravel(), "min_margin": mm.ravel(),
+                         "coverage": (n_acc / max(len(d), 1)).ravel(), "accuracy": acc.ravel()})
+
+
+def choose_thresholds(correct, top1_distance, margin, target_accuracy: float | None = None,
+                      target_coverage: float | None = None, n_grid: int = 101) -> tuple[Thresholds, dict]:
+    """Thresholds for a target, chosen on validation queries; returns (thresholds, what they achieve there).
+
+    target_accuracy: the largest coverage whose accepted queries are at least that accurate (ties: more accurate,
+    then the looser thresholds). target_coverage: the best accuracy that still answers at least that share.
+    When no pair reaches the target, the closest one is taken and `met` is False.
+    """
+    if (target_accuracy is None) == (target_coverage is None):
+        raise ValueError("give exactly one of target_accuracy and target_coverage")
+    grid = threshold_grid(correct, top1_distance, margin, n_grid).dropna(subset=["accuracy"])
+    if grid.empty:
+        raise ValueError("no validation queries to choose thresholds on")
+    # sort keys -> ascending?, in order of preference; the looser thresholds (larger max_distance, smaller
+    # min_margin) break the last ties, so nothing is rejected that the target does not require
+    loose = {"max_distance": False, "min_margin": True}
+    if target_accuracy is not None:
+        ok = grid[grid["accuracy"] >= target_accuracy - 1e-12]
+        met = not ok.empty
+        prefer = {"coverage": False, "accuracy": False} if met else {"accuracy": False, "coverage": False}
+        pool = ok if met else grid
+    else:  # accepting everything reaches any coverage, so this target is always met
+        pool, met = grid[grid["coverage"] >= target_coverage - 1e-12], True
+        prefer = {"accuracy": False, "coverage": False}
+    order = {**prefer, **loose}
+    best = pool.sort_values(list(order), ascending=list(order.values())).iloc[0]
+    t = Thresholds(float(best["max_distance"]), float(best["min_margin"]))
+    info = {"target_accuracy": target_accuracy, "target_coverage": target_coverage, "met": bool(met),
+            "coverage": float(best["coverage"]), "accuracy": float(best["accuracy"])}
+    return t, info
+
+
+def new_individual_calls(top1_distance, is_new, threshold: float) -> dict:
+    """Open-set re-ID: precision, recall and F1 of calling a query a new individual when its nearest gallery photo is
+    farther than `threshold` (one chosen on val, measured on test), with the numbers of new and known queries."""
+    d, is_new = np.asarray(top1_distance, dtype=np.float64), np.asarray(is_new, dtype=bool)
+    called = d > threshold
+    hits = np.nan if np.isnan(threshold) else np.float64((called & is_new).sum())  # no threshold: nothing to measure
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision, recall = hits / called.sum(), hits / is_new.sum()
+        f1 = 2 * precision * recall / (precision + recall)
+    return {"n_new": int(is_new.sum()), "n_known": int((~is_new).sum()), "threshold": float(threshold),
+            "precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def new_individual_threshold(top1_distance, is_new) -> dict:
+    """The threshold of new_individual_calls with the best F1 over the observed distances (scikit-learn's
+    precision-recall curve), with its calls' precision, recall and F1. The threshold is NaN when the queries hold no
+    new or no known individual (nothing to choose between)."""
+    from sklearn.metrics import precision_recall_curve
+
+    d, is_new = np.asarray(top1_distance, dtype=np.float64), np.asarray(is_new, dtype=bool)
+    if is_new.all() or not is_new.any():
+        return new_individual_calls(d, is_new, float("nan"))
+    precision, recall, cut = precision_recall_curve(is_new, d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+    best = int(f1.argmax())
+    # 'new' means d >= cut[best]; the midpoint below it makes a strict '>' give the same calls
+    below = d[d < cut[best]]
+    threshold = (cut[best] + below.max()) / 2 if len(below) else np.nextafter(cut[best], -np.inf)
+    return new_individual_calls(d, is_new, threshold)
+
+
+def risk_coverage(correct, confidence) -> pd.DataFrame:
+    """Accuracy of the answered queries against the share answered, answering the most confident first.
+
+    One row per distinct confidence value (ties are answered together): threshold (answer when confidence >=
+    it), coverage, accuracy. For a distance, pass its negative.
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    order = np.argsort(-confidence, kind="stable")
+    c, hits = confidence[order], np.cumsum(correct[order])
+    last_of_tie = np.append(c[1:] != c[:-1], True)
+    n = np.arange(1, len(c) + 1)[last_of_tie]
+    return pd.DataFrame({"threshold": c[last_of_tie], "coverage": n / max(len(c), 1),
+                         "accuracy": hits[last_of_tie] / n})
+
+
+def save_thresholds(path: str | os.PathLike, thresholds: Thresholds, info: dict) -> Path:
+    """JSON with the thresholds and how they were chosen (k, weighting, targets, what they achieved)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**asdict(thresholds), **info}
+    if np.isinf(thresholds.max_distance):
+        data["max_distance"] = None  # JSON has no infinity; null = no distance limit
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def load_thresholds(path: str | os.PathLike) -> tuple[Thresholds, dict]:
+    data = json.loads(Path(path).read_text())
+    max_distance = data.pop("max_distance")
+    t = Thresholds(float("inf") if max_distance is None else float(max_distance), float(data.pop("min_margin")))
+    return t, data

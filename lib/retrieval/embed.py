@@ -1,0 +1,97 @@
+"""Embedding extraction: a model and a dataset in, one float32 row per dataset row out (same order); and a cache
+that computes them once per (checkpoint, data, transform, TTA, precision).
+
+Cache files live in one folder (a run's `embeddings/`), named by a hash of everything that changes the result:
+the checkpoint file's content, each image file read (path, size, mtime), the transform's repr, TTA and the
+autocast precision. A changed input gives another name, so a stale file is never read, only left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from lib.core.device import DeviceSettings
+
+# images per forward pass when embedding (validation, evaluation, prediction, probe): fits a CPU or any GPU at
+# 224-480 px in inference mode; a bigger batch speeds a big GPU little since decoding is the bottleneck
+EMBED_BATCH_SIZE = 64
+
+
+@torch.inference_mode()
+def extract_embeddings(model: torch.nn.Module, dataset: Dataset, settings: DeviceSettings, batch_size: int = EMBED_BATCH_SIZE,
+                       progress: bool = False, desc: str = "embed", tta: bool = False) -> np.ndarray:
+    """tta: flip TTA, the mean of an image's and its mirror image's embeddings, re-normalised to unit length."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=settings.num_workers,
+                        pin_memory=settings.pin_memory)
+    was_training = model.training
+    model.eval()
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    out = []
+    for x, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x = x.to(settings.device, non_blocking=True, memory_format=memory_format)
+        with settings.autocast():
+            emb = model(x).float()
+            if tta:
+                emb = torch.nn.functional.normalize(emb + model(torch.flip(x, dims=[3])).float(), dim=1)
+        out.append(emb.cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 2**22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_fingerprint(paths) -> str:
+    """Hash of the files in this order by path, size and mtime: any edited, replaced or reordered image changes it."""
+    digest = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"{os.fspath(p)}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def embedding_key(checkpoint_sha256: str, data_fingerprint: str, transform: str, tta: bool, precision: str,
+                  extra: dict | None = None) -> dict:
+    """Everything an embedding depends on besides the model code; its hash names the cache file. `extra`: what else
+    the caller's images depend on (e.g. the probe's background masks)."""
+    return {"checkpoint_sha256": checkpoint_sha256, "data_fingerprint": data_fingerprint, "transform": transform,
+            "tta": bool(tta), "precision": precision, **(extra or {})}
+
+
+def cached_embeddings(model: torch.nn.Module, dataset: Dataset, settings: DeviceSettings, cache_dir: str | os.PathLike,
+                      checkpoint_sha256: str, tta: bool = False, batch_size: int = EMBED_BATCH_SIZE, progress: bool = False,
+                      desc: str = "embed", extra: dict | None = None) -> tuple[np.ndarray, dict]:
+    """(embeddings, info) for an IndexDataset-like `dataset` (it has `.paths` and `.transform`), from the cache when
+    it holds them, else extracted and stored. info: the key, `file`, `cached` and `ms_per_image` (of extraction).
+    checkpoint_sha256 may name any model state (e.g. a backbone and the hash of its weights file); `extra` joins the key.
+    """
+    key = embedding_key(checkpoint_sha256, files_fingerprint(dataset.paths), repr(dataset.transform), tta,
+                        settings.precision, extra)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"{name}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["embeddings"], {**key, **json.loads(str(f["info"])), "file": str(path), "cached": True}
+    t0 = time.perf_counter()
+    emb = extract_embeddings(model, dataset, settings, batch_size, progress=progress, desc=desc, tta=tta)
+    info = {"ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(dataset), 1), "n": len(emb)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:  # a file object, so np.savez does not append a second .npz to the temp name
+        np.savez(f, embeddings=emb, paths=np.asarray([str(p) for p in dataset.paths]),
+                 info=json.dumps({**key, **info}))
+    os.replace(tmp, path)
+    return emb, {**key, **info, "file": str(path), "cached": False}

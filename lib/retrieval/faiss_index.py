@@ -1,0 +1,230 @@
+"""Faiss index (build, save beside its metadata, load), exact top-K search, search within a context (no torch).
+
+Vectors are L2-normalised before they enter the index and before they query it, and the index is an
+exact IndexFlatL2 (exact search: a re-ID gallery is small enough, and no approximation error). Distances are squared L2 as faiss returns them; for unit vectors
+d² = 2 − 2·cos, so nearest-by-d² is most-similar-by-cosine and d² lies in [0, 4].
+"""
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from lib.core.errors import DataError
+
+SEARCH_BATCH = 4096  # queries per faiss call in search(): bounds its (batch, k) result buffers
+NO_NEIGHBOUR = -1  # index of a padding entry in a search_within row whose context has fewer than k photos
+
+
+def unit_rows(x, what: str) -> np.ndarray:
+    """float32, C-contiguous, L2-normalised copy of a (n, d) float array, or a clear error."""
+    x = np.asarray(x)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(f"{what} must be a non-empty (n, d) array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{what} must be floating point, got {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)  # faiss reads float32 C-contiguous buffers only
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        raise DataError(
+            f"{what}: {len(bad)} rows contain NaN or inf (rows {bad[:10].tolist()}); the model produced "
+            "non-finite embeddings (diverged training, fp16 overflow?)"
+        )
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if len(zero):
+        raise DataError(f"{what}: {len(zero)} rows are all zero (rows {zero[:10].tolist()}); they have no direction")
+    return x / norms
+
+
+def _gpu_id(device) -> int | None:
+    """GPU number for the index, or None for the CPU."""
+    device = str(device)  # accepts a torch.device too
+    if device == "cpu":
+        return None
+    if device != "auto" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if faiss.get_num_gpus() == 0:
+        if device != "auto":
+            # a CUDA torch beside faiss-cpu is a common install; the search still works, only slower
+            warnings.warn(f"device={device!r} but this faiss build sees no GPU (faiss-cpu?): index stays on the CPU")
+        return None
+    return int(device.partition(":")[2] or 0)
+
+
+def build_index(embeddings, device="auto") -> faiss.Index:
+    """Exact IndexFlatL2 over the L2-normalised rows of `embeddings` (n, d); on the GPU when faiss has one.
+
+    device: 'auto' (GPU if faiss sees one), 'cpu', 'cuda' or 'cuda:N'. Index row i is embeddings row i.
+    A GPU index must go through faiss.index_gpu_to_cpu before faiss.write_index.
+    """
+    x = unit_rows(embeddings, "embeddings")
+    index = _on_device(faiss.IndexFlatL2(x.shape[1]), device)
+    index.add(x)
+    return index
+
+
+def faiss_device_for(torch_device) -> str:
+    """Where Faiss runs beside a model on `torch_device`: the CPU with a CPU model, else 'auto' (the GPU when this
+    faiss build has one; faiss-cpu beside a CUDA torch is a common install and no error)."""
+    return "cpu" if str(torch_device) == "cpu" else "auto"
+
+
+def _on_device(index: faiss.Index, device) -> faiss.Index:
+    gpu = _gpu_id(device)
+    if gpu is None:
+        return index
+    resources = faiss.StandardGpuResources()
+    index = faiss.index_cpu_to_gpu(resources, gpu, index)
+    # faiss's Python wrapper does not keep the resources alive; once collected, search crashes
+    index.referenced_objects = [resources]
+    return index
+
+
+def unit_queries(index: faiss.Index, queries) -> np.ndarray:
+    """unit_rows of the queries, checked against the index's dimension."""
+    q = unit_rows(queries, "queries")
+    if q.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {q.shape[1]} but the index holds dimension {index.d}")
+    return q
+
+
+def clip_k(k: int, available: int) -> int:
+    """k clipped to the vectors a query may retrieve; k < 1 or nothing to retrieve is an error."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if available < 1:
+        raise ValueError("nothing to search: the index has no vector a query may retrieve")
+    return min(k, available)
+
+
+def knn(index: faiss.Index, q: np.ndarray, k: int, self_rows=None):
+    """index.search of unit query rows, and with self_rows (index row of each query) that row removed from its
+    results."""
+    if self_rows is None:
+        return index.search(q, k)
+    distances, indices = index.search(q, k + 1)
+    own = indices == self_rows[:, None]
+    # an exact duplicate may tie with the query and come first, so the query's row is dropped by index,
+    # not by position; where ties pushed it past k + 1 the last result goes instead
+    own[~own.any(axis=1), -1] = True
+    keep = ~own
+    return distances[keep].reshape(len(keep), k), indices[keep].reshape(len(keep), k)
+
+
+def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, exclude_self: bool = False):
+    """(distances, indices), each (n_q, k), nearest first: squared L2 (= 2 − 2·cos) as float32, index rows as int64.
+
+    Queries are L2-normalised as build_index's vectors are. k is clipped to the number of vectors a query
+    can retrieve. Queries go to faiss `batch_size` at a time to bound memory.
+    exclude_self: leave-one-out; `queries` are the indexed vectors in index order, and each query's own
+    row is removed from its results.
+    """
+    q = unit_queries(index, queries)
+    if exclude_self and len(q) != index.ntotal:
+        raise ValueError(f"exclude_self needs one query per indexed vector ({index.ntotal}), got {len(q)}")
+    k = clip_k(k, index.ntotal - exclude_self)
+    distances = np.empty((len(q), k), dtype=np.float32)
+    indices = np.empty((len(q), k), dtype=np.int64)
+    for start in range(0, len(q), batch_size):
+        stop = min(start + batch_size, len(q))
+        self_rows = np.arange(start, stop) if exclude_self else None
+        distances[start:stop], indices[start:stop] = knn(index, q[start:stop], k, self_rows)
+    return distances, indices
+
+
+def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, exclude_self: bool = False,
+                  device="auto"):
+    """search() where each query retrieves only gallery rows with its key (seed 001: a tree is looked for among the
+    trees at its street address; a photo among the individuals of its camera site).
+
+    Returns (distances, indices) like search(), indices into the whole gallery, k columns (clipped to what the
+    largest searched context holds). A query whose context holds fewer than k photos (minus itself with
+    exclude_self, which needs the queries to be the gallery in order) gets them all, and the rest of its row is
+    padding: index NO_NEIGHBOUR, distance inf. A query whose context has nothing to retrieve is an error naming it.
+    """
+    g_keys, q_keys = np.asarray(gallery_keys).astype(str), np.asarray(query_keys).astype(str)
+    if len(g_keys) != len(gallery_emb) or len(q_keys) != len(query_emb):
+        raise ValueError(f"{len(gallery_emb)} gallery embeddings for {len(g_keys)} keys, {len(query_emb)} query "
+                         f"embeddings for {len(q_keys)} keys")
+    if exclude_self and not np.array_equal(g_keys, q_keys):
+        raise ValueError("exclude_self needs the queries to be the gallery (same rows, same keys, same order)")
+    contexts, n_queries = np.unique(q_keys, return_counts=True)
+    available = {c: int((g_keys == c).sum()) - exclude_self for c in contexts}
+    empty = [f"{str(c)!r} ({n} queries)" for c, n in zip(contexts, n_queries) if available[c] < 1]
+    if empty:
+        raise DataError(f"no gallery photo to search in context {', '.join(empty[:5])}"
+                        + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+                        + ": give these photos a context the gallery has, or search without the restriction")
+    k = clip_k(k, max(available.values()))
+    distances = np.full((len(q_keys), k), np.inf, dtype=np.float32)
+    indices = np.full((len(q_keys), k), NO_NEIGHBOUR, dtype=np.int64)
+    for c in contexts:
+        rows, members = np.flatnonzero(q_keys == c), np.flatnonzero(g_keys == c)
+        index = build_index(np.asarray(gallery_emb)[members], device)
+        k_c = min(k, available[c])
+        distances[rows, :k_c], local = search(index, np.asarray(query_emb)[rows], k_c, exclude_self=exclude_self)
+        indices[rows, :k_c] = members[local]
+    return distances, indices
+
+
+def fill_padding(neighbours: np.ndarray) -> np.ndarray:
+    """Neighbour rows with each padding entry (NO_NEIGHBOUR) replaced by the row's first neighbour, for label
+    lookups: the padding then adds no class to a row, and as its distance is inf it carries no vote."""
+    neighbours = np.asarray(neighbours)
+    return np.where(neighbours == NO_NEIGHBOUR, neighbours[:, :1], neighbours)
+
+
+METADATA_COLUMNS = ("path", "label", "group", "context")  # what a search result says about each gallery row
+
+
+def save_index(index: faiss.Index, metadata: pd.DataFrame, folder: str | os.PathLike, info: dict | None = None) -> Path:
+    """index.faiss + metadata.csv (row i describes index row i) + index.json (`info`: what made it) in `folder`."""
+    if index.ntotal != len(metadata):
+        raise ValueError(f"the index holds {index.ntotal} vectors but the metadata {len(metadata)} rows")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if type(index).__name__.startswith("Gpu"):
+        index = faiss.index_gpu_to_cpu(index)  # write_index serialises CPU indexes only
+    tmp = folder / ".index.faiss.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, folder / "index.faiss")
+    metadata.reset_index(drop=True).to_csv(folder / "metadata.csv", index=False)
+    (folder / "index.json").write_text(json.dumps(info or {}, indent=2, default=str) + "\n")
+    return folder
+
+
+def load_index(folder: str | os.PathLike, device="cpu") -> tuple[faiss.Index, pd.DataFrame, dict]:
+    """(index, metadata, info) as save_index wrote them; device as in build_index."""
+    folder = Path(folder)
+    if not (folder / "index.faiss").exists():
+        raise DataError(f"no saved index in {folder} (index.faiss missing)")
+    index = faiss.read_index(str(folder / "index.faiss"))
+    metadata = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
+    if index.ntotal != len(metadata):
+        raise DataError(f"{folder}: index.faiss holds {index.ntotal} vectors but metadata.csv {len(metadata)} rows; "
+                        "the two files come from different saves")
+    index = _on_device(index, device)
+    info = json.loads((folder / "index.json").read_text()) if (folder / "index.json").exists() else {}
+    return index, metadata, info
+
+
+def search_table(index: faiss.Index, metadata: pd.DataFrame, queries, k: int) -> pd.DataFrame:
+    """Top-k gallery rows of each query as one long table: query (row of `queries`), rank (1 = nearest),
+    gallery_row, the metadata's path/label/group[/context], distance (squared L2). One query may be a (d,) vector.
+    """
+    queries = np.asarray(queries)
+    distances, indices = search(index, queries[None] if queries.ndim == 1 else queries, k)
+    n_q, k = indices.shape
+    cols = [c for c in METADATA_COLUMNS if c in metadata.columns]
+    table = metadata[cols].iloc[indices.ravel()].reset_index(drop=True)
+    table.insert(0, "gallery_row", indices.ravel())
+    table.insert(0, "rank", np.tile(np.arange(1, k + 1), n_q))
+    table.insert(0, "query", np.repeat(np.arange(n_q), k))
+    table["distance"] = distances.ravel()
+    return table

@@ -1,0 +1,331 @@
+"""The training loop: P×K batches, AMP, gradient accumulation, margin phases, EMA, retrieval validation every
+epoch, early stopping, atomic checkpoints and exact resume. The parts (model, loss, sampler, device settings,
+logger) are built by the caller and passed in, so a test can hand in tiny ones.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from lib.core.device import DeviceSettings, apply_settings
+from lib.core.errors import DataError
+from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings
+from lib.retrieval.faiss_index import build_index, search
+from lib.retrieval.ranking import evaluate_retrieval, resolve_val_protocol
+from lib.train.checkpoint import (
+    fp32_state_dict,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from lib.train.losses import (
+    CombinedLoss,
+    MarginSchedule,
+    class_context_matrix,
+    context_margins,
+)
+from lib.train.mining import context_error, mining_weights
+from lib.train.tracking import MetricsLog
+
+SCHEDULERS = ("cosine_restarts", "plateau", "none")
+CHECKPOINT_FILES = ("latest_model.pt", "best_model.pt", "metrics.csv")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the checkpoints on disk are from the last good epoch."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr_backbone: float = 1e-4
+    lr_head: float = 1e-3          # the head starts from random, so it may move faster than pretrained features
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine_restarts"
+    t0: int = 10                   # CosineAnnealingWarmRestarts (seed 000)
+    t_mult: int = 2
+    plateau_patience: int = 5      # ReduceLROnPlateau on val Recall@1 (seed 000)
+    plateau_factor: float = 0.5
+    early_stop_patience: int = 10  # epochs without a better val Recall@1
+    ema_decay: float = 0.0         # 0 = off; else the EMA model is validated too and drives model selection
+    grad_clip: float = 0.0         # 0 = off; max gradient norm
+    checkpoint_every: int = 10     # checkpoint_epoch_N.pt for ensembles and overfitting analysis
+    eval_batch_size: int = EMBED_BATCH_SIZE
+    seed: int = 0
+    # gallery: train photos are the gallery, val photos the queries (seed 000); loo: each val photo queries the other
+    # val photos (open-set: val individuals are not in train); auto: loo when no val label occurs in train
+    val_protocol: str = "auto"
+    # seed 001, for data with a `context` column (site, street address):
+    context_margin: float = 0.0    # extra ArcFace margin for classes that share a context with another (0.7 vs 0.5)
+    mining_warmup_epochs: int = -1  # -1 off; N: uniform context sampling for N epochs, then by per-context val error
+
+
+def build_optimizer(model, criterion: CombinedLoss, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+    groups = [{"params": model.backbone_parameters(), "lr": cfg.lr_backbone, "name": "backbone"},
+              {"params": [*model.head_parameters(), *criterion.parameters()], "lr": cfg.lr_head, "name": "head"}]
+    # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones.
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    if cfg.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+    if cfg.scheduler == "cosine_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.t0, T_mult=cfg.t_mult)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.plateau_patience,
+                                                          factor=cfg.plateau_factor)
+    return None
+
+
+def comparable_config(config: dict) -> dict:
+    """What must match to resume: everything but the epoch budget, freshness and the machine it ran on."""
+    out = {k: v for k, v in config.items() if k not in ("device", "fresh", "run")}
+    if "train" in out:
+        out["train"] = {k: v for k, v in out["train"].items() if k not in ("epochs", "eval_batch_size")}
+    return out
+
+
+def settings_diff(now: dict, then: dict, defaults: dict) -> list[str]:
+    """Dotted names of the settings that differ between two run configs. A setting `then` does not record (its
+    checkpoint predates the setting) counts as its default; one with no default either (derived) is not compared."""
+    now, then, defaults = (pd.json_normalize(comparable_config(c)).iloc[0].to_dict() if c else {}
+                           for c in (now, then, defaults))
+    missing = object()
+    diff = []
+    for key in sorted(now.keys() | then.keys()):
+        old = then.get(key, defaults.get(key, missing))
+        if old is not missing and str(now.get(key)) != str(old):
+            diff.append(key)
+    return diff
+
+
+def validate(model, gallery_set: Dataset, query_set: Dataset, settings: DeviceSettings, batch_size: int,
+             protocol: str = "gallery", prefix: str = "val_") -> dict:
+    """Faiss retrieval: train images as the gallery and val images as queries, or val leave-one-out.
+
+    Returns (metrics, top-1 hit per query)."""
+    q = extract_embeddings(model, query_set, settings, batch_size)
+    ql = query_set.targets.numpy()
+    g, gl = (q, ql) if protocol == "loo" else (extract_embeddings(model, gallery_set, settings, batch_size),
+                                              gallery_set.targets.numpy())
+    m = evaluate_retrieval(g, gl, q, ql, ks=(1, 5), exclude_self=protocol == "loo")
+    _, top1 = search(build_index(g), q, 1, exclude_self=protocol == "loo")
+    hits = gl[top1[:, 0]] == ql
+    return {f"{prefix}recall@1": m["recall@1"], f"{prefix}recall@5": m["recall@5"], f"{prefix}mAP": m["mAP"]}, hits
+
+
+def _move_aside(run_dir: Path) -> Path | None:
+    """fresh=True: earlier results are moved into run_dir/replaced-<time>/, never deleted."""
+    old = [p for p in run_dir.iterdir() if p.is_file() and (p.name in CHECKPOINT_FILES or p.name.startswith("checkpoint_epoch_"))]
+    if not old:
+        return None
+    backup = run_dir / f"replaced-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    backup.mkdir()
+    for p in old:
+        shutil.move(str(p), backup / p.name)
+    return backup
+
+
+def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: MarginSchedule, cfg: TrainConfig,
+        settings: DeviceSettings, train_set: Dataset, batch_sampler, gallery_set: Dataset, query_set: Dataset,
+        config: dict, fresh: bool = False, log: MetricsLog | None = None, progress: bool = True,
+        stop_after_epoch: int | None = None, defaults: dict | None = None) -> pd.DataFrame:
+    """Train and validate; returns the per-epoch history (epoch 0 = the untrained model, for comparison).
+
+    Resumes from run_dir/latest_model.pt unless fresh=True; a checkpoint made with other settings is an error.
+    `stop_after_epoch` ends the call after that epoch as if the process were killed (tests resume from it).
+    `defaults` (the config of an all-default run) stands in for settings an older checkpoint does not record.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = log or MetricsLog(run_dir)
+    latest = run_dir / "latest_model.pt"
+    if fresh:
+        backup = _move_aside(run_dir)
+        if backup:
+            print(f"fresh start: earlier checkpoints moved to {backup}")
+    apply_settings(settings)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model.to(settings.device, memory_format=memory_format)
+    criterion.to(settings.device)
+    optimizer = build_optimizer(model, criterion, cfg, settings.device)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = settings.grad_scaler()
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=settings.num_workers,
+                        pin_memory=settings.pin_memory, persistent_workers=settings.num_workers > 0,
+                        prefetch_factor=4 if settings.num_workers > 0 else None)
+
+    class_contexts, query_contexts = _contexts(cfg, train_set, query_set, batch_sampler)
+    history: list[dict] = []
+    start_epoch, best, since_best, run_id = 1, -math.inf, 0, None
+    if latest.exists() and not fresh:
+        ckpt = load_checkpoint(latest)
+        diff = settings_diff(config, ckpt["config"], defaults or {})
+        if diff:
+            raise DataError(f"{latest} was trained with other settings ({', '.join(diff[:8])}); "
+                            "use fresh=True (old files are kept in a replaced-* folder) or another run_dir")
+        model.load_state_dict(ckpt["model"])
+        criterion.load_state_dict(ckpt["criterion"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        if ckpt.get("context_weights"):
+            batch_sampler.set_context_weights(ckpt["context_weights"])
+        history, best, since_best, run_id = ckpt["history"], ckpt["best_metric"], ckpt["since_best"], ckpt.get("mlflow_run_id")
+        start_epoch = ckpt["epoch"] + 1
+        print(f"resumed from {latest} at epoch {ckpt['epoch']} (best val recall@1 {best:.4f})")
+    else:
+        seed_everything(cfg.seed)
+    log.start(config, run_dir.name, run_id)
+    select_key = "ema_val_recall@1" if ema is not None else "val_recall@1"
+    protocol = resolve_val_protocol(cfg.val_protocol, gallery_set.targets.numpy(), query_set.targets.numpy())
+    print(f"validation: {'val leave-one-out' if protocol == 'loo' else 'train gallery, val queries'}")
+
+    if not history:
+        metrics, _ = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
+        row = {"epoch": 0, "phase": "untrained", **metrics}
+        history.append(row)
+        log.write(history)
+        print(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f}")
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if since_best >= cfg.early_stop_patience:
+                print(f"early stop: no better val recall@1 for {since_best} epochs")
+                break
+            t0 = time.time()
+            frozen = schedule.backbone_frozen_at(epoch - 1)
+            model.set_backbone_trainable(not frozen)
+            margin = criterion.head.margin = schedule.margin_at(epoch - 1)
+            # Context margins only once there is a margin: the m=0 warm-up is plain softmax on purpose.
+            margins_for = (None if class_contexts is None or margin == 0 else
+                           lambda y: context_margins(y, class_contexts, base=margin, same_context=margin + cfg.context_margin))
+            batch_sampler.set_epoch(epoch)
+            train_loss, n_images = _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings, cfg,
+                                                memory_format, progress, f"epoch {epoch}/{cfg.epochs}", margins_for)
+            row = {"epoch": epoch, "phase": "warmup" if frozen else "finetune", "margin": criterion.head.margin,
+                   "train_loss": train_loss, "lr_backbone": optimizer.param_groups[0]["lr"],
+                   "lr_head": optimizer.param_groups[1]["lr"], "train_seconds": time.time() - t0,
+                   "images_per_second": n_images / max(time.time() - t0, 1e-9)}
+            metrics, hits = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
+            row.update(metrics)
+            if ema is not None:
+                row.update(validate(ema.module, gallery_set, query_set, settings, cfg.eval_batch_size, protocol,
+                                    prefix="ema_val_")[0])
+            context_weights = None
+            if query_contexts is not None and epoch >= cfg.mining_warmup_epochs:
+                errors = context_error(query_contexts, hits)
+                context_weights = mining_weights(errors[errors.index.isin(batch_sampler.contexts)])
+                batch_sampler.set_context_weights(context_weights)
+                worst = errors.sort_values(ascending=False).head(3)
+                row["worst_contexts"] = "; ".join(f"{c} {e:.2f}" for c, e in worst.items())
+            if scheduler is not None:
+                scheduler.step(row["val_recall@1"]) if cfg.scheduler == "plateau" else scheduler.step()
+            improved = row[select_key] > best
+            best, since_best = (row[select_key], 0) if improved else (best, since_best + 1)
+            row["best_val_recall@1"] = best
+            history.append(row)
+
+            state = {"epoch": epoch, "config": config, "best_metric": best, "since_best": since_best,
+                     "history": history, "model": fp32_state_dict(model), "criterion": fp32_state_dict(criterion),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "scaler": scaler.state_dict(), "ema": fp32_state_dict(ema) if ema is not None else None,
+                     "rng": rng_state(), "mlflow_run_id": log.mlflow_run_id, "class_to_idx": config.get("class_to_idx"),
+                     "context_weights": context_weights}
+            save_checkpoint(latest, state)
+            if improved:
+                # The weights that scored: the EMA's when EMA drives selection (seed 002 keeps the best EMA model).
+                best_state = dict(state, model=fp32_state_dict(ema.module)) if ema is not None else state
+                save_checkpoint(run_dir / "best_model.pt", best_state)
+            if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+                save_checkpoint(run_dir / f"checkpoint_epoch_{epoch}.pt", state)
+            log.write(history)
+            print(f"epoch {epoch}: loss {train_loss:.4f} val recall@1 {row['val_recall@1']:.4f} "
+                  f"recall@5 {row['val_recall@5']:.4f} mAP {row['val_mAP']:.4f}"
+                  + (f" | EMA recall@1 {row['ema_val_recall@1']:.4f}" if ema is not None else "")
+                  + f" | {row['train_seconds']:.0f} s")
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                break
+    finally:
+        log.end()
+    return pd.DataFrame(history)
+
+
+def _contexts(cfg: TrainConfig, train_set, query_set, batch_sampler):
+    """(class x context matrix for context margins, val query contexts for mining), each None when not asked for."""
+    wanted = cfg.context_margin > 0 or cfg.mining_warmup_epochs >= 0
+    if not wanted:
+        return None, None
+    if "context" not in train_set.index.columns:
+        raise DataError("context_margin / mining_warmup_epochs need a `context` column in the index "
+                        "(notebook 01: metadata_csv with context_col)")
+    class_contexts = None
+    if cfg.context_margin > 0:
+        class_contexts = class_context_matrix(train_set.targets.numpy(), train_set.index["context"].to_numpy(),
+                                              int(train_set.targets.max()) + 1)
+    query_contexts = None
+    if cfg.mining_warmup_epochs >= 0:
+        if not hasattr(batch_sampler, "set_context_weights"):
+            raise ValueError("hard-context mining (mining_warmup_epochs >= 0) needs sampler='context_pk'")
+        query_contexts = query_set.index["context"].to_numpy()
+    return class_contexts, query_contexts
+
+
+def _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings: DeviceSettings, cfg: TrainConfig,
+                 memory_format, progress: bool, desc: str, margins_for=None) -> tuple[float, int]:
+    model.train()
+    criterion.train()
+    accum = settings.accum_steps
+    n_steps = len(loader)
+    # The running loss stays on the device: reading it every step would stall the GPU on a sync.
+    loss_sum = torch.zeros((), device=settings.device)
+    n_images = 0
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    for step, (x, y) in enumerate(bar):
+        x = x.to(settings.device, non_blocking=True, memory_format=memory_format)
+        y = y.to(settings.device, non_blocking=True)
+        with settings.autocast():
+            emb = model(x)
+        # The loss runs in fp32: the margin's trigonometry and s=64 logits are where half precision hurts.
+        loss, _ = criterion(emb.float(), y, margins_for(y) if margins_for else None)
+        scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach()
+        n_images += len(y)
+        if (step + 1) % accum == 0 or step + 1 == n_steps:
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+        if (step + 1) % 50 == 0 or step + 1 == n_steps:
+            mean = loss_sum.item() / (step + 1)
+            if not math.isfinite(mean):
+                raise TrainingDiverged(f"loss became {mean} at step {step + 1} of {desc}; stopped. The checkpoints in "
+                                       "the run folder are from the last good epoch. Lower the learning rates or the "
+                                       "margin, or try precision='fp32'.")
+            bar.set_postfix(loss=f"{mean:.3f}")
+    return loss_sum.item() / max(n_steps, 1), n_images

@@ -1,0 +1,185 @@
+"""ArcFace family (plain, sub-centre, per-sample margins), its margin schedule, and auxiliary metric-learning terms."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+
+from lib.core.errors import DataError
+
+# Floor under 1 - cos^2 before the square root: keeps d(sin)/d(cos) finite when an embedding sits exactly on
+# (or opposite to) a class centre, where the true derivative is infinite.
+_SIN_EPS = 1e-7
+
+
+def _cos_plus_margin(cos: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """cos(theta + m) for theta = acos(cos), kept monotonically decreasing in theta over [0, pi].
+
+    Uses the standard threshold trick (insightface, pytorch-metric-learning), not "easy margin": where
+    theta + m would pass pi, cos(theta + m) would start rising again and reward moving away from the
+    class, so there the logit is the linear continuation cos - m*sin(m) (= cos - sin(pi - m) * m).
+    With m = 0 this returns cos exactly (cos*1 - sin*0).
+    """
+    sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=_SIN_EPS))
+    cos_m, sin_m = torch.cos(m), torch.sin(m)
+    threshold = torch.cos(math.pi - m)
+    return torch.where(cos > threshold, cos * cos_m - sin * sin_m, cos - sin_m * m)
+
+
+class ArcFaceHead(nn.Module):
+    """Additive angular margin softmax with k sub-centres per class (k=1: ArcFace, k>1: Sub-center ArcFace).
+
+    Written here because pytorch-metric-learning's ArcFaceLoss has no per-sample margins and no margin schedule.
+    `margin` is a plain attribute so a schedule can change it between epochs without touching the weights.
+    """
+
+    def __init__(self, embed_dim: int, n_classes: int, s: float = 64.0, m: float = 0.5, k_subcenters: int = 1):
+        super().__init__()
+        if k_subcenters < 1:
+            raise ValueError(f"k_subcenters must be >= 1, got {k_subcenters}")
+        self.n_classes, self.k_subcenters = n_classes, k_subcenters
+        self.s = s
+        self.margin = m
+        # Rows [c*k, (c+1)*k) are class c's sub-centres.
+        self.weight = nn.Parameter(torch.empty(n_classes * k_subcenters, embed_dim))
+        nn.init.xavier_uniform_(self.weight)
+
+    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, n_classes) cosine to each class: the nearest of its sub-centres."""
+        # fp32 even under AMP: bf16 keeps ~3 digits, so cos 0.995 and 0.999 (where the margin acts) would merge;
+        # the head is one small matmul, so this costs nothing that matters.
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            cos = F.linear(F.normalize(emb.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+        return cos.view(len(emb), self.n_classes, self.k_subcenters).amax(dim=2)
+
+    def logits(self, emb: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor | None = None) -> torch.Tensor:
+        """s * cos for every class, with the true class's angle widened by its row's margin."""
+        cos = self.cosine(emb)
+        if margins is None:
+            margins = torch.full((len(emb),), float(self.margin), dtype=cos.dtype, device=cos.device)
+        target = cos.gather(1, labels[:, None])
+        widened = _cos_plus_margin(target, margins.to(cos)[:, None])
+        return self.s * cos.scatter(1, labels[:, None], widened)
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy over the batch; `margins` (B,) overrides `self.margin` row by row."""
+        return F.cross_entropy(self.logits(emb, labels, margins), labels)
+
+
+@dataclass
+class MarginSchedule:
+    """Warm-up phase (small margin, backbone frozen: the head first learns class centres from stable features),
+    then the full margin, optionally reached by a linear ramp. Epochs are 0-based.
+
+    With ramp_epochs = R > 0 the margin rises in R equal steps over the first R unfrozen epochs and is
+    `margin` from epoch warmup_epochs + R - 1 on; R = 0 (or 1) is a step.
+    """
+
+    warmup_epochs: int = 5
+    warmup_margin: float = 0.0
+    margin: float = 0.5
+    ramp_epochs: int = 0
+    freeze_backbone_in_warmup: bool = True
+
+    def __post_init__(self):
+        if self.warmup_epochs < 0 or self.ramp_epochs < 0:
+            raise ValueError(f"warmup_epochs and ramp_epochs must be >= 0, "
+                             f"got {self.warmup_epochs} and {self.ramp_epochs}")
+
+    def margin_at(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup_margin
+        if self.ramp_epochs == 0:
+            return self.margin
+        fraction = min(1.0, (epoch - self.warmup_epochs + 1) / self.ramp_epochs)
+        return self.warmup_margin + fraction * (self.margin - self.warmup_margin)
+
+    def backbone_frozen_at(self, epoch: int) -> bool:
+        return self.freeze_backbone_in_warmup and epoch < self.warmup_epochs
+
+
+def class_context_matrix(class_idx, contexts, n_classes: int) -> torch.Tensor:
+    """(n_classes, n_contexts) bool: True where class c has at least one image at that context.
+
+    `class_idx` and `contexts` are per image (e.g. the training index's class indices and `context` column);
+    context columns follow the sorted unique context values.
+    """
+    context_idx, _ = pd.factorize(pd.Series(contexts), sort=True)
+    if (context_idx < 0).any():
+        raise DataError(f"context is missing for image {int(np.flatnonzero(context_idx < 0)[0])} (0-based row); "
+                        "every image needs a context to build context margins")
+    matrix = torch.zeros(n_classes, int(context_idx.max()) + 1, dtype=torch.bool)
+    matrix[torch.as_tensor(class_idx, dtype=torch.long), torch.as_tensor(context_idx)] = True
+    return matrix
+
+
+def context_margins(labels: torch.Tensor, class_contexts: torch.Tensor, base: float = 0.5,
+                    same_context: float = 0.7) -> torch.Tensor:
+    """Per-sample margins (B,): `same_context` for a sample whose class shares a context with at least one
+    other class (a confusable neighbour at the same site), else `base`.
+
+    `class_contexts` is the (n_classes, n_contexts) bool matrix from `class_context_matrix` (built once from
+    the training index); a class seen at several contexts is crowded if any of them holds another class.
+    """
+    classes_per_context = class_contexts.sum(dim=0)
+    crowded = (class_contexts & (classes_per_context >= 2)).any(dim=1)
+    return torch.where(crowded.to(labels.device)[labels], same_context, base).float()
+
+
+class CombinedLoss(nn.Module):
+    """ArcFace head plus optional weighted pytorch-metric-learning terms on the same embeddings:
+    BatchHard triplet and Multi-Similarity (each with its own miner). Needs P×K batches for the miners."""
+
+    def __init__(self, head: ArcFaceHead, triplet_weight: float = 0.0, triplet_margin: float = 0.2,
+                 ms_weight: float = 0.0, ms_alpha: float = 2.0, ms_beta: float = 50.0, ms_base: float = 0.5,
+                 ms_miner_epsilon: float = 0.1):
+        super().__init__()
+        self.head = head
+        self.weights = {"triplet": triplet_weight, "ms": ms_weight}
+        self.triplet = pml_losses.TripletMarginLoss(margin=triplet_margin)
+        self.triplet_miner = pml_miners.BatchHardMiner()
+        self.ms = pml_losses.MultiSimilarityLoss(alpha=ms_alpha, beta=ms_beta, base=ms_base)
+        self.ms_miner = pml_miners.MultiSimilarityMiner(epsilon=ms_miner_epsilon)
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor,
+                margins: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(total, parts): total = arcface + sum(weight * term); parts holds each unweighted term, detached.
+
+        Parts stay 0-dim tensors on the device (read with float()): converting here would sync the GPU every step.
+        """
+        terms = {"arcface": self.head(emb, labels, margins)}
+        if self.weights["triplet"] > 0:
+            terms["triplet"] = self.triplet(emb, labels, self.triplet_miner(emb, labels))
+        if self.weights["ms"] > 0:
+            terms["ms"] = self.ms(emb, labels, self.ms_miner(emb, labels))
+        total = terms["arcface"] + sum(self.weights[name] * value for name, value in terms.items() if name != "arcface")
+        return total, {name: value.detach() for name, value in terms.items()}
+
+
+@dataclass
+class LossConfig:
+    """Knobs of `build_loss` (s, m, k_subcenters as in ArcFaceHead; auxiliary terms off at weight 0)."""
+
+    s: float = 64.0
+    m: float = 0.5
+    k_subcenters: int = 1
+    triplet_weight: float = 0.0
+    triplet_margin: float = 0.2
+    ms_weight: float = 0.0
+    ms_alpha: float = 2.0
+    ms_beta: float = 50.0
+    ms_base: float = 0.5
+    ms_miner_epsilon: float = 0.1
+
+
+def build_loss(cfg: LossConfig, embed_dim: int, n_classes: int) -> CombinedLoss:
+    head = ArcFaceHead(embed_dim, n_classes, s=cfg.s, m=cfg.m, k_subcenters=cfg.k_subcenters)
+    return CombinedLoss(head, triplet_weight=cfg.triplet_weight, triplet_margin=cfg.triplet_margin,
+                        ms_weight=cfg.ms_weight, ms_alpha=cfg.ms_alpha, ms_beta=cfg.ms_beta, ms_base=cfg.ms_base,
+                        ms_miner_epsilon=cfg.ms_miner_epsilon)

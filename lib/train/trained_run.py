@@ -1,0 +1,84 @@
+"""A trained run loaded back: its model with the checkpoint's weights and eval transform, its split rows (refused when
+the data changed since training), and their embeddings through the run's cache. Evaluation, prediction, the gallery
+browser and the probe all start here."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lib.core.device import DeviceSettings
+from lib.core.errors import DataError
+from lib.data.dataset import IndexDataset
+from lib.data.transforms import build_transforms
+from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, file_sha256
+from lib.train.checkpoint import load_checkpoint
+from lib.train.model import ModelConfig, create_model
+from lib.train.run import load_run_data
+
+CHECKPOINTS = {"best": "best_model.pt", "latest": "latest_model.pt"}
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    checkpoint: Path
+    checkpoint_sha256: str
+    config: dict              # the checkpoint's full config (sections + class_to_idx, data_fingerprint, ...)
+    history: list
+    model: torch.nn.Module
+    eval_tf: object
+
+
+def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str = "best") -> Path:
+    """'best', 'latest', or a file name in run_dir (e.g. 'checkpoint_epoch_10.pt')."""
+    path = Path(run_dir) / CHECKPOINTS.get(checkpoint, checkpoint)
+    if not path.is_file():
+        found = sorted(p.name for p in Path(run_dir).glob("*.pt")) if Path(run_dir).is_dir() else []
+        raise DataError(f"no checkpoint {path}; run_dir holds {found or 'no .pt files'} (train it with notebook 02)")
+    return path
+
+
+def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best") -> TrainedRun:
+    """The run's model with the checkpoint's weights (built without fetching any pretrained weights) and its eval
+    transform, on the CPU in eval mode."""
+    path = checkpoint_file(run_dir, checkpoint)
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    model = create_model(ModelConfig(**{**config["model"], "pretrained": ""}))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    dc, aug = model.data_config, config["aug"]
+    _, eval_tf = build_transforms(aug["img_size"], dc["mean"], dc["std"], preset="none")
+    return TrainedRun(Path(run_dir), path, file_sha256(path), config, ckpt.get("history", []), model, eval_tf)
+
+
+def split_rows(run: TrainedRun) -> pd.DataFrame:
+    """The run's split index (with `split`), refused when the data changed since training."""
+    index, _, report = load_run_data(run.config)
+    trained_on = run.config.get("data_fingerprint")
+    if trained_on and report.get("data_fingerprint") != trained_on:
+        raise DataError(f"the split in {run.config['data']['splits_dir']} describes other data than {run.checkpoint} "
+                        "was trained on (data fingerprints differ); evaluate with the splits it was trained with")
+    return index.reset_index(drop=True)
+
+
+def split_part(rows: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of one split of a split index, without the `split` column, numbered from 0 (embedding order)."""
+    return rows.loc[rows["split"] == split, [c for c in rows.columns if c != "split"]].reset_index(drop=True)
+
+
+def embed_rows(run: TrainedRun, rows: pd.DataFrame, settings: DeviceSettings, tta: bool = False,
+               batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, desc: str = "embed") -> tuple[np.ndarray, dict]:
+    """Embeddings of index rows through the run's cache (run_dir/embeddings/)."""
+    d = run.config["data"]
+    dataset = IndexDataset(rows, d["data_dir"], run.eval_tf, run.config["class_to_idx"], d["cache_dir"] or None)
+    run.model.to(settings.device)
+    return cached_embeddings(run.model, dataset, settings, run.run_dir / "embeddings", run.checkpoint_sha256, tta=tta,
+                             batch_size=batch_size, progress=progress, desc=desc)
+
+
