@@ -8,9 +8,12 @@ STAMP  := $(VENV)/.installed-$(if $(GPU),gpu,cpu)
 .PHONY: setup demo test bench
 setup: $(STAMP)
 
-$(STAMP): requirements.txt $(FAISS)
+$(STAMP): requirements.txt $(FAISS) pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -r requirements.txt -r $(FAISS)
+	# the project itself, editable: lib and data_prep import from anywhere, and the photo-predict command;
+	# --no-deps because the pinned files above are the only source of versions (see pyproject.toml).
+	$(PY) -m pip install --no-deps -e .
 	# papermill starts notebooks in this kernel; --sys-prefix keeps it inside the venv.
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))"
 	rm -f $(VENV)/.installed-*

@@ -13,20 +13,18 @@ Printed: identity-balanced mAP, mAP and Recall@1 on val (train photos as the gal
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pandas as pd  # noqa: E402
 
 from data_prep.make_demo import make_demo  # noqa: E402
-from lib.evaluate import evaluate_run  # noqa: E402
-from lib.index import check_images, index_from_csv  # noqa: E402
-from lib.run import build_config, train_run  # noqa: E402
-from lib.splits import SplitConfig, prepare_splits  # noqa: E402
+from lib.data.splits import SplitConfig, prepare_splits  # noqa: E402
+from lib.data.table import check_images, index_from_csv  # noqa: E402
+from lib.evaluate.run_eval import evaluate_run  # noqa: E402
+from lib.train.config import build_config  # noqa: E402
+from lib.train.run import train_run  # noqa: E402
 
 
 def main() -> None:

@@ -10,26 +10,24 @@ python bench/bench_embed.py [--n 256] [--img-size 128] [--backbone resnet10t] [-
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lib.device  # noqa: E402,F401  (sets the OpenMP guard before torch and faiss load)
+import lib.core.device  # noqa: E402,F401  (sets the OpenMP guard before torch and faiss load)
+# isort: split
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lib.data import IndexDataset  # noqa: E402
-from lib.device import auto_settings  # noqa: E402
-from lib.embed import extract_embeddings  # noqa: E402
-from lib.model import ModelConfig, create_model  # noqa: E402
-from lib.resize_cache import build_cache  # noqa: E402
-from lib.retrieval import build_index, search  # noqa: E402
-from lib.transforms import build_transforms  # noqa: E402
+from lib.core.device import auto_settings  # noqa: E402
+from lib.data.dataset import IndexDataset  # noqa: E402
+from lib.data.resize_cache import build_cache  # noqa: E402
+from lib.data.transforms import build_transforms  # noqa: E402
+from lib.retrieval.embed import extract_embeddings  # noqa: E402
+from lib.retrieval.faiss_index import build_index, search  # noqa: E402
+from lib.train.model import ModelConfig, create_model  # noqa: E402
 
 
 def photo(path: Path, seed: int, w: int = 1200, h: int = 900) -> None:

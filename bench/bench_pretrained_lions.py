@@ -6,13 +6,14 @@ tf_efficientnet_lite0 at 224 px, embed_dim 512. Training uses lions/train (label
 on lions/val (19 other individuals) leave-one-out: each val photo queries all other val photos. Rows:
   (a) frozen ImageNet weights ('lite0-imagenet'): the EmbeddingModel as created (its Linear+BN head is random) and
       the plain pooled backbone features (the honest "frozen ImageNet features");
-  (b) the project's training loop (lib.run.train_run) from ImageNet weights, for a wall-clock budget;
+  (b) the project's training loop (lib.train.run.train_run) from ImageNet weights, for a wall-clock budget;
   (c) the same loop from random weights, same budget.
 The loop validates on photos held out of lions/train (the val individuals are not in its gallery, so the loop's
 train-gallery protocol would score 0 there); that split only selects the checkpoint. It takes ~25 min on 2 cores.
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -20,22 +21,22 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lib.device  # noqa: E402,F401  (first: sets the OpenMP switch before torch and faiss load)
+import lib.core.device  # noqa: E402,F401  (first: sets the OpenMP switch before torch and faiss load)
+# isort: split
 import pandas as pd  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lib.checkpoint import load_checkpoint, seed_everything  # noqa: E402
-from lib.data import IndexDataset  # noqa: E402
-from lib.device import auto_settings  # noqa: E402
-from lib.embed import extract_embeddings  # noqa: E402
-from lib.index import check_images, index_from_folder  # noqa: E402
-from lib.model import ModelConfig, create_model  # noqa: E402
-from lib.retrieval import evaluate_retrieval  # noqa: E402
-from lib.run import build_config, train_run  # noqa: E402
-from lib.splits import SplitConfig, class_to_idx, prepare_splits  # noqa: E402
-from lib.transforms import build_transforms  # noqa: E402
+from lib.core.device import auto_settings  # noqa: E402
+from lib.data.dataset import IndexDataset  # noqa: E402
+from lib.data.splits import SplitConfig, class_to_idx, prepare_splits  # noqa: E402
+from lib.data.table import check_images, index_from_folder  # noqa: E402
+from lib.data.transforms import build_transforms  # noqa: E402
+from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings  # noqa: E402
+from lib.retrieval.ranking import evaluate_retrieval  # noqa: E402
+from lib.train.checkpoint import load_checkpoint, seed_everything  # noqa: E402
+from lib.train.model import ModelConfig, create_model  # noqa: E402
+from lib.train.config import RunConfig, build_config  # noqa: E402
+from lib.train.run import train_run  # noqa: E402
 
 BACKBONE = "tf_efficientnet_lite0"
 IMG_SIZE = 224
@@ -47,7 +48,7 @@ NUM_WORKERS = 1          # 2 cores: one loader process beside the main process's
 # a moderate margin and scale suit ~8 photos per individual; hflip off because a lion's left and right
 # whisker-spot patterns differ, so a mirrored left face is not the same individual's right face.
 PARAMS = dict(backbone=BACKBONE, embed_dim=512, img_size=IMG_SIZE, augment="light", hflip=False,
-              warmup_epochs=1, freeze_backbone_in_warmup=True, margin=0.3, m=0.3, s=30.0,
+              warmup_epochs=1, freeze_backbone_in_warmup=True, margin=0.3, s=30.0,
               lr_backbone=1e-4, lr_head=1e-3, p=16, k=4, checkpoint_every=0, device="auto", num_workers=NUM_WORKERS,
               seed=0)
 
@@ -66,7 +67,7 @@ def leave_one_out(emb, labels) -> dict:
 
 def score(model: nn.Module, val_set: IndexDataset, labels, settings) -> dict:
     """Leave-one-out retrieval on val; rows are L2-normalised inside the index, so raw pooled features work too."""
-    return leave_one_out(extract_embeddings(model, val_set, settings, batch_size=64), labels)
+    return leave_one_out(extract_embeddings(model, val_set, settings, batch_size=EMBED_BATCH_SIZE), labels)
 
 
 def frozen_rows(model: nn.Module, val_set: IndexDataset, labels, settings) -> list[dict]:
@@ -78,11 +79,11 @@ def frozen_rows(model: nn.Module, val_set: IndexDataset, labels, settings) -> li
     return rows
 
 
-def with_epochs(config: dict, epochs: int) -> dict:
-    return {**config, "train": {**config["train"], "epochs": epochs}}
+def with_epochs(config: RunConfig, epochs: int) -> RunConfig:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs))
 
 
-def train_for(run_dir: Path, config: dict, budget_s: float) -> pd.DataFrame:
+def train_for(run_dir: Path, config: RunConfig, budget_s: float) -> pd.DataFrame:
     """train_run for about `budget_s` seconds: the warm-up epoch, then one fine-tune epoch whose cost sets how many
     more fit the budget; each call resumes the previous one's checkpoint (the epoch count is not part of the
     settings a resume must match)."""
@@ -96,10 +97,10 @@ def train_for(run_dir: Path, config: dict, budget_s: float) -> pd.DataFrame:
     return train_run(str(run_dir), with_epochs(config, epochs), progress=False)
 
 
-def checkpoint_model(path: Path, config: dict) -> tuple[nn.Module, int]:
+def checkpoint_model(path: Path, config: RunConfig) -> tuple[nn.Module, int]:
     ckpt = load_checkpoint(path)
     # pretrained='' : the checkpoint replaces every weight, so nothing needs loading first
-    model = create_model(ModelConfig(**{**config["model"], "pretrained": ""}))
+    model = create_model(dataclasses.replace(config.model, pretrained=""))
     model.load_state_dict(ckpt["model"])
     return model, ckpt["epoch"]
 

@@ -17,15 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lib.device  # noqa: E402,F401  (first: sets the OpenMP switch before torch and faiss load)
+import lib.core.device  # noqa: E402,F401  (first: sets the OpenMP switch before torch and faiss load)
+# isort: split
 import pandas as pd  # noqa: E402
 
 from data_prep.make_demo import make_demo  # noqa: E402
-from lib.index import check_images, index_from_csv  # noqa: E402
-from lib.probe import ProbeConfig, run_probe  # noqa: E402
-from lib.splits import SplitConfig, prepare_splits  # noqa: E402
+from lib.data.splits import SplitConfig, prepare_splits  # noqa: E402
+from lib.data.table import check_images, index_from_csv  # noqa: E402
+from lib.probe.run import ProbeConfig, run_probe  # noqa: E402
 
 LIONS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lions"
 LITE0 = {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}

@@ -5,17 +5,14 @@ a fresh 480-px cache with and without draft, and prints both times, their ratio,
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lib.resize_cache import build_cache, cache_path  # noqa: E402
+from lib.data.resize_cache import build_cache, cache_path  # noqa: E402
 
 
 def camera_jpeg(path: Path, w: int, h: int, seed: int) -> None:

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lib.device import auto_settings  # noqa: E402
-from lib.losses import LossConfig, build_loss  # noqa: E402
-from lib.model import ModelConfig, create_model  # noqa: E402
-from lib.samplers import PKSampler  # noqa: E402
-from lib.train import TrainConfig, _train_epoch, build_optimizer  # noqa: E402
+from lib.core.device import auto_settings  # noqa: E402
+from lib.data.samplers import PKSampler  # noqa: E402
+from lib.train.config import TrainConfig  # noqa: E402
+from lib.train.loop import _train_epoch, build_optimizer  # noqa: E402
+from lib.train.losses import LossConfig, build_loss  # noqa: E402
+from lib.train.model import ModelConfig, create_model  # noqa: E402
 
 
 def bare_loop(model, criterion, optimizer, batches, settings) -> float:
@@ -73,7 +70,8 @@ def main() -> None:
     batches = [(images[idx], labels[idx]) for idx in sampler]
 
     model = create_model(ModelConfig(backbone=args.backbone, embed_dim=128)).to(settings.device)
-    criterion = build_loss(LossConfig(s=30.0, m=0.3), 128, n_classes).to(settings.device)
+    criterion = build_loss(LossConfig(s=30.0), 128, n_classes).to(settings.device)
+    criterion.head.margin = 0.3  # as the margin schedule sets it
     cfg = TrainConfig()
     optimizer = build_optimizer(model, criterion, cfg, settings.device)
     bare_loop(model, criterion, optimizer, batches[:2], settings)  # warm-up: allocator, cudnn autotune

@@ -13,7 +13,6 @@ import colorsys
 import io
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as coco_mask
 
-if __package__ in (None, ""):  # run as a script: make the repo's `lib` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib.errors import DataError
+from lib.core.errors import DataError
 
 FAMILIES = ("stripes", "spots", "checks", "rings", "zigzag", "crosses", "waves", "diamonds")
 JPEG_QUALITY = 90

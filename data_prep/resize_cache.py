@@ -8,13 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
 import pandas as pd  # noqa: E402
 
-from lib.errors import DataError  # noqa: E402
-from lib.images import RESIZE_MODES, find_images  # noqa: E402
-from lib.resize_cache import build_cache  # noqa: E402
+from lib.core.errors import DataError  # noqa: E402
+from lib.data.images import RESIZE_MODES, find_images  # noqa: E402
+from lib.data.resize_cache import build_cache  # noqa: E402
 
 
 def _rel_paths(data_root: Path, cache_dir: Path, index: Path | None) -> list[str]:

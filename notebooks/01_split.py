@@ -22,41 +22,39 @@
 # %% tags=["parameters"]
 data_dir = "data/demo"      # photo root; paths in the index are relative to it
 task = "classification"     # classification | reid (the label is the individual; see split_mode for open sets)
-metadata_csv = ""           # "" = read the folder layout; else a CSV with the columns named below
+metadata_csv = ""           # "": read the folder layout; else a CSV with the columns named below
 path_col = "path"
-label_col = ""              # "" = "label", or "individual" when task="reid"
-group_col = ""              # CSV column holding the leakage unit (object, encounter); "" = each image its own group
+label_col = ""              # "": "label", or "individual" when task is "reid"
+group_col = ""              # CSV column holding the leakage unit (object, encounter); "": each image its own group
 context_col = ""            # CSV column with a context (site, address), kept for re-identification
 split_col = ""              # CSV column with a ready-made split, kept as `given_split` for later notebooks
-group_by = "id"             # folder layout: "id" = text before the first "_" is the group; "file" = each file alone
-min_size = 224              # images smaller than min_size x min_size exclude their group (seed 000)
+group_by = "id"             # folder layout: "id": text before the first "_" is the group; "file": each file alone
+min_size = 224              # images smaller than min_size x min_size exclude their group (224: EfficientNet's minimum input)
 split_mode = "group"        # group | time (closed-set by date) | open (identity-disjoint) | given (split_col)
-time_col = ""               # split_mode="time": column with each photo's date or order
+time_col = ""               # with split_mode "time": column with each photo's date or order
 ratios = [0.7, 0.15, 0.15]  # train / val / test share of each class's images
 seed = 42
 n_folds = 0                 # > 1: also write K train/val folds around the fixed test split
 splits_dir = "splits"       # one folder per dataset: split files are checked against the data they were made from
 fresh = False               # True: split again; the old files move to splits_dir/replaced-<time>/
-cache_dir = ""              # "" = no resize cache; else resized copies go here (decode once, train many times)
+cache_dir = ""              # "": no resize cache; else resized copies go here (decode once, train many times)
 cache_size = 480            # shorter side of the cached images
 figures_dir = "figures"
 
 # %%
 import os
-import sys
 from pathlib import Path
 
 # Notebooks run from notebooks/ in Jupyter and from anywhere under papermill: work from the repository root.
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
 os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
 
 import pandas as pd
 from IPython.display import Markdown, display
 
-from lib.index import check_images, index_from_csv, index_from_folder
-from lib.plots import plot_split_distribution, save
-from lib.splits import SplitConfig, assign_splits, prepare_splits
+from lib.data.table import check_images, index_from_csv, index_from_folder
+from lib.analysis.figures import plot_split_distribution, save
+from lib.data.splits import SplitConfig, assign_splits, prepare_splits
 
 pd.set_option("display.max_colwidth", 120)
 
@@ -103,7 +101,7 @@ save(fig, Path(figures_dir) / "01_split_distribution.png")
 
 # %%
 if cache_dir:
-    from lib.resize_cache import build_cache
+    from lib.data.resize_cache import build_cache
 
     cache_report = build_cache(data_dir, kept["path"].tolist(), cache_dir, size=cache_size)
     print(cache_report)

@@ -29,8 +29,8 @@ run_dir = "runs/demo"           # checkpoints, metrics.csv; resumed when it hold
 fresh = False                   # True: start over; earlier checkpoints move to run_dir/replaced-<time>/
 data_dir = "data/demo"
 splits_dir = "splits"           # written by notebook 01
-cache_dir = ""                  # resize cache from notebook 01 ("" = read the originals)
-fold = -1                       # -1 = train/val split; k = fold k of notebook 01's K folds
+cache_dir = ""                  # resize cache from notebook 01 ("": read the originals)
+fold = -1                       # -1: train/val split; k: fold k of notebook 01's K folds
 # model
 backbone = "resnet10t"          # any timm name
 pretrained = ""                 # "" none | "auto" packaged if the backbone has them | "hub" | "lite0-imagenet" | a file
@@ -40,10 +40,10 @@ img_size = 64
 augment = "light"               # none | light | strong
 hflip = True                    # False where left and right flanks differ
 # loss and phases
-s = 30.0                        # ArcFace scale; seed 000: 64 for many classes, ~30-48 for few
-warmup_epochs = 1               # phase 1 length (seed 000: 5)
+s = 30.0                        # ArcFace scale: 64 for many classes, ~30-48 for few
+warmup_epochs = 1               # phase 1 length (5 on real photos)
 warmup_margin = 0.0
-margin = 0.3                    # phase 2 margin (seed 000: 0.5; lower for few classes or unstable runs)
+margin = 0.3                    # phase 2 margin (0.5 on real photos; lower for few classes or unstable runs)
 ramp_epochs = 0                 # > 0: raise the margin linearly over this many phase-2 epochs
 k_subcenters = 1                # > 1: Sub-center ArcFace
 triplet_weight = 0.0            # auxiliary BatchHard triplet term
@@ -55,31 +55,30 @@ lr_head = 3e-3
 weight_decay = 1e-4
 scheduler = "cosine_restarts"   # cosine_restarts | plateau | none
 early_stop_patience = 10
-ema_decay = 0.0                 # e.g. 0.999 on long runs; 0 = off
+ema_decay = 0.0                 # e.g. 0.999 on long runs; 0: off
 p = 6                           # classes per batch
 k = 4                           # images per class
 sampler = "pk"                  # pk | context_pk
-batches_per_epoch = 0           # 0 = about one pass over the train images
+batches_per_epoch = 0           # 0: about one pass over the train images
 seed = 0
-# device (auto = seed 000's table; set to override)
+# device (auto = chosen from the GPU: precision, workers, accumulation; set to override)
 device = "auto"
 precision = "auto"              # auto | bf16 | fp16 | fp32
 num_workers = -1
 accum_steps = 0
-mlflow_uri = "file:./mlruns"    # "" = no MLflow
+mlflow_uri = "file:./mlruns"    # "": no MLflow
 figures_dir = "figures"
 
 # %%
 import os
-import sys
 from pathlib import Path
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
 os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
 
-from lib.plots import plot_training_curves, save
-from lib.run import build_config, train_run
+from lib.analysis.figures import plot_training_curves, save
+from lib.train.config import build_config
+from lib.train.run import train_run
 
 config = build_config(
     data_dir=data_dir, splits_dir=splits_dir, cache_dir=cache_dir, fold=fold,

@@ -18,7 +18,7 @@
 # `k` nearest, and they vote (class score = sum of 1/d, or the chosen `weighting`). A vote is accepted, or marked
 # **unclassifiable** (the nearest photo is too far) or **reshoot** (the two best classes are too close). The two
 # thresholds are chosen on the validation split for `target_accuracy` (or `target_coverage`), and saved to
-# `run_dir/eval/val/thresholds.json`, where `data_prep/predict.py` finds them.
+# `run_dir/eval/val/thresholds.json`, where `photo-predict` (the command that predicts new photos) finds them.
 #
 # Model selection and threshold choice use validation only. The test split is the final service performance:
 # it is evaluated only with `evaluate_test=True`, with the thresholds chosen on val.
@@ -27,7 +27,7 @@
 # Re-identification (`task="reid"`, label = individual): an open-set split (individuals never seen in training,
 # notebook 01's `split_mode="open"`) is evaluated leave-one-out, each photo querying all other photos of the split;
 # the notebook adds identity-balanced mAP, CMC, per-identity AP and the all-vs-all similarity table.
-# `restrict_to_context=True` (seed 001: look for a tree only among the trees at its address) lets a query's
+# `restrict_to_context=True` (e.g. look for a street tree only among the trees at its address) lets a query's
 # neighbours, and so its vote, come only from photos of its own context; Recall@k and mAP still rank the whole
 # gallery, and notebook 04 breaks the accuracy down by the number of candidates in the context.
 
@@ -38,7 +38,7 @@ protocol = "auto"                # gallery (train photos) | loo (the split queri
 restrict_to_context = False      # True: a query's neighbours and vote come only from photos of its own context
 split = "val"                    # the split thresholds are chosen on; the test split is never used for choosing
 checkpoint = "best"              # best | latest | a checkpoint file name in run_dir
-k = 20                           # neighbours that vote (seed 000: 20)
+k = 20                           # neighbours that vote (20 as the project specifies)
 weighting = "inverse"            # inverse (1/d) | uniform | softmax
 tta = False                      # flip test-time augmentation (mean of the photo's and its mirror's embeddings)
 target_accuracy = 0.95           # thresholds: the largest coverage at this accuracy on val ...
@@ -51,22 +51,21 @@ notes = ""                       # free text for the results row
 
 # %%
 import os
-import sys
 from pathlib import Path
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
 os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
 
 import pandas as pd
 from IPython.display import display
 
-from lib.decide import choose_thresholds, risk_coverage, save_thresholds
-from lib.evaluate import append_benchmark_row, apply_thresholds, benchmark_row, evaluate_run
-from lib.evaluation import save_evaluation
-from lib.metrics import per_identity_ap
-from lib.plots import plot_risk_coverage, save
-from lib.reid import pairwise_scores
+from lib.retrieval.decide import choose_thresholds, risk_coverage, save_thresholds
+from lib.evaluate.results_table import append_benchmark_row, benchmark_row
+from lib.evaluate.run_eval import apply_thresholds, evaluate_run
+from lib.evaluate.record import save_evaluation
+from lib.retrieval.metrics import per_identity_ap
+from lib.analysis.figures import plot_risk_coverage, save
+from lib.retrieval.pairwise import pairwise_scores
 
 if split in ("train", "test"):
     raise ValueError(f"split={split!r}: thresholds are chosen on validation; use evaluate_test=True for the test split")

@@ -31,28 +31,26 @@ top_pairs = 20                  # rows of the most-confused-pairs table
 worst_n = 10                    # worst classes / contexts shown
 n_worst_queries = 8             # retrieval grids: the most confidently wrong queries
 k_show = 5                      # neighbours per query in the grids
-k_candidates = 0                # candidate classes are counted among this many neighbours (0 = all of them)
-tiny_margin = 0.005             # margin below which a vote is a coin toss (seed 001)
+k_candidates = 0                # candidate classes are counted among this many neighbours (0: all of them)
+tiny_margin = 0.005             # margin below which a vote is a coin toss
 embedding_maps = ["tsne", "umap"]   # umap only when umap-learn is installed
 max_map_points = 5000           # t-SNE is quadratic: subsample beyond this
 
 # %%
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
 os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
 
 import pandas as pd
 from IPython.display import display
 
-from lib import analysis as A
-from lib import plots_analysis as P
-from lib.evaluation import load_evaluation
-from lib.plots import save
+from lib.analysis import tables as A
+from lib.analysis import figures as P
+from lib.evaluate.record import load_evaluation
+from lib.analysis.figures import save
 
 ev = load_evaluation(Path(run_dir) / "eval" / split)
 tag = f"{Path(run_dir).name}_{split}"

@@ -24,7 +24,7 @@
 # %% tags=["parameters"]
 run_dir = "runs/demo"           # a run evaluated by notebook 03
 split = "val"                   # which saved evaluation to browse
-queries = []                    # paths for the static gallery; [] = the n_queries worst (most confidently wrong first)
+queries = []                    # paths for the static gallery; []: the n_queries worst (most confidently wrong first)
 n_queries = 6
 k = 5                           # gallery photos shown per query
 upload = True                   # load the run's model so that the browser can embed uploaded photos
@@ -34,23 +34,21 @@ figures_dir = "figures"
 
 # %%
 import os
-import sys
 from pathlib import Path
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
 os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
 
 import numpy as np
 from IPython.display import display
 
-from lib.analysis import rows_for_paths, worst_queries
-from lib.decide import Thresholds
-from lib.evaluation import load_evaluation
-from lib.gallery import photo_embedder, query_browser
-from lib.images import open_image
-from lib.plots import save
-from lib.plots_analysis import plot_retrieval_grid
+from lib.analysis.tables import rows_for_paths, worst_queries
+from lib.retrieval.decide import Thresholds
+from lib.evaluate.record import load_evaluation
+from lib.analysis.gallery import photo_embedder, query_browser
+from lib.data.images import open_image
+from lib.analysis.figures import save
+from lib.analysis.figures import plot_retrieval_grid
 
 ev = load_evaluation(Path(run_dir) / "eval" / split)
 tag = f"{Path(run_dir).name}_{split}"

@@ -26,10 +26,10 @@ data_dir = "data/demo"
 splits_dir = "splits"           # made by notebook 01
 split = "val"                   # the probed split ('test' only for the final word)
 task = "classification"         # classification | reid: which column names the individual (see identity_col)
-identity_col = ""               # "" = the label in re-ID mode, the group (the folder layout's ID) otherwise
+identity_col = ""               # "": the label in re-ID mode, the group (the folder layout's ID) otherwise
 protocol = "auto"               # auto | gallery (train photos are the gallery) | loo (the split queries itself)
 methods = ["global", "qe", "kreciprocal", "local", "fusion"]
-run_dir = "runs/demo"           # a run of notebook 02 on these splits, probed beside `backbones`; "" = none
+run_dir = "runs/demo"           # a run of notebook 02 on these splits, probed beside `backbones`; "": none
 backbones = [                   # pretrained timm backbones as they come (pooled features), and/or more runs:
     {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224},
 ]                               # {"name": "other", "run_dir": "runs/other"}
@@ -43,31 +43,29 @@ k2 = 6
 lambda_value = 0.3
 sift = {"max_side": 512, "n_features": 1000, "ratio": 0.8, "ransac_px": 5.0, "geometry": "homography"}
 calibrate_on = "val"            # split whose pairs calibrate fusion (cross-fitted by identity when it is `split`)
-mask_col = ""                   # column with the background masks (polygon / COCO RLE / mask image path); "" = none
+mask_col = ""                   # column with the background masks (polygon / COCO RLE / mask image path); "": none
 masks_csv = ""                  # a CSV with path + mask_col when the split index has no such column
-cache_dir = "runs/probe_cache"  # "" = no feature cache
+cache_dir = "runs/probe_cache"  # "": no feature cache
 device = "auto"
-mlflow_uri = "file:./mlruns"    # "" = no MLflow
-wandb_project = ""              # "" = no W&B (needs `pip install wandb`)
+mlflow_uri = "file:./mlruns"    # "": no MLflow
+wandb_project = ""              # "": no W&B (needs `pip install wandb`)
 figures_dir = "figures"
 results_dir = "results"
 n_examples = 2                  # queries whose AP rose most and fell most, drawn for the best method vs global
 
 # %%
 import os
-import sys
 from pathlib import Path
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
 os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
 
 from dataclasses import asdict
 
-from lib.plots import save
-from lib.plots_probe import most_changed, plot_probe, plot_rankings
-from lib.probe import probe_config, run_probe, save_probe
-from lib.tracking import log_table
+from lib.analysis.figures import save
+from lib.probe.figures import most_changed, plot_probe, plot_rankings
+from lib.probe.run import probe_config, run_probe, save_probe
+from lib.train.tracking import log_table
 
 identity = identity_col or ("label" if task == "reid" else "group")
 runs = [{"name": Path(run_dir).name, "run_dir": run_dir}] if run_dir else []

@@ -20,14 +20,34 @@ KERNEL = "photo-retrieval"
 HEADLESS = {"browser": False}  # what a notebook that declares it gets when nobody is there to click
 
 
+def cells(nb) -> list[tuple[str, str, list[str]]]:
+    """What the pair must agree on: each cell's type, source and tags (papermill needs `parameters`), in order.
+
+    Cell ids, outputs, execution counts and the order of metadata keys are left out: they differ between two
+    equivalent files and say nothing about what a notebook runs."""
+    return [(c.cell_type, c.source, sorted(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+def sync_ipynb(py: Path) -> bool:
+    """Rebuild py's .ipynb twin from the .py (the source) when it is missing or its cells differ; True if written.
+
+    Contents, not file times, decide: on a fresh clone mtimes are arbitrary, and rewriting an .ipynb that is already
+    in step would give its cells new ids and leave a tracked file modified."""
+    nb = py.with_suffix(".ipynb")
+    text = jupytext.read(py)
+    if nb.exists() and cells(jupytext.read(nb)) == cells(text):
+        return False
+    jupytext.write(text, nb)
+    return True
+
+
 def notebooks() -> list[Path]:
     """Numbered notebooks in order; the .py twin is the source, so a stale or missing .ipynb is rebuilt from it."""
     out = []
     for py in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
-        nb = py.with_suffix(".ipynb")
-        if not nb.exists() or nb.stat().st_mtime < py.stat().st_mtime:
-            jupytext.write(jupytext.read(py), nb)
-        out.append(nb)
+        if sync_ipynb(py):
+            print(f"   {py.with_suffix('.ipynb').name} rebuilt from {py.name}", flush=True)
+        out.append(py.with_suffix(".ipynb"))
     return out
 
 

@@ -42,7 +42,8 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def run_dir(demo, tmp_path_factory):
     """A tiny model trained one short epoch on the demo: something to evaluate and predict with."""
-    from lib.train.run import build_config, train_run
+    from lib.train.config import build_config
+    from lib.train.run import train_run
 
     data, splits = demo
     run = tmp_path_factory.mktemp("run")

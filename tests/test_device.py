@@ -9,7 +9,7 @@ from lib.core.device import auto_settings, gpu_profile
 @pytest.mark.parametrize("memory_gb, cc, expected", [
     (80, (8, 0), ("bf16", 16, 1)),   # A100 80GB
     (40, (8, 0), ("bf16", 8, 2)),    # A100 40GB
-    (24, (8, 6), ("bf16", 4, 4)),    # RTX 3090: bf16-capable, so bf16 (the seed table's fp16 predates that rule)
+    (24, (8, 6), ("bf16", 4, 4)),    # RTX 3090: bf16-capable, so bf16 (an fp16 setting for it predates that rule)
     (48, (8, 9), ("bf16", 8, 2)),    # other Ampere+
     (16, (7, 0), ("fp16", 4, 4)),    # pre-Ampere (V100)
 ])

@@ -2,12 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from lib.probe.local_match import (
-    SiftConfig,
-    count_inliers,
-    shortlist_inliers,
-    sift_features,
-)
+from lib.probe.local_match import SiftConfig, count_inliers, shortlist_inliers, sift_features
 
 
 def textured(seed, size=(256, 256)):

@@ -164,8 +164,9 @@ def _batch_hard_triplet(emb, labels, margin):
 def test_combined_loss_parts_sum_to_total():
     emb, labels = _batch(n=16, n_classes=4)
     emb.requires_grad_(True)
-    cfg = LossConfig(s=30.0, m=0.3, triplet_weight=0.3, triplet_margin=0.2, ms_weight=0.7)
+    cfg = LossConfig(s=30.0, triplet_weight=0.3, triplet_margin=0.2, ms_weight=0.7)
     loss = build_loss(cfg, embed_dim=8, n_classes=4)
+    loss.head.margin = 0.3  # as MarginSchedule sets it each epoch
     total, parts = loss(emb, labels)
     parts = {name: float(value) for name, value in parts.items()}
     assert set(parts) == {"arcface", "triplet", "ms"}

@@ -1,4 +1,5 @@
-"""The demo generator: deterministic bytes, the seed layout, planted bad files, learnable content, no clobbering."""
+"""The demo generator: deterministic bytes, the class/ID_seq folder layout, planted bad files, learnable content,
+no clobbering."""
 
 import hashlib
 import json

@@ -11,13 +11,7 @@ from PIL import ExifTags, Image, ImageDraw
 from torchvision import transforms
 
 from lib.core.errors import DataError
-from lib.data.masks import (
-    MaskedDataset,
-    apply_mask,
-    decode_mask,
-    masks_fingerprint,
-    mean_fill,
-)
+from lib.data.masks import MaskedDataset, apply_mask, decode_mask, masks_fingerprint, mean_fill
 
 W, H = 64, 48
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -102,12 +102,7 @@ def test_mean_average_precision_equals_sklearn_on_random_scores():
 
 
 def test_vote_metrics_hand_computed():
-    from lib.retrieval.metrics import (
-        confusion_table,
-        macro_f1,
-        per_class_report,
-        vote_accuracy,
-    )
+    from lib.retrieval.metrics import confusion_table, macro_f1, per_class_report, vote_accuracy
 
     y_true = ["a", "a", "a", "b", "b", "c"]
     y_pred = ["a", "a", "b", "b", "c", "c"]

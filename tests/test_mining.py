@@ -5,8 +5,9 @@ import torch
 from lib.data.splits import SplitConfig, prepare_splits
 from lib.data.table import check_images, index_from_csv
 from lib.train.checkpoint import load_checkpoint
+from lib.train.config import build_config
 from lib.train.mining import context_error, mining_weights
-from lib.train.run import build_config, train_run
+from lib.train.run import train_run
 
 
 def test_weights_move_toward_failing_contexts():

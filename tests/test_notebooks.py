@@ -1,5 +1,10 @@
 """Each numbered notebook runs headless through papermill on the demo data, and its .py/.ipynb pair is in sync."""
+import ast
+import importlib.util
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import jupytext
@@ -12,6 +17,10 @@ from test_analysis import assert_real_png
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 
+_spec = importlib.util.spec_from_file_location("run_all", ROOT / "notebooks" / "run_all.py")
+run_all = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_all)
+
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
 def test_pair_in_sync_with_a_parameters_cell(py):
@@ -22,6 +31,56 @@ def test_pair_in_sync_with_a_parameters_cell(py):
     assert "parameters" in code[0].metadata.get("tags", []), "first code cell must be tagged 'parameters'"
     assert all(not c.get("outputs") for c in code), "commit notebooks without outputs"
     assert nb.metadata["kernelspec"]["name"] == "photo-retrieval"
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_pair_matches_by_run_all_comparison(py):
+    """The comparison run_all.py rebuilds by (cell types, sources, tags) finds nothing to rebuild."""
+    ipynb, text = jupytext.read(py.with_suffix(".ipynb")), jupytext.read(py)
+    assert run_all.cells(ipynb) == run_all.cells(text), f"out of sync: jupytext --sync {py}"
+
+
+def test_rebuild_leaves_in_sync_notebooks_byte_for_byte(tmp_path, monkeypatch):
+    """As on a fresh clone, where every .py may be newer than its .ipynb: nothing in step is rewritten."""
+    (tmp_path / "notebooks").mkdir()
+    for py in NOTEBOOKS:
+        for f in (py, py.with_suffix(".ipynb")):
+            shutil.copy(f, tmp_path / "notebooks" / f.name)
+    copies = sorted((tmp_path / "notebooks").glob("*.py"))
+    for py in copies:
+        run_all.sync_ipynb(py)  # in step first (a committed pair out of step fails the test above, not this one)
+        os.utime(py.with_suffix(".ipynb"), (1_000_000, 1_000_000))
+        os.utime(py, (2_000_000, 2_000_000))
+    before = {py: py.with_suffix(".ipynb").read_bytes() for py in copies}
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    assert run_all.notebooks() == [py.with_suffix(".ipynb") for py in copies]
+    assert {py: py.with_suffix(".ipynb").read_bytes() for py in copies} == before
+
+    edited = copies[0]  # a real change to the source is still carried over
+    edited.write_text(edited.read_text() + "\n# %%\nprint('added')\n")
+    assert run_all.sync_ipynb(edited) and not run_all.sync_ipynb(edited)
+    assert run_all.cells(jupytext.read(edited.with_suffix(".ipynb"))) == run_all.cells(jupytext.read(edited))
+    assert all(py.with_suffix(".ipynb").read_bytes() == before[py] for py in copies[1:])
+
+
+def parameter_cell_values(py: Path) -> dict:
+    """The literal each name in the .py's parameters cell is set to (the last assignment wins, as when it runs)."""
+    cell = next(c for c in jupytext.read(py).cells if "parameters" in c.metadata.get("tags", []))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(py, caplog):
+    """papermill's parameter parser (papermill --help-notebook, inspect_notebook) parses every line, no warning."""
+    with caplog.at_level(logging.DEBUG, logger="papermill"):
+        found = papermill.inspect_notebook(str(py.with_suffix(".ipynb")))
+    unparsed = [r.getMessage() for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert not unparsed, "\n".join(unparsed)
+    expected = parameter_cell_values(py)
+    assert list(found) == list(expected)
+    for name, p in found.items():
+        default = ast.literal_eval(p["default"])  # a plain literal, so its type is known from the default
+        assert default == expected[name] and type(default) is type(expected[name]), name
 
 
 def run(name: str, out: Path, **params) -> nbformat.NotebookNode:

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 from test_notebooks import run
 
-from lib.evaluation import load_evaluation
-from lib.retrieval import NO_NEIGHBOUR
+from lib.evaluate.record import load_evaluation
+from lib.retrieval.faiss_index import NO_NEIGHBOUR
 
 
 def test_reid_notebooks_01_to_06_on_the_demo_context_column(demo, tmp_path):

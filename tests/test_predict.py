@@ -1,17 +1,27 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from conftest import write_image
 
-from data_prep.predict import main
-from lib.decide import Thresholds, save_thresholds
-from lib.evaluate import evaluate_run
-from lib.predict import list_photos, predict_photos
+from lib.evaluate.predict import list_photos, predict_photos
+from lib.evaluate.run_eval import evaluate_run
+from lib.retrieval.decide import Thresholds, save_thresholds
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSOLE = Path(sys.executable).with_name("photo-predict")  # installed by `pip install -e .` (make setup)
+
+
+def predict_cli(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+    """The command line as a user runs it: the photo-predict console script, or `python -m` with module=True."""
+    assert CONSOLE.exists(), f"{CONSOLE} missing: install the project with `pip install --no-deps -e .` (make setup)"
+    cmd = [sys.executable, "-m", "lib.evaluate.predict_cli"] if module else [str(CONSOLE)]
+    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, encoding="utf-8", errors="backslashreplace")
 
 
 def test_predictions_equal_the_evaluation_of_the_same_photos(run_dir, demo):
@@ -26,7 +36,7 @@ def test_predictions_equal_the_evaluation_of_the_same_photos(run_dir, demo):
     assert (table["error"] == "").all() and (table["verdict"] == "").all()  # no thresholds saved yet
 
 
-def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_path, capsys):
+def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_path):
     run_dir = Path(shutil.copytree(run_dir, tmp_path / "run"))  # thresholds are saved into it below
     photos = tmp_path / "new"
     for i, src in enumerate(sorted((demo[0] / "checks").glob("*.jpg"))[:3]):
@@ -40,7 +50,9 @@ def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_
     assert sorted(p.split("/")[-1][:3] for p in list_photos(photos)) == ["bro", "caf", "lin", "no_", "p0.", "p1.",
                                                                         "p2."]
     out = tmp_path / "pred.csv"
-    assert main([str(run_dir), str(photos), "--out", str(out), "--k", "5", "--device", "cpu"]) == 0
+    done = predict_cli(str(run_dir), str(photos), "--out", str(out), "--k", "5", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "7 photos -> " in done.stdout and "2 could not be read" in done.stdout
     table = pd.read_csv(out, keep_default_na=False)
     bad = table[table["path"].str.endswith("broken.jpg")]
     assert len(table) == 7 and len(bad) == 1 and "corrupt" in bad["error"].iloc[0] and bad["pred"].iloc[0] == ""
@@ -50,14 +62,16 @@ def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_
     assert good["neighbour_paths"].map(json.loads).map(len).eq(5).all()
 
     before = out.read_text()
-    assert main([str(run_dir), str(photos), "--out", str(out)]) == 2
-    assert out.read_text() == before and "--overwrite" in capsys.readouterr().err
+    refused = predict_cli(str(run_dir), str(photos), "--out", str(out), module=True)
+    assert refused.returncode == 2
+    assert out.read_text() == before and "--overwrite" in refused.stderr
 
     save_thresholds(run_dir / "eval" / "val" / "thresholds.json", Thresholds(max_distance=-1.0, min_margin=0.0),
                     {"k": 5, "weighting": "inverse"})
     listing = tmp_path / "list.txt"
     listing.write_text("# photos\nnew/sub0/p0.jpg\n\nnew/missing.jpg\n")
-    assert main([str(run_dir), str(listing), "--out", str(out), "--overwrite", "--device", "cpu"]) == 0
+    done = predict_cli(str(run_dir), str(listing), "--out", str(out), "--overwrite", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
     table = pd.read_csv(out, keep_default_na=False)
     assert table["verdict"].tolist() == ["unclassifiable", ""]  # max_distance < 0: nothing is close enough
     assert "cannot read file" in table["error"].iloc[1]

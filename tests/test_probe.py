@@ -9,14 +9,7 @@ import pytest
 import lib.probe.features
 import lib.retrieval.embed
 from lib.core.errors import DataError
-from lib.probe.run import (
-    METHODS,
-    ProbeConfig,
-    probe_config,
-    run_probe,
-    save_probe,
-    with_masks,
-)
+from lib.probe.run import METHODS, ProbeConfig, probe_config, run_probe, save_probe, with_masks
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
 
 METRICS = ["recall@1", "recall@5", "mAP", "identity_balanced_mAP"]

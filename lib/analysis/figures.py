@@ -216,7 +216,7 @@ def plot_confusion(view: pd.DataFrame, n_classes: int | None = None) -> plt.Figu
 
 
 def plot_margins(queries: pd.DataFrame, tiny: float = 0.005) -> plt.Figure:
-    """Histograms of the top-1/top-2 vote margin for right and wrong answers (seed 001: errors pile up near 0)."""
+    """Histograms of the top-1/top-2 vote margin for right and wrong answers (errors tend to pile up near 0)."""
     wrong = errors(queries)
     margins = queries["margin"].astype(float)
     bins = np.linspace(0, max(float(margins.max()), 1e-3), 31)

@@ -1,9 +1,9 @@
 """Where a model fails: tables computed from an Evaluation (notebook 04).
 
-The views are the ones error analyses of re-identification runs kept needing (seed 001): confusion between
+The views are the ones error analyses of re-identification runs kept needing: confusion between
 classes, the top-1/top-2 margin of right and wrong answers, accuracy against the number of candidate classes,
 the rank of the true class in the errors, the few classes/contexts that hold most errors, classes that always
-fail, and per-class AP (seed 003). Every function takes an Evaluation or its `queries` table and returns data.
+fail, and per-class AP. Every function takes an Evaluation or its `queries` table and returns data.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def candidate_counts(ev: Evaluation, k: int | None = None) -> np.ndarray:
 
 
 def context_candidates(ev: Evaluation) -> np.ndarray | None:
-    """Gallery classes that share each query's context (seed 001's 'trees at the address'); None without contexts."""
+    """Gallery classes that share each query's context (e.g. the trees at a street address); None without contexts."""
     if "context" not in ev.queries.columns or "context" not in ev.gallery.columns:
         return None
     per_context = ev.gallery.groupby("context")["label"].nunique()
@@ -117,7 +117,7 @@ def accuracy_by(queries: pd.DataFrame, key, name: str) -> pd.DataFrame:
 
 
 def true_class_rank(ev: Evaluation) -> np.ndarray:
-    """1-based rank of each query's true class in its vote (seed 001: 'the correct tree is the second choice');
+    """1-based rank of each query's true class in its vote (2 = the correct class was the second choice);
     0 when its class got no vote. Ties count in the true class's favour."""
     scores = ev.class_scores.to_numpy(dtype=float)
     column = {c: j for j, c in enumerate(ev.class_scores.columns)}
@@ -148,7 +148,7 @@ def worst(queries: pd.DataFrame, by: str = "label", top: int = 10) -> pd.DataFra
 def per_context(queries: pd.DataFrame) -> pd.DataFrame | None:
     """Per context (camera site, street address), worst first: queries, individuals, accuracy, mean AP, the median
     vote margin of its right and of its wrong answers, and the individuals none of whose photos there was decided
-    right (seed 001's 'always-fail' trees). None without contexts."""
+    right ('always-fail' individuals). None without contexts."""
     if "context" not in queries:
         return None
     frame = queries.assign(wrong=errors(queries).to_numpy())
@@ -188,7 +188,7 @@ def query_ap(ev: Evaluation) -> np.ndarray:
 
 
 def per_class_ap(ev: Evaluation) -> pd.DataFrame:
-    """Mean AP of each class's queries (seed 003: per-identity AP, to spot weak classes), lowest first.
+    """Mean AP of each class's queries (per-identity AP, to spot weak classes), lowest first.
 
     Classes absent from the gallery have no AP and are left out (see `always_fail` for them).
     """
@@ -199,7 +199,7 @@ def per_class_ap(ev: Evaluation) -> pd.DataFrame:
 
 
 def key_findings(ev: Evaluation, k: int | None = None, tiny_margin: float = 0.005, worst_n: int = 10) -> dict:
-    """Headline numbers in the spirit of seed 001's 'key findings from error analysis'."""
+    """Headline numbers of an error analysis: how many errors, how close their votes were, where they concentrate."""
     q = ev.queries
     wrong = errors(q)
     n_wrong = int(wrong.sum())

@@ -1,4 +1,4 @@
-"""Device choice and GPU auto-tuning (seed 000's table), every value overridable by a parameter."""
+"""Device choice and GPU auto-tuning (precision, loader workers, gradient accumulation), every value overridable by a parameter."""
 from __future__ import annotations
 
 import os
@@ -43,10 +43,10 @@ class DeviceSettings:
 
 
 def gpu_profile(total_memory_gb: float, capability: tuple[int, int], cpu_count: int) -> dict:
-    """Seed 000's table as a pure function of the card's memory and compute capability.
+    """The GPU auto-tuning table as a pure function of the card's memory and compute capability.
 
-    Precision follows the capability (bf16 from Ampere, cc >= 8.0, on every card including the RTX 3090 that the seed's
-    table lists as fp16: it supports bf16, and bf16 needs no GradScaler); workers and gradient accumulation follow memory.
+    Precision follows the capability (bf16 from Ampere, cc >= 8.0, on every card including the RTX 3090, usually
+    tuned for fp16: it supports bf16, and bf16 needs no GradScaler); workers and gradient accumulation follow memory.
     """
     precision = "bf16" if capability[0] >= 8 else "fp16"
     if total_memory_gb >= 70:

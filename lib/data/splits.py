@@ -37,7 +37,7 @@ GIVEN_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 class SplitConfig:
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 42
-    n_folds: int = 0  # >1: also write K train/val folds around the fixed test split (seed 002's k-fold)
+    n_folds: int = 0  # >1: also write K train/val folds around the fixed test split (k-fold cross-validation)
     # group: groups shared out per label (classification; closed-set re-ID when label = individual)
     # time:  the same, but each label's groups in time order: earliest to train, latest to test (closed-set re-ID)
     # open:  whole labels shared out, so val/test individuals are never seen in training (open-set re-ID)

@@ -1,6 +1,6 @@
 """The dataset index: one table, one row per image, built from a folder layout or a metadata CSV, then checked.
 
-Everything downstream reads only this table (DESIGN.md section 3). Columns: `path` (posix, relative to the data
+Everything downstream reads only this table. Columns: `path` (posix, relative to the data
 root), `label`, `group` (the leakage unit), optional `context`, `given_split` (a CSV's ready-made split), `seq`,
 `width`, `height`, and any extra columns a CSV brings. Problems that are safe to survive are returned as a
 `problems` table (path, problem, action); problems that would make the index wrong raise `DataError`.
@@ -12,11 +12,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from lib.core.cpus import usable_cpus
 from lib.core.errors import DataError
-from lib.data.images import IMAGE_EXTENSIONS, looks_like_image, probe_image
+from lib.data.images import looks_like_image, probe_image
 
 PROBLEM_COLUMNS = ["path", "problem", "action"]
 EXCLUSION_COLUMNS = ["group", "label", "path", "reason"]
@@ -183,7 +182,8 @@ def _probe(args: tuple[str, int]):
 
 def check_images(index: pd.DataFrame, data_root: str | os.PathLike, min_size: int = 224,
                  workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Probe every image; a missing, unreadable, truncated or undersized file excludes its whole group (seed 000 rule).
+    """Probe every image; a missing, unreadable, truncated or undersized file excludes its whole group,
+    so that no group is split between what is kept and what is not.
 
     Returns (kept index with `width`/`height` as displayed after EXIF rotation, exclusions with one row per image
     left out and the reason). Runs the probes in parallel processes: decoding dominates on real collections.

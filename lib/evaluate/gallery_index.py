@@ -7,12 +7,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.device import DeviceSettings
-from lib.retrieval.faiss_index import (
-    build_index,
-    faiss_device_for,
-    load_index,
-    save_index,
-)
+from lib.retrieval.faiss_index import build_index, faiss_device_for, load_index, save_index
 from lib.train.trained_run import TrainedRun, embed_rows, split_part, split_rows
 
 INDEX_DIR = "index"  # inside the run folder

@@ -16,12 +16,7 @@ from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.images import looks_like_image, probe_image
 from lib.evaluate.gallery_index import gallery_index
-from lib.retrieval.decide import (
-    DEFAULT_K,
-    DEFAULT_WEIGHTING,
-    decisions,
-    load_thresholds,
-)
+from lib.retrieval.decide import DEFAULT_K, DEFAULT_WEIGHTING, decisions, load_thresholds
 from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings
 from lib.retrieval.faiss_index import search
 from lib.train.trained_run import load_trained

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from lib.evaluate.record import Evaluation
+from lib.train.config import RunConfig
+from lib.train.losses import LossConfig
 
 BENCHMARK_COLUMNS = ("version", "split", "backbone", "loss", "embedding_dim", "img_size", "augmentation", "recall@1",
                      "recall@5", "mAP", "identity_balanced_mAP", "vote_accuracy", "macro_f1", "coverage", "accuracy_at_coverage",
@@ -19,20 +21,21 @@ BENCHMARK_COLUMNS = ("version", "split", "backbone", "loss", "embedding_dim", "i
 EVALUATION_KEYS = ("checkpoint_sha256", "protocol", "restrict_to_context", "k", "weighting", "tta", "thresholds")
 
 
-def _loss_name(loss: dict) -> str:
-    name = "arcface" if loss.get("k_subcenters", 1) <= 1 else f"subcenter-arcface(k={loss['k_subcenters']})"
-    extras = [f"+{term}{loss[f'{term}_weight']:g}" for term in ("triplet", "ms") if loss.get(f"{term}_weight")]
-    return f"{name}(s={loss['s']:g})" + "".join(extras)
+def _loss_name(loss: LossConfig) -> str:
+    name = "arcface" if loss.k_subcenters <= 1 else f"subcenter-arcface(k={loss.k_subcenters})"
+    extras = [f"+{term}{getattr(loss, f'{term}_weight'):g}" for term in ("triplet", "ms")
+              if getattr(loss, f"{term}_weight")]
+    return f"{name}(s={loss.s:g})" + "".join(extras)
 
 
 def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
     """The results-table row of an evaluation (columns BENCHMARK_COLUMNS)."""
-    cfg = ev.config["run"]
+    cfg = RunConfig.from_dict(ev.config["run"])
     m = ev.metrics
-    aug = cfg["aug"]
-    return {"version": Path(ev.config["run_dir"]).name, "split": ev.split, "backbone": cfg["model"]["backbone"],
-            "loss": _loss_name(cfg["loss"]), "embedding_dim": cfg["model"]["embed_dim"], "img_size": aug["img_size"],
-            "augmentation": aug["augment"] + ("+hflip" if aug["hflip"] else ""),
+    aug = cfg.aug
+    return {"version": Path(ev.config["run_dir"]).name, "split": ev.split, "backbone": cfg.model.backbone,
+            "loss": _loss_name(cfg.loss), "embedding_dim": cfg.model.embed_dim, "img_size": aug.img_size,
+            "augmentation": aug.augment + ("+hflip" if aug.hflip else ""),
             # .get: evaluations saved before a metric existed still make a row
             **{key: m.get(key, float("nan")) for key in ("recall@1", "recall@5", "mAP", "identity_balanced_mAP",
                                                           "vote_accuracy", "macro_f1", "coverage",

@@ -1,6 +1,5 @@
-"""Evaluate a trained run: rebuild its model from a checkpoint, embed gallery (train) and queries (one split) through
-the embedding cache, search, vote, decide, measure; and the one-row-per-run results table.
-"""
+"""Evaluate a trained run on one split: its model from a checkpoint, gallery (train) and queries (the split) embedded
+through the embedding cache, searched, voted, decided and measured into an evaluation record."""
 from __future__ import annotations
 
 import os
@@ -22,19 +21,8 @@ from lib.retrieval.decide import (
     verdicts,
 )
 from lib.retrieval.embed import EMBED_BATCH_SIZE
-from lib.retrieval.faiss_index import (
-    faiss_device_for,
-    fill_padding,
-    search,
-    search_within,
-)
-from lib.retrieval.metrics import (
-    first_hit_rank,
-    macro_f1,
-    per_class_report,
-    relevance,
-    vote_accuracy,
-)
+from lib.retrieval.faiss_index import faiss_device_for, fill_padding, search, search_within
+from lib.retrieval.metrics import first_hit_rank, macro_f1, per_class_report, relevance, vote_accuracy
 from lib.retrieval.ranking import evaluate_retrieval, resolve_val_protocol
 from lib.train.trained_run import embed_rows, load_trained, split_part, split_rows
 
@@ -70,9 +58,9 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     gallery, queries = split_part(rows, "train"), split_part(rows, split)
     if restrict_to_context and "context" not in rows.columns:
         raise DataError(f"restrict_to_context needs a context column, and the index of "
-                        f"{run.config['data']['splits_dir']} has none (notebook 01's context_col)")
+                        f"{run.settings.data.splits_dir} has none (notebook 01's context_col)")
     if queries.empty:
-        raise DataError(f"split {split!r} has no images in {run.config['data']['splits_dir']} "
+        raise DataError(f"split {split!r} has no images in {run.settings.data.splits_dir} "
                         f"(splits present: {sorted(set(rows['split']) - {''})})")
     protocol = resolve_val_protocol(protocol, gallery["label"], queries["label"])
     loo = protocol == "loo"
@@ -113,7 +101,7 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
               "tta": tta, "thresholds": asdict(thresholds or Thresholds()),
               "device": settings.device, "run": run.config,
               "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60}
-    return Evaluation(split=split, data_root=run.config["data"]["data_dir"], gallery=gallery, queries=queries,
+    return Evaluation(split=split, data_root=run.settings.data.data_dir, gallery=gallery, queries=queries,
                       neighbours=neighbours, distances=distances,
                       class_scores=pd.DataFrame(shares, columns=classes), gallery_emb=g_emb, query_emb=q_emb,
                       metrics=metrics, config=config)

@@ -1,5 +1,5 @@
 """What the probe compares retrieval methods on: each photo's global embedding (per backbone) and its SIFT features,
-computed once and cached under a key of method, model state, dataset signature and mask setting (seed 004)."""
+computed once and cached under a key of method, model state, dataset signature and mask setting."""
 from __future__ import annotations
 
 import hashlib
@@ -21,12 +21,7 @@ from lib.data.images import open_image
 from lib.data.masks import MaskedDataset, decode_mask, masks_fingerprint, mean_fill
 from lib.data.transforms import build_transforms
 from lib.probe.local_match import SiftConfig, sift_features
-from lib.retrieval.embed import (
-    EMBED_BATCH_SIZE,
-    cached_embeddings,
-    extract_embeddings,
-    files_fingerprint,
-)
+from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint
 from lib.train.model import ModelConfig, create_model
 from lib.train.trained_run import load_trained
 

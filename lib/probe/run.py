@@ -1,4 +1,4 @@
-"""Probe (seed 004): how well do retrieval methods identify individuals, on one split, with pretrained or fine-tuned
+"""Probe: how well do retrieval methods identify individuals, on one split, with pretrained or fine-tuned
 backbones? One row per method x backbone with identity-balanced mAP, CMC and the time each costs per query.
 
 Methods, each a full ranking of the gallery per query:
@@ -37,12 +37,7 @@ from lib.probe.local_match import SiftConfig, shortlist_inliers
 from lib.probe.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
 from lib.retrieval.embed import EMBED_BATCH_SIZE
 from lib.retrieval.faiss_index import unit_rows
-from lib.retrieval.ranking import (
-    RankingTally,
-    drop_self,
-    query_chunks,
-    resolve_val_protocol,
-)
+from lib.retrieval.ranking import RankingTally, drop_self, query_chunks, resolve_val_protocol
 
 METHODS = ("global", "qe", "kreciprocal", "local", "fusion")
 TOP_KEPT = 5  # first gallery photos of each query kept for the per-query table and figures

@@ -24,7 +24,7 @@ DEFAULT_WEIGHTING = "inverse"
 def neighbour_weights(distances, weighting: str = DEFAULT_WEIGHTING, eps: float = 1e-6, temperature: float = 0.05):
     """Vote weight of each neighbour (same shape as `distances`).
 
-    inverse: 1/(d + eps) (seed 000; eps keeps an exact duplicate finite); uniform: 1 (plain majority);
+    inverse: 1/(d + eps) (the project's default; eps keeps an exact duplicate finite); uniform: 1 (plain majority);
     softmax: exp(cos / temperature) with cos = 1 − d/2, i.e. a softmax over the neighbours' similarities.
     A neighbour at distance inf (padding) weighs 0.
     """

@@ -140,8 +140,8 @@ def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, 
 
 def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, exclude_self: bool = False,
                   device="auto"):
-    """search() where each query retrieves only gallery rows with its key (seed 001: a tree is looked for among the
-    trees at its street address; a photo among the individuals of its camera site).
+    """search() where each query retrieves only gallery rows with its key (e.g. a street tree is looked for among the
+    trees at its address; a photo among the individuals of its camera site).
 
     Returns (distances, indices) like search(), indices into the whole gallery, k columns (clipped to what the
     largest searched context holds). A query whose context holds fewer than k photos (minus itself with

@@ -36,7 +36,7 @@ def first_hit_rank(relevant: np.ndarray) -> np.ndarray:
 def cmc(query_labels, ranked_labels, max_rank: int) -> np.ndarray:
     """Cumulative match curve: element r-1 is the fraction of queries with a correct item in the top r.
 
-    Averaged over *all* queries (seed 000's recall@k definition), so a query whose label is absent from the
+    Averaged over *all* queries (as recall@k is defined here), so a query whose label is absent from the
     gallery counts as a miss at every rank, and cmc(...)[k-1] == recall@k. Ranks beyond the K given
     columns repeat the value at K (correct when each row is the whole gallery).
     """
@@ -111,8 +111,9 @@ def per_identity_ap(query_labels, ap) -> pd.DataFrame:
 
 
 def identity_balanced_map(query_labels, ap) -> float:
-    """mAP as the mean over identities of each identity's mean AP (seed 003): an individual with many photos
-    weighs as much as one with few, where plain mAP lets the often-photographed ones dominate.
+    """mAP as the mean over identities of each identity's mean AP, as re-ID competitions score it:
+    an individual with many photos weighs as much as one with few, where plain mAP lets the often-photographed
+    ones dominate.
     NaN APs (no relevant gallery item) are left out as in summarize_ap; NaN when no identity has one."""
     per = per_identity_ap(query_labels, ap)["ap"].dropna()
     return float(per.mean()) if len(per) else float("nan")

@@ -9,13 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.retrieval.faiss_index import build_index, clip_k, knn, unit_queries
-from lib.retrieval.metrics import (
-    average_precision,
-    identity_balanced_map,
-    recall_at_k,
-    relevance,
-    summarize_ap,
-)
+from lib.retrieval.metrics import average_precision, identity_balanced_map, recall_at_k, relevance, summarize_ap
 
 # (query, gallery) pairs ranked at once; each pair costs ~30 bytes of temporaries (score, ranking, label code,
 # relevance, cumulative precision), so ~0.25 GB per chunk

@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lib.core.device import DeviceSettings, apply_settings
 from lib.core.errors import DataError
-from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings
+from lib.retrieval.embed import extract_embeddings
 from lib.retrieval.faiss_index import build_index, search
 from lib.retrieval.ranking import evaluate_retrieval, resolve_val_protocol
 from lib.train.checkpoint import (
@@ -31,12 +30,8 @@ from lib.train.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from lib.train.losses import (
-    CombinedLoss,
-    MarginSchedule,
-    class_context_matrix,
-    context_margins,
-)
+from lib.train.config import TrainConfig, settings_diff
+from lib.train.losses import CombinedLoss, MarginSchedule, class_context_matrix, context_margins
 from lib.train.mining import context_error, mining_weights
 from lib.train.tracking import MetricsLog
 
@@ -46,31 +41,6 @@ CHECKPOINT_FILES = ("latest_model.pt", "best_model.pt", "metrics.csv")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the checkpoints on disk are from the last good epoch."""
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    lr_backbone: float = 1e-4
-    lr_head: float = 1e-3          # the head starts from random, so it may move faster than pretrained features
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine_restarts"
-    t0: int = 10                   # CosineAnnealingWarmRestarts (seed 000)
-    t_mult: int = 2
-    plateau_patience: int = 5      # ReduceLROnPlateau on val Recall@1 (seed 000)
-    plateau_factor: float = 0.5
-    early_stop_patience: int = 10  # epochs without a better val Recall@1
-    ema_decay: float = 0.0         # 0 = off; else the EMA model is validated too and drives model selection
-    grad_clip: float = 0.0         # 0 = off; max gradient norm
-    checkpoint_every: int = 10     # checkpoint_epoch_N.pt for ensembles and overfitting analysis
-    eval_batch_size: int = EMBED_BATCH_SIZE
-    seed: int = 0
-    # gallery: train photos are the gallery, val photos the queries (seed 000); loo: each val photo queries the other
-    # val photos (open-set: val individuals are not in train); auto: loo when no val label occurs in train
-    val_protocol: str = "auto"
-    # seed 001, for data with a `context` column (site, street address):
-    context_margin: float = 0.0    # extra ArcFace margin for classes that share a context with another (0.7 vs 0.5)
-    mining_warmup_epochs: int = -1  # -1 off; N: uniform context sampling for N epochs, then by per-context val error
 
 
 def build_optimizer(model, criterion: CombinedLoss, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
@@ -89,28 +59,6 @@ def build_scheduler(optimizer, cfg: TrainConfig):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.plateau_patience,
                                                           factor=cfg.plateau_factor)
     return None
-
-
-def comparable_config(config: dict) -> dict:
-    """What must match to resume: everything but the epoch budget, freshness and the machine it ran on."""
-    out = {k: v for k, v in config.items() if k not in ("device", "fresh", "run")}
-    if "train" in out:
-        out["train"] = {k: v for k, v in out["train"].items() if k not in ("epochs", "eval_batch_size")}
-    return out
-
-
-def settings_diff(now: dict, then: dict, defaults: dict) -> list[str]:
-    """Dotted names of the settings that differ between two run configs. A setting `then` does not record (its
-    checkpoint predates the setting) counts as its default; one with no default either (derived) is not compared."""
-    now, then, defaults = (pd.json_normalize(comparable_config(c)).iloc[0].to_dict() if c else {}
-                           for c in (now, then, defaults))
-    missing = object()
-    diff = []
-    for key in sorted(now.keys() | then.keys()):
-        old = then.get(key, defaults.get(key, missing))
-        if old is not missing and str(now.get(key)) != str(old):
-            diff.append(key)
-    return diff
 
 
 def validate(model, gallery_set: Dataset, query_set: Dataset, settings: DeviceSettings, batch_size: int,
@@ -254,7 +202,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                      "context_weights": context_weights}
             save_checkpoint(latest, state)
             if improved:
-                # The weights that scored: the EMA's when EMA drives selection (seed 002 keeps the best EMA model).
+                # The weights that scored: the EMA's when EMA drives selection (the best EMA model is the one kept).
                 best_state = dict(state, model=fp32_state_dict(ema.module)) if ema is not None else state
                 save_checkpoint(run_dir / "best_model.pt", best_state)
             if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:

@@ -164,10 +164,10 @@ class CombinedLoss(nn.Module):
 
 @dataclass
 class LossConfig:
-    """Knobs of `build_loss` (s, m, k_subcenters as in ArcFaceHead; auxiliary terms off at weight 0)."""
+    """Knobs of `build_loss` (s, k_subcenters as in ArcFaceHead; auxiliary terms off at weight 0). The margin is not
+    here: MarginSchedule sets it on the head every epoch."""
 
     s: float = 64.0
-    m: float = 0.5
     k_subcenters: int = 1
     triplet_weight: float = 0.0
     triplet_margin: float = 0.2
@@ -179,7 +179,7 @@ class LossConfig:
 
 
 def build_loss(cfg: LossConfig, embed_dim: int, n_classes: int) -> CombinedLoss:
-    head = ArcFaceHead(embed_dim, n_classes, s=cfg.s, m=cfg.m, k_subcenters=cfg.k_subcenters)
+    head = ArcFaceHead(embed_dim, n_classes, s=cfg.s, k_subcenters=cfg.k_subcenters)
     return CombinedLoss(head, triplet_weight=cfg.triplet_weight, triplet_margin=cfg.triplet_margin,
                         ms_weight=cfg.ms_weight, ms_alpha=cfg.ms_alpha, ms_beta=cfg.ms_beta, ms_base=cfg.ms_base,
                         ms_miner_epsilon=cfg.ms_miner_epsilon)

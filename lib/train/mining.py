@@ -1,4 +1,4 @@
-"""Hard-context mining (seed 001): contexts whose val queries fail more often are sampled more often."""
+"""Hard-context mining: contexts whose val queries fail more often are sampled more often."""
 from __future__ import annotations
 
 import numpy as np

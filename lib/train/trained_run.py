@@ -3,6 +3,7 @@ the data changed since training), and their embeddings through the run's cache. 
 browser and the probe all start here."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from lib.data.dataset import IndexDataset
 from lib.data.transforms import build_transforms
 from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, file_sha256
 from lib.train.checkpoint import load_checkpoint
-from lib.train.model import ModelConfig, create_model
+from lib.train.config import RunConfig
+from lib.train.model import create_model
 from lib.train.run import load_run_data
 
 CHECKPOINTS = {"best": "best_model.pt", "latest": "latest_model.pt"}
@@ -32,6 +34,11 @@ class TrainedRun:
     history: list
     model: torch.nn.Module
     eval_tf: object
+
+    @property
+    def settings(self) -> RunConfig:
+        """The run's typed config sections (data, model, loss, ...)."""
+        return RunConfig.from_dict(self.config)
 
 
 def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str = "best") -> Path:
@@ -48,21 +55,21 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best") -> Traine
     transform, on the CPU in eval mode."""
     path = checkpoint_file(run_dir, checkpoint)
     ckpt = load_checkpoint(path)
-    config = ckpt["config"]
-    model = create_model(ModelConfig(**{**config["model"], "pretrained": ""}))
+    settings = RunConfig.from_dict(ckpt["config"])
+    model = create_model(dataclasses.replace(settings.model, pretrained=""))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    dc, aug = model.data_config, config["aug"]
-    _, eval_tf = build_transforms(aug["img_size"], dc["mean"], dc["std"], preset="none")
-    return TrainedRun(Path(run_dir), path, file_sha256(path), config, ckpt.get("history", []), model, eval_tf)
+    dc = model.data_config
+    _, eval_tf = build_transforms(settings.aug.img_size, dc["mean"], dc["std"], preset="none")
+    return TrainedRun(Path(run_dir), path, file_sha256(path), ckpt["config"], ckpt.get("history", []), model, eval_tf)
 
 
 def split_rows(run: TrainedRun) -> pd.DataFrame:
     """The run's split index (with `split`), refused when the data changed since training."""
-    index, _, report = load_run_data(run.config)
+    index, _, report = load_run_data(run.settings.data)
     trained_on = run.config.get("data_fingerprint")
     if trained_on and report.get("data_fingerprint") != trained_on:
-        raise DataError(f"the split in {run.config['data']['splits_dir']} describes other data than {run.checkpoint} "
+        raise DataError(f"the split in {run.settings.data.splits_dir} describes other data than {run.checkpoint} "
                         "was trained on (data fingerprints differ); evaluate with the splits it was trained with")
     return index.reset_index(drop=True)
 
@@ -75,8 +82,8 @@ def split_part(rows: pd.DataFrame, split: str) -> pd.DataFrame:
 def embed_rows(run: TrainedRun, rows: pd.DataFrame, settings: DeviceSettings, tta: bool = False,
                batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, desc: str = "embed") -> tuple[np.ndarray, dict]:
     """Embeddings of index rows through the run's cache (run_dir/embeddings/)."""
-    d = run.config["data"]
-    dataset = IndexDataset(rows, d["data_dir"], run.eval_tf, run.config["class_to_idx"], d["cache_dir"] or None)
+    d = run.settings.data
+    dataset = IndexDataset(rows, d.data_dir, run.eval_tf, run.config["class_to_idx"], d.cache_dir or None)
     run.model.to(settings.device)
     return cached_embeddings(run.model, dataset, settings, run.run_dir / "embeddings", run.checkpoint_sha256, tta=tta,
                              batch_size=batch_size, progress=progress, desc=desc)

@@ -1,0 +1,56 @@
+"""Predict new photos with a trained run: photo-predict RUN_DIR PHOTOS --out predictions.csv [--k 20] [--tta]
+
+PHOTOS is a folder (searched recursively), a text file with one photo path a line, or a single photo. The CSV has
+one row per photo: predicted class, score, margin, top-K neighbours (JSON lists), the verdict (when notebook 03
+saved thresholds in RUN_DIR/eval/val/thresholds.json) and an `error` for a photo that could not be read.
+Run it from the repository root: the run's config names its data and split folders relative to it.
+`photo-predict` is the console script that `pip install -e .` installs; `python -m lib.evaluate.predict_cli` is the same.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lib.core.errors import DataError
+from lib.evaluate.predict import list_photos, predict_photos
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="photo-predict", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    ap.add_argument("photos", type=Path, metavar="PHOTOS", help="folder, list file or single photo")
+    ap.add_argument("--out", type=Path, required=True, help="CSV to write")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ap.add_argument("--k", type=int, default=None, help="neighbours that vote (default: as the thresholds, else 20)")
+    ap.add_argument("--weighting", choices=("inverse", "uniform", "softmax"), default=None)
+    ap.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    ap.add_argument("--checkpoint", default="best", help="best | latest | a .pt file name in RUN_DIR")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    try:
+        photos = list_photos(args.photos)
+        if not photos:
+            raise DataError(f"{args.photos}: no photos found")
+        table = predict_photos(args.run_dir, photos, k=args.k, tta=args.tta, checkpoint=args.checkpoint,
+                               weighting=args.weighting, device=args.device, batch_size=args.batch_size, progress=True)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    table.to_csv(tmp, index=False, errors="backslashreplace")  # a file name that is not UTF-8 stays readable
+    os.replace(tmp, args.out)
+    bad = (table["error"] != "").sum()
+    print(f"{len(table)} photos -> {args.out}" + (f"; {bad} could not be read (see the error column)" if bad else ""))
+    if table["verdict"].ne("").any():
+        print(table["verdict"].value_counts().to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Every knob of a training run, in one typed dataclass per section; a flat parameter (a notebook's parameters cell)
+belongs to exactly one section. A RunConfig goes into every checkpoint, the metrics log and MLflow as a plain nested
+dict (as_dict), and comes back typed from one (from_dict), old checkpoints included, so a run describes itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from lib.retrieval.embed import EMBED_BATCH_SIZE
+from lib.train.losses import LossConfig, MarginSchedule
+from lib.train.model import ModelConfig
+
+SAMPLERS = ("pk", "context_pk")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr_backbone: float = 1e-4
+    lr_head: float = 1e-3          # the head starts from random, so it may move faster than pretrained features
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine_restarts"
+    t0: int = 10                   # CosineAnnealingWarmRestarts: first cycle length in epochs
+    t_mult: int = 2
+    plateau_patience: int = 5      # ReduceLROnPlateau on val Recall@1
+    plateau_factor: float = 0.5
+    early_stop_patience: int = 10  # epochs without a better val Recall@1
+    ema_decay: float = 0.0         # 0 = off; else the EMA model is validated too and drives model selection
+    grad_clip: float = 0.0         # 0 = off; max gradient norm
+    checkpoint_every: int = 10     # checkpoint_epoch_N.pt for ensembles and overfitting analysis
+    eval_batch_size: int = EMBED_BATCH_SIZE
+    seed: int = 0
+    # gallery: train photos are the gallery, val photos the queries; loo: each val photo queries the other
+    # val photos (open-set: val individuals are not in train); auto: loo when no val label occurs in train
+    val_protocol: str = "auto"
+    # for data with a `context` column (camera site, street address), where look-alikes share a context:
+    context_margin: float = 0.0    # extra ArcFace margin for classes that share a context with another (0.7 vs 0.5)
+    mining_warmup_epochs: int = -1  # -1 off; N: uniform context sampling for N epochs, then by per-context val error
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data/demo"
+    splits_dir: str = "splits"
+    cache_dir: str = ""        # resize cache from notebook 01 / data_prep/resize_cache.py; "" = originals
+    fold: int = -1             # -1: the train/val split; k >= 0: fold k of a K-fold split
+
+
+@dataclass
+class AugConfig:
+    img_size: int = 224        # the default backbone's (tf_efficientnet_lite0); EfficientNetV2-L wants 480
+    augment: str = "light"     # none | light | strong
+    hflip: bool = True         # off where left and right flanks differ (a jaguar's two sides are two patterns)
+
+
+@dataclass
+class SamplerConfig:
+    sampler: str = "pk"        # pk | context_pk
+    p: int = 8                 # classes per batch
+    k: int = 4                 # images per class (4-5: enough positives per class for the miners)
+    batches_per_epoch: int = 0  # 0 = about one pass over the training images
+
+
+@dataclass
+class DeviceConfig:
+    device: str = "auto"
+    precision: str = "auto"    # auto | bf16 | fp16 | fp32
+    num_workers: int = -1      # -1 = from the device table
+    accum_steps: int = 0       # 0 = from the device table
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "schedule": MarginSchedule,
+            "train": TrainConfig, "aug": AugConfig, "sampler": SamplerConfig, "device": DeviceConfig}
+# settings older checkpoints record that no longer exist: ignored when they load and when a run resumes.
+# loss.m: ArcFace's margin comes from the schedule (warmup_margin, then margin) every epoch; m never acted.
+RETIRED = {"loss": ("m",)}
+# what a checkpoint records inside a section beside the settings: device.resolved, what the machine chose for "auto"
+RECORDED = {"device": ("resolved",)}
+
+
+def _field_owner() -> dict[str, str]:
+    owner: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in owner, f"parameter {f.name} in both {owner[f.name]} and {section}"
+            owner[f.name] = section
+    return owner
+
+
+FIELD_OWNER = _field_owner()
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: MarginSchedule = field(default_factory=MarginSchedule)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def as_dict(self) -> dict[str, dict]:
+        """{section: {field: value}}: what checkpoints, metrics logs and MLflow store."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> RunConfig:
+        """The typed config of a stored one (a checkpoint's config, whose other top-level keys are ignored).
+
+        A section or field the stored config predates takes its default; a RETIRED field is dropped; any other
+        unknown field is an error naming it (a config from a newer version of this code).
+        """
+        sections = {}
+        for name, section in SECTIONS.items():
+            stored = dict(config.get(name) or {})
+            for key in (*RETIRED.get(name, ()), *RECORDED.get(name, ())):
+                stored.pop(key, None)
+            unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(section)})
+            if unknown:
+                raise ValueError(f"config section {name!r} has unknown setting(s) {unknown}; "
+                                 f"valid: {sorted(f.name for f in dataclasses.fields(section))}")
+            sections[name] = section(**stored)
+        return cls(**sections)
+
+
+def build_config(**params) -> RunConfig:
+    """Flat parameters -> RunConfig; every field not given keeps its dataclass default."""
+    unknown = sorted(set(params) - set(FIELD_OWNER))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; valid: {sorted(FIELD_OWNER)}")
+    grouped: dict[str, dict] = {s: {} for s in SECTIONS}
+    for name, value in params.items():
+        grouped[FIELD_OWNER[name]][name] = value
+    return RunConfig(**{s: SECTIONS[s](**grouped[s]) for s in SECTIONS})
+
+
+def comparable_config(config: dict) -> dict:
+    """What must match to resume: everything but the epoch budget, freshness and the machine it ran on."""
+    out = {k: v for k, v in config.items() if k not in ("device", "fresh", "run")}
+    for section, names in RETIRED.items():
+        if section in out:
+            out[section] = {k: v for k, v in out[section].items() if k not in names}
+    if "train" in out:
+        out["train"] = {k: v for k, v in out["train"].items() if k not in ("epochs", "eval_batch_size")}
+    return out
+
+
+def settings_diff(now: RunConfig | dict, then: RunConfig | dict, defaults: RunConfig | dict) -> list[str]:
+    """Dotted names of the settings that differ between two run configs. A setting `then` does not record (its
+    checkpoint predates the setting) counts as its default; one with no default either (derived) is not compared;
+    a RETIRED one is not compared."""
+    now, then, defaults = (c.as_dict() if isinstance(c, RunConfig) else c for c in (now, then, defaults))
+    now, then, defaults = (pd.json_normalize(comparable_config(c)).iloc[0].to_dict() if c else {}
+                           for c in (now, then, defaults))
+    missing = object()
+    diff = []
+    for key in sorted(now.keys() | then.keys()):
+        old = then.get(key, defaults.get(key, missing))
+        if old is not missing and str(now.get(key)) != str(old):
+            diff.append(key)
+    return diff
