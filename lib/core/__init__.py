@@ -1,1 +1,2 @@
-"""What every stage uses: the data error type, the CPUs this process may use, device settings (GPU, precision, workers)."""
+"""What every stage uses: the data error type, the CPUs this process may use, device settings (GPU, precision,
+workers)."""

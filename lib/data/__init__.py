@@ -1,1 +1,2 @@
-"""Stage 1, data: the dataset table (folder or CSV), image checks, splits, resize cache, Dataset, transforms, samplers, masks."""
+"""Stage 1, data: the dataset table (folder or CSV), image checks, splits, resize cache, Dataset, transforms,
+samplers, masks."""

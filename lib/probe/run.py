@@ -9,9 +9,9 @@ Methods, each a full ranking of the gallery per query:
 - fusion: on that shortlist, cosine and inliers each calibrated into P(same individual) by isotonic regression on
   pairs of the `calibrate_on` split, and averaged (WildFusion). When that is the probed split itself, identities
   are cross-fitted in two halves, so no query's own pairs calibrate its scores.
-Every method ranks the whole gallery for each query, a chunk of queries at a time (lib.retrieval.ranking.RANK_PAIRS), so memory
-stays bounded for large splits; k-reciprocal re-ranking needs a dense all-pairs matrix and is left out, with a
-warning, where that would not fit (MAX_PAIRS).
+Every method ranks the whole gallery for each query, a chunk of queries at a time, and the rankings feed the one
+ranking-metrics engine (lib.retrieval.ranking), so memory stays bounded for large splits; k-reciprocal re-ranking
+needs a dense all-pairs matrix and is left out, with a warning, where that would not fit (MAX_PAIRS).
 """
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Stage 3, train: model, weights, losses, the training loop, checkpoints, run config, tracking, loading a trained run."""
+"""Stage 3, train: model, weights, losses, the training loop, checkpoints, run config, tracking, loading a trained
+run."""
