@@ -18,7 +18,15 @@ SAMPLERS = ("pk", "context_pk")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 30               # of the backbone phase, after the head phase
+    # head phase: the embedding head trained on the frozen backbone's features, computed once per view and cached
+    head_epochs: int = 0
+    cached_views: int = 4          # per train photo: the eval transform, then seeded draws of the augmentation
+    head_init: str = "pca"         # pca: the head starts as the features' principal directions | random
+    # backbone phase: "all" trains the whole backbone; N its last N stages (timm feature_info), 0 none: the run ends
+    # after the head phase
+    unfreeze: str = "all"
+    lr_decay: float = 1.0          # < 1: each earlier backbone stage learns lr_decay times slower than the next
     lr_backbone: float = 1e-4
     lr_head: float = 1e-3          # the head starts from random, so it may move faster than pretrained features
     weight_decay: float = 1e-4

@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
@@ -31,6 +32,7 @@ from lib.train.checkpoint import (
     set_rng_state,
 )
 from lib.train.config import TrainConfig, settings_diff
+from lib.train.feature_cache import CachedFeatures, PooledFeatures, cache_features
 from lib.train.losses import CombinedLoss, MarginSchedule, class_context_matrix, context_margins
 from lib.train.mining import context_error, mining_weights
 from lib.train.tracking import MetricsLog
@@ -44,8 +46,16 @@ class TrainingDiverged(RuntimeError):
 
 
 def build_optimizer(model, criterion: CombinedLoss, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
-    groups = [{"params": model.backbone_parameters(), "lr": cfg.lr_backbone, "name": "backbone"},
-              {"params": [*model.head_parameters(), *criterion.parameters()], "lr": cfg.lr_head, "name": "head"}]
+    """AdamW: the backbone at lr_backbone (with lr_decay < 1, stage by stage: the last stage at lr_backbone, each
+    earlier one lr_decay times the next, since early stages hold generic features that should move least), and the
+    head with the loss's own weights at lr_head. Frozen parameters get no gradient, so AdamW leaves them alone."""
+    head = {"params": [*model.head_parameters(), *criterion.parameters()], "lr": cfg.lr_head, "name": "head"}
+    if cfg.lr_decay == 1.0:
+        groups = [{"params": model.backbone_parameters(), "lr": cfg.lr_backbone, "name": "backbone"}, head]
+    else:
+        last = len(model.stages) - 1
+        groups = [{"params": [p for _, p in stage], "lr": cfg.lr_backbone * cfg.lr_decay ** (last - i),
+                   "name": f"backbone.{i}"} for i, stage in enumerate(model.stages)] + [head]
     # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones.
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
 
@@ -61,15 +71,60 @@ def build_scheduler(optimizer, cfg: TrainConfig):
     return None
 
 
+def _group_lr(optimizer, name: str) -> float:
+    """The learning rate of a parameter group; for the backbone, its last stage's (the largest)."""
+    return [g["lr"] for g in optimizer.param_groups if g["name"].split(".")[0] == name][-1]
+
+
+def trainable_stages(unfreeze) -> int | None:
+    """`unfreeze` as EmbeddingModel.set_trainable_stages takes it: 'all' -> None, N -> N."""
+    if str(unfreeze) == "all":
+        return None
+    if str(unfreeze).isdigit():
+        return int(unfreeze)
+    raise ValueError(f"unfreeze must be 'all' or a number of backbone stages >= 0, got {unfreeze!r}")
+
+
 def validate(model, gallery_set: Dataset, query_set: Dataset, settings: DeviceSettings, batch_size: int,
              protocol: str = "gallery", prefix: str = "val_") -> dict:
     """Faiss retrieval: train images as the gallery and val images as queries, or val leave-one-out.
 
     Returns (metrics, top-1 hit per query)."""
     q = extract_embeddings(model, query_set, settings, batch_size)
-    ql = query_set.targets.numpy()
-    g, gl = (q, ql) if protocol == "loo" else (extract_embeddings(model, gallery_set, settings, batch_size),
-                                              gallery_set.targets.numpy())
+    g = q if protocol == "loo" else extract_embeddings(model, gallery_set, settings, batch_size)
+    return retrieval_metrics(g, gallery_set.targets.numpy(), q, query_set.targets.numpy(), protocol, prefix)
+
+
+@torch.no_grad()
+def validate_features(model, features: CachedFeatures, gallery_labels: np.ndarray, query_labels: np.ndarray,
+                      device: str, protocol: str = "gallery", prefix: str = "val_") -> dict:
+    """validate() on cached pooled features: the same numbers as the full forward pass while the backbone is frozen,
+    without the backbone."""
+    was_training = model.training
+    model.eval()
+    q = model.embed_features(features.queries.to(device)).cpu().numpy()
+    g = q if protocol == "loo" else model.embed_features(features.gallery.to(device)).cpu().numpy()
+    model.train(was_training)
+    return retrieval_metrics(g, gallery_labels, q, query_labels, protocol, prefix)
+
+
+def frozen_metrics(model, features: CachedFeatures | None, gallery_set: Dataset, query_set: Dataset,
+                   settings: DeviceSettings, batch_size: int, protocol: str) -> dict:
+    """The frozen backbone's own pooled features, without any head: the baseline every run is measured against
+    (a random head blurs them; training that ends below them has not earned its keep)."""
+    if features is None:
+        pooled = PooledFeatures(model)
+        q = extract_embeddings(pooled, query_set, settings, batch_size)
+        g = q if protocol == "loo" else extract_embeddings(pooled, gallery_set, settings, batch_size)
+    else:
+        q, g = features.queries.numpy(), features.gallery.numpy()
+    metrics, _ = retrieval_metrics(g, gallery_set.targets.numpy(), q, query_set.targets.numpy(), protocol,
+                                   "frozen_val_")
+    return metrics
+
+
+def retrieval_metrics(g, gl, q, ql, protocol: str, prefix: str) -> tuple[dict, np.ndarray]:
+    """(recall@1/5 and mAP under `prefix`, top-1 hit per query) of gallery and query embeddings."""
     m = evaluate_retrieval(g, gl, q, ql, ks=(1, 5), exclude_self=protocol == "loo")
     _, top1 = search(build_index(g), q, 1, exclude_self=protocol == "loo")
     hits = gl[top1[:, 0]] == ql
@@ -119,6 +174,9 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                         prefetch_factor=4 if settings.num_workers > 0 else None)
 
     class_contexts, query_contexts = _contexts(cfg, train_set, query_set, batch_sampler)
+    unfrozen = trainable_stages(cfg.unfreeze)
+    # the backbone phase follows the head phase; unfreeze=0 has none
+    total_epochs = cfg.head_epochs + (cfg.epochs if unfrozen != 0 else 0)
     history: list[dict] = []
     start_epoch, best, since_best, run_id = 1, -math.inf, 0, None
     if latest.exists() and not fresh:
@@ -147,38 +205,81 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     select_key = "ema_val_recall@1" if ema is not None else "val_recall@1"
     protocol = resolve_val_protocol(cfg.val_protocol, gallery_set.targets.numpy(), query_set.targets.numpy())
     print(f"validation: {'val leave-one-out' if protocol == 'loo' else 'train gallery, val queries'}")
+    features = None
+    if cfg.head_epochs > 0 and start_epoch <= cfg.head_epochs:
+        model.eval()  # the features are the frozen backbone's in eval mode, as validation sees them
+        features = cache_features(model, train_set, gallery_set, query_set, cfg.cached_views, settings,
+                                  run_dir / "features", cfg.seed, cfg.eval_batch_size, progress)
+    gallery_labels, query_labels = gallery_set.targets.numpy(), query_set.targets.numpy()
+
+    def state_at(epoch: int, context_weights=None) -> dict:
+        return {"epoch": epoch, "config": config, "best_metric": best, "since_best": since_best,
+                "history": history, "model": fp32_state_dict(model), "criterion": fp32_state_dict(criterion),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict(), "ema": fp32_state_dict(ema) if ema is not None else None,
+                "rng": rng_state(), "mlflow_run_id": log.mlflow_run_id, "class_to_idx": config.get("class_to_idx"),
+                "context_weights": context_weights}
 
     if not history:
-        metrics, _ = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
-        row = {"epoch": 0, "phase": "untrained", **metrics}
+        if features is not None and cfg.head_init == "pca":
+            model.init_head_pca(features.train.flatten(0, 1))
+            if ema is not None:
+                ema.set(model)
+        if features is not None:
+            metrics, _ = validate_features(model, features, gallery_labels, query_labels, settings.device, protocol)
+        else:
+            metrics, _ = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
+        metrics.update(frozen_metrics(model, features, gallery_set, query_set, settings, cfg.eval_batch_size,
+                                      protocol))
+        # epoch 0 is a candidate for best_model.pt: a run whose training only hurts keeps the untrained model
+        best = metrics["val_recall@1"]
+        row = {"epoch": 0, "phase": "untrained", **metrics, "best_val_recall@1": best, "best_epoch": 0}
         history.append(row)
+        save_checkpoint(run_dir / "best_model.pt", state_at(0))
         log.write(history)
-        print(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f}")
+        print(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f} | frozen "
+              f"backbone features: recall@1 {row['frozen_val_recall@1']:.4f} mAP {row['frozen_val_mAP']:.4f}")
 
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if since_best >= cfg.early_stop_patience:
+        for epoch in range(start_epoch, total_epochs + 1):
+            in_head = epoch <= cfg.head_epochs
+            if epoch == cfg.head_epochs + 1 and cfg.head_epochs:
+                since_best = 0  # patience counts within the backbone phase: it can improve on what the head reached
+            if not in_head and since_best >= cfg.early_stop_patience:
                 print(f"early stop: no better val recall@1 for {since_best} epochs")
                 break
             t0 = time.time()
-            frozen = schedule.backbone_frozen_at(epoch - 1)
-            model.set_backbone_trainable(not frozen)
+            frozen = in_head or schedule.backbone_frozen_at(epoch - 1)
+            model.set_trainable_stages(0 if frozen else unfrozen)
             margin = criterion.head.margin = schedule.margin_at(epoch - 1)
             # Context margins only once there is a margin: the m=0 warm-up is plain softmax on purpose.
             margins_for = (None if class_contexts is None or margin == 0 else
                            lambda y: context_margins(y, class_contexts, base=margin, same_context=margin + cfg.context_margin))
             batch_sampler.set_epoch(epoch)
-            train_loss, n_images = _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings, cfg,
-                                                memory_format, progress, f"epoch {epoch}/{cfg.epochs}", margins_for)
-            row = {"epoch": epoch, "phase": "warmup" if frozen else "finetune", "margin": criterion.head.margin,
-                   "train_loss": train_loss, "lr_backbone": optimizer.param_groups[0]["lr"],
-                   "lr_head": optimizer.param_groups[1]["lr"], "train_seconds": time.time() - t0,
+            desc = f"epoch {epoch}/{total_epochs}"
+            if in_head:
+                train_loss, n_images = _head_epoch(model, criterion, optimizer, ema, features, train_set.targets,
+                                                   batch_sampler, epoch, settings, cfg, progress, desc, margins_for)
+            else:
+                train_loss, n_images = _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings, cfg,
+                                                    memory_format, progress, desc, margins_for)
+            phase = "head" if in_head else "warmup" if frozen else "finetune"
+            row = {"epoch": epoch, "phase": phase, "margin": criterion.head.margin,
+                   "train_loss": train_loss, "lr_backbone": _group_lr(optimizer, "backbone"),
+                   "lr_head": _group_lr(optimizer, "head"), "train_seconds": time.time() - t0,
                    "images_per_second": n_images / max(time.time() - t0, 1e-9)}
-            metrics, hits = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
+
+            def check(net, prefix="val_"):
+                if in_head:
+                    return validate_features(net, features, gallery_labels, query_labels, settings.device, protocol,
+                                             prefix)
+                return validate(net, gallery_set, query_set, settings, cfg.eval_batch_size, protocol, prefix)
+
+            metrics, hits = check(model)
             row.update(metrics)
             if ema is not None:
-                row.update(validate(ema.module, gallery_set, query_set, settings, cfg.eval_batch_size, protocol,
-                                    prefix="ema_val_")[0])
+                row.update(check(ema.module, "ema_val_")[0])
             context_weights = None
             if query_contexts is not None and epoch >= cfg.mining_warmup_epochs:
                 errors = context_error(query_contexts, hits)
@@ -191,15 +292,10 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             improved = row[select_key] > best
             best, since_best = (row[select_key], 0) if improved else (best, since_best + 1)
             row["best_val_recall@1"] = best
+            row["best_epoch"] = epoch if improved else history[-1].get("best_epoch")
             history.append(row)
 
-            state = {"epoch": epoch, "config": config, "best_metric": best, "since_best": since_best,
-                     "history": history, "model": fp32_state_dict(model), "criterion": fp32_state_dict(criterion),
-                     "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "scaler": scaler.state_dict(), "ema": fp32_state_dict(ema) if ema is not None else None,
-                     "rng": rng_state(), "mlflow_run_id": log.mlflow_run_id, "class_to_idx": config.get("class_to_idx"),
-                     "context_weights": context_weights}
+            state = state_at(epoch, context_weights)
             save_checkpoint(latest, state)
             if improved:
                 # The weights that scored: the EMA's when EMA drives selection (the best EMA model is the one kept).
@@ -237,6 +333,39 @@ def _contexts(cfg: TrainConfig, train_set, query_set, batch_sampler):
             raise ValueError("hard-context mining (mining_warmup_epochs >= 0) needs sampler='context_pk'")
         query_contexts = query_set.index["context"].to_numpy()
     return class_contexts, query_contexts
+
+
+def _head_epoch(model, criterion, optimizer, ema, features: CachedFeatures, targets: torch.Tensor, batch_sampler,
+                epoch: int, settings: DeviceSettings, cfg: TrainConfig, progress: bool, desc: str,
+                margins_for=None) -> tuple[float, int]:
+    """One epoch of the head (and the loss's weights) on cached pooled features: the sampler's P x K batches, each
+    photo in one of its cached views, drawn from a generator seeded by the epoch (exact resume, global RNG untouched).
+    The head is one small matmul, so this runs in fp32 without autocast or gradient accumulation."""
+    model.train()
+    criterion.train()
+    views = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    loss_sum = torch.zeros((), device=settings.device)
+    n_images = n_steps = 0
+    for idx in tqdm(batch_sampler, desc=desc, disable=not progress, leave=False):
+        idx = torch.as_tensor(idx)
+        view = torch.randint(len(features.train), (len(idx),), generator=views)
+        x = features.train[view, idx].to(settings.device)
+        y = targets[idx].to(settings.device)
+        loss, _ = criterion(model.embed_features(x), y, margins_for(y) if margins_for else None)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.head_parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        loss_sum += loss.detach()
+        n_images, n_steps = n_images + len(idx), n_steps + 1
+    mean = loss_sum.item() / max(n_steps, 1)
+    if not math.isfinite(mean):
+        raise TrainingDiverged(f"loss became {mean} in {desc} (head on cached features); stopped. The checkpoints in "
+                               "the run folder are from the last good epoch. Lower lr_head or the margin.")
+    return mean, n_images
 
 
 def _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings: DeviceSettings, cfg: TrainConfig,

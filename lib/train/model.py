@@ -64,6 +64,20 @@ def check_backbone_name(name: str) -> None:
     raise ValueError(f"unknown backbone {name!r}; {hint} (timm.list_models('*part*') lists all {len(names)})")
 
 
+def backbone_stages(backbone: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """The backbone's parameters by stage, input to output, from timm's feature_info (the modules at each downsampling
+    step): the stem joins the first stage and the layers after the last one (e.g. EfficientNet's conv_head) the last.
+    A model without feature_info is one stage."""
+    starts = [f["module"] for f in getattr(backbone, "feature_info", None) or []]
+    stages: list[list] = [[] for _ in starts] or [[]]
+    current = 0
+    for name, param in backbone.named_parameters():
+        hit = [i for i, start in enumerate(starts) if name.startswith(start + ".")]
+        current = hit[-1] if hit else current
+        stages[current].append((name, param))
+    return [stage for stage in stages if stage]
+
+
 class EmbeddingModel(nn.Module):
     """Image batch (B, 3, H, W) -> L2-normalised embeddings (B, embed_dim)."""
 
@@ -82,10 +96,19 @@ class EmbeddingModel(nn.Module):
             fc=nn.Linear(self.backbone.num_features, cfg.embed_dim, bias=False),
             bn=nn.BatchNorm1d(cfg.embed_dim),
         ))
-        self.backbone_frozen = False
+        self.stages = backbone_stages(self.backbone)
+        self.trainable_stages: int | None = None  # None: the whole backbone trains; n: only its last n stages
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, num_features) pooled backbone features: what the head turns into an embedding."""
+        return self.pool(self.backbone(x))
+
+    def embed_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head on pooled features (e.g. cached ones): L2-normalised embeddings."""
+        return F.normalize(self.head(pooled), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.pool(self.backbone(x))), dim=1)
+        return self.embed_features(self.pooled(x))
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
@@ -94,24 +117,60 @@ class EmbeddingModel(nn.Module):
         """Pooling (GeM p) + embedding layer + BatchNorm: the new parts, usually given a higher learning rate."""
         return list(self.pool.parameters()) + list(self.head.parameters())
 
-    def set_backbone_trainable(self, trainable: bool) -> None:
-        """Freeze or unfreeze the backbone.
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.trainable_stages == 0
 
-        A frozen backbone is also kept in eval mode through later train() calls: in train mode its BatchNorm
-        layers would still update their running statistics from every batch (requires_grad does not stop
-        that), so the "frozen" features would drift towards the new data's statistics and no longer match
-        the pretrained weights; its dropout would also add noise that nothing downstream can learn around.
+    def set_trainable_stages(self, n: int | None) -> None:
+        """Train only the backbone's last `n` stages (None: all of it; 0: none), freezing the rest.
+
+        A frozen stage gets no gradient, so autograd records nothing for it and a step costs its forward pass only;
+        its modules also stay in eval mode through later train() calls: in train mode BatchNorm would still update
+        its running statistics from every batch (requires_grad does not stop that), so the "frozen" features would
+        drift towards the new data's statistics and no longer match the pretrained weights, and dropout would add
+        noise that nothing downstream can learn around.
         """
-        self.backbone_frozen = not trainable
-        for p in self.backbone.parameters():
-            p.requires_grad_(trainable)
+        if n is not None and not 0 <= n:
+            raise ValueError(f"trainable stages must be >= 0 or None (all), got {n}")
+        self.trainable_stages = n
+        first = 0 if n is None else max(len(self.stages) - n, 0)
+        for i, params in enumerate(self.stages):
+            for _, p in params:
+                p.requires_grad_(i >= first)
         self.train(self.training)
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """The whole backbone trains, or none of it (see set_trainable_stages)."""
+        self.set_trainable_stages(None if trainable else 0)
 
     def train(self, mode: bool = True) -> "EmbeddingModel":
         super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()
+        if mode and self.trainable_stages is not None:
+            for module in self.backbone.modules():
+                own = list(module.parameters(recurse=False))
+                if own and not any(p.requires_grad for p in own):
+                    module.eval()
+            if self.trainable_stages == 0:
+                self.backbone.eval()  # parameter-free layers (dropout) too
         return self
+
+    @torch.no_grad()
+    def init_head_pca(self, features: torch.Tensor) -> None:
+        """Start the head where the frozen features are: its layer projects the centred pooled features onto their
+        top principal directions (BatchNorm's running mean takes the centring), so before any training the
+        embedding ranks photos as the features themselves do, instead of through a random projection that blurs them.
+        Directions beyond what the features span get small random rows."""
+        x = features.double()
+        mean = x.mean(dim=0)
+        _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+        fc, bn = self.head.fc, self.head.bn
+        k = min(fc.out_features, v.shape[0])
+        fc.weight[:k] = v[:k].to(fc.weight.dtype)
+        fc.weight[k:] *= 1e-2
+        bn.reset_parameters()
+        bn.running_mean.copy_(fc.weight.double() @ mean)
+        # unit running variance: eval mode then keeps the projection's geometry
+        bn.running_var.fill_(1.0)
 
     @property
     def data_config(self) -> dict:
