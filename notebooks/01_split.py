@@ -20,7 +20,7 @@
 # data that no longer matches them stops here unless `fresh=True`.
 
 # %% tags=["parameters"]
-data_dir = "data/demo"      # photo root; paths in the index are relative to it
+data_dir = "data/photos"    # photo root; paths in the index are relative to it
 task = "classification"     # classification | reid (the label is the individual; see split_mode for open sets)
 metadata_csv = ""           # "": read the folder layout; else a CSV with the columns named below
 path_col = "path"

@@ -14,49 +14,60 @@
 # %% [markdown]
 # # 02 · Train the embedding (backbone + GeM + ArcFace)
 #
-# Phase 1 (`warmup_epochs`): backbone frozen, ArcFace with `warmup_margin` (0 = softmax on scaled cosines);
-# phase 2: everything trains with the full `margin`. Validation every epoch is retrieval: train photos are the
-# gallery, val photos the queries. Epoch 0 is the untrained model, so every curve shows what training added.
+# Head phase (`head_epochs`): the frozen backbone embeds every train photo once per view (`cached_views`: the
+# photo, then seeded draws of the augmentation) and the embedding head, started at the features' principal
+# directions, trains with ArcFace on those cached features: many epochs in seconds, because the backbone's
+# forward and backward passes are the whole cost of an epoch on a CPU. Backbone phase (`epochs`): the last
+# `unfreeze` stages of the backbone train too ("all": every stage; 0: none, the run ends after the head), each
+# earlier stage `lr_decay` times slower. Validation every epoch is retrieval: train photos are the gallery, val
+# photos the queries (or val leave-one-out for individuals training never saw). Epoch 0 is the untrained model
+# and a candidate for `best_model.pt`, beside the frozen backbone's own features: a run never ends below them.
 # Re-running resumes from `run_dir/latest_model.pt` unless `fresh=True`.
 #
-# Defaults are the synthetic demo (a tiny random-init model at 64 px, minutes on a CPU). For real photos:
-# `backbone="tf_efficientnet_lite0"`, `pretrained="lite0-imagenet"` (ImageNet weights from a pip package, no
-# network), `img_size=224`; on a GPU box with hub access `backbone="tf_efficientnetv2_l"`, `pretrained="hub"`,
-# `img_size=480`, `embed_dim=512`.
+# Defaults are the recipe for real photos on a CPU (packaged ImageNet EfficientNet-Lite0, no network; see the
+# README's recipe benchmark). The demo runner (`run_all.py`) trains a tiny random-init model instead. On a GPU box
+# with hub access: `backbone="tf_efficientnetv2_l"`, `pretrained="hub"`, `img_size=480`.
 
 # %% tags=["parameters"]
-run_dir = "runs/demo"           # checkpoints, metrics.csv; resumed when it holds latest_model.pt
+run_dir = "runs/photos"         # checkpoints, metrics.csv; resumed when it holds latest_model.pt
 fresh = False                   # True: start over; earlier checkpoints move to run_dir/replaced-<time>/
-data_dir = "data/demo"
+data_dir = "data/photos"        # your photos, as notebook 01 indexed them
 splits_dir = "splits"           # written by notebook 01
 cache_dir = ""                  # resize cache from notebook 01 ("": read the originals)
 fold = -1                       # -1: train/val split; k: fold k of notebook 01's K folds
 # model
-backbone = "resnet10t"          # any timm name
-pretrained = ""                 # "" none | "auto" packaged if the backbone has them | "hub" | "lite0-imagenet" | a file
-embed_dim = 128
+backbone = "tf_efficientnet_lite0"  # any timm name
+pretrained = "auto"             # auto: packaged weights where they exist | "hub" | "lite0-imagenet" | a file | "": none
+embed_dim = 512
 pooling = "gem"                 # gem | avg
-img_size = 64
+img_size = 224
+resize = "squash"               # squash: whole photo to a square | pad: whole photo, bars | crop: centre crop
 augment = "light"               # none | light | strong
 hflip = True                    # False where left and right flanks differ
 # loss and phases
 s = 30.0                        # ArcFace scale: 64 for many classes, ~30-48 for few
-warmup_epochs = 1               # phase 1 length (5 on real photos)
+warmup_epochs = 1               # softmax epochs (margin warmup_margin) before the full margin
 warmup_margin = 0.0
-margin = 0.3                    # phase 2 margin (0.5 on real photos; lower for few classes or unstable runs)
-ramp_epochs = 0                 # > 0: raise the margin linearly over this many phase-2 epochs
+margin = 0.3                    # full margin (0.5 for many photos per class; lower for few classes or unstable runs)
+ramp_epochs = 0                 # > 0: raise the margin linearly over this many epochs
 k_subcenters = 1                # > 1: Sub-center ArcFace
 triplet_weight = 0.0            # auxiliary BatchHard triplet term
 ms_weight = 0.0                 # auxiliary Multi-Similarity term
-# optimisation
-epochs = 6
-lr_backbone = 1e-3              # random-init demo; use ~1e-4 for pretrained backbones
-lr_head = 3e-3
+# head phase on cached features
+head_epochs = 30                # 0: no head phase (the backbone phase starts from a random head)
+cached_views = 4                # per train photo: the photo itself, then seeded augmentations
+head_init = "pca"               # pca: start at the features' principal directions | random
+# backbone phase
+epochs = 10                     # after the head phase
+unfreeze = "1"                  # last N backbone stages that train; "all"; "0": stop after the head phase
+lr_decay = 0.5                  # each earlier stage learns this times slower than the next
+lr_backbone = 1e-4
+lr_head = 1e-3
 weight_decay = 1e-4
 scheduler = "cosine_restarts"   # cosine_restarts | plateau | none
 early_stop_patience = 10
 ema_decay = 0.0                 # e.g. 0.999 on long runs; 0: off
-p = 6                           # classes per batch
+p = 16                          # classes per batch
 k = 4                           # images per class
 sampler = "pk"                  # pk | context_pk
 batches_per_epoch = 0           # 0: about one pass over the train images
@@ -78,16 +89,17 @@ os.chdir(ROOT)
 
 from lib.analysis.figures import plot_training_curves, save
 from lib.train.config import build_config
-from lib.train.run import train_run
+from lib.train.run import run_summary, train_run
 
 config = build_config(
     data_dir=data_dir, splits_dir=splits_dir, cache_dir=cache_dir, fold=fold,
     backbone=backbone, pretrained=pretrained, embed_dim=embed_dim, pooling=pooling,
-    img_size=img_size, augment=augment, hflip=hflip,
+    img_size=img_size, resize=resize, augment=augment, hflip=hflip,
     s=s, k_subcenters=k_subcenters, triplet_weight=triplet_weight, ms_weight=ms_weight,
     warmup_epochs=warmup_epochs, warmup_margin=warmup_margin, margin=margin, ramp_epochs=ramp_epochs,
     epochs=epochs, lr_backbone=lr_backbone, lr_head=lr_head, weight_decay=weight_decay, scheduler=scheduler,
     early_stop_patience=early_stop_patience, ema_decay=ema_decay, seed=seed,
+    head_epochs=head_epochs, cached_views=cached_views, head_init=head_init, unfreeze=unfreeze, lr_decay=lr_decay,
     p=p, k=k, sampler=sampler, batches_per_epoch=batches_per_epoch,
     device=device, precision=precision, num_workers=num_workers, accum_steps=accum_steps,
 )
@@ -98,12 +110,12 @@ history
 
 # %% [markdown]
 # ## Curves
-# The dotted line is the untrained model (epoch 0): a run that ends below it has failed, whatever its loss did.
+# The dotted line is the untrained model (epoch 0), the dashed one the frozen backbone's own features: a run that ends
+# below them has failed, whatever its loss did; `best_model.pt` is then epoch 0.
 
 # %%
 fig = plot_training_curves(history)
 save(fig, Path(figures_dir) / f"02_training_curves_{Path(run_dir).name}.png")
 
 # %%
-untrained, best = history["val_recall@1"].iloc[0], history["val_recall@1"].max()
-print(f"val recall@1: untrained {untrained:.3f} -> best {best:.3f} ({'better' if best > untrained else 'NOT better'})")
+print(run_summary(history))

@@ -32,7 +32,7 @@
 # gallery, and notebook 04 breaks the accuracy down by the number of candidates in the context.
 
 # %% tags=["parameters"]
-run_dir = "runs/demo"            # a run trained by notebook 02
+run_dir = "runs/photos"          # a run trained by notebook 02
 task = "classification"          # classification | reid (identity metrics, per-identity AP, pairwise export)
 protocol = "auto"                # gallery (train photos) | loo (the split queries itself) | auto: loo for open sets
 restrict_to_context = False      # True: a query's neighbours and vote come only from photos of its own context

@@ -21,7 +21,7 @@
 # pictures. Figures go to `figures/04_*_<run>_<split>.png`, tables to `results/04_*_<run>_<split>.csv`.
 
 # %% tags=["parameters"]
-run_dir = "runs/demo"           # a run evaluated by notebook 03
+run_dir = "runs/photos"         # a run evaluated by notebook 03
 task = "classification"         # classification | reid (labels are individuals: per-identity and per-context views)
 split = "val"                   # which saved evaluation (val, or test once notebook 03 evaluated it)
 figures_dir = "figures"

@@ -22,7 +22,7 @@
 # filter by class or to the errors only, pick a query, or upload a photo (which the run's model embeds).
 
 # %% tags=["parameters"]
-run_dir = "runs/demo"           # a run evaluated by notebook 03
+run_dir = "runs/photos"         # a run evaluated by notebook 03
 split = "val"                   # which saved evaluation to browse
 queries = []                    # paths for the static gallery; []: the n_queries worst (most confidently wrong first)
 n_queries = 6

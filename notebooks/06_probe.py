@@ -22,14 +22,14 @@
 # snapshot goes to `results/probe/<run_id>.json`, each query's AP and top-1 per method to `<run_id>_queries.csv`.
 
 # %% tags=["parameters"]
-data_dir = "data/demo"
+data_dir = "data/photos"
 splits_dir = "splits"           # made by notebook 01
 split = "val"                   # the probed split ('test' only for the final word)
 task = "classification"         # classification | reid: which column names the individual (see identity_col)
 identity_col = ""               # "": the label in re-ID mode, the group (the folder layout's ID) otherwise
 protocol = "auto"               # auto | gallery (train photos are the gallery) | loo (the split queries itself)
 methods = ["global", "qe", "kreciprocal", "local", "fusion"]
-run_dir = "runs/demo"           # a run of notebook 02 on these splits, probed beside `backbones`; "": none
+run_dir = "runs/photos"         # a run of notebook 02 on these splits, probed beside `backbones`; "": none
 backbones = [                   # pretrained timm backbones as they come (pooled features), and/or more runs:
     {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224},
 ]                               # {"name": "other", "run_dir": "runs/other"}

@@ -1,7 +1,8 @@
 """The demo pipeline: make the demo data if it is missing, then run every numbered notebook headless, in order.
 
-Each notebook runs with its own parameter defaults (which point at the demo data); executed copies, with outputs,
-go to runs/demo/notebooks/ so the committed notebooks stay clean. Extra `-p name value` pairs go to every notebook.
+Each notebook runs with the demo's values (DEMO, DEMO_TRAIN) for the parameters it declares, its own defaults for
+the rest; executed copies, with outputs, go to runs/demo/notebooks/ so the committed notebooks stay clean. Extra
+`-p name value` pairs go to every notebook and win over the demo's.
 """
 from __future__ import annotations
 
@@ -18,6 +19,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "photo-retrieval"
 HEADLESS = {"browser": False}  # what a notebook that declares it gets when nobody is there to click
+# The notebooks' own defaults are for the user's photos (data/photos, packaged ImageNet weights, the head phase);
+# the demo points them at its synthetic photos and trains a tiny random-init model at 64 px in a minute on a CPU.
+DEMO = {"data_dir": "data/demo", "run_dir": "runs/demo"}
+DEMO_TRAIN = dict(backbone="resnet10t", pretrained="", embed_dim=128, img_size=64, epochs=6, lr_backbone=1e-3,
+                  lr_head=3e-3, p=6, head_epochs=0, unfreeze="all", lr_decay=1.0)
+
+
+def demo_parameters(notebook: Path) -> dict:
+    """The demo's values for the parameters this notebook declares (training settings for 02 only: other notebooks'
+    `k` or `epochs` mean other things)."""
+    declared = papermill.inspect_notebook(str(notebook))
+    demo = {**DEMO, **HEADLESS, **(DEMO_TRAIN if notebook.stem == "02_train" else {})}
+    return {k: v for k, v in demo.items() if k in declared}
 
 
 def cells(nb) -> list[tuple[str, str, list[str]]]:
@@ -70,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.time()
         print(f"== {nb.name}", flush=True)
-        headless = {k: v for k, v in HEADLESS.items() if k in papermill.inspect_notebook(str(nb))}
-        papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters={**headless, **params},
+        papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters={**demo_parameters(nb), **params},
                                    kernel_name=KERNEL, cwd=str(ROOT), progress_bar=False)
         print(f"   done in {time.time() - t0:.0f} s -> {out_dir / nb.name}", flush=True)
     return 0

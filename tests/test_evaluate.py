@@ -13,7 +13,7 @@ from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.transforms import build_transforms
 from lib.evaluate.record import load_evaluation, save_evaluation
-from lib.evaluate.results_table import BENCHMARK_COLUMNS, append_benchmark_row, benchmark_row
+from lib.evaluate.results_table import BENCHMARK_COLUMNS, UNTRAINED_BEST, append_benchmark_row, benchmark_row
 from lib.evaluate.run_eval import apply_thresholds, evaluate_run
 from lib.retrieval.decide import Thresholds
 from lib.retrieval.embed import cached_embeddings, extract_embeddings
@@ -124,6 +124,24 @@ def test_second_evaluation_reads_the_cache_and_a_changed_checkpoint_recomputes(r
     assert len(extractions) == 6, "TTA embeddings are cached apart"
 
 
+def test_a_checkpoint_that_predates_resize_evaluates_with_the_crop_it_trained_with(run_dir, tmp_path):
+    from lib.train.trained_run import load_trained
+
+    ckpt = load_checkpoint(run_dir / "latest_model.pt")
+    size = ckpt["config"]["aug"]["img_size"]
+    for resize in ("squash", "pad"):
+        ckpt["config"]["aug"]["resize"] = resize
+        save_checkpoint(tmp_path / f"{resize}.pt", ckpt)
+    del ckpt["config"]["aug"]["resize"]
+    save_checkpoint(tmp_path / "old.pt", ckpt)
+    for name, resize in (("squash.pt", "squash"), ("pad.pt", "pad"), ("old.pt", "crop")):
+        run = load_trained(tmp_path, name)
+        dc = run.model.data_config
+        assert repr(run.eval_tf) == repr(build_transforms(size, dc["mean"], dc["std"], preset="none",
+                                                          resize=resize)[1]), name
+    assert "CenterCrop" in repr(run.eval_tf)
+
+
 class CountingModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -183,6 +201,9 @@ def test_bad_requests_are_refused(run_dir):
 
 def test_benchmark_rows_append_and_unite_columns(run_dir, tmp_path):
     ev = evaluate_run(run_dir, device="cpu")
+    trained = ev.config["checkpoint_epoch"]
+    assert trained == load_checkpoint(run_dir / "best_model.pt")["epoch"]
+    ev.config["checkpoint_epoch"] = 1  # a checkpoint that training made (epoch 0 adds a note; checked below)
     row = benchmark_row(ev, notes="first")
     assert list(row) == list(BENCHMARK_COLUMNS) and row["version"] == run_dir.name and row["split"] == "val"
     csv = tmp_path / "results" / "benchmarks.csv"
@@ -196,6 +217,10 @@ def test_benchmark_rows_append_and_unite_columns(run_dir, tmp_path):
     assert table["ensemble"].isna().tolist() == [True, True, False]
     append_benchmark_row(csv, {"version": "x", "split": "val"})  # a row with fewer keys keeps the header
     assert pd.read_csv(csv)["version"].tolist()[-1] == "x" and len(pd.read_csv(csv).columns) == len(table.columns)
+    # a run whose best checkpoint is the untrained model says so in its results row
+    assert row["checkpoint_epoch"] == 1
+    ev.config["checkpoint_epoch"] = 0
+    assert benchmark_row(ev, notes="first")["notes"] == f"first; {UNTRAINED_BEST}"
 
 
 def test_the_same_evaluation_again_replaces_its_row(run_dir, tmp_path):
@@ -213,5 +238,6 @@ def test_the_same_evaluation_again_replaces_its_row(run_dir, tmp_path):
     assert again["evaluation_id"] == first["evaluation_id"]
     append_benchmark_row(csv, again, replace_key="evaluation_id")
     table = pd.read_csv(csv, keep_default_na=False)
-    assert table["notes"].tolist() == ["before ids", "again", "k=3"]
+    # the notes as given: the tiny run's best checkpoint may be epoch 0, which appends UNTRAINED_BEST to them
+    assert [n.split("; ")[0] for n in table["notes"]] == ["before ids", "again", "k=3"]
     assert float(table.loc[1, "recall@1"]) == pytest.approx(first["recall@1"])

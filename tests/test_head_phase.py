@@ -7,12 +7,14 @@ import lib.train.loop
 from lib.data.dataset import IndexDataset
 from lib.data.splits import load_split_index
 from lib.data.transforms import build_transforms
+from lib.retrieval.ranking import evaluate_retrieval
 from lib.train.checkpoint import load_checkpoint, seed_everything
 from lib.train.config import build_config
 from lib.train.feature_cache import cache_features
 from lib.train.losses import LossConfig, build_loss
 from lib.train.model import ModelConfig, create_model
-from lib.train.run import train_run
+from lib.train.run import run_summary, train_run
+from lib.train.trained_run import embed_rows, load_trained, split_part, split_rows
 from lib.core.device import auto_settings
 
 TINY = dict(backbone="resnet10t", pretrained="", embed_dim=32, img_size=32, s=30.0, margin=0.3, warmup_epochs=0,
@@ -81,6 +83,7 @@ def test_a_run_whose_training_only_hurts_keeps_epoch_0(demo, tmp_path, monkeypat
     assert list(history["best_epoch"]) == [0, 0, 0, 0]
     best = load_checkpoint(tmp_path / "best_model.pt")
     assert best["epoch"] == 0 and best["best_metric"] == history["val_recall@1"].iloc[0]
+    assert "best_model.pt is epoch 0" in run_summary(history)
 
 
 def test_the_pca_head_starts_near_the_frozen_features_and_the_head_phase_resumes_exactly(demo, tmp_path):
@@ -98,3 +101,15 @@ def test_the_pca_head_starts_near_the_frozen_features_and_the_head_phase_resumes
     b = load_checkpoint(tmp_path / "cut" / "latest_model.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_leave_one_out_validation_scores_the_val_photos_against_each_other(demo, tmp_path):
+    history = train_run(str(tmp_path), config(demo, head_epochs=1, epochs=1, unfreeze="1", val_protocol="loo"),
+                        progress=False)
+    run = load_trained(tmp_path, "latest")
+    val = split_part(split_rows(run), "val")
+    emb, _ = embed_rows(run, val, auto_settings(device="cpu", num_workers=0))
+    labels = val["label"].map(run.config["class_to_idx"]).to_numpy()
+    m = evaluate_retrieval(emb, labels, emb, labels, ks=(1, 5), exclude_self=True)
+    last = history.iloc[-1]
+    assert (last["val_recall@1"], last["val_mAP"]) == pytest.approx((m["recall@1"], m["mAP"]), abs=1e-6)

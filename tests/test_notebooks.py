@@ -99,9 +99,9 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
     assert len(json.loads((splits / "class_to_idx.json").read_text())) == 6
     assert (figures / "01_split_distribution.png").stat().st_size > 10_000
 
-    run("02_train", tmp_path, data_dir=str(data), splits_dir=str(splits), run_dir=str(run_dir), epochs=2,
-        img_size=32, embed_dim=32, batches_per_epoch=2, figures_dir=str(figures),
-        mlflow_uri=(tmp_path / "mlruns").as_uri())
+    run("02_train", tmp_path, **{**run_all.DEMO_TRAIN, "epochs": 2, "img_size": 32, "embed_dim": 32},
+        data_dir=str(data), splits_dir=str(splits), run_dir=str(run_dir), batches_per_epoch=2,
+        figures_dir=str(figures), mlflow_uri=(tmp_path / "mlruns").as_uri())
     assert (run_dir / "latest_model.pt").exists() and (run_dir / "best_model.pt").exists()
     assert (figures / "02_training_curves_run.png").stat().st_size > 10_000
     assert list((tmp_path / "mlruns").rglob("val_recall_at_1")), "per-epoch metrics reach MLflow"

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pandas as pd
-from test_notebooks import run
+from test_notebooks import run, run_all
 
 from lib.evaluate.record import load_evaluation
 from lib.retrieval.faiss_index import NO_NEIGHBOUR
@@ -19,8 +19,9 @@ def test_reid_notebooks_01_to_06_on_the_demo_context_column(demo, tmp_path):
     assert (index.groupby("label")["split"].nunique() == 1).all(), "open set: an individual lies in one split"
     assert index["label"].str.match(r"^[a-z]+\d\d$").all(), "labels are the individuals, not the pattern classes"
 
-    run("02_train", tmp_path, data_dir=str(data), splits_dir=str(splits), run_dir=str(run_dir), epochs=1,
-        img_size=32, embed_dim=16, batches_per_epoch=2, figures_dir=str(figures), mlflow_uri="")
+    run("02_train", tmp_path, **{**run_all.DEMO_TRAIN, "epochs": 1, "img_size": 32, "embed_dim": 16},
+        data_dir=str(data), splits_dir=str(splits), run_dir=str(run_dir), batches_per_epoch=2,
+        figures_dir=str(figures), mlflow_uri="")
     run("03_evaluate", tmp_path, task="reid", run_dir=str(run_dir), results_csv=str(results / "benchmarks.csv"),
         figures_dir=str(figures), k=5, restrict_to_context=True, evaluate_test=True)
     metrics = json.loads((run_dir / "eval" / "val" / "metrics.json").read_text())["metrics"]

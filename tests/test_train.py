@@ -122,3 +122,15 @@ def test_a_checkpoint_config_round_trips_and_old_ones_still_load():
     old["loss"]["s_typo"] = 1.0
     with pytest.raises(ValueError, match="unknown setting.*s_typo"):
         RunConfig.from_dict(old)
+
+
+def test_a_checkpoint_that_predates_resize_loads_and_resumes_as_the_crop_it_trained_with():
+    """aug.resize came later than checkpoints that centre-cropped: their config means 'crop', whatever the default."""
+    old = build_config(img_size=96, resize="squash").as_dict()
+    del old["aug"]["resize"]
+    assert RunConfig.from_dict(old).aug.resize == "crop"
+    assert RunConfig.from_dict({"model": {"embed_dim": 8}}).aug.resize == "crop"  # no aug section at all
+    assert RunConfig.from_dict(build_config(resize="pad").as_dict()).aug.resize == "pad"
+    defaults = build_config(resize="squash")
+    assert settings_diff(build_config(img_size=96, resize="squash"), old, defaults) == ["aug.resize"]
+    assert settings_diff(build_config(img_size=96, resize="crop"), old, defaults) == []

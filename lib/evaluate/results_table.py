@@ -16,7 +16,9 @@ from lib.train.losses import LossConfig
 
 BENCHMARK_COLUMNS = ("version", "split", "backbone", "loss", "embedding_dim", "img_size", "augmentation", "recall@1",
                      "recall@5", "mAP", "identity_balanced_mAP", "vote_accuracy", "macro_f1", "coverage", "accuracy_at_coverage",
-                     "train_time_min", "inference_ms_per_image", "notes", "evaluation_id")
+                     "train_time_min", "checkpoint_epoch", "inference_ms_per_image", "notes", "evaluation_id")
+# the results row of a checkpoint that is epoch 0 says so: training did not beat the model it started from
+UNTRAINED_BEST = "best checkpoint is epoch 0 (untrained): training did not beat it"
 # what makes two evaluations the same one: re-running it replaces its row in the results table instead of adding one
 EVALUATION_KEYS = ("checkpoint_sha256", "protocol", "restrict_to_context", "k", "weighting", "tta", "thresholds")
 
@@ -41,7 +43,9 @@ def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
                                                           "vote_accuracy", "macro_f1", "coverage",
                                                           "accuracy_at_coverage")},
             "train_time_min": ev.config.get("train_time_min", float("nan")),
-            "inference_ms_per_image": m["inference_ms_per_image"], "notes": notes,
+            "checkpoint_epoch": ev.config.get("checkpoint_epoch"),
+            "inference_ms_per_image": m["inference_ms_per_image"],
+            "notes": "; ".join(filter(None, [notes, UNTRAINED_BEST if ev.config.get("checkpoint_epoch") == 0 else ""])),
             "evaluation_id": evaluation_id(ev)}
 
 

@@ -100,7 +100,8 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
               "protocol": protocol, "restrict_to_context": restrict_to_context, "k": k, "weighting": weighting,
               "tta": tta, "thresholds": asdict(thresholds or Thresholds()),
               "device": settings.device, "run": run.config,
-              "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60}
+              "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60,
+              "checkpoint_epoch": run.epoch}
     return Evaluation(split=split, data_root=run.settings.data.data_dir, gallery=gallery, queries=queries,
                       neighbours=neighbours, distances=distances,
                       class_scores=pd.DataFrame(shares, columns=classes), gallery_emb=g_emb, query_emb=q_emb,

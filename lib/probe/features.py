@@ -22,11 +22,12 @@ from lib.data.masks import MaskedDataset, decode_mask, masks_fingerprint, mean_f
 from lib.data.transforms import build_transforms
 from lib.probe.local_match import SiftConfig, sift_features
 from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint
+from lib.train.config import AugConfig
 from lib.train.model import ModelConfig, create_model
 from lib.train.trained_run import load_trained
 
 RUN_KEYS = {"name", "run_dir", "checkpoint"}
-PRETRAINED_KEYS = {"name", "backbone", "pretrained", "img_size"}
+PRETRAINED_KEYS = {"name", "backbone", "pretrained", "img_size", "resize"}
 
 
 @dataclass
@@ -50,20 +51,22 @@ def state_sha256(module: nn.Module) -> str:
 
 
 def load_backbone(spec: dict) -> Backbone:
-    """spec {'name', 'run_dir'[, 'checkpoint']}: a trained run's embedding model; spec {'name', 'backbone',
-    'pretrained'[, 'img_size']}: a timm backbone as it comes, its pooled features (no training: the embedding head of
-    an untrained model would be random, and a random projection only blurs the pretrained features)."""
+    """spec {'name', 'run_dir'[, 'checkpoint']}: a trained run's embedding model (and its run's eval transform);
+    spec {'name', 'backbone', 'pretrained'[, 'img_size', 'resize']}: a timm backbone as it comes, its pooled features
+    (no training: the embedding head of an untrained model would be random, and a random projection only blurs the
+    pretrained features), photos made square by `resize` (lib.data.transforms.RESIZES; default AugConfig's)."""
     keys = RUN_KEYS if "run_dir" in spec else PRETRAINED_KEYS
     if "name" not in spec or set(spec) - keys or ("run_dir" not in spec and "backbone" not in spec):
         raise ValueError(f"backbone spec {spec}: give {{'name', 'run_dir'[, 'checkpoint']}} for a trained run or "
-                         "{'name', 'backbone', 'pretrained'[, 'img_size']} for a pretrained timm backbone")
+                         "{'name', 'backbone', 'pretrained'[, 'img_size', 'resize']} for a pretrained timm backbone")
     if "run_dir" in spec:
         run = load_trained(spec["run_dir"], spec.get("checkpoint", "best"))
         return Backbone(spec["name"], run.model, run.eval_tf, tuple(run.model.data_config["mean"]),
                         f"run:{run.checkpoint_sha256}", run.config.get("data_fingerprint"))
     model = create_model(ModelConfig(backbone=spec["backbone"], pretrained=spec.get("pretrained", "auto")))
     dc = model.data_config
-    _, tf = build_transforms(spec.get("img_size", 224), dc["mean"], dc["std"], preset="none")
+    _, tf = build_transforms(spec.get("img_size", 224), dc["mean"], dc["std"], preset="none",
+                             resize=spec.get("resize", AugConfig.resize))
     net = nn.Sequential(model.backbone, model.pool).eval()
     return Backbone(spec["name"], net, tf, tuple(dc["mean"]), f"pretrained:{spec['backbone']}:{state_sha256(net)}")
 

@@ -62,6 +62,9 @@ class AugConfig:
     img_size: int = 224        # the default backbone's (tf_efficientnet_lite0); EfficientNetV2-L wants 480
     augment: str = "light"     # none | light | strong
     hflip: bool = True         # off where left and right flanks differ (a jaguar's two sides are two patterns)
+    # how a photo becomes square (lib.data.transforms.RESIZES): crop (shorter side, centre crop: cuts the edges) |
+    # squash (whole photo, aspect ignored) | pad (whole photo, mean-colour bars); bench/bench_resize_modes.py
+    resize: str = "squash"
 
 
 @dataclass
@@ -87,6 +90,15 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "sched
 RETIRED = {"loss": ("m",)}
 # what a checkpoint records inside a section beside the settings: device.resolved, what the machine chose for "auto"
 RECORDED = {"device": ("resolved",)}
+# settings added later whose default is not what the runs before them did: a stored config without one takes this
+# value, not the dataclass default, when it loads and when a run resumes, so an old run evaluates as it was trained.
+# aug.resize: runs before it existed cropped (shorter side to img_size, centre crop).
+PREDATES = {"aug": {"resize": "crop"}}
+
+
+def with_predated(config: dict) -> dict:
+    """A stored config with the PREDATES value of every such setting it does not record."""
+    return {**config, **{name: {**values, **(config.get(name) or {})} for name, values in PREDATES.items()}}
 
 
 def _field_owner() -> dict[str, str]:
@@ -120,9 +132,11 @@ class RunConfig:
     def from_dict(cls, config: dict) -> RunConfig:
         """The typed config of a stored one (a checkpoint's config, whose other top-level keys are ignored).
 
-        A section or field the stored config predates takes its default; a RETIRED field is dropped; any other
-        unknown field is an error naming it (a config from a newer version of this code).
+        A section or field the stored config predates takes its default (its PREDATES value where there is one); a
+        RETIRED field is dropped; any other unknown field is an error naming it (a config from a newer version of
+        this code).
         """
+        config = with_predated(config)
         sections = {}
         for name, section in SECTIONS.items():
             stored = dict(config.get(name) or {})
@@ -160,9 +174,10 @@ def comparable_config(config: dict) -> dict:
 
 def settings_diff(now: RunConfig | dict, then: RunConfig | dict, defaults: RunConfig | dict) -> list[str]:
     """Dotted names of the settings that differ between two run configs. A setting `then` does not record (its
-    checkpoint predates the setting) counts as its default; one with no default either (derived) is not compared;
-    a RETIRED one is not compared."""
+    checkpoint predates the setting) counts as its default (its PREDATES value where there is one); one with no
+    default either (derived) is not compared; a RETIRED one is not compared."""
     now, then, defaults = (c.as_dict() if isinstance(c, RunConfig) else c for c in (now, then, defaults))
+    then = with_predated(then) if then else then
     now, then, defaults = (pd.json_normalize(comparable_config(c)).iloc[0].to_dict() if c else {}
                            for c in (now, then, defaults))
     missing = object()

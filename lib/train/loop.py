@@ -91,7 +91,7 @@ def validate(model, gallery_set: Dataset, query_set: Dataset, settings: DeviceSe
 
     Returns (metrics, top-1 hit per query)."""
     q = extract_embeddings(model, query_set, settings, batch_size)
-    g = q if protocol == "loo" else extract_embeddings(model, gallery_set, settings, batch_size)
+    g = None if protocol == "loo" else extract_embeddings(model, gallery_set, settings, batch_size)
     return retrieval_metrics(g, gallery_set.targets.numpy(), q, query_set.targets.numpy(), protocol, prefix)
 
 
@@ -103,7 +103,7 @@ def validate_features(model, features: CachedFeatures, gallery_labels: np.ndarra
     was_training = model.training
     model.eval()
     q = model.embed_features(features.queries.to(device)).cpu().numpy()
-    g = q if protocol == "loo" else model.embed_features(features.gallery.to(device)).cpu().numpy()
+    g = None if protocol == "loo" else model.embed_features(features.gallery.to(device)).cpu().numpy()
     model.train(was_training)
     return retrieval_metrics(g, gallery_labels, q, query_labels, protocol, prefix)
 
@@ -115,7 +115,7 @@ def frozen_metrics(model, features: CachedFeatures | None, gallery_set: Dataset,
     if features is None:
         pooled = PooledFeatures(model)
         q = extract_embeddings(pooled, query_set, settings, batch_size)
-        g = q if protocol == "loo" else extract_embeddings(pooled, gallery_set, settings, batch_size)
+        g = None if protocol == "loo" else extract_embeddings(pooled, gallery_set, settings, batch_size)
     else:
         q, g = features.queries.numpy(), features.gallery.numpy()
     metrics, _ = retrieval_metrics(g, gallery_set.targets.numpy(), q, query_set.targets.numpy(), protocol,
@@ -124,7 +124,10 @@ def frozen_metrics(model, features: CachedFeatures | None, gallery_set: Dataset,
 
 
 def retrieval_metrics(g, gl, q, ql, protocol: str, prefix: str) -> tuple[dict, np.ndarray]:
-    """(recall@1/5 and mAP under `prefix`, top-1 hit per query) of gallery and query embeddings."""
+    """(recall@1/5 and mAP under `prefix`, top-1 hit per query) of gallery and query embeddings. Under "loo" the
+    queries are the gallery: g and gl are not read (the caller need not embed a gallery)."""
+    if protocol == "loo":
+        g, gl = q, ql
     m = evaluate_retrieval(g, gl, q, ql, ks=(1, 5), exclude_self=protocol == "loo")
     _, top1 = search(build_index(g), q, 1, exclude_self=protocol == "loo")
     hits = gl[top1[:, 0]] == ql

