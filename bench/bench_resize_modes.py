@@ -31,6 +31,7 @@ import lib.core.device  # noqa: E402,F401  (first: sets the OpenMP switch before
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from torch import nn  # noqa: E402
+from bench_training_recipes import markdown  # noqa: E402  (a sibling script: bench/ is on the path when run)
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
 from lib.core.device import auto_settings  # noqa: E402
@@ -88,14 +89,6 @@ def paired(a: np.ndarray, b: np.ndarray) -> str:
     ok = ~(np.isnan(a) | np.isnan(b))
     d = a[ok] - b[ok]
     return f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f}"
-
-
-def markdown(table: pd.DataFrame) -> str:
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def main() -> None:
