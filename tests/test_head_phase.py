@@ -72,6 +72,21 @@ def test_unfreezing_the_last_stage_leaves_earlier_stages_bit_identical(demo, tmp
     assert any(changed for key, changed in moved.items() if stage_of[key.rsplit(".", 1)[0]] == last)
 
 
+@pytest.mark.parametrize("backbone_bn", ["frozen", "train"])
+def test_frozen_backbone_bn_keeps_the_pretrained_statistics_while_the_weights_train(demo, tmp_path, backbone_bn):
+    cfg = config(demo, epochs=1, unfreeze="all", backbone_bn=backbone_bn)
+    train_run(str(tmp_path), cfg, progress=False)
+    seed_everything(cfg.train.seed)  # as train_run builds its model
+    start = create_model(cfg.model).state_dict()
+    trained = load_checkpoint(tmp_path / "latest_model.pt")["model"]
+    stats = [k for k in start if k.startswith("backbone.") and k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in start if k.startswith("backbone.") and k.endswith("conv1.weight")]
+    assert stats and weights
+    assert all(not torch.equal(start[k], trained[k]) for k in weights)
+    moved = [k for k in stats if not torch.equal(start[k], trained[k])]
+    assert (moved == []) == (backbone_bn == "frozen"), moved[:3]
+
+
 def test_a_run_whose_training_only_hurts_keeps_epoch_0(demo, tmp_path, monkeypatch):
     def scramble(model, *args, **kwargs):
         with torch.no_grad():

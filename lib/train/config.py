@@ -27,6 +27,8 @@ class TrainConfig:
     # after the head phase
     unfreeze: str = "all"
     lr_decay: float = 1.0          # < 1: each earlier backbone stage learns lr_decay times slower than the next
+    # frozen: the backbone's BatchNorm layers keep their pretrained statistics while it trains | train: batch statistics
+    backbone_bn: str = "frozen"
     lr_backbone: float = 1e-4
     lr_head: float = 1e-3          # the head starts from random, so it may move faster than pretrained features
     weight_decay: float = 1e-4
@@ -92,8 +94,9 @@ RETIRED = {"loss": ("m",)}
 RECORDED = {"device": ("resolved",)}
 # settings added later whose default is not what the runs before them did: a stored config without one takes this
 # value, not the dataclass default, when it loads and when a run resumes, so an old run evaluates as it was trained.
-# aug.resize: runs before it existed cropped (shorter side to img_size, centre crop).
-PREDATES = {"aug": {"resize": "crop"}}
+# aug.resize: runs before it existed cropped (shorter side to img_size, centre crop); train.backbone_bn: they
+# trained BatchNorm on batch statistics.
+PREDATES = {"aug": {"resize": "crop"}, "train": {"backbone_bn": "train"}}
 
 
 def with_predated(config: dict) -> dict:

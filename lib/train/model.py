@@ -98,6 +98,7 @@ class EmbeddingModel(nn.Module):
         ))
         self.stages = backbone_stages(self.backbone)
         self.trainable_stages: int | None = None  # None: the whole backbone trains; n: only its last n stages
+        self.frozen_bn = False  # True: every backbone BatchNorm keeps its pretrained statistics (see train())
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, num_features) pooled backbone features: what the head turns into an embedding."""
@@ -144,7 +145,16 @@ class EmbeddingModel(nn.Module):
         self.set_trainable_stages(None if trainable else 0)
 
     def train(self, mode: bool = True) -> "EmbeddingModel":
+        """With frozen_bn, training stages' BatchNorm layers normalise by their pretrained running statistics too
+        (their scale and shift still learn): a P x K batch of a few individuals has statistics far from the
+        pretraining data's, so batch statistics would shift every feature the head was trained on (lions: the loss
+        of a head-phase model on the same batches rises from 1.6 to 7.4 when the last stage's BatchNorm switches to
+        batch statistics, before any step)."""
         super().train(mode)
+        if mode and self.frozen_bn:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         if mode and self.trainable_stages is not None:
             for module in self.backbone.modules():
                 own = list(module.parameters(recurse=False))
