@@ -19,9 +19,10 @@
 # directions, trains with ArcFace on those cached features: many epochs in seconds, because the backbone's
 # forward and backward passes are the whole cost of an epoch on a CPU. Backbone phase (`epochs`): the last
 # `unfreeze` stages of the backbone train too ("all": every stage; 0: none, the run ends after the head), each
-# earlier stage `lr_decay` times slower. Validation every epoch is retrieval: train photos are the gallery, val
-# photos the queries (or val leave-one-out for individuals training never saw). Epoch 0 is the untrained model
-# and a candidate for `best_model.pt`, beside the frozen backbone's own features: a run never ends below them.
+# earlier stage `lr_decay` times slower, BatchNorm keeping its pretrained statistics (`backbone_bn`). Validation
+# every epoch is retrieval: train photos are the gallery, val photos the queries (or val leave-one-out for
+# individuals training never saw). Epoch 0 is the untrained model and a candidate for `best_model.pt`, beside the
+# frozen backbone's own features: a run never ends below them.
 # Re-running resumes from `run_dir/latest_model.pt` unless `fresh=True`.
 #
 # Defaults are the recipe for real photos on a CPU (packaged ImageNet EfficientNet-Lite0, no network; see the
@@ -61,6 +62,7 @@ head_init = "pca"               # pca: start at the features' principal directio
 epochs = 10                     # after the head phase
 unfreeze = "1"                  # last N backbone stages that train; "all"; "0": stop after the head phase
 lr_decay = 0.5                  # each earlier stage learns this times slower than the next
+backbone_bn = "auto"            # frozen: BatchNorm keeps its pretrained statistics | train | auto: frozen if pretrained
 lr_backbone = 1e-4
 lr_head = 1e-3
 weight_decay = 1e-4
@@ -100,6 +102,7 @@ config = build_config(
     epochs=epochs, lr_backbone=lr_backbone, lr_head=lr_head, weight_decay=weight_decay, scheduler=scheduler,
     early_stop_patience=early_stop_patience, ema_decay=ema_decay, seed=seed,
     head_epochs=head_epochs, cached_views=cached_views, head_init=head_init, unfreeze=unfreeze, lr_decay=lr_decay,
+    backbone_bn=backbone_bn,
     p=p, k=k, sampler=sampler, batches_per_epoch=batches_per_epoch,
     device=device, precision=precision, num_workers=num_workers, accum_steps=accum_steps,
 )

@@ -72,8 +72,10 @@ def test_unfreezing_the_last_stage_leaves_earlier_stages_bit_identical(demo, tmp
     assert any(changed for key, changed in moved.items() if stage_of[key.rsplit(".", 1)[0]] == last)
 
 
-@pytest.mark.parametrize("backbone_bn", ["frozen", "train"])
-def test_frozen_backbone_bn_keeps_the_pretrained_statistics_while_the_weights_train(demo, tmp_path, backbone_bn):
+# auto: the tiny test backbone starts from random weights, whose statistics are worth nothing, so they train
+@pytest.mark.parametrize("backbone_bn,stats_move", [("frozen", False), ("train", True), ("auto", True)])
+def test_frozen_backbone_bn_keeps_the_pretrained_statistics_while_the_weights_train(demo, tmp_path, backbone_bn,
+                                                                                     stats_move):
     cfg = config(demo, epochs=1, unfreeze="all", backbone_bn=backbone_bn)
     train_run(str(tmp_path), cfg, progress=False)
     seed_everything(cfg.train.seed)  # as train_run builds its model
@@ -84,7 +86,13 @@ def test_frozen_backbone_bn_keeps_the_pretrained_statistics_while_the_weights_tr
     assert stats and weights
     assert all(not torch.equal(start[k], trained[k]) for k in weights)
     moved = [k for k in stats if not torch.equal(start[k], trained[k])]
-    assert (moved == []) == (backbone_bn == "frozen"), moved[:3]
+    assert bool(moved) == stats_move, moved[:3]
+
+
+def test_auto_backbone_bn_knows_pretrained_weights_from_a_random_init():
+    assert create_model(ModelConfig(backbone="resnet10t", pretrained="")).random_init
+    assert create_model(ModelConfig(backbone="resnet10t", pretrained="auto")).random_init  # nothing packaged for it
+    assert not create_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="lite0-imagenet")).random_init
 
 
 def test_a_run_whose_training_only_hurts_keeps_epoch_0(demo, tmp_path, monkeypatch):

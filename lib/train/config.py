@@ -27,8 +27,9 @@ class TrainConfig:
     # after the head phase
     unfreeze: str = "all"
     lr_decay: float = 1.0          # < 1: each earlier backbone stage learns lr_decay times slower than the next
-    # frozen: the backbone's BatchNorm layers keep their pretrained statistics while it trains | train: batch statistics
-    backbone_bn: str = "frozen"
+    # frozen: the backbone's BatchNorm layers keep their pretrained statistics while it trains | train: batch
+    # statistics | auto: frozen for pretrained weights, train for a random init (whose statistics mean nothing)
+    backbone_bn: str = "auto"
     lr_backbone: float = 1e-4
     lr_head: float = 1e-3          # the head starts from random, so it may move faster than pretrained features
     weight_decay: float = 1e-4

@@ -38,7 +38,7 @@ from lib.train.mining import context_error, mining_weights
 from lib.train.tracking import MetricsLog
 
 SCHEDULERS = ("cosine_restarts", "plateau", "none")
-BACKBONE_BN = ("frozen", "train")
+BACKBONE_BN = ("auto", "frozen", "train")
 CHECKPOINT_FILES = ("latest_model.pt", "best_model.pt", "metrics.csv")
 
 
@@ -181,7 +181,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     unfrozen = trainable_stages(cfg.unfreeze)
     if cfg.backbone_bn not in BACKBONE_BN:
         raise ValueError(f"backbone_bn={cfg.backbone_bn!r}; valid: {', '.join(BACKBONE_BN)}")
-    model.frozen_bn = cfg.backbone_bn == "frozen"
+    model.frozen_bn = cfg.backbone_bn == "frozen" or (cfg.backbone_bn == "auto" and not model.random_init)
     # the backbone phase follows the head phase; unfreeze=0 has none
     total_epochs = cfg.head_epochs + (cfg.epochs if unfrozen != 0 else 0)
     history: list[dict] = []

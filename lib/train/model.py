@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-from lib.train.weights import load_backbone_weights
+from lib.train.weights import RANDOM_INIT, load_backbone_weights
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class EmbeddingModel(nn.Module):
         self.stages = backbone_stages(self.backbone)
         self.trainable_stages: int | None = None  # None: the whole backbone trains; n: only its last n stages
         self.frozen_bn = False  # True: every backbone BatchNorm keeps its pretrained statistics (see train())
+        self.random_init = True  # create_model says whether the backbone's weights were loaded
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, num_features) pooled backbone features: what the head turns into an embedding."""
@@ -196,6 +197,7 @@ def create_model(cfg: ModelConfig) -> EmbeddingModel:
     """Build the model and load the backbone weights `cfg.pretrained` names (see lib.train.weights)."""
     model = EmbeddingModel(cfg)
     # Kept on the model so the run's config (and so every checkpoint) says where the starting weights came from.
-    model.weights_source = load_backbone_weights(model.backbone, cfg.pretrained) if cfg.pretrained else "random init"
+    model.weights_source = load_backbone_weights(model.backbone, cfg.pretrained)
+    model.random_init = model.weights_source.startswith(RANDOM_INIT)
     logger.info("backbone weights: %s", model.weights_source)
     return model

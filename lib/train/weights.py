@@ -84,17 +84,20 @@ def packaged_weights(name: str) -> PackagedWeights:
     return PACKAGED[name]
 
 
+RANDOM_INIT = "random initialisation"  # how load_backbone_weights' line starts when it loaded nothing
+
+
 def load_backbone_weights(backbone: nn.Module, pretrained: str | Path | bool | None) -> str:
     """Load `pretrained` into `backbone` in place; return one line saying what was loaded."""
     if not pretrained:
-        return "random initialisation"
+        return RANDOM_INIT
     if pretrained is True or pretrained == "hub":
         return _load_hub(backbone)
     if pretrained == "auto":
         arch = _architecture(backbone)
         pretrained = next((name for name, entry in PACKAGED.items() if entry.backbone == arch), "")
         if not pretrained:
-            return (f"random initialisation: no packaged weights for {arch} "
+            return (f"{RANDOM_INIT}: no packaged weights for {arch} "
                     "(pretrained='hub' or a weights file gives it ImageNet features)")
     name = str(pretrained)
     path = Path(name).expanduser()
