@@ -57,6 +57,9 @@ def test_unfreezing_the_last_stage_leaves_earlier_stages_bit_identical(demo, tmp
     cfg = config(demo, head_epochs=1, epochs=2, unfreeze="1", lr_decay=0.5)
     history = train_run(str(tmp_path), cfg, progress=False)
     assert list(history["phase"]) == ["untrained", "head", "finetune", "finetune"]
+    # best epoch, recomputed: the highest (Recall@1, mAP) pair, the earliest of equal pairs
+    scores = list(zip(history["val_recall@1"], history["val_mAP"]))
+    assert history["best_epoch"].iloc[-1] == history["epoch"].iloc[scores.index(max(scores))]
     seed_everything(cfg.train.seed)  # as train_run builds its model
     start = create_model(cfg.model).backbone.state_dict()
     trained = {k[len("backbone."):]: v for k, v in load_checkpoint(tmp_path / "latest_model.pt")["model"].items()
@@ -93,6 +96,18 @@ def test_auto_backbone_bn_knows_pretrained_weights_from_a_random_init():
     assert create_model(ModelConfig(backbone="resnet10t", pretrained="")).random_init
     assert create_model(ModelConfig(backbone="resnet10t", pretrained="auto")).random_init  # nothing packaged for it
     assert not create_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="lite0-imagenet")).random_init
+
+
+def test_a_tie_in_recall_at_1_goes_to_the_higher_map():
+    history = [{"epoch": 0, "val_recall@1": 0.5, "val_mAP": 0.30, "best_epoch": 0}]
+    row = lambda r1, m: {"val_recall@1": r1, "val_mAP": m, "ema_val_recall@1": r1, "ema_val_mAP": m}  # noqa: E731
+    assert lib.train.loop.better(row(0.5, 0.31), history, "val_recall@1", 0.5)
+    assert not lib.train.loop.better(row(0.5, 0.30), history, "val_recall@1", 0.5)  # a full tie keeps the earlier
+    assert not lib.train.loop.better(row(0.49, 0.90), history, "val_recall@1", 0.5)
+    assert lib.train.loop.better(row(0.51, 0.01), history, "val_recall@1", 0.5)
+    # with EMA the epoch-0 row holds the model's scores only (the EMA starts as a copy)
+    assert lib.train.loop.better(row(0.5, 0.31), history, "ema_val_recall@1", 0.5)
+    assert not lib.train.loop.better(row(0.5, 0.29), history, "ema_val_recall@1", 0.5)
 
 
 def test_a_run_whose_training_only_hurts_keeps_epoch_0(demo, tmp_path, monkeypatch):

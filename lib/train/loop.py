@@ -296,7 +296,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                 row["worst_contexts"] = "; ".join(f"{c} {e:.2f}" for c, e in worst.items())
             if scheduler is not None:
                 scheduler.step(row["val_recall@1"]) if cfg.scheduler == "plateau" else scheduler.step()
-            improved = row[select_key] > best
+            improved = better(row, history, select_key, best)
             best, since_best = (row[select_key], 0) if improved else (best, since_best + 1)
             row["best_val_recall@1"] = best
             row["best_epoch"] = epoch if improved else history[-1].get("best_epoch")
@@ -320,6 +320,18 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     finally:
         log.end()
     return pd.DataFrame(history)
+
+
+def better(row: dict, history: list[dict], select_key: str, best: float) -> bool:
+    """Whether an epoch's val scores beat the best so far: a higher Recall@1, or the same Recall@1 and a higher mAP.
+    Recall@1 on a few hundred val photos moves in steps of one photo, so ties are common; mAP, which weighs every
+    rank, tells which of the tied models ranks the true matches higher."""
+    if row[select_key] != best:
+        return row[select_key] > best
+    at_best = next((r for r in reversed(history) if r["epoch"] == history[-1].get("best_epoch")), {})
+    map_key = select_key.replace("recall@1", "mAP")
+    # epoch 0 scores the model alone: an EMA starts as a copy of it
+    return row[map_key] > at_best.get(map_key, at_best.get("val_mAP", math.inf))
 
 
 def _contexts(cfg: TrainConfig, train_set, query_set, batch_sampler):
