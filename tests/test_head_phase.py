@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lib.train.loop
+from lib.core.device import auto_settings
 from lib.data.dataset import IndexDataset
 from lib.data.splits import load_split_index
 from lib.data.transforms import build_transforms
@@ -15,7 +16,6 @@ from lib.train.losses import LossConfig, build_loss
 from lib.train.model import ModelConfig, create_model
 from lib.train.run import run_summary, train_run
 from lib.train.trained_run import embed_rows, load_trained, split_part, split_rows
-from lib.core.device import auto_settings
 
 TINY = dict(backbone="resnet10t", pretrained="", embed_dim=32, img_size=32, s=30.0, margin=0.3, warmup_epochs=0,
             p=6, k=4, lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", batches_per_epoch=3)

@@ -13,12 +13,7 @@ from PIL import Image
 import lib.train.weights
 from lib.core.errors import DataError
 from lib.train.model import ModelConfig, create_model
-from lib.train.weights import (
-    PACKAGED,
-    imagenet_classifier,
-    load_backbone_weights,
-    read_state_dict,
-)
+from lib.train.weights import PACKAGED, imagenet_classifier, load_backbone_weights, read_state_dict
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 LION = 291  # ImageNet class index of "lion"

@@ -234,7 +234,7 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitCo
 
 
 def _report_markdown(report: dict) -> str:
-    lines = [f"# Split report", "", f"- created: {report['created']}", f"- seed: {report['config']['seed']}",
+    lines = ["# Split report", "", f"- created: {report['created']}", f"- seed: {report['config']['seed']}",
              f"- ratios (train/val/test): {report['config']['ratios']}", f"- data fingerprint: {report['data_fingerprint']}",
              f"- mode: {report['config']['mode']}", f"- images: {report['n_images']}", f"- groups: {report['n_groups']}",
              f"- classes: {report['n_classes']} (per split: {report['n_labels']})", ""]

@@ -1,12 +1,37 @@
-"""Checkpoints that survive a kill: fp32 weights, full training state, RNG states, written atomically."""
+"""Checkpoints that survive a kill and cannot run code: fp32 weights, full training state, RNG states, written
+atomically, read back with torch's weights-only unpickler."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lib.core.errors import DataError
+
+# Set to 1 to load a checkpoint that holds other pickled objects: only for a file you made yourself.
+TRUST_ENV = "PHOTO_RETRIEVAL_TRUST_CHECKPOINTS"
+
+
+def _numpy_globals() -> list:
+    """What numpy arrays and scalars unpickle through (numpy's RNG state in every checkpoint; numpy floats in older
+    histories): data only, no code. Taken from live objects so the names match this numpy; numpy 1 wrote the same
+    functions under numpy.core."""
+    reconstruct, scalar = np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0]
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.uint32, np.bool_)]
+    return [np.ndarray, np.dtype, reconstruct, scalar, *dtypes,
+            (reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
+
+
+SAFE_GLOBALS = _numpy_globals()
+ALLOWED_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+
+
+class CorruptCheckpoint(DataError):
+    """A checkpoint file that cannot be read: truncated, empty, or not a checkpoint."""
 
 
 def fp32_state_dict(module: torch.nn.Module) -> dict:
@@ -15,17 +40,75 @@ def fp32_state_dict(module: torch.nn.Module) -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save to a temp file in the same folder, then rename: a kill mid-write never leaves a broken file."""
+    """torch.save to a temp file in the same folder, then rename: a kill mid-write never leaves a broken file, and a
+    failed write (a full disk) leaves the previous file as it was and stops the run with a message naming it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write inside its zip writer as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = "the previous one is intact" if path.exists() else "there was no previous one"
+        raise DataError(f"could not write checkpoint {path} ({e}); {kept}. Free disk space and re-run to resume") from e
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict:
-    # weights_only=False: checkpoints carry plain config dicts and RNG states, and they are our own files.
-    return torch.load(path, map_location=map_location, weights_only=False)
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu", trusted: bool | None = None) -> dict:
+    """A checkpoint through torch's weights-only unpickler: tensors, plain Python types and numpy arrays load, and a
+    file holding any other pickled object (which could run code as it loads) is refused, naming what it holds. Only
+    `trusted=True` (or the environment variable PHOTO_RETRIEVAL_TRUST_CHECKPOINTS=1) loads such a file, for one you
+    made yourself. A truncated or unreadable file raises CorruptCheckpoint."""
+    path = Path(path)
+    trusted = os.environ.get(TRUST_ENV) == "1" if trusted is None else trusted
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        # the weights-only unpickler fails alike on a forbidden object and on bytes that are no pickle at all
+        try:
+            held = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                    if g not in ALLOWED_NAMES]
+        except Exception:
+            held = []
+        if not held:
+            raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt (its data is no checkpoint)") from e
+        raise DataError(f"refusing to load {path}: besides weights and settings it holds {', '.join(held)}, which "
+                        f"could run code when loaded. Load only files you made; for one you did, set {TRUST_ENV}=1"
+                        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first})") from e
+
+
+def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Path] | None:
+    """(checkpoint, its path) a run in run_dir resumes from: latest_model.pt, or where that is truncated or corrupt
+    (a disk that filled, a copy cut short), the newest intact checkpoint_epoch_N.pt, saying so; the broken file is
+    moved aside to <name>.corrupt, not deleted. None when there is no latest_model.pt (a new run)."""
+    run_dir = Path(run_dir)
+    latest = run_dir / "latest_model.pt"
+    if not latest.exists():
+        return None
+    try:
+        return load_checkpoint(latest), latest
+    except CorruptCheckpoint as e:
+        broken = e
+    numbered = sorted(run_dir.glob("checkpoint_epoch_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1])
+                      if p.stem.rsplit("_", 1)[-1].isdigit() else -1, reverse=True)
+    for path in numbered:
+        try:
+            ckpt = load_checkpoint(path)
+        except CorruptCheckpoint as e:
+            print(f"skipping {path.name}: {e}")
+            continue
+        aside = latest.with_name(latest.name + ".corrupt")
+        os.replace(latest, aside)
+        print(f"{broken}; moved to {aside.name}, resuming from {path.name} (epoch {ckpt['epoch']})")
+        return ckpt, path
+    raise DataError(f"{broken}, and run_dir holds no intact checkpoint_epoch_N.pt to resume from; fresh=True "
+                    "starts over (moving the old files to a replaced-* folder)")
 
 
 def rng_state() -> dict:

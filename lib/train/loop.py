@@ -25,7 +25,7 @@ from lib.retrieval.faiss_index import build_index, search
 from lib.retrieval.ranking import evaluate_retrieval, resolve_val_protocol
 from lib.train.checkpoint import (
     fp32_state_dict,
-    load_checkpoint,
+    resume_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -186,11 +186,12 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     total_epochs = cfg.head_epochs + (cfg.epochs if unfrozen != 0 else 0)
     history: list[dict] = []
     start_epoch, best, since_best, run_id = 1, -math.inf, 0, None
-    if latest.exists() and not fresh:
-        ckpt = load_checkpoint(latest)
+    resumed = None if fresh else resume_checkpoint(run_dir)
+    if resumed is not None:
+        ckpt, source = resumed
         diff = settings_diff(config, ckpt["config"], defaults or {})
         if diff:
-            raise DataError(f"{latest} was trained with other settings ({', '.join(diff[:8])}); "
+            raise DataError(f"{source} was trained with other settings ({', '.join(diff[:8])}); "
                             "use fresh=True (old files are kept in a replaced-* folder) or another run_dir")
         model.load_state_dict(ckpt["model"])
         criterion.load_state_dict(ckpt["criterion"])
@@ -205,7 +206,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             batch_sampler.set_context_weights(ckpt["context_weights"])
         history, best, since_best, run_id = ckpt["history"], ckpt["best_metric"], ckpt["since_best"], ckpt.get("mlflow_run_id")
         start_epoch = ckpt["epoch"] + 1
-        print(f"resumed from {latest} at epoch {ckpt['epoch']} (best val recall@1 {best:.4f})")
+        print(f"resumed from {source} at epoch {ckpt['epoch']} (best val recall@1 {best:.4f})")
     else:
         seed_everything(cfg.seed)
     log.start(config, run_dir.name, run_id)

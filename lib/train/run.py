@@ -16,6 +16,7 @@ from lib.train.config import SAMPLERS, DataConfig, RunConfig, build_config
 from lib.train.loop import fit
 from lib.train.losses import build_loss
 from lib.train.model import create_model
+from lib.train.run_lock import run_lock
 from lib.train.tracking import MetricsLog
 
 
@@ -71,9 +72,10 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
           f"accum={settings.accum_steps}; {len(train_set)} train / {len(query_set)} val images, "
           f"{len(class_to_idx)} classes")
     log = MetricsLog(Path(run_dir), mlflow_uri=mlflow_uri)
-    return fit(run_dir, model, criterion, config.schedule, config.train, settings, train_set, sampler, gallery_set,
-               query_set, full, fresh=fresh, log=log, progress=progress, stop_after_epoch=stop_after_epoch,
-               defaults=build_config().as_dict())
+    with run_lock(run_dir):
+        return fit(run_dir, model, criterion, config.schedule, config.train, settings, train_set, sampler,
+                   gallery_set, query_set, full, fresh=fresh, log=log, progress=progress,
+                   stop_after_epoch=stop_after_epoch, defaults=build_config().as_dict())
 
 
 def run_summary(history: pd.DataFrame) -> str:
