@@ -1,11 +1,13 @@
 """Which training recipe, at what cost, on real photos: the lions (benchmark, not a test).
 
     python bench/bench_training_recipes.py [--minutes 10] [--recipes frozen,head1,head4,unfreeze1,unfreeze2,all]
-                                           [--protocols open,closed] [--out /tmp/bench_recipes.md]
+                                           [--protocols open,open-ids,closed] [--out /tmp/bench_recipes.md]
 
-tf_efficientnet_lite0 (packaged ImageNet weights), 224 px, embed_dim 512. Two protocols:
-  open:   train on lions/train (75 individuals); score lions/val (19 other individuals) leave-one-out, each val photo
-          querying all other val photos; photos held out of lions/train pick the checkpoint.
+tf_efficientnet_lite0 (packaged ImageNet weights), 224 px, embed_dim 512. Three protocols:
+  open:     train on lions/train (75 individuals); score lions/val (19 other individuals) leave-one-out, each val photo
+            querying all other val photos; photos held out of lions/train's individuals pick the checkpoint.
+  open-ids: the same, but the checkpoint is picked on lions/train individuals held out whole (notebook 01's
+            split_mode="open", validated leave-one-out): what an open-set user's own split does.
   closed: all 94 individuals; each one's photos divided 60/20/20 into gallery (trained on), selection and queries
           (scored against the gallery).
 Recipes (each a lib.train.run.train_run config; the frozen row trains nothing):
@@ -74,8 +76,9 @@ def read(root: Path) -> pd.DataFrame:
 
 def protocol_splits(name: str, lions: Path, folder: Path) -> tuple[Path, Path, str]:
     """(data root, splits dir, split scored) of a protocol, its split files written to `folder`."""
-    if name == "open":
-        prepare_splits(read(lions / "train"), folder, SplitConfig(ratios=(0.8, 0.2, 0.0), seed=0))
+    if name in ("open", "open-ids"):
+        mode = "open" if name == "open-ids" else "group"
+        prepare_splits(read(lions / "train"), folder, SplitConfig(ratios=(0.8, 0.2, 0.0), seed=0, mode=mode))
         return lions / "train", folder, "lions/val"
     both = pd.concat([read(lions / part).assign(path=lambda t, p=part: p + "/" + t["path"]) for part in ("train", "val")])
     prepare_splits(both, folder, SplitConfig(ratios=(0.6, 0.2, 0.2), seed=0))
@@ -84,7 +87,7 @@ def protocol_splits(name: str, lions: Path, folder: Path) -> tuple[Path, Path, s
 
 def scored_sets(protocol: str, lions: Path, splits: Path, eval_tf) -> tuple[IndexDataset, IndexDataset | None]:
     """(queries, gallery or None for leave-one-out) that every recipe of a protocol is scored on."""
-    if protocol == "open":
+    if protocol in ("open", "open-ids"):
         val = read(lions / "val")
         return IndexDataset(val, lions / "val", eval_tf, class_to_idx(val)), None
     index, info = load_split_index(splits)
@@ -171,7 +174,7 @@ def main() -> None:
     table = pd.DataFrame(rows)
     text = [f"# Training recipes on the lions ({args.minutes:g} min budget, {os.cpu_count()} cores, "
             f"{settings.device})", "", markdown(table), "", f"Base settings: {BASE}.", f"Recipes: {RECIPES}.",
-            "open: scored on lions/val leave-one-out; closed: scored on the test photos against the train gallery.", ""]
+            "open, open-ids: scored on lions/val leave-one-out; closed: scored on the test photos against the train gallery.", ""]
     cols = ["epoch", "phase", "train_loss", "val_recall@1", "val_mAP", "frozen_val_recall@1", "train_seconds"]
     for (protocol, name), history in histories.items():
         text += [f"## {protocol} / {name}: per-epoch history (val = the selection photos)", "",

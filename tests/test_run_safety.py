@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -130,3 +131,35 @@ def test_one_writer_per_run_folder(demo, tmp_path, capsys):
     train_run(str(tmp_path), cfg, progress=False)
     assert f"its process {gone.pid} (started then) is gone" in capsys.readouterr().out
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_run(demo, tmp_path):
+    """SIGKILL in a child process, at random moments and during checkpoint writes, resumed each time."""
+    overrides = dict(epochs=4, checkpoint_every=1)
+    whole = train_run(str(tmp_path / "whole"), config(demo, **overrides), progress=False)
+    data, splits = demo
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\nfrom lib.train.config import build_config\nfrom lib.train.run import train_run\n"
+        f"cfg = build_config(data_dir={str(data)!r}, splits_dir={str(splits)!r}, **{ {**TINY, **overrides}!r})\n"
+        "train_run(sys.argv[1], cfg, progress=False)\n")
+    cut = tmp_path / "cut"
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in range(4):
+        child = subprocess.Popen([sys.executable, str(script), str(cut)], stdout=subprocess.DEVNULL)
+        if attempt % 2:  # the moment a checkpoint is being written
+            deadline = time.time() + 120
+            while child.poll() is None and time.time() < deadline and not list(cut.glob("*.pt.tmp")):
+                time.sleep(0.002)
+        else:
+            time.sleep(rng.uniform(4, 12))
+        if child.poll() is None:
+            child.kill()
+            kills += 1
+        child.wait()
+    assert kills >= 3
+    subprocess.run([sys.executable, str(script), str(cut)], check=True, stdout=subprocess.DEVNULL)
+    resumed = pd.read_csv(cut / "metrics.csv")
+    cols = ["epoch", "train_loss", "val_recall@1", "val_mAP"]
+    pd.testing.assert_frame_equal(whole[cols].reset_index(drop=True), resumed[cols], atol=1e-5, rtol=1e-4)
