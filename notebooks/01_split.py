@@ -87,7 +87,7 @@ display(exclusions)
 
 # %%
 split_config = SplitConfig(ratios=tuple(ratios), seed=seed, n_folds=n_folds, mode=split_mode, time_col=time_col)
-splits = prepare_splits(kept, splits_dir, split_config, exclusions=exclusions, fresh=fresh)
+splits = prepare_splits(kept, splits_dir, split_config, exclusions=exclusions, fresh=fresh, min_size=min_size)
 report = splits.report
 display(Markdown(Path(splits_dir, "split_report.md").read_text()))
 

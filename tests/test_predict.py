@@ -4,12 +4,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 from conftest import write_image
 
-from lib.evaluate.predict import list_photos, predict_photos
+from lib.data.splits import prepare_splits
+from lib.evaluate.predict import list_photos, predict_photos, trained_min_size
 from lib.evaluate.run_eval import evaluate_run
 from lib.retrieval.decide import Thresholds, save_thresholds
 
@@ -53,13 +55,24 @@ def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_
     done = predict_cli(str(run_dir), str(photos), "--out", str(out), "--k", "5", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert "7 photos -> " in done.stdout and "2 could not be read" in done.stdout
+    assert "1 below the run's min_size" in done.stdout
     table = pd.read_csv(out, keep_default_na=False)
+    small = table["path"].str.endswith("no_extension")
+    floor = min(min(int(w), int(h)) for w, h in pd.read_csv(demo[1] / "index.csv").query("split == 'train'")
+                [["width", "height"]].to_numpy())  # the demo's splits predate a recorded min_size
+    assert table.loc[small, "note"].iloc[0] == f"40x40: below the run's min_size {floor}, smaller than any training photo"
+    assert table.loc[small, "pred"].iloc[0] != "" and (table.loc[~small, "note"] == "").all()
     bad = table[table["path"].str.endswith("broken.jpg")]
     assert len(table) == 7 and len(bad) == 1 and "corrupt" in bad["error"].iloc[0] and bad["pred"].iloc[0] == ""
     assert "cannot read" in table.loc[table["path"].str.endswith("link.jpg"), "error"].iloc[0]
     good = table[table["error"] == ""]
     assert len(good) == 5 and good["pred"].ne("").all() and good["path"].str.contains("/caf").any()
     assert good["neighbour_paths"].map(json.loads).map(len).eq(5).all()
+
+    refused = predict_cli(str(run_dir), str(photos / "no_extension"), "--out", str(tmp_path / "small.csv"),
+                          "--refuse-small", "--device", "cpu")
+    small_row = pd.read_csv(tmp_path / "small.csv", keep_default_na=False).iloc[0]
+    assert small_row["error"].startswith("too small: 40x40 < the run's min_size") and small_row["pred"] == ""
 
     before = out.read_text()
     refused = predict_cli(str(run_dir), str(photos), "--out", str(out), module=True)
@@ -75,3 +88,13 @@ def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_
     table = pd.read_csv(out, keep_default_na=False)
     assert table["verdict"].tolist() == ["unclassifiable", ""]  # max_distance < 0: nothing is close enough
     assert "cannot read file" in table["error"].iloc[1]
+
+
+def test_the_min_size_a_run_trained_with_comes_from_its_split_report(demo, tmp_path):
+    data, splits = demo
+    index = pd.read_csv(splits / "index.csv", keep_default_na=False, dtype={"group": str})
+    run = SimpleNamespace(settings=SimpleNamespace(data=SimpleNamespace(splits_dir=str(tmp_path / "recorded"))))
+    prepare_splits(index.drop(columns="split"), tmp_path / "recorded", min_size=123)
+    assert trained_min_size(run) == 123
+    run.settings.data.splits_dir = str(tmp_path / "gone")
+    assert trained_min_size(run) is None

@@ -16,6 +16,7 @@ import torch
 from lib.core.errors import DataError
 from lib.train.checkpoint import TRUST_ENV, CorruptCheckpoint, load_checkpoint, save_checkpoint
 from lib.train.config import build_config
+from lib.train.export import export_run, load_exported
 from lib.train.run import train_run
 from lib.train.run_lock import LOCK_FILE, run_lock
 from lib.train.trained_run import load_trained
@@ -135,31 +136,49 @@ def test_one_writer_per_run_folder(demo, tmp_path, capsys):
 
 def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_run(demo, tmp_path):
     """SIGKILL in a child process, at random moments and during checkpoint writes, resumed each time."""
-    overrides = dict(epochs=4, checkpoint_every=1)
-    whole = train_run(str(tmp_path / "whole"), config(demo, **overrides), progress=False)
     data, splits = demo
     script = tmp_path / "train.py"
     script.write_text(
         "import sys\nfrom lib.train.config import build_config\nfrom lib.train.run import train_run\n"
-        f"cfg = build_config(data_dir={str(data)!r}, splits_dir={str(splits)!r}, **{ {**TINY, **overrides}!r})\n"
+        f"cfg = build_config(data_dir={str(data)!r}, splits_dir={str(splits)!r}, **{ {**TINY, 'epochs': 5}!r})\n"
         "train_run(sys.argv[1], cfg, progress=False)\n")
+    train = lambda run_dir: subprocess.Popen([sys.executable, str(script), str(run_dir)],  # noqa: E731
+                                             stdout=subprocess.DEVNULL)
+    t0 = time.time()
+    assert train(tmp_path / "whole").wait() == 0
+    whole_seconds = time.time() - t0
     cut = tmp_path / "cut"
     rng = np.random.default_rng(0)
-    kills = 0
-    for attempt in range(4):
-        child = subprocess.Popen([sys.executable, str(script), str(cut)], stdout=subprocess.DEVNULL)
+    kills, write_kills = 0, 0
+    for attempt in range(8):
+        child = train(cut)
         if attempt % 2:  # the moment a checkpoint is being written
-            deadline = time.time() + 120
+            deadline = time.time() + whole_seconds
             while child.poll() is None and time.time() < deadline and not list(cut.glob("*.pt.tmp")):
-                time.sleep(0.002)
+                time.sleep(0.001)
         else:
-            time.sleep(rng.uniform(4, 12))
+            time.sleep(rng.uniform(0.3, 0.9) * whole_seconds)
         if child.poll() is None:
+            writing = bool(list(cut.glob("*.pt.tmp")))
             child.kill()
-            kills += 1
+            kills, write_kills = kills + 1, write_kills + writing
         child.wait()
-    assert kills >= 3
-    subprocess.run([sys.executable, str(script), str(cut)], check=True, stdout=subprocess.DEVNULL)
-    resumed = pd.read_csv(cut / "metrics.csv")
+        if kills == 5:
+            break
+    assert kills >= 3 and write_kills >= 1, (kills, write_kills)
+    assert train(cut).wait() == 0
+    whole, resumed = pd.read_csv(tmp_path / "whole" / "metrics.csv"), pd.read_csv(cut / "metrics.csv")
     cols = ["epoch", "train_loss", "val_recall@1", "val_mAP"]
-    pd.testing.assert_frame_equal(whole[cols].reset_index(drop=True), resumed[cols], atol=1e-5, rtol=1e-4)
+    pd.testing.assert_frame_equal(whole[cols], resumed[cols], atol=1e-5, rtol=1e-4)
+
+
+def test_export_writes_safetensors_and_config_that_rebuild_the_model(trained, tmp_path):
+    out = export_run(trained, tmp_path / "shared")
+    model, meta = load_exported(out)
+    run = load_trained(trained)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), run.model(x))
+    assert meta["class_to_idx"] == run.config["class_to_idx"] and meta["epoch"] == run.epoch
+    with pytest.raises(DataError, match="model.safetensors exists"):
+        export_run(trained, out)

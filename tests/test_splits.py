@@ -126,9 +126,10 @@ def test_kfold_around_fixed_test(tmp_path):
 
 def test_split_index_round_trip_and_tamper_detection(tmp_path):
     index = synthetic_index()
-    splits = prepare_splits(index, tmp_path, SplitConfig())
+    splits = prepare_splits(index, tmp_path, SplitConfig(), min_size=96)
     loaded, again = load_split_index(tmp_path)
     assert data_fingerprint(loaded) == data_fingerprint(index)
+    assert again.report["min_size"] == 96  # prediction flags photos below it
     assert set(loaded.query("split == 'test'")["group"]) == set(splits.groups["test"])
     assert "| solo | " in (tmp_path / "split_report.md").read_text()
     assert again.report["train_only_classes"] == ["solo"] and again.report["no_test_classes"] == ["pair"]

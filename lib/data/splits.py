@@ -208,7 +208,7 @@ PER_CLASS_MODES = ("group", "time")  # modes that share out each class's groups 
 
 
 def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitConfig, exclusions: pd.DataFrame | None,
-                 fingerprint: str) -> dict:
+                 fingerprint: str, min_size: int | None = None) -> dict:
     split_of = {g: s for s, gs in groups.items() for g in gs}
     labelled = index.assign(split=index["group"].map(split_of))
     per_class = (labelled.groupby(["label", "split"]).size().unstack(fill_value=0)
@@ -219,6 +219,7 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitCo
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(cfg),
         "data_fingerprint": fingerprint,
+        "min_size": min_size,  # check_images' floor: prediction flags smaller photos (None: not recorded)
         "n_images": {s: int((labelled["split"] == s).sum()) for s in SPLITS},
         "n_groups": {s: len(groups[s]) for s in SPLITS},
         "n_classes": int(index["label"].nunique()),
@@ -314,8 +315,9 @@ def _mismatch(index: pd.DataFrame, old: Splits, fingerprint: str) -> str:
 
 
 def prepare_splits(index: pd.DataFrame, splits_dir: str | os.PathLike, cfg: SplitConfig | None = None,
-                   exclusions: pd.DataFrame | None = None, fresh: bool = False) -> Splits:
-    """Reuse the split files in `splits_dir` when they match `index`; write them when there are none.
+                   exclusions: pd.DataFrame | None = None, fresh: bool = False, min_size: int | None = None) -> Splits:
+    """Reuse the split files in `splits_dir` when they match `index`; write them when there are none. `min_size`
+    (the floor check_images applied) goes into the split report, for prediction to flag smaller photos.
 
     Existing files made from other data (or another seed/ratio) are an error unless fresh=True, which moves them into
     `splits_dir/replaced-<time>/` rather than deleting them.
@@ -344,7 +346,8 @@ def prepare_splits(index: pd.DataFrame, splits_dir: str | os.PathLike, cfg: Spli
                 shutil.move(str(p), backup / p.name)
     groups = split_groups(index, cfg)
     folds = kfold_groups(index, groups["test"], cfg.n_folds, cfg.seed) if cfg.n_folds > 1 else []
-    splits = Splits(groups, class_to_idx(index), split_report(index, groups, cfg, exclusions, fingerprint), folds)
+    report = split_report(index, groups, cfg, exclusions, fingerprint, min_size)
+    splits = Splits(groups, class_to_idx(index), report, folds)
     write_splits(d, splits, index, exclusions)
     return splits
 

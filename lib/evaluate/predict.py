@@ -1,6 +1,7 @@
 """New photos + a trained run -> one table row per photo: predicted class, score, top-K neighbours, verdict.
 
-A photo that cannot be read gets a row with its `error` and no prediction; the others go on.
+A photo that cannot be read gets a row with its `error` and no prediction; the others go on. A photo smaller than
+the run's training photos could be (notebook 01's min_size) is predicted with a `note` saying so, or refused.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lib.core.device import auto_settings
 from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.images import looks_like_image, probe_image
+from lib.data.splits import load_split_index
 from lib.evaluate.gallery_index import gallery_index
 from lib.retrieval.decide import DEFAULT_K, DEFAULT_WEIGHTING, decisions, load_thresholds
 from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings
@@ -22,8 +24,9 @@ from lib.retrieval.faiss_index import search
 from lib.train.trained_run import load_trained
 
 THRESHOLDS_FILE = Path("eval") / "val" / "thresholds.json"  # inside the run folder; written by notebook 03
-COLUMNS = ("path", "pred", "score", "margin", "top1_distance", "verdict", "error", "neighbour_labels",
+COLUMNS = ("path", "pred", "score", "margin", "top1_distance", "verdict", "error", "note", "neighbour_labels",
            "neighbour_paths", "neighbour_distances")
+SMALL = ("note", "refuse")  # what a photo below the run's min_size gets
 
 
 def list_photos(source: str | os.PathLike) -> list[str]:
@@ -46,10 +49,28 @@ def list_photos(source: str | os.PathLike) -> list[str]:
     return [str(source.parent / line) for line in lines if line and not line.startswith("#")]
 
 
+def trained_min_size(run) -> int | None:
+    """The smallest photo side the run trained on: notebook 01's min_size from the split report, or, for splits made
+    before it was recorded, the shorter side of the smallest training photo; None when the split files are gone."""
+    try:
+        index, splits = load_split_index(run.settings.data.splits_dir)
+    except DataError:
+        return None
+    if splits.report.get("min_size"):
+        return int(splits.report["min_size"])
+    train = index[index["split"] == "train"]
+    if train.empty or not {"width", "height"} <= set(train.columns):
+        return None
+    return int(np.minimum(train["width"], train["height"]).min())
+
+
 def predict_photos(run_dir: str | os.PathLike, photos: list[str], k: int | None = None, tta: bool = False,
                    checkpoint: str = "best", weighting: str | None = None, device: str = "auto",
-                   batch_size: int = EMBED_BATCH_SIZE, progress: bool = False) -> pd.DataFrame:
+                   batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, small: str = "note") -> pd.DataFrame:
     """One row per photo (COLUMNS; neighbour lists as JSON arrays, nearest first).
+
+    A photo whose shorter side is below the run's min_size (trained_min_size) is predicted with a `note` saying so
+    (small="note"), or gets an `error` and no prediction (small="refuse"): the model never saw photos that small.
 
     The verdict uses run_dir/eval/val/thresholds.json when notebook 03 wrote it (and k, weighting default to the
     values the thresholds were chosen with, since a margin means something else under another vote); without it
@@ -64,10 +85,20 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], k: int | None 
     k = k or chosen.get("k") or DEFAULT_K
     weighting = weighting or chosen.get("weighting") or DEFAULT_WEIGHTING
 
+    if small not in SMALL:
+        raise ValueError(f"small={small!r}; valid: {', '.join(SMALL)}")
     run = load_trained(run_dir, checkpoint)
     settings = auto_settings(device=device)
     checks = [probe_image(p) for p in photos]
-    out = pd.DataFrame({"path": photos, "error": [c.reason if not c.ok else "" for c in checks]})
+    out = pd.DataFrame({"path": photos, "error": [c.reason if not c.ok else "" for c in checks], "note": ""})
+    floor = trained_min_size(run)
+    too_small = np.array([c.ok and floor is not None and min(c.width, c.height) < floor for c in checks], dtype=bool)
+    sizes = [f"{c.width}x{c.height}" for c in checks]
+    for i in np.flatnonzero(too_small):
+        if small == "refuse":
+            out.loc[i, "error"] = f"too small: {sizes[i]} < the run's min_size {floor} (small='note' predicts it)"
+        else:
+            out.loc[i, "note"] = f"{sizes[i]}: below the run's min_size {floor}, smaller than any training photo"
     ok = out["error"] == ""
     for col in COLUMNS:
         if col not in out:

@@ -2,7 +2,8 @@
 
 PHOTOS is a folder (searched recursively), a text file with one photo path a line, or a single photo. The CSV has
 one row per photo: predicted class, score, margin, top-K neighbours (JSON lists), the verdict (when notebook 03
-saved thresholds in RUN_DIR/eval/val/thresholds.json) and an `error` for a photo that could not be read.
+saved thresholds in RUN_DIR/eval/val/thresholds.json), an `error` for a photo that could not be read and a `note`
+for one smaller than the run's min_size (--refuse-small: an error and no prediction instead).
 Run it from the repository root: the run's config names its data and split folders relative to it.
 `photo-predict` is the console script that `pip install -e .` installs; `python -m lib.evaluate.predict_cli` is the same.
 """
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="best", help="best | latest | a .pt file name in RUN_DIR")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--refuse-small", action="store_true",
+                    help="no prediction for a photo below the run's min_size (default: predict it, with a note)")
     args = ap.parse_args(argv)
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -37,7 +40,8 @@ def main(argv=None) -> int:
         if not photos:
             raise DataError(f"{args.photos}: no photos found")
         table = predict_photos(args.run_dir, photos, k=args.k, tta=args.tta, checkpoint=args.checkpoint,
-                               weighting=args.weighting, device=args.device, batch_size=args.batch_size, progress=True)
+                               weighting=args.weighting, device=args.device, batch_size=args.batch_size, progress=True,
+                               small="refuse" if args.refuse_small else "note")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -45,8 +49,9 @@ def main(argv=None) -> int:
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     table.to_csv(tmp, index=False, errors="backslashreplace")  # a file name that is not UTF-8 stays readable
     os.replace(tmp, args.out)
-    bad = (table["error"] != "").sum()
-    print(f"{len(table)} photos -> {args.out}" + (f"; {bad} could not be read (see the error column)" if bad else ""))
+    bad, noted = (table["error"] != "").sum(), (table["note"] != "").sum()
+    print(f"{len(table)} photos -> {args.out}" + (f"; {bad} could not be read (see the error column)" if bad else "")
+          + (f"; {noted} below the run's min_size (see the note column)" if noted else ""))
     if table["verdict"].ne("").any():
         print(table["verdict"].value_counts().to_string())
     return 0
