@@ -197,7 +197,7 @@ def create_model(cfg: ModelConfig) -> EmbeddingModel:
     """Build the model and load the backbone weights `cfg.pretrained` names (see lib.train.weights)."""
     model = EmbeddingModel(cfg)
     # Kept on the model so the run's config (and so every checkpoint) says where the starting weights came from.
-    model.weights_source = load_backbone_weights(model.backbone, cfg.pretrained)
-    model.random_init = model.weights_source.startswith(RANDOM_INIT)
+    model.weights_source = load_backbone_weights(model.backbone, cfg.pretrained) if cfg.pretrained else "random init"
+    model.random_init = not cfg.pretrained or model.weights_source.startswith(RANDOM_INIT)
     logger.info("backbone weights: %s", model.weights_source)
     return model

@@ -1,6 +1,7 @@
 """One training run from its config: the split's data, model, loss, sampler and device settings built, then fit."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +39,10 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
         raise DataError(f"the split in {config.data.splits_dir} has no val images; validation needs some")
     seed_everything(config.train.seed)  # the head's random init must not depend on what ran before
     model = create_model(config.model)
+    if config.train.backbone_bn == "auto":
+        # recorded as what it chose, so the checkpoint says how BatchNorm trained and a resume compares like with like
+        chosen = "train" if model.random_init else "frozen"
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, backbone_bn=chosen))
     data_cfg = model.data_config
     aug = config.aug
     train_tf, eval_tf = build_transforms(aug.img_size, data_cfg["mean"], data_cfg["std"], preset=aug.augment,
