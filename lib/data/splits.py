@@ -6,12 +6,17 @@ split are handled the same way everywhere and reported:
   1 group  -> train only (the gallery keeps the class; it cannot be evaluated);
   2 groups -> train + val (model selection sees it; the test split does not);
   3+       -> at least one group in each split, the rest by ratio.
+When that leaves the totals (by images) more than `ratio_tol` off the asked ratios, as on long-tailed data with many
+2-3 group classes, groups move back until they are within it: first from classes with groups to spare in the over-full
+split, so larger classes give more to train; only then the one val/test group of small classes, keeping each
+evaluated in the other split where it can be. The report gives the asked and the achieved ratios.
 A group whose images carry several labels (an encounter with two animals) follows its most common label.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -44,6 +49,8 @@ class SplitConfig:
     # given: the CSV's own split column (`given_split`); val carved from train by groups when the CSV has none
     mode: str = "group"
     time_col: str = ""  # mode='time': the index column to order groups by (a date or any sortable value)
+    # group/time: how far each split's share of images may stray from `ratios` before groups are moved to hold it
+    ratio_tol: float = 0.03
 
     def __post_init__(self):
         if self.mode not in SPLIT_MODES:
@@ -53,6 +60,8 @@ class SplitConfig:
         self.ratios = tuple(float(r) for r in self.ratios)
         if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6 or self.ratios[0] == 0:
             raise ValueError(f"ratios must be three non-negative numbers summing to 1 with train > 0, got {self.ratios}")
+        if not 0 <= self.ratio_tol < 1:
+            raise ValueError(f"ratio_tol must be in [0, 1), got {self.ratio_tol}")
 
 
 @dataclass
@@ -121,6 +130,99 @@ def _assign_in_order(groups: pd.DataFrame, ratios: tuple[float, ...]) -> dict[st
     return dict(zip(groups["group"], splits))
 
 
+RATIO_AIM = 1 / 3  # once moving, groups that cost no class a split move until within this part of ratio_tol
+
+
+def _hold_ratios(table: pd.DataFrame, where: dict[str, str], ratios: tuple[float, ...], tol: float,
+                 rng: np.random.Generator, ordered: bool = False) -> dict[str, str]:
+    """Move groups between splits until each split's share of images is within `tol` of its ratio.
+
+    Does nothing when the per-class assignment already is. Otherwise, two stages of single-group moves from an
+    over-full split to an under-full one, each accepted only when it brings the totals closer:
+      1. groups a class can spare (it keeps another group in that split), from the class holding the largest part of
+         its images there, until within RATIO_AIM * tol: larger classes give up their extra val/test groups first;
+      2. only while still outside `tol`: a class's last group in val or test, preferring classes that stay evaluated
+         in the other split, then classes with more groups, then bigger groups (fewer classes lose a split).
+    Train keeps at least one group of every class. `ordered` (time mode; `table` in time order within each class):
+    only moves that keep train before val before test within a class. Ties follow a seeded order of the classes.
+    """
+    total = float(table["n_images"].sum())
+    asked = np.asarray(ratios, dtype=float)
+    if total == 0:
+        return where
+    sizes = dict(zip(table["group"], table["n_images"].astype(int)))
+    members = {label: groups.tolist() for label, groups in table.groupby("label", sort=True)["group"]}
+    class_images = table.groupby("label")["n_images"].sum().to_dict()
+    rank = {label: i for i, label in enumerate(rng.permutation(sorted(members)))}
+    at = {g: SPLITS.index(where[g]) for g in sizes}
+    filled = np.zeros(3)
+    for g, s in at.items():
+        filled[s] += sizes[g]
+
+    def off() -> np.ndarray:
+        return filled / total - asked
+
+    if np.abs(off()).max() <= tol:
+        return where
+
+    def candidate(label: str, stage: int, src: int, dst: int):
+        """(priority key, group) of the group `label` would move from src to dst in this stage, or None."""
+        groups = members[label]
+        splits = [at[g] for g in groups]
+        n_src = splits.count(src)
+        if (n_src >= 2) != (stage == 1) or (src == 0 and n_src < 2):
+            return None  # stage 1 only spares; train keeps one group of every class
+        if ordered:  # only a group at its split's boundary moves, so train < val < test holds; the first stays train
+            movable = [g for i, (g, a) in enumerate(zip(groups, splits)) if i > 0 and a == src
+                       and splits[i - 1] <= dst and (i == len(splits) - 1 or splits[i + 1] >= dst)]
+        else:
+            movable = [g for g, a in zip(groups, splits) if a == src]
+        if not movable:
+            return None
+        if stage == 1:  # the smallest spare group, from the class with the largest part of its images in src
+            g = min(movable, key=lambda h: (sizes[h], h))
+            share = sum(sizes[h] for h, a in zip(groups, splits) if a == src) / class_images[label]
+            return (-share, rank[label], g), g
+        g = movable[0]  # a class's only group in src
+        evaluated = dst > 0 or any(a > 0 and h != g for h, a in zip(groups, splits))
+        return (not evaluated, -len(groups), -sizes[g], rank[label], g), g
+
+    def run_pair(stage: int, src: int, dst: int, limit: float) -> int:
+        """Moves from src to dst while they stay over/under; the largest acceptable size only shrinks meanwhile."""
+        heap = [(c[0], label) for label in members if (c := candidate(label, stage, src, dst))]
+        heapq.heapify(heap)
+        moved = 0
+        while heap and np.abs(off()).max() > limit:
+            d = off()
+            if not d[src] > 0 > d[dst]:
+                break
+            key, label = heapq.heappop(heap)
+            c = candidate(label, stage, src, dst)
+            if c is None or c[0] != key:  # stale: the class moved since
+                if c is not None:
+                    heapq.heappush(heap, (c[0], label))
+                continue
+            g = c[1]
+            if sizes[g] / total >= 2 * min(d[src], -d[dst]):
+                continue  # would overshoot: the totals would get no closer, now or later in this run
+            at[g] = dst
+            filled[src] -= sizes[g]
+            filled[dst] += sizes[g]
+            moved += 1
+            if (c := candidate(label, stage, src, dst)) is not None:
+                heapq.heappush(heap, (c[0], label))
+        return moved
+
+    for stage, limit in ((1, RATIO_AIM * tol), (2, tol)):
+        while np.abs(off()).max() > limit:
+            d = off()
+            pairs = sorted(((s, t) for s in range(3) for t in range(3) if d[s] > 0 > d[t]),
+                           key=lambda p: (d[p[1]] - d[p[0]], p))
+            if not any(run_pair(stage, src, dst, limit) for src, dst in pairs):
+                break
+    return {g: SPLITS[a] for g, a in at.items()}
+
+
 def _label_units(index: pd.DataFrame) -> pd.Series:
     """label -> unit: labels that share a group (two animals in one encounter) must move together."""
     parent = {label: label for label in index["label"].unique()}
@@ -175,12 +277,14 @@ def split_groups(index: pd.DataFrame, cfg: SplitConfig) -> dict[str, list[str]]:
         first_seen = index.groupby("group")[cfg.time_col].min() if cfg.time_col in index.columns else None
         if first_seen is None:
             raise DataError(f"mode='time': the index has no column '{cfg.time_col}'; columns: {list(index.columns)}")
-        table = table.assign(t=table["group"].map(first_seen))
+        table = table.assign(t=table["group"].map(first_seen)).sort_values(["label", "t", "group"])
         for _, groups in table.groupby("label", sort=True):
-            where.update(_assign_in_order(groups.sort_values(["t", "group"]), cfg.ratios))
+            where.update(_assign_in_order(groups, cfg.ratios))
+        where = _hold_ratios(table, where, cfg.ratios, cfg.ratio_tol, rng, ordered=True)
     else:
         for _, groups in table.groupby("label", sort=True):
             where.update(_assign_class(groups.sort_values("group"), cfg.ratios, rng))
+        where = _hold_ratios(table.sort_values(["label", "group"]), where, cfg.ratios, cfg.ratio_tol, rng)
     return {s: sorted(g for g, w in where.items() if w == s) for s in SPLITS}
 
 
@@ -213,37 +317,53 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitCo
     labelled = index.assign(split=index["group"].map(split_of))
     per_class = (labelled.groupby(["label", "split"]).size().unstack(fill_value=0)
                  .reindex(columns=list(SPLITS), fill_value=0))
-    n_groups = group_table(index).groupby("label").size()
     multi = group_table(index).query("n_labels > 1")["group"].tolist()
+    n_images = {s: int((labelled["split"] == s).sum()) for s in SPLITS}
+    total = max(sum(n_images.values()), 1)
+    # where the classes landed: the few-groups rule, and any val/test group moved to hold the ratios
+    unevaluated = per_class[(per_class["val"] == 0) & (per_class["test"] == 0)].index
+    untested = per_class[(per_class["val"] > 0) & (per_class["test"] == 0)].index if cfg.ratios[2] > 0 else []
     return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(cfg),
         "data_fingerprint": fingerprint,
         "min_size": min_size,  # check_images' floor: prediction flags smaller photos (None: not recorded)
-        "n_images": {s: int((labelled["split"] == s).sum()) for s in SPLITS},
+        "n_images": n_images,
+        "ratios_asked": dict(zip(SPLITS, cfg.ratios)),
+        "ratios_achieved": {s: round(n_images[s] / total, 4) for s in SPLITS},  # shares of images
         "n_groups": {s: len(groups[s]) for s in SPLITS},
         "n_classes": int(index["label"].nunique()),
         "n_labels": {s: int(labelled.loc[labelled["split"] == s, "label"].nunique()) for s in SPLITS},
         "per_class": {label: {s: int(v) for s, v in row.items()} for label, row in per_class.iterrows()},
         # the few-groups rule shares out each class's groups; open and given modes place whole labels or follow the CSV
-        "train_only_classes": sorted(n_groups[n_groups == 1].index) if cfg.mode in PER_CLASS_MODES else [],
-        "no_test_classes": sorted(n_groups[n_groups == 2].index) if cfg.mode in PER_CLASS_MODES else [],
+        "train_only_classes": sorted(unevaluated) if cfg.mode in PER_CLASS_MODES else [],
+        "no_test_classes": sorted(untested) if cfg.mode in PER_CLASS_MODES else [],
         "multi_label_groups": multi,
         "excluded_groups": ({} if exclusions is None or exclusions.empty else
                             {g: rows["reason"].iloc[0] for g, rows in exclusions.groupby("group")}),
     }
 
 
+def _ratio_lines(report: dict) -> list[str]:
+    """Asked vs achieved shares of images; reports written before these were recorded have neither."""
+    if "ratios_achieved" not in report:
+        return []
+    asked, got = report["ratios_asked"], report["ratios_achieved"]
+    pairs = ", ".join(f"{s} {asked[s]:.2f} -> {got[s]:.3f}" for s in SPLITS)
+    return [f"- ratios by images, asked -> achieved: {pairs}"]
+
+
 def _report_markdown(report: dict) -> str:
     lines = ["# Split report", "", f"- created: {report['created']}", f"- seed: {report['config']['seed']}",
-             f"- ratios (train/val/test): {report['config']['ratios']}", f"- data fingerprint: {report['data_fingerprint']}",
+             f"- ratios (train/val/test): {report['config']['ratios']}", *_ratio_lines(report),
+             f"- data fingerprint: {report['data_fingerprint']}",
              f"- mode: {report['config']['mode']}", f"- images: {report['n_images']}", f"- groups: {report['n_groups']}",
              f"- classes: {report['n_classes']} (per split: {report['n_labels']})", ""]
     mode = report["config"]["mode"]
     if mode in PER_CLASS_MODES:
         lines += ["## Classes too small for every split", "",
-                  f"- train only (1 group; in the gallery, never evaluated): {report['train_only_classes'] or 'none'}",
-                  f"- no test images (2 groups; train + val): {report['no_test_classes'] or 'none'}", ""]
+                  f"- train only (in the gallery, never evaluated): {report['train_only_classes'] or 'none'}",
+                  f"- no test images (train + val): {report['no_test_classes'] or 'none'}", ""]
     elif mode == "open":
         lines += ["Open set: each label lies in one split only, so val and test labels are never seen in training "
                   "and are evaluated among themselves (leave-one-out).", ""]
