@@ -30,6 +30,8 @@ context_col = ""            # CSV column with a context (site, address), kept fo
 split_col = ""              # CSV column with a ready-made split, kept as `given_split` for later notebooks
 group_by = "id"             # folder layout: "id": text before the first "_" is the group; "file": each file alone
 min_size = 224              # images smaller than min_size x min_size exclude their group (224: EfficientNet's minimum input)
+near_duplicate_distance = 6   # pHash bits (of 64) within which photos of two groups count as near-copies; 0: off
+merge_near_duplicates = False  # True: each near-copy cluster becomes one group (a new split: also set fresh to True)
 split_mode = "group"        # group | time (closed-set by date) | open (identity-disjoint) | given (split_col)
 time_col = ""               # with split_mode "time": column with each photo's date or order
 ratios = [0.7, 0.15, 0.15]  # train / val / test share of each class's images
@@ -55,6 +57,7 @@ from IPython.display import Markdown, display
 from lib.data.table import check_images, index_from_csv, index_from_folder
 from lib.analysis.figures import plot_split_distribution, save
 from lib.data.splits import SplitConfig, assign_splits, prepare_splits
+import lib.data.near_duplicates as near_dup
 
 pd.set_option("display.max_colwidth", 120)
 
@@ -83,11 +86,33 @@ print(f"kept {len(kept)} images in {kept['group'].nunique()} groups; "
 display(exclusions)
 
 # %% [markdown]
+# ## Near-duplicates across groups
+# Burst shots and re-saved copies (resized, re-compressed, slightly cropped) filed under different IDs would put a
+# near-copy of a training photo among the queries. Pairs in different groups whose perceptual hashes differ in at most
+# `near_duplicate_distance` bits are listed in the split report and `splits_dir/near_duplicates.csv`. With
+# `merge_near_duplicates`, each cluster of same-label groups becomes one group before splitting; pairs across labels
+# are never merged (a group has one label): check those labels by hand.
+
+# %%
+near_pairs = None
+if near_duplicate_distance:
+    near_pairs = near_dup.near_duplicate_pairs(kept, near_dup.perceptual_hashes(kept, data_dir), near_duplicate_distance)
+    across_labels = int((near_pairs["label_a"] != near_pairs["label_b"]).sum())
+    print(f"{len(near_pairs)} near-duplicate pairs cross groups ({across_labels} of them across labels: not merged)")
+    if merge_near_duplicates and len(near_pairs):
+        n_groups = kept["group"].nunique()
+        kept = near_dup.merge_near_duplicates(kept, near_pairs)
+        print(f"merged: {n_groups} -> {kept['group'].nunique()} groups")
+    display(near_dup.pair_actions(near_pairs, merge_near_duplicates).head(20))
+
+# %% [markdown]
 # ## Split
 
 # %%
 split_config = SplitConfig(ratios=tuple(ratios), seed=seed, n_folds=n_folds, mode=split_mode, time_col=time_col)
 splits = prepare_splits(kept, splits_dir, split_config, exclusions=exclusions, fresh=fresh, min_size=min_size)
+if near_pairs is not None:  # after prepare_splits: fresh=True moves every file of the split folder aside
+    near_dup.write_near_duplicates(splits_dir, near_pairs, near_duplicate_distance, merge_near_duplicates)
 report = splits.report
 display(Markdown(Path(splits_dir, "split_report.md").read_text()))
 
