@@ -8,7 +8,6 @@ each cluster of same-label groups one group ID, so the group-aware split keeps a
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pandas as pd
 from PIL import Image
 from scipy.fft import dctn
 
-from lib.core.cpus import usable_cpus
+from lib.core.cpus import map_files
 from lib.core.errors import DataError
 from lib.data.images import load_resized
 
@@ -74,12 +73,7 @@ def perceptual_hashes(index: pd.DataFrame, data_root: str | os.PathLike, workers
     Runs in parallel processes for larger collections: decoding dominates.
     """
     paths = [str(Path(data_root) / p) for p in index["path"]]
-    workers = workers or min(usable_cpus(), 8)
-    if workers > 1 and len(paths) >= 64:
-        with ProcessPoolExecutor(workers) as pool:
-            found = list(pool.map(_hash_file, paths, chunksize=16))
-    else:
-        found = [_hash_file(p) for p in paths]
+    found = map_files(_hash_file, paths, workers)
     values = np.array([(0, 0) if h is None else h for h in found], dtype=np.uint64).reshape(len(found), 2)
     mask = np.repeat([[h is None] for h in found], 2, axis=1).reshape(len(found), 2)
     return np.ma.MaskedArray(values, mask=mask)

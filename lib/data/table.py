@@ -8,12 +8,11 @@ root), `label`, `group` (the leakage unit), optional `context`, `given_split` (a
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
-from lib.core.cpus import usable_cpus
+from lib.core.cpus import map_files
 from lib.core.errors import DataError
 from lib.data.images import looks_like_image, probe_image
 
@@ -190,12 +189,7 @@ def check_images(index: pd.DataFrame, data_root: str | os.PathLike, min_size: in
     """
     root = Path(data_root)
     jobs = [(str(root / p), min_size) for p in index["path"]]
-    workers = workers or min(usable_cpus(), 8)
-    if workers > 1 and len(jobs) >= 64:
-        with ProcessPoolExecutor(workers) as pool:
-            infos = list(pool.map(_probe, jobs, chunksize=16))
-    else:
-        infos = [_probe(j) for j in jobs]
+    infos = map_files(_probe, jobs, workers)
     checked = index.assign(width=[i.width for i in infos], height=[i.height for i in infos],
                            _reason=[("" if i.ok else i.reason) for i in infos])
     bad = checked[checked["_reason"] != ""]
