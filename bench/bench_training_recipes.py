@@ -1,9 +1,9 @@
 """Which training recipe, at what cost, on real photos: the lions (benchmark, not a test).
 
     python bench/bench_training_recipes.py [--minutes 10] [--recipes frozen,head1,head4,unfreeze1,unfreeze2,all]
-                                           [--protocols open,open-ids,closed] [--out /tmp/bench_recipes.md]
+                                           [--protocols open,open-ids,closed] [--img-size 224] [--out FILE.md]
 
-tf_efficientnet_lite0 (packaged ImageNet weights), 224 px, embed_dim 512. Three protocols:
+tf_efficientnet_lite0 (packaged ImageNet weights), 224 px (--img-size), embed_dim 512. Three protocols:
   open:     train on lions/train (75 individuals); score lions/val (19 other individuals) leave-one-out, each val photo
             querying all other val photos; photos held out of lions/train's individuals pick the checkpoint.
   open-ids: the same, but the checkpoint is picked on lions/train individuals held out whole (notebook 01's
@@ -137,9 +137,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of each trained recipe")
     ap.add_argument("--lions", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/lions"))
     ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--protocols", default="open,closed")
+    ap.add_argument("--protocols", default="open,open-ids,closed")
+    ap.add_argument("--img-size", type=int, default=BASE["img_size"], help="input size in px (square)")
     ap.add_argument("--out", default="/tmp/bench_recipes.md", help="markdown results file")
     args = ap.parse_args()
+    base = dict(BASE, img_size=args.img_size)
     lions = Path(args.lions)
     if not ((lions / "train").is_dir() and (lions / "val").is_dir()):
         sys.exit(f"lions photos not found: {lions} needs train/ and val/ folders (pass --lions PATH); nothing run")
@@ -151,7 +153,7 @@ def main() -> None:
             root, splits, scored = protocol_splits(protocol, lions, Path(tmp) / protocol / "splits")
             for name in args.recipes.split(","):
                 t0, load = time.time(), os.getloadavg()[0]
-                config = build_config(**BASE, data_dir=str(root), splits_dir=str(splits), **(RECIPES[name] or {}))
+                config = build_config(**base, data_dir=str(root), splits_dir=str(splits), **(RECIPES[name] or {}))
                 run_dir = Path(tmp) / protocol / name
                 if RECIPES[name] is None:  # the frozen backbone, pooled: what every recipe must beat
                     seed_everything(0)
@@ -173,7 +175,7 @@ def main() -> None:
                 print(pd.DataFrame(rows).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
     text = [f"# Training recipes on the lions ({args.minutes:g} min budget, {os.cpu_count()} cores, "
-            f"{settings.device})", "", markdown(table), "", f"Base settings: {BASE}.", f"Recipes: {RECIPES}.",
+            f"{settings.device})", "", markdown(table), "", f"Base settings: {base}.", f"Recipes: {RECIPES}.",
             "open, open-ids: scored on lions/val leave-one-out; closed: scored on the test photos against the train gallery.", ""]
     cols = ["epoch", "phase", "train_loss", "val_recall@1", "val_mAP", "frozen_val_recall@1", "train_seconds"]
     for (protocol, name), history in histories.items():
