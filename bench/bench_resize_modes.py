@@ -31,14 +31,13 @@ import lib.core.device  # noqa: E402,F401  (first: sets the OpenMP switch before
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from torch import nn  # noqa: E402
-from bench_training_recipes import markdown  # noqa: E402  (a sibling script: bench/ is on the path when run)
+from bench_training_recipes import markdown, read  # noqa: E402  (a sibling script: bench/ is on the path when run)
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
 from lib.core.device import auto_settings  # noqa: E402
 from lib.data.dataset import IndexDataset  # noqa: E402
 from lib.data.images import open_image  # noqa: E402
 from lib.data.splits import class_to_idx  # noqa: E402
-from lib.data.table import check_images, index_from_folder  # noqa: E402
 from lib.data.transforms import RESIZES, build_transforms  # noqa: E402
 from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings  # noqa: E402
 from lib.retrieval.ranking import evaluate_retrieval  # noqa: E402
@@ -48,14 +47,6 @@ from lib.train.model import ModelConfig, create_model  # noqa: E402
 BACKBONE = "tf_efficientnet_lite0"
 MIN_SIZE = 32            # the photos are small by nature (median 130 px, smallest 67x58): keep every one
 NUM_WORKERS = 1
-
-
-def read_part(root: Path) -> pd.DataFrame:
-    index, problems = index_from_folder(root, group_by="file")
-    kept, excluded = check_images(index, root, min_size=MIN_SIZE)
-    if len(problems) or len(excluded):
-        print(f"{root}: {len(problems)} indexing problem(s), {len(excluded)} excluded")
-    return kept
 
 
 class Trimmed(IndexDataset):
@@ -101,7 +92,7 @@ def main() -> None:
     if not ((lions / "train").is_dir() and (lions / "val").is_dir()):
         sys.exit(f"lions photos not found: {lions} needs train/ and val/ folders (pass --lions PATH); nothing run")
 
-    parts = {part: read_part(lions / part) for part in ("train", "val")}
+    parts = {part: read(lions / part, MIN_SIZE) for part in ("train", "val")}
     index = pd.concat([p.assign(path=f"{name}/" + p["path"]) for name, p in parts.items()], ignore_index=True)
     labels = index["label"].to_numpy()
     is_val = index["path"].str.startswith("val/").to_numpy()

@@ -65,12 +65,12 @@ RECIPES = {
 }
 
 
-def read(root: Path) -> pd.DataFrame:
+def read(root: Path, min_size: int = MIN_SIZE) -> pd.DataFrame:
     """Checked index of a folder of lions (one row per photo, every photo its own group)."""
     index, problems = index_from_folder(root, group_by="file")
-    kept, excluded = check_images(index, root, min_size=MIN_SIZE)
+    kept, excluded = check_images(index, root, min_size=min_size)
     if len(problems) or len(excluded):
-        print(f"{root}: {len(problems)} indexing problem(s), {len(excluded)} photo(s) below {MIN_SIZE} px left out")
+        print(f"{root}: {len(problems)} indexing problem(s), {len(excluded)} photo(s) below {min_size} px left out")
     return kept
 
 
