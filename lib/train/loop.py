@@ -77,6 +77,13 @@ def _group_lr(optimizer, name: str) -> float:
     return [g["lr"] for g in optimizer.param_groups if g["name"].split(".")[0] == name][-1]
 
 
+def resolve_backbone_bn(setting: str, random_init: bool) -> str:
+    """backbone_bn as it acts: 'auto' keeps pretrained BatchNorm statistics ('frozen') and trains a random init's."""
+    if setting not in BACKBONE_BN:
+        raise ValueError(f"backbone_bn={setting!r}; valid: {', '.join(BACKBONE_BN)}")
+    return ("train" if random_init else "frozen") if setting == "auto" else setting
+
+
 def trainable_stages(unfreeze) -> int | None:
     """`unfreeze` as EmbeddingModel.set_trainable_stages takes it: 'all' -> None, N -> N."""
     if str(unfreeze) == "all":
@@ -179,9 +186,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
 
     class_contexts, query_contexts = _contexts(cfg, train_set, query_set, batch_sampler)
     unfrozen = trainable_stages(cfg.unfreeze)
-    if cfg.backbone_bn not in BACKBONE_BN:
-        raise ValueError(f"backbone_bn={cfg.backbone_bn!r}; valid: {', '.join(BACKBONE_BN)}")
-    model.frozen_bn = cfg.backbone_bn == "frozen" or (cfg.backbone_bn == "auto" and not model.random_init)
+    model.frozen_bn = resolve_backbone_bn(cfg.backbone_bn, model.random_init) == "frozen"
     # the backbone phase follows the head phase; unfreeze=0 has none
     total_epochs = cfg.head_epochs + (cfg.epochs if unfrozen != 0 else 0)
     history: list[dict] = []

@@ -14,7 +14,7 @@ from lib.data.splits import load_split_index
 from lib.data.transforms import build_transforms
 from lib.train.checkpoint import seed_everything
 from lib.train.config import SAMPLERS, DataConfig, RunConfig, build_config
-from lib.train.loop import fit
+from lib.train.loop import fit, resolve_backbone_bn
 from lib.train.losses import build_loss
 from lib.train.model import create_model
 from lib.train.run_lock import run_lock
@@ -39,10 +39,10 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
         raise DataError(f"the split in {config.data.splits_dir} has no val images; validation needs some")
     seed_everything(config.train.seed)  # the head's random init must not depend on what ran before
     model = create_model(config.model)
-    if config.train.backbone_bn == "auto":
-        # recorded as what it chose, so the checkpoint says how BatchNorm trained and a resume compares like with like
-        chosen = "train" if model.random_init else "frozen"
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, backbone_bn=chosen))
+    # auto is recorded as what it chose, so the checkpoint says how BatchNorm trained and a resume compares like
+    # with like
+    chosen = resolve_backbone_bn(config.train.backbone_bn, model.random_init)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, backbone_bn=chosen))
     data_cfg = model.data_config
     aug = config.aug
     train_tf, eval_tf = build_transforms(aug.img_size, data_cfg["mean"], data_cfg["std"], preset=aug.augment,
