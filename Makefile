@@ -5,7 +5,7 @@ KERNEL := photo-retrieval
 FAISS  := $(if $(GPU),requirements-gpu.txt,requirements-cpu.txt)
 STAMP  := $(VENV)/.installed-$(if $(GPU),gpu,cpu)
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench browse
 setup: $(STAMP)
 
 $(STAMP): requirements.txt $(FAISS) pyproject.toml
@@ -28,3 +28,7 @@ test: setup
 
 bench: setup
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+# Notebook 05's query browser as a web page (Voila) on 127.0.0.1: RUN=runs/<name>, default the run evaluated last.
+browse: setup
+	$(PY) -m lib.analysis.browse_server $(if $(RUN),--run $(RUN))
