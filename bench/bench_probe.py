@@ -1,4 +1,5 @@
-"""Benchmark (not a test): global-only vs global + local re-ranking vs fused (and query expansion, k-reciprocal),
+"""Benchmark (not a test): global-only vs global + local re-ranking vs fused (and query expansion, k-reciprocal), an
+ensemble of two backbones (rank averaging, score averaging, learned weights) and the boosted hybrid scorer,
 identity-balanced mAP and the time each costs per query, in one run.
 
     python bench/bench_probe.py [--data demo|lions] [--masks] [--run-dir runs/demo]
@@ -7,12 +8,16 @@ demo: a demo collection made in a temporary folder (8 pattern families x 12 indi
 individual (open set): the probed val split (60 % of the individuals) queries itself leave-one-out. --masks adds the
 same probe with each photo's background painted out from the demo's mask column.
 lions: ../shared/datasets/lions, its val individuals leave-one-out (train unused by a pretrained backbone).
-Backbone: ImageNet EfficientNet-Lite0 (packaged weights) as it comes, 224 px; --run-dir adds a trained run made on
-the same splits. No feature cache, so every row pays for its features; 'x global' is the ratio to global's number.
+Backbones: ImageNet EfficientNet-Lite0 and -Lite1 (packaged weights) as they come, at 224 and 240 px; --run-dir adds
+a trained run made on the same splits. The ensemble combines them all; its three combiners are three probes that
+share one feature cache, made fresh in a temporary folder, and every row reports the extraction cost of its features
+(the ensemble's: every member's). 'x global' is the ratio to the backbone's global row; the last table sets the
+ensemble and the hybrid against the best single method (global, qe, kreciprocal, local, fusion; any backbone).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,10 +29,13 @@ import pandas as pd  # noqa: E402
 from data_prep.make_demo import make_demo  # noqa: E402
 from lib.data.splits import SplitConfig, prepare_splits  # noqa: E402
 from lib.data.table import check_images, index_from_csv  # noqa: E402
-from lib.probe.run import ProbeConfig, run_probe  # noqa: E402
+from lib.probe.ensemble import COMBINERS  # noqa: E402
+from lib.probe.run import METHODS, ProbeConfig, run_probe  # noqa: E402
 
 LIONS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lions"
 LITE0 = {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}
+LITE1 = {"name": "lite1-imagenet", "backbone": "tf_efficientnet_lite1", "pretrained": "lite1-imagenet", "img_size": 240}
+SINGLE = [m for m in METHODS if m not in ("ensemble", "hybrid")]  # what the ensemble and the hybrid are set against
 
 
 def demo_splits(tmp: Path) -> tuple[Path, Path]:
@@ -60,13 +68,16 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data, splits = (demo_splits if args.data == "demo" else lions_splits)(Path(tmp))
-        backbones = [LITE0] + ([{"name": "run", "run_dir": args.run_dir}] if args.run_dir else [])
+        backbones = [LITE0, LITE1] + ([{"name": "run", "run_dir": args.run_dir}] if args.run_dir else [])
         tables = []
         for mask_col in [""] + (["mask"] if args.masks and args.data == "demo" else []):
-            cfg = ProbeConfig(data_dir=str(data), splits_dir=str(splits), split="val", backbones=backbones,
-                              cache_dir="", mask_col=mask_col)
-            table, _ = run_probe(cfg)
-            tables.append(table)
+            common = dict(data_dir=str(data), splits_dir=str(splits), split="val", backbones=backbones,
+                          cache_dir=str(Path(tmp) / "cache"), mask_col=mask_col)
+            table, _ = run_probe(ProbeConfig(**common))
+            tables.append(table.assign(method=table["method"].replace("ensemble", "ensemble (logistic)")))
+            for combiner in [c for c in COMBINERS if c != "logistic"]:
+                table, _ = run_probe(ProbeConfig(**common, methods=["ensemble"], ensemble_combine=combiner))
+                tables.append(table.assign(method=f"ensemble ({combiner})"))
     table = pd.concat(tables, ignore_index=True)
     table["masks"] = table["mask_col"].ne("").map({True: "painted out", False: "no"})
     base = table[table["method"] == "global"].set_index(["backbone", "masks"])
@@ -79,6 +90,25 @@ def main() -> None:
     cols = ["backbone", "masks", "method", "identity_balanced_mAP", "mAP", "recall@1", "recall@5", "ms_per_query",
             "x global (mAP)", "x global (time)"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print_against_best_single(table)
+
+
+def print_against_best_single(table: pd.DataFrame) -> None:
+    """The ensemble and hybrid rows beside the best single-backbone, non-learned-across method, per mask setting,
+    and what the learned ones leaned on."""
+    for masks, rows in table.groupby("masks", sort=False):
+        single = rows[rows["method"].isin(SINGLE)]
+        best = single.loc[single["identity_balanced_mAP"].idxmax()]
+        learned = rows[rows["method"].str.startswith("ensemble") | (rows["method"] == "hybrid")]
+        shown = pd.concat([best.to_frame().T, learned], ignore_index=True)
+        shown["x best (mAP)"] = shown["identity_balanced_mAP"].astype(float) / best["identity_balanced_mAP"]
+        shown["x best (time)"] = shown["ms_per_query"].astype(float) / best["ms_per_query"]
+        print(f"\nmasks {masks}: against the best single method ({best['backbone']} / {best['method']})")
+        cols = ["backbone", "method", "identity_balanced_mAP", "mAP", "recall@1", "recall@5", "ms_per_query",
+                "x best (mAP)", "x best (time)"]
+        print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        for _, row in learned[learned["importance"].ne("")].iterrows():
+            print(f"  {row['backbone']} / {row['method']}: {json.loads(row['importance'])}")
 
 
 if __name__ == "__main__":

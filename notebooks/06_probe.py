@@ -16,7 +16,9 @@
 #
 # Compares, on one split, global cosine on embeddings (a pretrained backbone as it comes, and fine-tuned runs),
 # alpha query expansion, k-reciprocal re-ranking, re-ranking of the global shortlist by SIFT + RANSAC inliers, and
-# the WildFusion-style fusion of cosine and inliers calibrated on the validation split. Every method is scored by
+# the WildFusion-style fusion of cosine and inliers calibrated on the validation split, an ensemble of the backbones
+# (rank or score averaging, or weights learned on val pairs), and a hybrid scorer: LightGBM on the deep cosine beside
+# engineered colour, texture and keypoint features of each pair, re-sorting the shortlist. Every method is scored by
 # identity-balanced mAP, mAP and CMC at `ranks`, with the milliseconds it costs per query. Features are cached
 # (`cache_dir`), so a second probe computes nothing again. Rows are appended to `results/probe.csv`, the config
 # snapshot goes to `results/probe/<run_id>.json`, each query's AP and top-1 per method to `<run_id>_queries.csv`.
@@ -28,7 +30,7 @@ split = "val"                   # the probed split ('test' only for the final wo
 task = "classification"         # classification | reid: which column names the individual (see identity_col)
 identity_col = ""               # "": the label in re-ID mode, the group (the folder layout's ID) otherwise
 protocol = "auto"               # auto | gallery (train photos are the gallery) | loo (the split queries itself)
-methods = ["global", "qe", "kreciprocal", "local", "fusion"]
+methods = ["global", "qe", "kreciprocal", "local", "fusion", "ensemble", "hybrid"]
 run_dir = "runs/photos"         # a run of notebook 02 on these splits, probed beside `backbones`; "": none
 backbones = [                   # pretrained timm backbones as they come (pooled features), and/or more runs:
     {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224},
@@ -42,7 +44,11 @@ k1 = 20                         # k-reciprocal re-ranking (Zhong et al. 2017)
 k2 = 6
 lambda_value = 0.3
 sift = {"max_side": 512, "n_features": 1000, "ratio": 0.8, "ransac_px": 5.0, "geometry": "homography"}
-calibrate_on = "val"            # split whose pairs calibrate fusion (cross-fitted by identity when it is `split`)
+calibrate_on = "val"            # split whose pairs fit fusion, ensemble weights, hybrid (cross-fitted if it is `split`)
+ensemble_members = []           # backbone names the ensemble combines; []: all of them (it needs two or more)
+ensemble_combine = "logistic"   # rank | score | logistic (weights learned on calibrate_on pairs)
+hybrid_features = ["cosine", "colour", "lbp", "hog", "keypoints", "inliers"]  # the hybrid's pair feature groups
+hybrid_params = {}              # LightGBM overrides of lib.probe.hybrid.DEFAULT_PARAMS, e.g. {"n_estimators": 400}
 mask_col = ""                   # column with the background masks (polygon / COCO RLE / mask image path); "": none
 masks_csv = ""                  # a CSV with path + mask_col when the split index has no such column
 cache_dir = "runs/probe_cache"  # "": no feature cache
@@ -63,7 +69,7 @@ os.chdir(ROOT)
 from dataclasses import asdict
 
 from lib.analysis.figures import save
-from lib.probe.figures import most_changed, plot_probe, plot_rankings
+from lib.probe.figures import most_changed, plot_importances, plot_probe, plot_rankings
 from lib.probe.run import probe_config, run_probe, save_probe
 from lib.train.tracking import log_table
 
@@ -73,7 +79,9 @@ cfg = probe_config(data_dir=data_dir, splits_dir=splits_dir, split=split, identi
                    protocol=protocol, methods=methods, ranks=ranks, backbones=backbones + runs,
                    shortlist_k=shortlist_k, qe_n=qe_n,
                    qe_alpha=qe_alpha, k1=k1, k2=k2, lambda_value=lambda_value, sift=sift, calibrate_on=calibrate_on,
-                   mask_col=mask_col, masks_csv=masks_csv, cache_dir=cache_dir, device=device)
+                   ensemble_members=ensemble_members, ensemble_combine=ensemble_combine,
+                   hybrid_features=hybrid_features, hybrid_params=hybrid_params, mask_col=mask_col,
+                   masks_csv=masks_csv, cache_dir=cache_dir, device=device)
 table, rankings = run_probe(cfg, progress=True)
 snapshot = save_probe(table, cfg, results_dir, rankings)
 log_table(table, asdict(cfg), f"probe {table['run_id'].iloc[0]}", ["backbone", "method"], mlflow_uri, wandb_project)
@@ -92,13 +100,29 @@ fig = plot_probe(table, metric)
 save(fig, Path(figures_dir) / f"06_probe_{tag}.png")
 
 # %% [markdown]
+# ## What the learned methods lean on
+# The hybrid's pair features by their share of the boosted trees' split gain (averaged over the two cross-fitted
+# halves), and the ensemble's members by their learned weights on per-query standardised cosines. A feature near
+# zero adds nothing the others do not already say; a member near zero could be dropped from the ensemble.
+
+# %%
+if table["importance"].ne("").any():
+    fig = plot_importances(table)
+    save(fig, Path(figures_dir) / f"06_probe_importance_{tag}.png")
+else:
+    print("no learned method among the methods: add 'hybrid', or 'ensemble' with ensemble_combine='logistic'")
+
+# %% [markdown]
 # ## What the best method changed
-# For the best row's backbone, the queries whose AP moved most between global cosine and the best method: the
-# query, then the top 5 of each (green: the same individual).
+# For the best row's backbone, the queries whose AP moved most between global cosine and the best method (for an
+# ensemble, the global cosine of the best single backbone): the query, then the top 5 of each (green: the same
+# individual).
 
 # %%
 best = table.sort_values(metric, ascending=False).iloc[0]
-before, after = (best["backbone"], "global"), (best["backbone"], best["method"])
+singles = table[table["method"] == "global"].sort_values(metric, ascending=False)["backbone"].tolist()
+base = best["backbone"] if best["backbone"] in singles or not singles else singles[0]
+before, after = (base, "global"), (best["backbone"], best["method"])
 print(f"best: {best['backbone']} / {best['method']} ({metric} {best[metric]:.3f})")
 if before in rankings and after != before:
     changed = most_changed(rankings, before, after, n_examples)

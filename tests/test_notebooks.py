@@ -129,8 +129,10 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
         sift={"max_side": 256, "n_features": 300}, cache_dir=str(tmp_path / "probe_cache"),
         figures_dir=str(figures), results_dir=str(tmp_path / "results"), mlflow_uri=(tmp_path / "mlruns").as_uri())
     probe = pd.read_csv(tmp_path / "results" / "probe.csv")
-    assert len(probe) == 10 and set(probe["backbone"]) == {"lite0", "run"} and (probe["protocol"] == "loo").all()
+    assert len(probe) == 13 and set(probe["backbone"]) == {"lite0", "run", "lite0 and run"}  # 6 methods + ensemble
+    assert (probe["protocol"] == "loo").all()
     assert len(list((tmp_path / "results" / "probe").glob("*.json"))) == 1
     assert_real_png(figures / "06_probe_splits_val.png")
+    assert_real_png(figures / "06_probe_importance_splits_val.png")
     assert list((tmp_path / "mlruns").rglob("lite0/fusion/identity_balanced_mAP")) or \
         list((tmp_path / "mlruns").rglob("*identity_balanced_mAP*")), "probe metrics reach MLflow"

@@ -1,5 +1,6 @@
-"""What the probe compares retrieval methods on: each photo's global embedding (per backbone) and its SIFT features,
-computed once and cached under a key of method, model state, dataset signature and mask setting."""
+"""What the probe compares retrieval methods on: each photo's global embedding (per backbone), its SIFT features and
+its engineered colour / texture features, computed once and cached under a key of method, model state (or feature
+settings), dataset signature and mask setting."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,7 @@ from lib.data.images import open_image
 from lib.data.masks import MaskedDataset, decode_mask, masks_fingerprint, mean_fill
 from lib.data.transforms import build_transforms
 from lib.probe.local_match import SiftConfig, sift_features
+from lib.probe.photo_features import PHOTO_FEATURES, SETTINGS, photo_features
 from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint
 from lib.train.config import AugConfig
 from lib.train.model import ModelConfig, create_model
@@ -99,10 +101,13 @@ def embeddings(backbone: Backbone, rows: pd.DataFrame, data_dir: str | os.PathLi
     return emb, {"cached": False, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
 
 
-def _photo_sift(row: pd.Series, i: int, data_dir: Path, cfg: SiftConfig, mask_col: str):
-    image = open_image(data_dir / row["path"])
-    mask = decode_mask(row[mask_col], image.size, data_dir, where=f"index row {i} ({row['path']})") if mask_col else None
-    return sift_features(image, cfg, mask)
+def _photos_and_masks(rows: pd.DataFrame, data_dir: Path, mask_col: str, desc: str, progress: bool):
+    """(photo, its foreground mask or None) of each row in turn, one photo in memory at a time."""
+    for i, row in tqdm(rows.reset_index(drop=True).iterrows(), total=len(rows), desc=desc, disable=not progress,
+                       leave=False):
+        image = open_image(data_dir / row["path"])
+        where = f"index row {i} ({row['path']})"
+        yield image, decode_mask(row[mask_col], image.size, data_dir, where=where) if mask_col else None
 
 
 def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig, mask_col: str = "",
@@ -121,9 +126,8 @@ def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig,
             feats = list(zip(np.split(f["keypoints"], splits), np.split(f["descriptors"], splits)))
             return feats, {**json.loads(str(f["info"])), "cached": True, "file": str(file)}
     t0 = time.perf_counter()
-    feats = [_photo_sift(row, i, data_dir, cfg, mask_col)
-             for i, row in tqdm(rows.reset_index(drop=True).iterrows(), total=len(rows), desc="sift",
-                                disable=not progress, leave=False)]
+    feats = [sift_features(image, cfg, mask)
+             for image, mask in _photos_and_masks(rows, data_dir, mask_col, "sift", progress)]
     info = {**key, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
     desc = np.concatenate([d for _, d in feats]) if feats else np.zeros((0, 128), np.float32)
     if len(desc) and (desc.min() < 0 or desc.max() > 255 or not np.array_equal(desc, np.round(desc))):
@@ -133,11 +137,39 @@ def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig,
     else:
         feats = [(k, d.astype(np.uint8)) for k, d in feats]
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, counts=np.array([len(k) for k, _ in feats], dtype=np.int64),
-                     keypoints=np.concatenate([k for k, _ in feats]) if feats else np.zeros((0, 2), np.float32),
-                     descriptors=desc.astype(np.uint8), info=json.dumps(info, default=str))
-        os.replace(tmp, file)
+        _save_npz(file, counts=np.array([len(k) for k, _ in feats], dtype=np.int64),
+                  keypoints=np.concatenate([k for k, _ in feats]) if feats else np.zeros((0, 2), np.float32),
+                  descriptors=desc.astype(np.uint8), info=json.dumps(info, default=str))
     return feats, {**info, "cached": False, **({"file": str(file)} if file else {})}
+
+
+def _save_npz(file: Path, **arrays) -> None:
+    """Written to a temporary name, then renamed: a killed probe never leaves a half-written cache entry."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, file)
+
+
+def photo_table(rows: pd.DataFrame, data_dir: str | os.PathLike, mask_col: str = "",
+                cache_dir: str | os.PathLike | None = None, progress: bool = False) -> tuple[dict, dict]:
+    """({'colour', 'lbp', 'hog'}: (n, d) float32 engineered features (lib.probe.photo_features) of the rows' photos,
+    background left out where mask_col is set; info) from the cache when it holds them."""
+    data_dir = Path(data_dir)
+    paths = [data_dir / p for p in rows["path"]]
+    key = {"method": "photo_features", **SETTINGS, "data_fingerprint": files_fingerprint(paths),
+           **mask_key(rows, mask_col, data_dir)}
+    file = Path(cache_dir) / "photo_features" / f"{_key_name(key)}.npz" if cache_dir else None
+    if file is not None and file.exists():
+        with np.load(file) as f:
+            return {n: f[n] for n in PHOTO_FEATURES}, {**json.loads(str(f["info"])), "cached": True, "file": str(file)}
+    t0 = time.perf_counter()
+    per_photo = [photo_features(image, mask)
+                 for image, mask in _photos_and_masks(rows, data_dir, mask_col, "photo features", progress)]
+    table = {n: np.stack([p[n] for p in per_photo]) if per_photo else np.zeros((0, 0), np.float32)
+             for n in PHOTO_FEATURES}
+    info = {**key, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
+    if file is not None:
+        _save_npz(file, **table, info=json.dumps(info, default=str))
+    return table, {**info, "cached": False, **({"file": str(file)} if file else {})}

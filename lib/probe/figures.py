@@ -1,6 +1,8 @@
-"""Figures of notebook 06 (probe): the method x backbone table as bars, and rankings of one method beside another."""
+"""Figures of notebook 06 (probe): the method x backbone table as bars, what the learned methods lean on, and
+rankings of one method beside another."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -39,6 +41,25 @@ def plot_probe(table: pd.DataFrame, metric: str = "identity_balanced_mAP") -> pl
     ax_t.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax_t.set_ylabel("ms per query (pale: features, dark: the method)")
     ax_t.set_title("cost")
+    fig.tight_layout()
+    return fig
+
+
+def plot_importances(table: pd.DataFrame) -> plt.Figure:
+    """One panel per row with an `importance` (JSON): the hybrid's features by their share of the boosted trees'
+    split gain, the ensemble's members by their learned weights on standardised cosines; largest at the top."""
+    learned = table[table["importance"].fillna("").astype(str).ne("")]
+    if learned.empty:
+        raise ValueError("no row has importances: probe 'hybrid', or 'ensemble' with ensemble_combine='logistic'")
+    values = [pd.Series(json.loads(v)).sort_values() for v in learned["importance"]]
+    height = 1.4 + 0.28 * max(len(v) for v in values)
+    fig, axes = plt.subplots(1, len(values), figsize=(4.4 * len(values), height), squeeze=False)
+    for ax, (_, row), v in zip(axes[0], learned.iterrows(), values, strict=True):
+        bars = ax.barh(v.index, v.to_numpy(), color="tab:green" if row["method"] == "hybrid" else "tab:purple")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        ax.set_title(f"{row['backbone']} / {row['method']}", fontsize=9)
+        ax.set_xlabel("share of split gain" if row["method"] == "hybrid" else "weight (standardised cosine)")
+        ax.margins(x=0.15)
     fig.tight_layout()
     return fig
 

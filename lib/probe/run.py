@@ -7,8 +7,14 @@ Methods, each a full ranking of the gallery per query:
 - kreciprocal: k-reciprocal re-ranking (Jaccard distance of k-reciprocal neighbour sets blended with the original);
 - local: the global top-`shortlist_k` re-sorted by SIFT + ratio test + RANSAC inliers;
 - fusion: on that shortlist, cosine and inliers each calibrated into P(same individual) by isotonic regression on
-  pairs of the `calibrate_on` split, and averaged (WildFusion). When that is the probed split itself, identities
-  are cross-fitted in two halves, so no query's own pairs calibrate its scores.
+  pairs of the `calibrate_on` split, and averaged (WildFusion);
+- ensemble: the global cosines of several backbones / runs (`ensemble_members`) combined by rank averaging, score
+  averaging or weights learned by logistic regression on pairs of the `calibrate_on` split (lib.probe.ensemble);
+- hybrid: the shortlist re-sorted by LightGBM's P(same individual) from the deep cosine and engineered pair
+  features (colour and texture distances, keypoint counts, inliers; lib.probe.hybrid), trained on pairs of the
+  `calibrate_on` split.
+Whatever learns from pairs (fusion, the ensemble's weights, the hybrid) is cross-fitted by identity when
+`calibrate_on` is the probed split itself (lib.probe.crossfit), so no query's own pairs fit its scores.
 Every method ranks the whole gallery for each query, a chunk of queries at a time, and the rankings feed the one
 ranking-metrics engine (lib.retrieval.ranking), so memory stays bounded for large splits; k-reciprocal re-ranking
 needs a dense all-pairs matrix and is left out, with a warning, where that would not fit (MAX_PAIRS).
@@ -16,6 +22,7 @@ needs a dense all-pairs matrix and is left out, with a warning, where that would
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -31,20 +38,27 @@ from lib.core.device import auto_settings
 from lib.core.errors import DataError
 from lib.data.splits import load_split_index
 from lib.evaluate.results_table import append_benchmark_row
-from lib.probe.features import embeddings, load_backbone, sift_table
+from lib.probe.crossfit import QueryModels, cross_fit, fitted_once
+from lib.probe.ensemble import COMBINERS, combine, fit_weights, training_pairs
+from lib.probe.features import embeddings, load_backbone, photo_table, sift_table
 from lib.probe.fusion import ScoreFusion
+from lib.probe.hybrid import HybridScorer, gbm_params
 from lib.probe.local_match import SiftConfig, shortlist_inliers
+from lib.probe.pair_features import HYBRID_FEATURES, SIFT_GROUPS, pair_features
+from lib.probe.photo_features import PHOTO_FEATURES
 from lib.probe.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
 from lib.retrieval.embed import EMBED_BATCH_SIZE
 from lib.retrieval.faiss_index import unit_rows
 from lib.retrieval.ranking import RankingTally, drop_self, query_chunks, resolve_val_protocol
 
-METHODS = ("global", "qe", "kreciprocal", "local", "fusion")
+METHODS = ("global", "qe", "kreciprocal", "local", "fusion", "ensemble", "hybrid")
+LEARNED = ("fusion", "ensemble", "hybrid")  # methods fitted on pairs with known answers (calibrate_on)
+ENSEMBLE_JOIN = " and "  # the ensemble row's backbone: its members' names joined so (MLflow refuses '+' in names)
 TOP_KEPT = 5  # first gallery photos of each query kept for the per-query table and figures
 MAX_PAIRS = 40_000_000  # k-reciprocal's dense (items x items) matrices beyond this take GBs: it is left out
 PROBE_COLUMNS = ("run_id", "time", "splits_dir", "split", "protocol", "identity_col", "mask_col", "backbone", "method",
                  "recall@1", "recall@5", "mAP", "identity_balanced_mAP", "n_queries", "n_gallery",
-                 "feature_ms_per_image", "method_ms_per_query", "ms_per_query", "features_cached")
+                 "feature_ms_per_image", "method_ms_per_query", "ms_per_query", "features_cached", "importance")
 
 
 @dataclass
@@ -65,7 +79,11 @@ class ProbeConfig:
     k2: int = 6
     lambda_value: float = 0.3
     sift: dict = field(default_factory=dict)  # SiftConfig fields (max_side, n_features, ratio, ransac_px, geometry)
-    calibrate_on: str = "val"          # split whose pairs calibrate the fused scores
+    calibrate_on: str = "val"          # split whose pairs fit fusion, the ensemble's weights and the hybrid's trees
+    ensemble_members: list = field(default_factory=list)  # backbone names the ensemble combines; []: all probed
+    ensemble_combine: str = "logistic"  # rank | score | logistic (weights learned on calibrate_on pairs)
+    hybrid_features: list = field(default_factory=lambda: list(HYBRID_FEATURES))  # pair feature groups
+    hybrid_params: dict = field(default_factory=dict)  # LightGBM overrides of lib.probe.hybrid.DEFAULT_PARAMS
     mask_col: str = ""                 # column with polygon / RLE / mask image path: background painted out
     masks_csv: str = ""                # CSV (path + mask_col) to take the masks from when the index has none
     cache_dir: str = "runs/probe_cache"  # "" = no feature cache
@@ -84,6 +102,17 @@ class ProbeConfig:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"backbones need distinct names, got {names}")
         SiftConfig(**self.sift)  # a bad SIFT knob fails here, before any feature is computed
+        if self.ensemble_combine not in COMBINERS:
+            raise ValueError(f"ensemble_combine {self.ensemble_combine!r}: choose from {', '.join(COMBINERS)}")
+        strangers = sorted(set(self.ensemble_members) - set(names))
+        if strangers or len(set(self.ensemble_members)) == 1:
+            raise ValueError(f"ensemble_members {self.ensemble_members}: name two or more of the backbones {names} "
+                             "(or none: all of them)")
+        unknown = sorted(set(self.hybrid_features) - set(HYBRID_FEATURES))
+        if unknown or not self.hybrid_features:
+            raise ValueError(f"hybrid_features {unknown or self.hybrid_features}: choose from "
+                             f"{', '.join(HYBRID_FEATURES)}")
+        gbm_params(self.hybrid_params)
 
 
 @dataclass
@@ -148,28 +177,24 @@ def _kreciprocal(q, g, loo: bool, cfg: ProbeConfig) -> np.ndarray:
     return -final
 
 
-def _identity_halves(labels: np.ndarray) -> np.ndarray:
-    """0/1 per query: its identity's half of the sorted identities, alternating, so both halves hold similar mixes."""
-    names = np.unique(labels)
-    return (np.searchsorted(names, labels) % 2).astype(int)
-
-
 def _fit_fusion(cos, inliers, same) -> ScoreFusion:
     return ScoreFusion().fit({"global": cos.ravel(), "local": inliers.ravel()}, same.ravel())
 
 
-def _shortlist(s: ProbeSet, q_unit, g_unit, q_sift, g_sift, cfg: ProbeConfig):
-    """(shortlist gallery rows, their cosines, their inliers, same-identity flags), each (n_q, K), of a probe set."""
+def _shortlist(s: ProbeSet, q_unit, g_unit, cfg: ProbeConfig):
+    """(shortlist gallery rows, their cosines, same-identity flags), each (n_q, K), of a probe set."""
     k = min(cfg.shortlist_k, len(g_unit) - s.loo)
     top = np.empty((len(q_unit), k), dtype=np.int64)
     cos = np.empty((len(q_unit), k), dtype=np.float32)
     for rows in query_chunks(len(q_unit), len(g_unit)):
-        c = _cosine(q_unit[rows], g_unit, rows if s.loo else None)
-        top[rows] = _order(c)[:, :k]
-        cos[rows] = np.take_along_axis(c, top[rows], axis=1)
-    inliers = shortlist_inliers(q_sift, g_sift, top, SiftConfig(**cfg.sift))
+        top[rows] = _order(_cosine(q_unit[rows], g_unit, rows if s.loo else None))[:, :k]
+    # Pair by pair, not taken from the chunk's matrix product: BLAS sums a product in an order that depends on its
+    # shape, and the scorers learned from these cosines (fusion, hybrid) must get the same ones however the queries
+    # were chunked (the hybrid's trees split on them).
+    for rows in query_chunks(len(q_unit), k * q_unit.shape[1]):
+        cos[rows] = np.einsum("qd,qkd->qk", q_unit[rows], g_unit[top[rows]])
     same = s.gallery[cfg.identity_col].to_numpy()[top] == s.queries[cfg.identity_col].to_numpy()[:, None]
-    return top, cos, inliers, same
+    return top, cos, same
 
 
 def _kreciprocal_fits(s: ProbeSet) -> bool:
@@ -182,18 +207,34 @@ def _kreciprocal_fits(s: ProbeSet) -> bool:
 
 
 class _Features:
-    """Each backbone's embeddings and the SIFT features, per row set, computed on first use (through the cache)."""
+    """Each backbone's embeddings, the SIFT features and the engineered photo features, per row set, computed on
+    first use (through the cache) and kept for the rest of the probe: the ensemble reuses every member's."""
 
     def __init__(self, cfg: ProbeConfig, settings, progress: bool):
         self.cfg, self.settings, self.progress = cfg, settings, progress
         self.cache_dir = cfg.cache_dir or None
-        self.cached, self._sift = [], {}
+        self.cached, self._embedded, self._sift, self._photos = [], {}, {}, {}
 
     def embed(self, backbone, rows: pd.DataFrame):
-        emb, info = embeddings(backbone, rows, self.cfg.data_dir, self.settings, self.cfg.mask_col, self.cache_dir,
-                               self.cfg.batch_size, self.progress)
-        self.cached.append(bool(info.get("cached")))
-        return unit_rows(emb, f"{backbone.name} embeddings"), info["ms_per_image"]
+        """(unit vectors, ms per image of their extraction) of the rows' photos by `backbone`."""
+        key = backbone.name, tuple(rows["path"])
+        if key not in self._embedded:
+            emb, info = embeddings(backbone, rows, self.cfg.data_dir, self.settings, self.cfg.mask_col,
+                                   self.cache_dir, self.cfg.batch_size, self.progress)
+            self._embedded[key] = (unit_rows(emb, f"{backbone.name} embeddings"), info["ms_per_image"],
+                                   bool(info.get("cached")))
+        return self.kept(backbone.name, rows)
+
+    def kept(self, name: str, rows: pd.DataFrame):
+        """(unit vectors, ms per image) that embed() made of the rows' photos by the backbone called `name`."""
+        vectors, ms, cached = self._embedded[name, tuple(rows["path"])]
+        self.cached.append(cached)
+        return vectors, ms
+
+    def vectors(self, backbone, s: ProbeSet):
+        """(query vectors, gallery vectors) of a probe set."""
+        q, _ = self.embed(backbone, s.queries)
+        return q, q if s.loo else self.embed(backbone, s.gallery)[0]
 
     def sift(self, rows: pd.DataFrame):
         key = tuple(rows["path"])
@@ -204,93 +245,217 @@ class _Features:
             self._sift[key] = feats, info["ms_per_image"]
         return self._sift[key]
 
-    def set_features(self, backbone, s: ProbeSet):
-        """(query vectors, gallery vectors, query SIFT, gallery SIFT) of a probe set."""
-        q, _ = self.embed(backbone, s.queries)
-        g = q if s.loo else self.embed(backbone, s.gallery)[0]
-        q_sift = self.sift(s.queries)[0]
-        return q, g, q_sift, q_sift if s.loo else self.sift(s.gallery)[0]
+    def keypoints(self, rows: pd.DataFrame) -> np.ndarray:
+        return np.array([len(k) for k, _ in self.sift(rows)[0]])
+
+    def photos(self, rows: pd.DataFrame):
+        """({'colour', 'lbp', 'hog'}: (n, d) engineered features, ms per image) of the rows' photos."""
+        key = tuple(rows["path"])
+        if key not in self._photos:
+            table, info = photo_table(rows, self.cfg.data_dir, self.cfg.mask_col, self.cache_dir, self.progress)
+            self.cached.append(bool(info.get("cached")))
+            self._photos[key] = table, info["ms_per_image"]
+        return self._photos[key]
+
+
+def _inliers(s: ProbeSet, top: np.ndarray, feats: _Features, cfg: ProbeConfig) -> np.ndarray:
+    return shortlist_inliers(feats.sift(s.queries)[0], feats.sift(s.gallery)[0], top, SiftConfig(**cfg.sift))
+
+
+def _fitted(s: ProbeSet, cfg: ProbeConfig, fit_here, fit_calibration=None) -> QueryModels:
+    """The model scoring each query: fit_calibration() (pairs of another split) when given, else cross-fitted by
+    identity on this split, fit_here(rows) with rows a bool mask of the queries to fit on."""
+    if fit_calibration is not None:
+        return fitted_once(fit_calibration(), len(s.queries))
+    return cross_fit(s.queries[cfg.identity_col].to_numpy(), fit_here)
 
 
 def _fusion_scores(s: ProbeSet, cos, inliers, same, calibration, cfg: ProbeConfig) -> np.ndarray:
     """Fused shortlist scores; calibration = (cos, inliers, same) of another split, or None to cross-fit on s."""
-    if calibration is not None:
-        fusion = _fit_fusion(*calibration)
-        return fusion.fuse({"global": cos, "local": inliers})
-    half = _identity_halves(s.queries[cfg.identity_col].to_numpy())
-    fused = np.empty_like(cos, dtype=np.float64)
-    for h in (0, 1):
-        fit_rows, apply_rows = half != h, half == h
-        if apply_rows.any():
-            fusion = _fit_fusion(cos[fit_rows], inliers[fit_rows], same[fit_rows])
-            fused[apply_rows] = fusion.fuse({"global": cos[apply_rows], "local": inliers[apply_rows]})
-    return fused
+    models = _fitted(s, cfg, lambda rows: _fit_fusion(cos[rows], inliers[rows], same[rows]),
+                     None if calibration is None else lambda: _fit_fusion(*calibration))
+    return models.apply(np.arange(len(cos)),
+                        lambda fusion, rows: fusion.fuse({"global": cos[rows], "local": inliers[rows]}))
+
+
+def _hybrid_features(s: ProbeSet, top, cos, inliers, feats: _Features, cfg: ProbeConfig) -> dict:
+    """The hybrid's pair features ({name: (n_q, K)}) of a probe set's shortlist."""
+    groups = set(cfg.hybrid_features)
+    photos = (feats.photos(s.queries)[0], feats.photos(s.gallery)[0]) if groups & set(PHOTO_FEATURES) else (None,) * 2
+    keypoints = (feats.keypoints(s.queries), feats.keypoints(s.gallery)) if "keypoints" in groups else (None,) * 2
+    return pair_features(top, cos, cfg.hybrid_features, *photos, *keypoints, inliers)
+
+
+def _hybrid_scores(s: ProbeSet, features: dict, same, calibration, cfg: ProbeConfig) -> tuple[np.ndarray, dict]:
+    """(P(same) of the shortlist pairs, each feature's gain share averaged over the fitted models); calibration =
+    (features, same) of another split's shortlists, or None to cross-fit on s."""
+    def rows_of(rows):
+        return {name: f[rows] for name, f in features.items()}
+
+    models = _fitted(s, cfg, lambda rows: HybridScorer(cfg.hybrid_params).fit(rows_of(rows), same[rows]),
+                     None if calibration is None else lambda: HybridScorer(cfg.hybrid_params).fit(*calibration))
+    importance = pd.concat([m.importances() for m in models.each()], axis=1).mean(axis=1)
+    scores = models.apply(np.arange(len(same)), lambda model, rows: model.score(rows_of(rows)))
+    return scores, importance.sort_values(ascending=False).round(4).to_dict()
+
+
+def _rank(s: ProbeSet, cfg: ProbeConfig, n_gallery: int, order_of, prepare=lambda: None, shared_s: float = 0.0):
+    """(metrics with 'ap' and 'top', method ms per query, what prepare() returned) of one method: order_of(rows,
+    prepared) ranks the whole gallery for those queries, a chunk of queries at a time; prepare() runs once before,
+    timed with it; shared_s: seconds of work this method shares with another (the shortlist)."""
+    t0 = time.perf_counter()
+    prepared = prepare()
+    seconds = shared_s + time.perf_counter() - t0
+    tally = RankingTally(s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy(), s.loo,
+                         cfg.ranks, keep=TOP_KEPT)
+    for rows in query_chunks(len(s.queries), n_gallery):
+        t0 = time.perf_counter()
+        order = order_of(rows, prepared)
+        seconds += time.perf_counter() - t0
+        tally.add(rows, drop_self(rows, order) if s.loo else order)
+    return tally.metrics(), 1000 * seconds / len(s.queries), prepared
 
 
 def _probe_backbone(backbone, s: ProbeSet, cal: ProbeSet | None, feats: _Features, cfg: ProbeConfig):
-    """{method: (metrics with 'ap' and 'top', feature ms per image, method ms per query)} for one backbone.
+    """{method: (metrics with 'ap' and 'top', feature ms per image, method ms per query, importance or None)} for one
+    backbone.
 
     Each method ranks the whole gallery for every query, a chunk of queries at a time; its time is what its own
-    work takes (shortlists and fusion calibration included), not the scoring."""
+    work takes (shortlists and fitting on calibration pairs included), not the scoring. Every photo's features
+    (embeddings, SIFT, engineered) are made before, and charged per image."""
     q, q_ms = feats.embed(backbone, s.queries)
     g = q if s.loo else feats.embed(backbone, s.gallery)[0]
-    n_q, out = len(q), {}
-    g_labels, q_labels = s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy()
+    methods, out = set(cfg.methods), {}
     self_rows = (lambda rows: rows) if s.loo else (lambda rows: None)
 
-    def rank(method, feature_ms, order_of, prepare=lambda: None, shared_s=0.0):
-        """order_of(rows, prepared) -> rankings of those queries; prepare() runs once before, timed with it;
-        shared_s: seconds of work this method shares with another (the shortlist)."""
-        t0 = time.perf_counter()
-        prepared = prepare()
-        seconds = shared_s + time.perf_counter() - t0
-        tally = RankingTally(g_labels, q_labels, s.loo, cfg.ranks, keep=TOP_KEPT)
-        for rows in query_chunks(n_q, len(g)):
-            t0 = time.perf_counter()
-            order = order_of(rows, prepared)
-            seconds += time.perf_counter() - t0
-            tally.add(rows, drop_self(rows, order) if s.loo else order)
-        out[method] = (tally.metrics(), feature_ms, 1000 * seconds / n_q)
+    def rank(method, feature_ms, order_of, prepare=lambda: None, shared_s=0.0, importance=lambda prepared: None):
+        m, method_ms, prepared = _rank(s, cfg, len(g), order_of, prepare, shared_s)
+        out[method] = (m, feature_ms, method_ms, importance(prepared))
 
-    if "global" in cfg.methods:
+    if "global" in methods:
         rank("global", q_ms, lambda rows, _: _order(_cosine(q[rows], g, self_rows(rows))))
-    if "qe" in cfg.methods:
+    if "qe" in methods:
         rank("qe", q_ms, lambda rows, _: _order(_cosine(
             query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, self_rows=self_rows(rows)), g, self_rows(rows))))
-    if "kreciprocal" in cfg.methods and _kreciprocal_fits(s):
+    if "kreciprocal" in methods and _kreciprocal_fits(s):
         rank("kreciprocal", q_ms, lambda rows, scores: _order(scores[rows]), lambda: _kreciprocal(q, g, s.loo, cfg))
-    if {"local", "fusion"} & set(cfg.methods):
-        q_sift, sift_ms = feats.sift(s.queries)
-        g_sift = q_sift if s.loo else feats.sift(s.gallery)[0]
+    if not {"local", "fusion", "hybrid"} & methods:
+        return out
+
+    hybrid_groups = set(cfg.hybrid_features) if "hybrid" in methods else set()
+    with_inliers = bool({"local", "fusion"} & methods) or "inliers" in hybrid_groups
+    sift_ms = photo_ms = inliers_s = 0.0
+    if with_inliers or hybrid_groups & SIFT_GROUPS:
+        sift_ms = feats.sift(s.queries)[1]
+        feats.sift(s.gallery)
+    if hybrid_groups & set(PHOTO_FEATURES):
+        photo_ms = feats.photos(s.queries)[1]
+        feats.photos(s.gallery)
+    t0 = time.perf_counter()
+    top, cos, same = _shortlist(s, q, g, cfg)
+    shortlist_s = time.perf_counter() - t0
+    inliers = None
+    if with_inliers:
         t0 = time.perf_counter()
-        _, cos, inliers, same = _shortlist(s, q, g, q_sift, g_sift, cfg)
-        shortlist_s = time.perf_counter() - t0
+        inliers = _inliers(s, top, feats, cfg)
+        inliers_s = time.perf_counter() - t0
 
-        def reranked(rows, scores):
-            return rerank_shortlist(_order(_cosine(q[rows], g, self_rows(rows))), scores[rows])
+    @functools.cache
+    def calibration():
+        """(top, cos, same, inliers or None) of the calibration split's shortlists, for fusion and the hybrid."""
+        c_top, c_cos, c_same = _shortlist(cal, *feats.vectors(backbone, cal), cfg)
+        return c_top, c_cos, c_same, _inliers(cal, c_top, feats, cfg) if with_inliers else None
 
-        def fused():
-            calibration = _shortlist(cal, *feats.set_features(backbone, cal), cfg)[1:] if cal is not None else None
-            return _fusion_scores(s, cos, inliers, same, calibration, cfg)
+    def reranked(rows, scores):
+        return rerank_shortlist(_order(_cosine(q[rows], g, self_rows(rows))), scores[rows])
 
-        if "local" in cfg.methods:
-            rank("local", q_ms + sift_ms, reranked, lambda: inliers, shortlist_s)
-        if "fusion" in cfg.methods:
-            rank("fusion", q_ms + sift_ms, reranked, fused, shortlist_s)
+    def fused():
+        c = None if cal is None else calibration()
+        return _fusion_scores(s, cos, inliers, same, None if c is None else (c[1], c[3], c[2]), cfg)
+
+    def boosted():
+        c = None
+        if cal is not None:
+            c_top, c_cos, c_same, c_inliers = calibration()
+            c = _hybrid_features(cal, c_top, c_cos, c_inliers, feats, cfg), c_same
+        return _hybrid_scores(s, _hybrid_features(s, top, cos, inliers, feats, cfg), same, c, cfg)
+
+    if "local" in methods:
+        rank("local", q_ms + sift_ms, reranked, lambda: inliers, shortlist_s + inliers_s)
+    if "fusion" in methods:
+        rank("fusion", q_ms + sift_ms, reranked, fused, shortlist_s + inliers_s)
+    if "hybrid" in methods:
+        uses_sift = bool(hybrid_groups & SIFT_GROUPS)
+        rank("hybrid", q_ms + photo_ms + sift_ms * uses_sift, lambda rows, p: reranked(rows, p[0]), boosted,
+             shortlist_s + inliers_s * ("inliers" in hybrid_groups), importance=lambda p: p[1])
     return out
 
 
+def _ensemble_members(cfg: ProbeConfig) -> list[str]:
+    """The backbones the ensemble combines; none (with a warning) when the probe has fewer than two."""
+    if "ensemble" not in cfg.methods:
+        return []
+    members = cfg.ensemble_members or [b["name"] for b in cfg.backbones]
+    if len(members) < 2:
+        warnings.warn("ensemble left out: it combines two or more backbones and the probe has one; add backbones or "
+                      "runs to include it")
+        return []
+    return list(members)
+
+
+def _member_cosines(vectors: list, s: ProbeSet, rows: np.ndarray) -> list[np.ndarray]:
+    return [_cosine(q[rows], g, rows if s.loo else None) for q, g in vectors]
+
+
+def _ensemble_weights(vectors: list, s: ProbeSet, query_rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
+    """The members' logistic-regression weights, fitted on pairs of the queries `query_rows` (indices) of s."""
+    g_labels, q_labels = s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy()
+    pairs = [training_pairs(_member_cosines(vectors, s, rows), q_labels[rows, None] == g_labels[None], rows)
+             for rows in (query_rows[chunk] for chunk in query_chunks(len(query_rows), len(g_labels)))]
+    return fit_weights(np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]))
+
+
+def _probe_ensemble(members: list[str], s: ProbeSet, cal: ProbeSet | None, feats: _Features, cfg: ProbeConfig):
+    """(metrics, feature ms per image, method ms per query, {member: weight} or None) of the ensemble of the
+    members' global cosines; their vectors are the ones their own probes made."""
+    def set_vectors(p: ProbeSet):
+        return [(feats.kept(m, p.queries)[0], feats.kept(m, p.gallery)[0]) for m in members]
+
+    vectors = set_vectors(s)
+    feature_ms = sum(feats.kept(m, s.queries)[1] for m in members)  # every member embeds each query photo
+
+    def prepare():
+        n_q = len(s.queries)
+        if cfg.ensemble_combine != "logistic":
+            return fitted_once(None, n_q), None
+        if cal is not None:
+            models = fitted_once(_ensemble_weights(set_vectors(cal), cal, np.arange(len(cal.queries)), cfg), n_q)
+        else:
+            models = cross_fit(s.queries[cfg.identity_col].to_numpy(),
+                               lambda rows: _ensemble_weights(vectors, s, np.flatnonzero(rows), cfg))
+        return models, dict(zip(members, np.mean(models.each(), axis=0).round(4).tolist()))
+
+    def order_of(rows, prepared):
+        return _order(prepared[0].apply(rows, lambda weights, sub: combine(
+            _member_cosines(vectors, s, sub), cfg.ensemble_combine, weights)))
+
+    m, method_ms, (_, importance) = _rank(s, cfg, len(vectors[0][1]), order_of, prepare)
+    return m, feature_ms, method_ms, importance
+
+
 def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    """(one row per backbone x method, {(backbone, method): per-query table with the top-5 gallery rows and AP})."""
+    """(one row per backbone x method, and one for the ensemble, {(backbone, method): per-query table with the top-5
+    gallery rows and AP}); the ensemble's backbone is its members' names joined by ENSEMBLE_JOIN."""
     index, splits = load_split_index(cfg.splits_dir)
     index = with_masks(index, cfg.masks_csv, cfg.mask_col)
     s = probe_set(index, cfg.split, cfg.identity_col, cfg.protocol)
     cal = None
-    if "fusion" in cfg.methods and cfg.calibrate_on != cfg.split:
+    if set(LEARNED) & set(cfg.methods) and cfg.calibrate_on != cfg.split:
         cal = probe_set(index, cfg.calibrate_on, cfg.identity_col, cfg.protocol)
     settings = auto_settings(device=cfg.device)
     feats = _Features(cfg, settings, progress)
-    rows, rankings = [], {}
+    members = _ensemble_members(cfg)
+    results = {}  # (backbone, method) -> (metrics, feature ms, method ms, importance, features_cached)
     stamp = datetime.now(timezone.utc)
     run_id = stamp.strftime("%Y%m%d-%H%M%S-%f")
     for spec in cfg.backbones:
@@ -300,16 +465,26 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
             raise DataError(f"backbone {backbone.name!r} was trained on other data than {cfg.splits_dir} describes "
                             "(data fingerprints differ): its training photos could be among the probed ones")
         feats.cached = []
-        for method, (m, feature_ms, method_ms) in _probe_backbone(backbone, s, cal, feats, cfg).items():
-            rows.append({"run_id": run_id, "time": stamp.isoformat(timespec="seconds"), "splits_dir": cfg.splits_dir,
-                         "split": cfg.split, "protocol": s.protocol, "identity_col": cfg.identity_col,
-                         "mask_col": cfg.mask_col, "backbone": backbone.name, "method": method,
-                         **{f"recall@{k}": m[f"recall@{k}"] for k in cfg.ranks},
-                         "mAP": m["mAP"], "identity_balanced_mAP": m["identity_balanced_mAP"],
-                         "n_queries": len(s.queries), "n_gallery": len(s.gallery) - s.loo,
-                         "feature_ms_per_image": feature_ms, "method_ms_per_query": method_ms,
-                         "ms_per_query": feature_ms + method_ms, "features_cached": all(feats.cached)})
-            rankings[backbone.name, method] = _ranking_table(s, m["top"], m["ap"], cfg.identity_col)
+        if backbone.name in members and cal is not None and cfg.ensemble_combine == "logistic":
+            feats.vectors(backbone, cal)  # while the backbone is loaded: the ensemble's weights are fitted on them
+        for method, result in _probe_backbone(backbone, s, cal, feats, cfg).items():
+            results[backbone.name, method] = (*result, all(feats.cached))
+    if members:
+        feats.cached = []
+        ensemble = _probe_ensemble(members, s, cal, feats, cfg)
+        results[ENSEMBLE_JOIN.join(members), "ensemble"] = (*ensemble, all(feats.cached))
+    rows, rankings = [], {}
+    for (name, method), (m, feature_ms, method_ms, importance, cached) in results.items():
+        rows.append({"run_id": run_id, "time": stamp.isoformat(timespec="seconds"), "splits_dir": cfg.splits_dir,
+                     "split": cfg.split, "protocol": s.protocol, "identity_col": cfg.identity_col,
+                     "mask_col": cfg.mask_col, "backbone": name, "method": method,
+                     **{f"recall@{k}": m[f"recall@{k}"] for k in cfg.ranks},
+                     "mAP": m["mAP"], "identity_balanced_mAP": m["identity_balanced_mAP"],
+                     "n_queries": len(s.queries), "n_gallery": len(s.gallery) - s.loo,
+                     "feature_ms_per_image": feature_ms, "method_ms_per_query": method_ms,
+                     "ms_per_query": feature_ms + method_ms, "features_cached": cached,
+                     "importance": json.dumps(importance) if importance else ""})
+        rankings[name, method] = _ranking_table(s, m["top"], m["ap"], cfg.identity_col)
     table = pd.DataFrame(rows)
     return table[[c for c in PROBE_COLUMNS if c in table] + [c for c in table if c not in PROBE_COLUMNS]], rankings
 
