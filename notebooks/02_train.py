@@ -25,6 +25,12 @@
 # frozen backbone's own features: a run never ends below them.
 # Re-running resumes from `run_dir/latest_model.pt` unless `fresh=True`.
 #
+# `loss="ce"` trains the classifier baseline instead (jaguar notes v02, marmoset pipeline): a softmax classifier on
+# the same embedding, label-smoothed cross-entropy, through the same phases (head on cached features, frozen-backbone
+# `warmup_epochs`, then the backbone; `ema_decay` as for ArcFace). Its embedding is validated and evaluated by the
+# same retrieval, and notebook 03 adds its softmax probabilities' classification metrics. `mixup` / `cutmix` mix
+# images, so they act in the backbone phase only (the head phase trains on cached features), and need `loss="ce"`.
+#
 # Defaults are the recipe for real photos on a CPU (packaged ImageNet EfficientNet-Lite0, no network; see the
 # README's recipe benchmark). The demo runner (`run_all.py`) trains a tiny random-init model instead. On a GPU box
 # with hub access: `backbone="tf_efficientnetv2_l"`, `pretrained="hub"`, `img_size=480`.
@@ -44,8 +50,13 @@ pooling = "gem"                 # gem | avg
 img_size = 320                  # px, square; 224 halves the cost of a backbone epoch
 resize = "squash"               # squash: whole photo to a square | pad: whole photo, bars | crop: centre crop
 augment = "light"               # none | light | strong
+aug_backend = "torchvision"     # torchvision | albumentations: the same presets, drawn by the other library
 hflip = True                    # False where left and right flanks differ
 # loss and phases
+loss = "arcface"                # arcface | ce: softmax classifier baseline (s scales its input; no margin)
+label_smoothing = 0.1           # ce only
+mixup = 0.0                     # ce only, backbone phase: Beta alpha of mixup (e.g. 0.1 as the marmoset runs); 0: off
+cutmix = 0.0                    # ce only, backbone phase: Beta alpha of cutmix (e.g. 1.0); 0: off
 s = 30.0                        # ArcFace scale: 64 for many classes, ~30-48 for few
 warmup_epochs = 1               # softmax epochs (margin warmup_margin) before the full margin
 warmup_margin = 0.0
@@ -96,8 +107,8 @@ from lib.train.run import run_summary, train_run
 config = build_config(
     data_dir=data_dir, splits_dir=splits_dir, cache_dir=cache_dir, fold=fold,
     backbone=backbone, pretrained=pretrained, embed_dim=embed_dim, pooling=pooling,
-    img_size=img_size, resize=resize, augment=augment, hflip=hflip,
-    s=s, k_subcenters=k_subcenters, triplet_weight=triplet_weight, ms_weight=ms_weight,
+    img_size=img_size, resize=resize, augment=augment, hflip=hflip, aug_backend=aug_backend, mixup=mixup, cutmix=cutmix,
+    loss=loss, label_smoothing=label_smoothing, s=s, k_subcenters=k_subcenters, triplet_weight=triplet_weight, ms_weight=ms_weight,
     warmup_epochs=warmup_epochs, warmup_margin=warmup_margin, margin=margin, ramp_epochs=ramp_epochs,
     epochs=epochs, lr_backbone=lr_backbone, lr_head=lr_head, weight_decay=weight_decay, scheduler=scheduler,
     early_stop_patience=early_stop_patience, ema_decay=ema_decay, seed=seed,

@@ -30,6 +30,12 @@
 # `restrict_to_context=True` (e.g. look for a street tree only among the trees at its address) lets a query's
 # neighbours, and so its vote, come only from photos of its own context; Recall@k and mAP still rank the whole
 # gallery, and notebook 04 breaks the accuracy down by the number of candidates in the context.
+#
+# Large galleries: `index` chooses the Faiss index that finds the voting neighbours (`auto`: exact below
+# `index_exact_below` gallery photos, IVF above; or `flat`, `ivf`, `hnsw`, `ivfpq`, or a faiss factory string such as
+# "IVF1024,PQ64"). An approximate index reports its recall@k against exact search on a sample of the queries;
+# Recall@k and mAP are always exact, the whole gallery ranked a chunk of queries at a time. The index is saved in
+# `run_dir/index/`, where `photo-predict` finds it.
 
 # %% tags=["parameters"]
 run_dir = "runs/photos"          # a run trained by notebook 02
@@ -44,10 +50,16 @@ tta = False                      # flip test-time augmentation (mean of the phot
 target_accuracy = 0.95           # thresholds: the largest coverage at this accuracy on val ...
 target_coverage = 0.0            # ... or, when > 0, the best accuracy answering at least this share
 evaluate_test = False            # True: also evaluate the test split (final numbers), with the val thresholds
+index = "auto"                   # flat | ivf | hnsw | ivfpq | auto | a faiss factory string, e.g. "IVF1024,PQ64"
+index_exact_below = 200000       # auto: exact search for a gallery smaller than this, IVF from there on
+nprobe = 8                       # IVF: lists visited per query (higher: better recall, slower)
+ef_search = 256                  # HNSW: candidates kept per query (the same trade)
+pairs_top = 0                    # reid pairs table: keep each query's best N gallery photos (0: every pair)
 device = "auto"
 results_csv = "results/benchmarks.csv"
 figures_dir = "figures"
 notes = ""                       # free text for the results row
+pos_class = ""                   # two classes: the positive one, for the threshold sweep ("": no sweep)
 
 # %%
 import os
@@ -62,20 +74,24 @@ from IPython.display import display
 from lib.retrieval.decide import choose_thresholds, risk_coverage, save_thresholds
 from lib.evaluate.results_table import append_benchmark_row, benchmark_row
 from lib.evaluate.run_eval import apply_thresholds, evaluate_run
+from lib.evaluate.classification import add_classification_metrics, classification_table
 from lib.evaluate.record import save_evaluation
 from lib.retrieval.metrics import per_identity_ap
 from lib.analysis.figures import plot_risk_coverage, save
+from lib.retrieval.ann_index import IndexSpec, describe
 from lib.retrieval.pairwise import pairwise_scores
 
 if split in ("train", "test"):
     raise ValueError(f"split={split!r}: thresholds are chosen on validation; use evaluate_test=True for the test split")
 eval_dir = Path(run_dir) / "eval"
+index_spec = IndexSpec(index=index, nprobe=nprobe, ef_search=ef_search, exact_below=index_exact_below)
 
 # %%
 ev = evaluate_run(run_dir, split=split, checkpoint=checkpoint, k=k, weighting=weighting, tta=tta, device=device,
-                  progress=True, protocol=protocol, restrict_to_context=restrict_to_context)
+                  progress=True, protocol=protocol, restrict_to_context=restrict_to_context, index=index_spec)
 print(f"{split}: {len(ev.queries)} queries against {len(ev.gallery)} gallery photos ({ev.config['protocol']}); "
       f"checkpoint {ev.config['checkpoint']}")
+print(describe(ev.metrics["index"]))
 
 # %% [markdown]
 # ## Thresholds and the risk–coverage curve
@@ -109,14 +125,26 @@ if evaluate_test:
     evaluations["test"] = evaluate_run(run_dir, split="test", checkpoint=checkpoint, k=k, weighting=weighting,
                                        tta=tta, thresholds=thresholds, device=device, progress=True,
                                        protocol=protocol, restrict_to_context=restrict_to_context,
-                                       new_threshold=ev.metrics["new_individual"]["threshold"])
+                                       new_threshold=ev.metrics["new_individual"]["threshold"], index=index_spec)
+    print(f"test: {describe(evaluations['test'].metrics['index'])}")
 rows = []
 for name, e in evaluations.items():
+    add_classification_metrics(e, pos_class)
     save_evaluation(e, eval_dir / name)
     row = benchmark_row(e, notes=notes)
     append_benchmark_row(results_csv, row, replace_key="evaluation_id")  # a re-run replaces its own row
     rows.append(row)
 pd.DataFrame(rows).set_index("split")
+
+# %% [markdown]
+# ## Classification metrics
+# Accuracy and macro-F1 of the top class, one-vs-rest AUROC per class (macro: their mean), from the vote shares, and
+# for a `loss="ce"` run from its softmax probabilities too. With two classes and `pos_class`: the threshold of best F1
+# on the positive class's score, its precision and recall; `flipped` means the score ranked the classes the wrong way
+# round and was turned (orientation correction, as the marmoset pipeline reports).
+
+# %%
+classification_table(ev.metrics["classification"])
 
 # %% [markdown]
 # ## Per class
@@ -149,6 +177,6 @@ if task == "reid":
     per_identity.to_csv(results / f"03_per_identity_ap_{tag}.csv")
     display(pd.concat({"worst": per_identity.head(5), "best": per_identity.dropna().tail(5)}))
     pairs = pairwise_scores(ev.query_emb, ev.queries["path"], ev.gallery_emb, ev.gallery["path"],
-                            exclude_self=ev.config["protocol"] == "loo")
+                            exclude_self=ev.config["protocol"] == "loo", top=pairs_top or None)
     pairs.to_csv(results / f"03_pairs_{tag}.csv", index=False)
     print(f"{len(pairs)} pairs -> {results / f'03_pairs_{tag}.csv'}")

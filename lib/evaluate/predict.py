@@ -18,10 +18,11 @@ from lib.data.dataset import IndexDataset
 from lib.data.images import looks_like_image, probe_image
 from lib.data.splits import load_split_index
 from lib.evaluate.gallery_index import gallery_index
+from lib.retrieval.ann_index import approximation_recall, describe
 from lib.retrieval.decide import DEFAULT_K, DEFAULT_WEIGHTING, decisions, load_thresholds
 from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings
-from lib.retrieval.faiss_index import search
-from lib.train.trained_run import load_trained
+from lib.retrieval.faiss_index import NO_NEIGHBOUR, fill_padding, search
+from lib.train.trained_run import embed_rows, load_trained, split_part, split_rows
 
 THRESHOLDS_FILE = Path("eval") / "val" / "thresholds.json"  # inside the run folder; written by notebook 03
 COLUMNS = ("path", "pred", "score", "margin", "top1_distance", "verdict", "error", "note", "neighbour_labels",
@@ -66,7 +67,8 @@ def trained_min_size(run) -> int | None:
 
 def predict_photos(run_dir: str | os.PathLike, photos: list[str], k: int | None = None, tta: bool = False,
                    checkpoint: str = "best", weighting: str | None = None, device: str = "auto",
-                   batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, small: str = "note") -> pd.DataFrame:
+                   batch_size: int = EMBED_BATCH_SIZE, progress: bool = False, small: str = "note",
+                   index: str | None = None, nprobe: int | None = None, ef_search: int | None = None) -> pd.DataFrame:
     """One row per photo (COLUMNS; neighbour lists as JSON arrays, nearest first).
 
     A photo whose shorter side is below the run's min_size (trained_min_size) is predicted with a `note` saying so
@@ -75,6 +77,10 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], k: int | None 
     The verdict uses run_dir/eval/val/thresholds.json when notebook 03 wrote it (and k, weighting default to the
     values the thresholds were chosen with, since a margin means something else under another vote); without it
     the verdict is empty. k falls back to DEFAULT_K, weighting to DEFAULT_WEIGHTING (lib.retrieval.decide).
+
+    index, nprobe, ef_search: the gallery's Faiss index (lib.evaluate.gallery_index; None: as notebook 03 saved it).
+    An approximate index's recall@k against exact search on (a sample of) these photos is printed and kept in
+    the table's attrs['index'].
     """
     thresholds, chosen = None, {}
     if (Path(run_dir) / THRESHOLDS_FILE).exists():
@@ -104,17 +110,30 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], k: int | None 
         if col not in out:
             out[col] = np.nan if col in ("score", "margin", "top1_distance") else ""
     if ok.any():
-        index, gallery = gallery_index(run, settings, tta, progress)
+        gallery = gallery_index(run, settings, tta, progress, index, nprobe, ef_search)
         readable = pd.DataFrame({"path": out.loc[ok, "path"], "label": ""})
         dataset = IndexDataset(readable, "", run.eval_tf, {})
         emb = extract_embeddings(run.model.to(settings.device), dataset, settings, batch_size, progress, "photos", tta)
-        distances, neighbours = search(index, emb, k)
-        labels = gallery["label"].to_numpy()[neighbours]
+        distances, neighbours = search(gallery.index, emb, k)
+        report = dict(gallery.info)
+        if not report["exact"]:
+            g_emb, _ = embed_rows(run, split_part(split_rows(run), "train"), settings, tta, batch_size, progress,
+                                  desc="gallery")
+            spec = report["spec"]
+            report["recall_vs_exact"] = approximation_recall(gallery.index, g_emb, emb, k, spec["recall_sample"],
+                                                             spec["seed"])
+            print(describe(report))
+        out.attrs["index"] = report
+        labels = gallery.metadata["label"].to_numpy()[fill_padding(neighbours)]
         table, _ = decisions(distances, labels, sorted(run.config["class_to_idx"]), weighting, thresholds)
         if thresholds is None:
             table["verdict"] = ""
-        table["neighbour_labels"] = [json.dumps(row.tolist()) for row in labels]
-        table["neighbour_paths"] = [json.dumps(row.tolist()) for row in gallery["path"].to_numpy()[neighbours]]
-        table["neighbour_distances"] = [json.dumps(np.round(row, 6).tolist()) for row in distances.astype(float)]
+        # an approximate index may find fewer than k: its padding is left out of the lists
+        found = neighbours != NO_NEIGHBOUR
+        table["neighbour_labels"] = [json.dumps(row[f].tolist()) for row, f in zip(labels, found)]
+        table["neighbour_paths"] = [json.dumps(row[f].tolist()) for row, f in
+                                    zip(gallery.metadata["path"].to_numpy()[neighbours], found)]
+        table["neighbour_distances"] = [json.dumps(np.round(row[f], 6).tolist())
+                                        for row, f in zip(distances.astype(float), found)]
         out.loc[ok, table.columns] = table.set_index(out.index[ok])
     return out[list(COLUMNS)]

@@ -4,6 +4,8 @@ PHOTOS is a folder (searched recursively), a text file with one photo path a lin
 one row per photo: predicted class, score, margin, top-K neighbours (JSON lists), the verdict (when notebook 03
 saved thresholds in RUN_DIR/eval/val/thresholds.json), an `error` for a photo that could not be read and a `note`
 for one smaller than the run's min_size (--refuse-small: an error and no prediction instead).
+The gallery is searched with the index notebook 03 saved in RUN_DIR/index/ (--index, --nprobe, --ef-search choose
+another: lib.retrieval.ann_index); an approximate index's recall@k against exact search is printed.
 Run it from the repository root: the run's config names its data and split folders relative to it.
 `photo-predict` is the console script that `pip install -e .` installs; `python -m lib.evaluate.predict_cli` is the same.
 """
@@ -29,6 +31,11 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="best", help="best | latest | a .pt file name in RUN_DIR")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--index", default=None,
+                    help="flat | ivf | hnsw | ivfpq | auto | a faiss factory string such as 'IVF1024,PQ64' "
+                         "(default: the index notebook 03 saved)")
+    ap.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per photo (default: as saved)")
+    ap.add_argument("--ef-search", type=int, default=None, help="HNSW candidates per photo (default: as saved)")
     ap.add_argument("--refuse-small", action="store_true",
                     help="no prediction for a photo below the run's min_size (default: predict it, with a note)")
     args = ap.parse_args(argv)
@@ -41,8 +48,9 @@ def main(argv=None) -> int:
             raise DataError(f"{args.photos}: no photos found")
         table = predict_photos(args.run_dir, photos, k=args.k, tta=args.tta, checkpoint=args.checkpoint,
                                weighting=args.weighting, device=args.device, batch_size=args.batch_size, progress=True,
-                               small="refuse" if args.refuse_small else "note")
-    except DataError as e:
+                               small="refuse" if args.refuse_small else "note", index=args.index,
+                               nprobe=args.nprobe, ef_search=args.ef_search)
+    except ValueError as e:  # a DataError, or a setting such as --index the library refused with its reason
         print(f"error: {e}", file=sys.stderr)
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 One query per row of `queries` (the index rows of the evaluated split, in embedding order) with its decision;
 `neighbours`/`distances` point into `gallery` rows. Saved as plain files under run_dir/eval/<split>/ so any tool
-can open them: queries.csv, gallery.csv, class_scores.csv, arrays.npz, metrics.json.
+can open them: queries.csv, gallery.csv, class_scores.csv, arrays.npz, metrics.json, and class_probs.csv for a run with
+a softmax classifier (loss="ce").
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Evaluation:
     query_emb: np.ndarray            # (n_q, d) float32
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)   # run + evaluation settings (k, voting, thresholds, tta, checkpoint)
+    class_probs: pd.DataFrame | None = None      # (n_q, n_classes) softmax of a loss="ce" run's classifier; else None
 
 
 def save_evaluation(ev: Evaluation, folder: str | os.PathLike) -> Path:
@@ -43,6 +45,8 @@ def save_evaluation(ev: Evaluation, folder: str | os.PathLike) -> Path:
     ev.queries.to_csv(d / "queries.csv", index=False)
     ev.gallery.to_csv(d / "gallery.csv", index=False)
     ev.class_scores.to_csv(d / "class_scores.csv", index=False)
+    if ev.class_probs is not None:
+        ev.class_probs.to_csv(d / "class_probs.csv", index=False)
     np.savez(d / "arrays.npz", neighbours=ev.neighbours, distances=ev.distances, gallery_emb=ev.gallery_emb,
              query_emb=ev.query_emb)
     (d / "metrics.json").write_text(json.dumps({"split": ev.split, "data_root": ev.data_root, "metrics": ev.metrics,
@@ -64,4 +68,5 @@ def load_evaluation(folder: str | os.PathLike) -> Evaluation:
     return Evaluation(split=meta["split"], data_root=meta["data_root"], gallery=read("gallery.csv"),
                       queries=queries, neighbours=arrays["neighbours"], distances=arrays["distances"],
                       class_scores=pd.read_csv(d / "class_scores.csv"), gallery_emb=arrays["gallery_emb"],
-                      query_emb=arrays["query_emb"], metrics=meta["metrics"], config=meta["config"])
+                      query_emb=arrays["query_emb"], metrics=meta["metrics"], config=meta["config"],
+                      class_probs=pd.read_csv(d / "class_probs.csv") if (d / "class_probs.csv").exists() else None)

@@ -24,7 +24,10 @@ EVALUATION_KEYS = ("checkpoint_sha256", "protocol", "restrict_to_context", "k", 
 
 
 def _loss_name(loss: LossConfig) -> str:
-    name = "arcface" if loss.k_subcenters <= 1 else f"subcenter-arcface(k={loss.k_subcenters})"
+    if loss.loss == "ce":
+        name = f"ce(ls={loss.label_smoothing:g})"
+    else:
+        name = "arcface" if loss.k_subcenters <= 1 else f"subcenter-arcface(k={loss.k_subcenters})"
     extras = [f"+{term}{getattr(loss, f'{term}_weight'):g}" for term in ("triplet", "ms")
               if getattr(loss, f"{term}_weight")]
     return f"{name}(s={loss.s:g})" + "".join(extras)
@@ -52,6 +55,9 @@ def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
 def evaluation_id(ev: Evaluation) -> str:
     """12 hex digits naming the checkpoint, split and settings of an evaluation (EVALUATION_KEYS)."""
     key = {"split": ev.split, **{k: ev.config.get(k) for k in EVALUATION_KEYS}}
+    index = ev.metrics.get("index") or {"exact": True}
+    if not index["exact"]:  # an approximate search is another result; exact search keeps the ids rows always had
+        key["index"] = [index["factory"], index.get("search_params")]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

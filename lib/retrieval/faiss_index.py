@@ -1,8 +1,10 @@
 """Faiss index (build, save beside its metadata, load), exact top-K search, search within a context (no torch).
 
-Vectors are L2-normalised before they enter the index and before they query it, and the index is an
-exact IndexFlatL2 (exact search: a re-ID gallery is small enough, and no approximation error). Distances are squared L2 as faiss returns them; for unit vectors
-d² = 2 − 2·cos, so nearest-by-d² is most-similar-by-cosine and d² lies in [0, 4].
+Vectors are L2-normalised before they enter the index and before they query it, and build_index's index is an
+exact IndexFlatL2 (exact search: a re-ID gallery is small enough, and no approximation error; approximate indexes for
+large galleries come from lib.retrieval.ann_index and are searched, saved and loaded here alike). Distances are
+squared L2 as faiss returns them; for unit vectors d² = 2 − 2·cos, so nearest-by-d² is most-similar-by-cosine and d²
+lies in [0, 4].
 """
 
 import json
@@ -18,7 +20,9 @@ import pandas as pd
 from lib.core.errors import DataError
 
 SEARCH_BATCH = 4096  # queries per faiss call in search(): bounds its (batch, k) result buffers
-NO_NEIGHBOUR = -1  # index of a padding entry in a search_within row whose context has fewer than k photos
+# index of a padding entry: a search_within row whose context has fewer than k photos, or an approximate index's row
+# that found fewer than k (faiss's own padding value)
+NO_NEIGHBOUR = -1
 
 
 def unit_rows(x, what: str) -> np.ndarray:
@@ -42,7 +46,7 @@ def unit_rows(x, what: str) -> np.ndarray:
     return x / norms
 
 
-def _gpu_id(device) -> int | None:
+def gpu_id(device) -> int | None:
     """GPU number for the index, or None for the CPU."""
     device = str(device)  # accepts a torch.device too
     if device == "cpu":
@@ -64,7 +68,7 @@ def build_index(embeddings, device="auto") -> faiss.Index:
     A GPU index must go through faiss.index_gpu_to_cpu before faiss.write_index.
     """
     x = unit_rows(embeddings, "embeddings")
-    index = _on_device(faiss.IndexFlatL2(x.shape[1]), device)
+    index = on_device(faiss.IndexFlatL2(x.shape[1]), device)
     index.add(x)
     return index
 
@@ -75,8 +79,9 @@ def faiss_device_for(torch_device) -> str:
     return "cpu" if str(torch_device) == "cpu" else "auto"
 
 
-def _on_device(index: faiss.Index, device) -> faiss.Index:
-    gpu = _gpu_id(device)
+def on_device(index: faiss.Index, device) -> faiss.Index:
+    """A CPU index on the one GPU `device` names (as build_index's device), or the index itself for the CPU."""
+    gpu = gpu_id(device)
     if gpu is None:
         return index
     resources = faiss.StandardGpuResources()
@@ -105,13 +110,15 @@ def clip_k(k: int, available: int) -> int:
 
 def knn(index: faiss.Index, q: np.ndarray, k: int, self_rows=None):
     """index.search of unit query rows, and with self_rows (index row of each query) that row removed from its
-    results."""
+    results. An approximate index may find fewer than k: the rest of the row is NO_NEIGHBOUR at distance inf."""
+    distances, indices = index.search(q, k if self_rows is None else k + 1)
+    # faiss pads with -1 at the float32 maximum; inf is the padding search_within and the votes already know
+    distances[indices == NO_NEIGHBOUR] = np.inf
     if self_rows is None:
-        return index.search(q, k)
-    distances, indices = index.search(q, k + 1)
+        return distances, indices
     own = indices == self_rows[:, None]
     # an exact duplicate may tie with the query and come first, so the query's row is dropped by index,
-    # not by position; where ties pushed it past k + 1 the last result goes instead
+    # not by position; where ties pushed it past k + 1 (or an approximate index missed it) the last result goes
     own[~own.any(axis=1), -1] = True
     keep = ~own
     return distances[keep].reshape(len(keep), k), indices[keep].reshape(len(keep), k)
@@ -189,8 +196,8 @@ def save_index(index: faiss.Index, metadata: pd.DataFrame, folder: str | os.Path
         raise ValueError(f"the index holds {index.ntotal} vectors but the metadata {len(metadata)} rows")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if type(index).__name__.startswith("Gpu"):
-        index = faiss.index_gpu_to_cpu(index)  # write_index serialises CPU indexes only
+    if type(index).__name__.startswith("Gpu") or isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)):
+        index = faiss.index_gpu_to_cpu(index)  # write_index serialises CPU indexes only (shards are merged back)
     tmp = folder / ".index.faiss.tmp"
     faiss.write_index(index, str(tmp))
     os.replace(tmp, folder / "index.faiss")
@@ -209,7 +216,7 @@ def load_index(folder: str | os.PathLike, device="cpu") -> tuple[faiss.Index, pd
     if index.ntotal != len(metadata):
         raise DataError(f"{folder}: index.faiss holds {index.ntotal} vectors but metadata.csv {len(metadata)} rows; "
                         "the two files come from different saves")
-    index = _on_device(index, device)
+    index = on_device(index, device)
     info = json.loads((folder / "index.json").read_text()) if (folder / "index.json").exists() else {}
     return index, metadata, info
 

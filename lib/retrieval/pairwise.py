@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 
 from lib.retrieval.faiss_index import unit_rows
+from lib.retrieval.ranking import query_chunks
 
 
 def pairwise_scores(query_emb, query_ids, gallery_emb, gallery_ids, exclude_self: bool = False,
@@ -18,12 +19,15 @@ def pairwise_scores(query_emb, query_ids, gallery_emb, gallery_ids, exclude_self
                          f"{len(gallery_ids)} ids")
     if exclude_self and len(q) != len(g):
         raise ValueError("exclude_self needs the queries to be the gallery")
-    scores = q @ g.T
-    if exclude_self:
-        np.fill_diagonal(scores, -np.inf)
-    keep = scores.shape[1] - exclude_self if top is None else min(top, scores.shape[1] - exclude_self)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
-    rows = np.repeat(np.arange(len(q)), keep)
-    cols = order.ravel()
-    return pd.DataFrame({"query": np.asarray(query_ids)[rows], "gallery": np.asarray(gallery_ids)[cols],
-                         "score": scores[rows, cols]})
+    keep = len(g) - exclude_self if top is None else min(top, len(g) - exclude_self)
+    parts = []
+    # a chunk of queries at a time, so a large gallery never needs its whole (queries x gallery) score matrix
+    for rows in query_chunks(len(q), len(g)):
+        scores = q[rows] @ g.T
+        if exclude_self:
+            scores[np.arange(len(rows)), rows] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+        parts.append(pd.DataFrame({"query": np.asarray(query_ids)[np.repeat(rows, keep)],
+                                   "gallery": np.asarray(gallery_ids)[order.ravel()],
+                                   "score": np.take_along_axis(scores, order, axis=1).ravel()}))
+    return pd.concat(parts, ignore_index=True)

@@ -104,8 +104,9 @@ def evaluate_retrieval(
     """Recall@k and exact mAP of ranking the gallery by Faiss for each query (RankingTally.metrics; 'ap' only with
     per_query=True).
 
-    mAP is exact: every query ranks the whole gallery (k = gallery size), RANK_PAIRS pairs at a time; meant for
-    validation-sized galleries. `max_rank` truncates the ranking (a lower bound on mAP).
+    mAP is exact: every query ranks the whole gallery (k = gallery size), RANK_PAIRS pairs at a time, so memory
+    stays bounded whatever the gallery (a million photos: 8 queries a chunk; no queries x gallery matrix), while
+    the time grows with queries x gallery. `max_rank` truncates the ranking (a lower bound on mAP).
     exclude_self=True is leave-one-out: the query set must be the gallery itself (same rows, same order);
     each query's own row is removed from its ranking and from its count of relevant items.
     """

@@ -70,6 +70,11 @@ class AugConfig:
     # how a photo becomes square (lib.data.transforms.RESIZES): crop (shorter side, centre crop: cuts the edges) |
     # squash (whole photo, aspect ignored) | pad (whole photo, mean-colour bars); bench/bench_resize_modes.py
     resize: str = "squash"
+    aug_backend: str = "torchvision"  # torchvision | albumentations: the same presets (lib.data.transforms.BACKENDS)
+    # batch mixing (Beta(alpha, alpha) weights; 0: off) for loss="ce", as the marmoset pipeline trains: it mixes
+    # images, so it acts in the backbone phase only (the head phase trains on cached features)
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
 
 @dataclass

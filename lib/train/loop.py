@@ -157,9 +157,11 @@ def _move_aside(run_dir: Path) -> Path | None:
 def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: MarginSchedule, cfg: TrainConfig,
         settings: DeviceSettings, train_set: Dataset, batch_sampler, gallery_set: Dataset, query_set: Dataset,
         config: dict, fresh: bool = False, log: MetricsLog | None = None, progress: bool = True,
-        stop_after_epoch: int | None = None, defaults: dict | None = None) -> pd.DataFrame:
+        stop_after_epoch: int | None = None, defaults: dict | None = None, batch_mix=None) -> pd.DataFrame:
     """Train and validate; returns the per-epoch history (epoch 0 = the untrained model, for comparison).
 
+    `batch_mix` (lib.data.transforms.batch_mix: mixup/cutmix, images and labels -> images and class weights) acts on
+    the backbone phase's image batches; the head phase trains on cached features, which it cannot mix.
     Resumes from run_dir/latest_model.pt unless fresh=True; a checkpoint made with other settings is an error.
     `stop_after_epoch` ends the call after that epoch as if the process were killed (tests resume from it).
     `defaults` (the config of an all-default run) stands in for settings an older checkpoint does not record.
@@ -265,7 +267,9 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             t0 = time.time()
             frozen = in_head or schedule.backbone_frozen_at(epoch - 1)
             model.set_trainable_stages(0 if frozen else unfrozen)
-            margin = criterion.head.margin = schedule.margin_at(epoch - 1)
+            if criterion.name == "arcface":  # the softmax head has no margin
+                criterion.head.margin = schedule.margin_at(epoch - 1)
+            margin = criterion.head.margin
             # Context margins only once there is a margin: the m=0 warm-up is plain softmax on purpose.
             margins_for = (None if class_contexts is None or margin == 0 else
                            lambda y: context_margins(y, class_contexts, base=margin, same_context=margin + cfg.context_margin))
@@ -276,7 +280,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                                                    batch_sampler, epoch, settings, cfg, progress, desc, margins_for)
             else:
                 train_loss, n_images = _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings, cfg,
-                                                    memory_format, progress, desc, margins_for)
+                                                    memory_format, progress, desc, margins_for, batch_mix)
             phase = "head" if in_head else "warmup" if frozen else "finetune"
             row = {"epoch": epoch, "phase": phase, "margin": criterion.head.margin,
                    "train_loss": train_loss, "lr_backbone": _group_lr(optimizer, "backbone"),
@@ -394,7 +398,7 @@ def _head_epoch(model, criterion, optimizer, ema, features: CachedFeatures, targ
 
 
 def _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings: DeviceSettings, cfg: TrainConfig,
-                 memory_format, progress: bool, desc: str, margins_for=None) -> tuple[float, int]:
+                 memory_format, progress: bool, desc: str, margins_for=None, batch_mix=None) -> tuple[float, int]:
     model.train()
     criterion.train()
     accum = settings.accum_steps
@@ -407,13 +411,15 @@ def _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings: Dev
     for step, (x, y) in enumerate(bar):
         x = x.to(settings.device, non_blocking=True, memory_format=memory_format)
         y = y.to(settings.device, non_blocking=True)
+        n_images += len(y)
+        if batch_mix is not None:
+            x, y = batch_mix(x, y)
         with settings.autocast():
             emb = model(x)
         # The loss runs in fp32: the margin's trigonometry and s=64 logits are where half precision hurts.
         loss, _ = criterion(emb.float(), y, margins_for(y) if margins_for else None)
         scaler.scale(loss / accum).backward()
         loss_sum += loss.detach()
-        n_images += len(y)
         if (step + 1) % accum == 0 or step + 1 == n_steps:
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)

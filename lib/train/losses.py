@@ -1,4 +1,5 @@
-"""ArcFace family (plain, sub-centre, per-sample margins), its margin schedule, and auxiliary metric-learning terms."""
+"""ArcFace family (plain, sub-centre, per-sample margins), its margin schedule, a plain softmax classifier head (the
+cross-entropy baseline), and auxiliary metric-learning terms."""
 
 import math
 from dataclasses import dataclass
@@ -72,6 +73,41 @@ class ArcFaceHead(nn.Module):
         return F.cross_entropy(self.logits(emb, labels, margins), labels)
 
 
+class SoftmaxHead(nn.Module):
+    """A linear softmax classifier on the embedding, trained with label-smoothed cross-entropy: the classifier
+    baseline (jaguar notes v02, marmoset pipeline) whose embedding goes through the same retrieval as ArcFace's and
+    whose softmax gives class probabilities directly.
+
+    It sees the unit embedding times `s`: the BatchNorm output it comes from has a norm near sqrt(embed_dim), so a
+    linear layer on a unit vector alone would start with near-uniform logits and learn slowly. No margin: the
+    schedule's margin is ignored (`margin` stays 0).
+    """
+
+    margin = 0.0
+
+    def __init__(self, embed_dim: int, n_classes: int, s: float = 30.0, label_smoothing: float = 0.1):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.n_classes, self.s, self.label_smoothing = n_classes, s, label_smoothing
+        self.fc = nn.Linear(embed_dim, n_classes)
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return self.fc(self.s * F.normalize(emb.float(), dim=1))
+
+    def probabilities(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, n_classes) softmax; rows sum to 1."""
+        return self.logits(emb).softmax(dim=1)
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy; `labels` are class indices (B,) or, after mixup/cutmix, class weights (B, n_classes).
+        `margins` is accepted for CombinedLoss's sake and must be None."""
+        if margins is not None:
+            raise ValueError("the softmax head has no margin: context margins need loss='arcface'")
+        return F.cross_entropy(self.logits(emb), labels, label_smoothing=self.label_smoothing)
+
+
 @dataclass
 class MarginSchedule:
     """Warm-up phase (small margin, backbone frozen: the head first learns class centres from stable features),
@@ -133,14 +169,15 @@ def context_margins(labels: torch.Tensor, class_contexts: torch.Tensor, base: fl
 
 
 class CombinedLoss(nn.Module):
-    """ArcFace head plus optional weighted pytorch-metric-learning terms on the same embeddings:
+    """ArcFace (or softmax) head plus optional weighted pytorch-metric-learning terms on the same embeddings:
     BatchHard triplet and Multi-Similarity (each with its own miner). Needs P×K batches for the miners."""
 
-    def __init__(self, head: ArcFaceHead, triplet_weight: float = 0.0, triplet_margin: float = 0.2,
+    def __init__(self, head: ArcFaceHead | SoftmaxHead, triplet_weight: float = 0.0, triplet_margin: float = 0.2,
                  ms_weight: float = 0.0, ms_alpha: float = 2.0, ms_beta: float = 50.0, ms_base: float = 0.5,
                  ms_miner_epsilon: float = 0.1):
         super().__init__()
         self.head = head
+        self.name = "ce" if isinstance(head, SoftmaxHead) else "arcface"  # the head's term in `parts`
         self.weights = {"triplet": triplet_weight, "ms": ms_weight}
         self.triplet = pml_losses.TripletMarginLoss(margin=triplet_margin)
         self.triplet_miner = pml_miners.BatchHardMiner()
@@ -153,12 +190,14 @@ class CombinedLoss(nn.Module):
 
         Parts stay 0-dim tensors on the device (read with float()): converting here would sync the GPU every step.
         """
-        terms = {"arcface": self.head(emb, labels, margins)}
+        terms = {self.name: self.head(emb, labels, margins)}
+        if labels.ndim > 1 and any(w > 0 for w in self.weights.values()):
+            raise ValueError("mixed labels (mixup/cutmix) have no miner: set triplet_weight and ms_weight to 0")
         if self.weights["triplet"] > 0:
             terms["triplet"] = self.triplet(emb, labels, self.triplet_miner(emb, labels))
         if self.weights["ms"] > 0:
             terms["ms"] = self.ms(emb, labels, self.ms_miner(emb, labels))
-        total = terms["arcface"] + sum(self.weights[name] * value for name, value in terms.items() if name != "arcface")
+        total = terms[self.name] + sum(self.weights[name] * value for name, value in terms.items() if name != self.name)
         return total, {name: value.detach() for name, value in terms.items()}
 
 
@@ -167,6 +206,8 @@ class LossConfig:
     """Knobs of `build_loss` (s, k_subcenters as in ArcFaceHead; auxiliary terms off at weight 0). The margin is not
     here: MarginSchedule sets it on the head every epoch."""
 
+    loss: str = "arcface"         # arcface | ce: the softmax classifier baseline (SoftmaxHead; s scales its input)
+    label_smoothing: float = 0.1  # ce only
     s: float = 64.0
     k_subcenters: int = 1
     triplet_weight: float = 0.0
@@ -178,8 +219,16 @@ class LossConfig:
     ms_miner_epsilon: float = 0.1
 
 
+LOSSES = ("arcface", "ce")
+
+
 def build_loss(cfg: LossConfig, embed_dim: int, n_classes: int) -> CombinedLoss:
-    head = ArcFaceHead(embed_dim, n_classes, s=cfg.s, k_subcenters=cfg.k_subcenters)
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss={cfg.loss!r}; valid: {', '.join(LOSSES)}")
+    if cfg.loss == "ce":
+        head = SoftmaxHead(embed_dim, n_classes, s=cfg.s, label_smoothing=cfg.label_smoothing)
+    else:
+        head = ArcFaceHead(embed_dim, n_classes, s=cfg.s, k_subcenters=cfg.k_subcenters)
     return CombinedLoss(head, triplet_weight=cfg.triplet_weight, triplet_margin=cfg.triplet_margin,
                         ms_weight=cfg.ms_weight, ms_alpha=cfg.ms_alpha, ms_beta=cfg.ms_beta, ms_base=cfg.ms_base,
                         ms_miner_epsilon=cfg.ms_miner_epsilon)

@@ -11,7 +11,7 @@ from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.samplers import ContextPKSampler, PKSampler
 from lib.data.splits import load_split_index
-from lib.data.transforms import build_transforms
+from lib.data.transforms import batch_mix, build_transforms
 from lib.train.checkpoint import seed_everything
 from lib.train.config import SAMPLERS, DataConfig, RunConfig, build_config
 from lib.train.loop import fit, resolve_backbone_bn
@@ -46,7 +46,10 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
     data_cfg = model.data_config
     aug = config.aug
     train_tf, eval_tf = build_transforms(aug.img_size, data_cfg["mean"], data_cfg["std"], preset=aug.augment,
-                                         hflip=aug.hflip, resize=aug.resize)
+                                         hflip=aug.hflip, resize=aug.resize, backend=aug.aug_backend)
+    if (aug.mixup or aug.cutmix) and config.loss.loss != "ce":
+        raise ValueError(f"mixup/cutmix train on mixed labels, which only the softmax head takes: set loss='ce' "
+                         f"(loss={config.loss.loss!r})")
     root, cache = config.data.data_dir, config.data.cache_dir or None
     train_set = IndexDataset(train_index, root, train_tf, class_to_idx, cache)
     gallery_set = IndexDataset(train_index, root, eval_tf, class_to_idx, cache)
@@ -80,7 +83,8 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
     with run_lock(run_dir):
         return fit(run_dir, model, criterion, config.schedule, config.train, settings, train_set, sampler,
                    gallery_set, query_set, full, fresh=fresh, log=log, progress=progress,
-                   stop_after_epoch=stop_after_epoch, defaults=build_config().as_dict())
+                   stop_after_epoch=stop_after_epoch, defaults=build_config().as_dict(),
+                   batch_mix=batch_mix(aug.mixup, aug.cutmix, len(class_to_idx)))
 
 
 def run_summary(history: pd.DataFrame) -> str:
