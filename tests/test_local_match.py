@@ -131,3 +131,17 @@ def test_uint8_descriptors_match_like_float32():
     assert np.array_equal(a[1], a[1].astype(np.uint8)), "SIFT descriptors are whole numbers 0..255"
     n = count_inliers(a, b)
     assert n > 30 and count_inliers(as_uint8(a), as_uint8(b)) == n == count_inliers(as_uint8(a), b)
+
+
+def test_counts_do_not_depend_on_the_number_of_workers(base):
+    """Pairs matched in a thread pool get the very counts of one-at-a-time matching, in the shortlist's order."""
+    views = [base, rotated_crop(base), textured(1), textured(2), base.rotate(10), Image.new("RGB", (64, 64))]
+    feats = [sift_features(im) for im in views]
+    candidates = np.array([[1, 2, 3, 4, 5, 0], [0, 4, 3, 5, 1, 2], [5, 0, 1, 2, 3, 4]])
+    for geometry in ("homography", "affine"):
+        cfg = SiftConfig(geometry=geometry)
+        expected = np.array([[count_inliers(feats[i], feats[g], cfg) for g in row] for i, row in enumerate(candidates)])
+        for workers in (1, 2, 4):
+            got = shortlist_inliers(feats[:3], feats, candidates, cfg, workers=workers)
+            np.testing.assert_array_equal(got, expected, err_msg=f"{geometry}, {workers} workers")
+        assert expected[0, 0] > 30 and expected[2, 0] == 0

@@ -55,8 +55,13 @@ def test_every_method_runs_then_the_cache_serves_a_second_run(demo, run_dir, tmp
     monkeypatch.setattr(lib.retrieval.embed, "extract_embeddings", fail)
     monkeypatch.setattr(lib.probe.features, "extract_embeddings", fail)
     monkeypatch.setattr(lib.probe.features, "sift_features", fail)
+    matched = []  # the inlier counts come from the cache too: no pair is matched again
+    real_pair_inliers = lib.probe.features.pair_inliers
+    monkeypatch.setattr(lib.probe.features, "pair_inliers",
+                        lambda pairs, *a, **k: matched.extend(pairs) or real_pair_inliers(pairs, *a, **k))
     with pytest.warns(UserWarning, match="ensemble left out"):
         second, _ = run_probe(cfg)
+    assert matched == []
     assert second["features_cached"].all()
     pd.testing.assert_frame_equal(second[METRICS], first[METRICS])
 

@@ -1,6 +1,6 @@
 """What the probe compares retrieval methods on: each photo's global embedding (per backbone), its SIFT features and
 its engineered colour / texture features, computed once and cached under a key of method, model state (or feature
-settings), dataset signature and mask setting."""
+settings), dataset signature and mask setting; and the SIFT inlier counts of shortlisted pairs, cached per pair."""
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +21,7 @@ from lib.data.dataset import IndexDataset
 from lib.data.images import open_image
 from lib.data.masks import MaskedDataset, decode_mask, masks_fingerprint, mean_fill
 from lib.data.transforms import build_transforms
-from lib.probe.local_match import SiftConfig, sift_features
+from lib.probe.local_match import RANSAC_ITERS, SiftConfig, pair_inliers, shortlist_pairs, sift_features
 from lib.probe.photo_features import PHOTO_FEATURES, SETTINGS, photo_features
 from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint
 from lib.train.config import AugConfig
@@ -141,6 +141,47 @@ def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig,
                   keypoints=np.concatenate([k for k, _ in feats]) if feats else np.zeros((0, 2), np.float32),
                   descriptors=desc.astype(np.uint8), info=json.dumps(info, default=str))
     return feats, {**info, "cached": False, **({"file": str(file)} if file else {})}
+
+
+def sift_key(features: tuple[np.ndarray, np.ndarray]) -> str:
+    """Hash of one photo's keypoints and descriptors: names it in the inlier cache whatever table, split or run it
+    came from. Descriptors are hashed as float32 so the uint8 store and float32 features (same counts) share it."""
+    digest = hashlib.blake2b(digest_size=16)
+    keypoints, descriptors = features
+    digest.update(np.ascontiguousarray(keypoints, np.float32).tobytes())
+    digest.update(np.ascontiguousarray(descriptors, np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def inlier_table(query_features: list, gallery_features: list, candidates: np.ndarray, cfg: SiftConfig,
+                 cache_dir: str | os.PathLike | None = None, workers: int | None = None) -> tuple[np.ndarray, dict]:
+    """((n_q, K) float32 inliers of query i against gallery candidates[i, j], as shortlist_inliers, info) with only
+    the pairs the cache lacks matched. The cache holds one table of (query key, gallery key, inliers) per matching
+    setting (ratio, RANSAC threshold and cap, geometry); detection settings, photos and masks are in the photos' keys.
+    info: 'pairs' (shortlist entries), 'matched' (distinct pairs computed now), 'ms_per_pair' (of those)."""
+    rows = shortlist_pairs(len(query_features), candidates)
+    q_keys = [sift_key(f) for f in query_features]
+    g_keys = {g: sift_key(gallery_features[g]) for g in {g for _, g in rows}}
+    wanted = [(q_keys[i], g_keys[g]) for i, g in rows]
+    key = {"method": "sift_inliers", "ratio": cfg.ratio, "ransac_px": cfg.ransac_px, "geometry": cfg.geometry,
+           "ransac_iters": RANSAC_ITERS}
+    file = Path(cache_dir) / "sift_inliers" / f"{_key_name(key)}.npz" if cache_dir else None
+    known = {}
+    if file is not None and file.exists():
+        with np.load(file) as f:
+            known = dict(zip(zip(f["query"].tolist(), f["gallery"].tolist()), f["inliers"].tolist()))
+    missing = list({p: row for p, row in zip(wanted, rows) if p not in known}.items())  # each new pair once
+    t0 = time.perf_counter()
+    counts = pair_inliers([(query_features[i], gallery_features[g]) for _, (i, g) in missing], cfg, workers)
+    seconds = time.perf_counter() - t0
+    known.update(zip([p for p, _ in missing], counts.tolist()))
+    if file is not None and missing:
+        pairs = list(known)
+        _save_npz(file, query=np.array([q for q, _ in pairs]), gallery=np.array([g for _, g in pairs]),
+                  inliers=np.array([known[p] for p in pairs], np.float32))
+    inliers = np.array([known[p] for p in wanted], np.float32).reshape(np.shape(candidates))
+    return inliers, {**key, "pairs": len(wanted), "matched": len(missing),
+                     "ms_per_pair": 1000 * seconds / max(len(missing), 1)}
 
 
 def _save_npz(file: Path, **arrays) -> None:

@@ -40,10 +40,10 @@ from lib.data.splits import load_split_index
 from lib.evaluate.results_table import append_benchmark_row
 from lib.probe.crossfit import QueryModels, cross_fit, fitted_once
 from lib.probe.ensemble import COMBINERS, combine, fit_weights, training_pairs
-from lib.probe.features import embeddings, load_backbone, photo_table, sift_table
+from lib.probe.features import embeddings, inlier_table, load_backbone, photo_table, sift_table
 from lib.probe.fusion import ScoreFusion
 from lib.probe.hybrid import HybridScorer, gbm_params
-from lib.probe.local_match import SiftConfig, shortlist_inliers
+from lib.probe.local_match import SiftConfig
 from lib.probe.pair_features import HYBRID_FEATURES, SIFT_GROUPS, pair_features
 from lib.probe.photo_features import PHOTO_FEATURES
 from lib.probe.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
@@ -259,7 +259,8 @@ class _Features:
 
 
 def _inliers(s: ProbeSet, top: np.ndarray, feats: _Features, cfg: ProbeConfig) -> np.ndarray:
-    return shortlist_inliers(feats.sift(s.queries)[0], feats.sift(s.gallery)[0], top, SiftConfig(**cfg.sift))
+    return inlier_table(feats.sift(s.queries)[0], feats.sift(s.gallery)[0], top, SiftConfig(**cfg.sift),
+                        feats.cache_dir)[0]
 
 
 def _fitted(s: ProbeSet, cfg: ProbeConfig, fit_here, fit_calibration=None) -> QueryModels:
