@@ -12,7 +12,7 @@ from lib.retrieval.ann_index import (
     build_search_index,
     describe,
     is_exact,
-    recall_rows,
+    sample_rows,
     searchable,
 )
 from lib.retrieval.faiss_index import NO_NEIGHBOUR, knn, load_index, save_index, search
@@ -81,7 +81,7 @@ def test_recall_report_equals_an_independent_recomputation(exclude_self):
     index, _ = build_search_index(gallery, IndexSpec(index="ivfpq", nprobe=2), device="cpu")
     k, sample = 10, 25
     report = approximation_recall(index, gallery, queries, k, sample=sample, seed=3, exclude_self=exclude_self)
-    rows = recall_rows(len(queries), sample, seed=3)
+    rows = sample_rows(len(queries), sample, seed=3)
     assert len(rows) == sample == report["queries_sampled"] and report["k"] == k
     _, found = search(index, queries, k + exclude_self)  # what the index returns, then its own row dropped by hand
     exact = _exact_topk(gallery, queries[rows], k, rows if exclude_self else None)

@@ -113,8 +113,9 @@ def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> dict:
     return applied
 
 
-def training_rows(n: int, size: int, seed: int) -> np.ndarray:
-    """`size` distinct rows of n drawn with `seed`, in order (all n when size >= n)."""
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """`size` distinct rows of n drawn with `seed`, in order (all n when size >= n): the vectors an index trains on,
+    the queries approximation_recall checks."""
     if size >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
@@ -170,7 +171,7 @@ def build_search_index(embeddings, spec: IndexSpec = IndexSpec(), device="auto")
                        "placement": "gpu" if type(index).__name__.startswith("Gpu") else "cpu",
                        "build_seconds": time.perf_counter() - t0}
     x = unit_rows(embeddings, "embeddings")
-    rows = training_rows(n, _train_size(cpu, spec), spec.seed) if not cpu.is_trained else np.arange(0)
+    rows = sample_rows(n, _train_size(cpu, spec), spec.seed) if not cpu.is_trained else np.arange(0)
     try:
         if len(rows):
             cpu.train(x[rows])
@@ -184,21 +185,16 @@ def build_search_index(embeddings, spec: IndexSpec = IndexSpec(), device="auto")
                    "build_seconds": time.perf_counter() - t0}
 
 
-def recall_rows(n_queries: int, sample: int, seed: int) -> np.ndarray:
-    """The query rows whose approximate results approximation_recall checks: `sample` of them drawn with `seed`."""
-    return training_rows(n_queries, sample, seed)
-
-
 def approximation_recall(index: faiss.Index, gallery_emb, queries, k: int, sample: int = RECALL_SAMPLE,
                          seed: int = 0, exclude_self: bool = False) -> dict:
-    """What `index` costs against exact search: over `sample` queries (recall_rows), the share of each query's exact
+    """What `index` costs against exact search: over `sample` queries (sample_rows), the share of each query's exact
     k nearest gallery rows that `index` also returns among its k, averaged ('recall'; 1.0 = no loss).
 
     gallery_emb: the vectors the index holds, in its row order. exclude_self: leave-one-out as in search() (the
     queries are the gallery, and each query's own row is left out of both rankings).
     Returns {'recall', 'k', 'queries_sampled'}.
     """
-    rows = recall_rows(len(queries), sample, seed)
+    rows = sample_rows(len(queries), sample, seed)
     q = unit_queries(index, np.asarray(queries)[rows])
     k = clip_k(k, index.ntotal - exclude_self)
     self_rows = rows if exclude_self else None
