@@ -25,6 +25,11 @@
 # frozen backbone's own features: a run never ends below them.
 # Re-running resumes from `run_dir/latest_model.pt` unless `fresh=True`.
 #
+# `nproc` > 1 trains with DDP: the notebook starts `torchrun` on `lib.train.launch` with the config written to
+# `run_dir/run_config.json` and streams its output here; each process takes `p` classes of every step, so a step
+# holds `p x k x nproc` photos. `papermill 02_train.ipynb out.ipynb -p nproc 4`, or without the notebook:
+# `torchrun --nproc_per_node 4 -m lib.train.launch --config runs/photos/run_config.json`.
+#
 # `loss="ce"` trains the classifier baseline instead (jaguar notes v02, marmoset pipeline): a softmax classifier on
 # the same embedding, label-smoothed cross-entropy, through the same phases (head on cached features, frozen-backbone
 # `warmup_epochs`, then the backbone; `ema_decay` as for ArcFace). Its embedding is validated and evaluated by the
@@ -90,6 +95,13 @@ device = "auto"
 precision = "auto"              # auto | bf16 | fp16 | fp32
 num_workers = -1
 accum_steps = 0
+# several processes (DDP, launched through torchrun; see the README's "Several GPUs")
+nproc = 1                       # processes on this machine: > 1 trains with one per GPU (on a CPU: gloo, for tests)
+nnodes = 1                      # machines; > 1: run this notebook on each, node_rank 0 on master_addr
+node_rank = 0
+master_addr = "127.0.0.1"
+master_port = 29500
+sync_bn = False                 # nproc > 1 on CUDA: BatchNorm statistics over every process's images
 mlflow_uri = "file:./mlruns"    # "": no MLflow
 figures_dir = "figures"
 
@@ -102,7 +114,8 @@ os.chdir(ROOT)
 
 from lib.analysis.figures import plot_training_curves, save
 from lib.train.config import build_config
-from lib.train.run import run_summary, train_run
+from lib.train.launch import train
+from lib.train.run import run_summary
 
 config = build_config(
     data_dir=data_dir, splits_dir=splits_dir, cache_dir=cache_dir, fold=fold,
@@ -115,11 +128,12 @@ config = build_config(
     head_epochs=head_epochs, cached_views=cached_views, head_init=head_init, unfreeze=unfreeze, lr_decay=lr_decay,
     backbone_bn=backbone_bn,
     p=p, k=k, sampler=sampler, batches_per_epoch=batches_per_epoch,
-    device=device, precision=precision, num_workers=num_workers, accum_steps=accum_steps,
+    device=device, precision=precision, num_workers=num_workers, accum_steps=accum_steps, sync_bn=sync_bn,
 )
 
 # %%
-history = train_run(run_dir, config, fresh=fresh, mlflow_uri=mlflow_uri)
+history = train(run_dir, config, nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                master_port=master_port, fresh=fresh, mlflow_uri=mlflow_uri)
 history
 
 # %% [markdown]

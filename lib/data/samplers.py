@@ -39,15 +39,26 @@ class PKSampler(Sampler[list[int]]):
     all of them plus repeats. Batches depend only on (seed, epoch): call `set_epoch` before each epoch, as with
     DistributedSampler, and a resumed run sees the same batches. An explicit `batches_per_epoch` is
     obeyed even when it is too short to show every class.
+
+    Under DDP (`world` processes), every rank builds the same plan of P·world-class steps from (seed, epoch) and
+    takes its own block of about P of each step's classes: ranks never share a class (so never an image) within a
+    step, together they draw exactly what one process with p = P·world draws, and the epoch visits every class.
     """
 
-    def __init__(self, labels, p: int, k: int, seed: int = 0, batches_per_epoch: int | None = None):
+    def __init__(self, labels, p: int, k: int, seed: int = 0, batches_per_epoch: int | None = None,
+                 rank: int = 0, world: int = 1):
         if p < 1 or k < 1:
             raise ValueError(f"p and k must be >= 1, got p={p}, k={k}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world), got rank={rank}, world={world}")
         self.class_of, self.classes = _factorize(labels, "label")
         self.n_classes = len(self.classes)
+        if self.n_classes < world:
+            raise DataError(f"{world} processes need at least {world} classes (one per process per step); the "
+                            f"train split has {self.n_classes}")
         self.indices_of = _group(np.arange(len(self.class_of)), by=self.class_of)
-        self.p, self.k = min(p, self.n_classes), k
+        self.p, self.k = min(p * world, self.n_classes), k  # p: classes per step, all ranks together
+        self.rank, self.world = rank, world
         self.seed, self.epoch = seed, 0
         one_pass = round(len(self.class_of) / (self.p * self.k))
         self.batches_per_epoch = batches_per_epoch or max(math.ceil(self.n_classes / self.p), one_pass)
@@ -59,9 +70,17 @@ class PKSampler(Sampler[list[int]]):
         return self.batches_per_epoch
 
     def __iter__(self):
+        for batch, mine in self.steps():
+            yield batch[mine]
+
+    def steps(self):
+        """(the step's batch over all ranks, the slice of it that is this rank's) for each step of the epoch."""
         rng = np.random.default_rng([self.seed, self.epoch])
         for classes in self._batch_classes(rng):
-            yield [int(i) for c in classes for i in self._draw_k(rng, self.indices_of[c])]
+            # every rank draws every class's K images, so the generator stays in step across ranks
+            batch = [int(i) for c in classes for i in self._draw_k(rng, self.indices_of[c])]
+            share = np.array_split(np.arange(len(classes)), self.world)[self.rank]
+            yield batch, slice(int(share[0]) * self.k, (int(share[-1]) + 1) * self.k)
 
     def _draw_k(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
         if len(indices) >= self.k:
@@ -96,9 +115,10 @@ class ContextPKSampler(PKSampler):
     mining). A class seen at several contexts belongs to each; its K images are drawn from all its images.
     """
 
-    def __init__(self, labels, contexts, p: int, k: int, seed: int = 0, batches_per_epoch: int | None = None):
+    def __init__(self, labels, contexts, p: int, k: int, seed: int = 0, batches_per_epoch: int | None = None,
+                 rank: int = 0, world: int = 1):
         context_of, self.contexts = _factorize(contexts, "context")
-        super().__init__(labels, p, k, seed, batches_per_epoch)
+        super().__init__(labels, p, k, seed, batches_per_epoch, rank, world)
         if len(context_of) != len(self.class_of):
             raise DataError(f"got {len(self.class_of)} labels but {len(context_of)} contexts; need one per image")
         pairs = np.unique(np.stack([context_of, self.class_of]), axis=1)  # (context, class), sorted by context

@@ -91,6 +91,7 @@ class DeviceConfig:
     precision: str = "auto"    # auto | bf16 | fp16 | fp32
     num_workers: int = -1      # -1 = from the device table
     accum_steps: int = 0       # 0 = from the device table
+    sync_bn: bool = False      # under DDP: BatchNorm statistics over all processes' images (SyncBatchNorm)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "schedule": MarginSchedule,

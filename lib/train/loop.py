@@ -32,6 +32,7 @@ from lib.train.checkpoint import (
     set_rng_state,
 )
 from lib.train.config import TrainConfig, settings_diff
+from lib.train.distributed import StepRunner, TrainStep, World, seed_epoch
 from lib.train.feature_cache import CachedFeatures, PooledFeatures, cache_features
 from lib.train.losses import CombinedLoss, MarginSchedule, class_context_matrix, context_margins
 from lib.train.mining import context_error, mining_weights
@@ -157,7 +158,8 @@ def _move_aside(run_dir: Path) -> Path | None:
 def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: MarginSchedule, cfg: TrainConfig,
         settings: DeviceSettings, train_set: Dataset, batch_sampler, gallery_set: Dataset, query_set: Dataset,
         config: dict, fresh: bool = False, log: MetricsLog | None = None, progress: bool = True,
-        stop_after_epoch: int | None = None, defaults: dict | None = None, batch_mix=None) -> pd.DataFrame:
+        stop_after_epoch: int | None = None, defaults: dict | None = None, batch_mix=None,
+        world: World = World()) -> pd.DataFrame:
     """Train and validate; returns the per-epoch history (epoch 0 = the untrained model, for comparison).
 
     `batch_mix` (lib.data.transforms.batch_mix: mixup/cutmix, images and labels -> images and class weights) acts on
@@ -165,15 +167,19 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     Resumes from run_dir/latest_model.pt unless fresh=True; a checkpoint made with other settings is an error.
     `stop_after_epoch` ends the call after that epoch as if the process were killed (tests resume from it).
     `defaults` (the config of an all-default run) stands in for settings an older checkpoint does not record.
+    Under DDP (`world`, lib.train.distributed) every rank calls fit with its share of the sampler; rank 0 alone
+    validates, prints and writes, and every rank returns the same history.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = log or MetricsLog(run_dir)
+    log = log or MetricsLog(run_dir, enabled=world.main)
+    say = print if world.main else _silent
+    progress = progress and world.main
     latest = run_dir / "latest_model.pt"
-    if fresh:
+    if fresh and world.main:
         backup = _move_aside(run_dir)
         if backup:
-            print(f"fresh start: earlier checkpoints moved to {backup}")
+            say(f"fresh start: earlier checkpoints moved to {backup}")
     apply_settings(settings)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(settings.device, memory_format=memory_format)
@@ -182,6 +188,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     scheduler = build_scheduler(optimizer, cfg)
     scaler = settings.grad_scaler()
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    runner = StepRunner(TrainStep(model, criterion), world, settings.device)
     loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=settings.num_workers,
                         pin_memory=settings.pin_memory, persistent_workers=settings.num_workers > 0,
                         prefetch_factor=4 if settings.num_workers > 0 else None)
@@ -193,7 +200,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     total_epochs = cfg.head_epochs + (cfg.epochs if unfrozen != 0 else 0)
     history: list[dict] = []
     start_epoch, best, since_best, run_id = 1, -math.inf, 0, None
-    resumed = None if fresh else resume_checkpoint(run_dir)
+    resumed = None if fresh else world.main_first(lambda: resume_checkpoint(run_dir))
     if resumed is not None:
         ckpt, source = resumed
         diff = settings_diff(config, ckpt["config"], defaults or {})
@@ -213,18 +220,20 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             batch_sampler.set_context_weights(ckpt["context_weights"])
         history, best, since_best, run_id = ckpt["history"], ckpt["best_metric"], ckpt["since_best"], ckpt.get("mlflow_run_id")
         start_epoch = ckpt["epoch"] + 1
-        print(f"resumed from {source} at epoch {ckpt['epoch']} (best val recall@1 {best:.4f})")
+        say(f"resumed from {source} at epoch {ckpt['epoch']} (best val recall@1 {best:.4f})")
     else:
         seed_everything(cfg.seed)
     log.start(config, run_dir.name, run_id)
     select_key = "ema_val_recall@1" if ema is not None else "val_recall@1"
     protocol = resolve_val_protocol(cfg.val_protocol, gallery_set.targets.numpy(), query_set.targets.numpy())
-    print(f"validation: {'val leave-one-out' if protocol == 'loo' else 'train gallery, val queries'}")
+    say(f"validation: {'val leave-one-out' if protocol == 'loo' else 'train gallery, val queries'}")
     features = None
     if cfg.head_epochs > 0 and start_epoch <= cfg.head_epochs:
         model.eval()  # the features are the frozen backbone's in eval mode, as validation sees them
-        features = cache_features(model, train_set, gallery_set, query_set, cfg.cached_views, settings,
-                                  run_dir / "features", cfg.seed, cfg.eval_batch_size, progress)
+        # rank 0 computes and caches them; the other ranks then read its cache
+        features = world.main_first(lambda: cache_features(model, train_set, gallery_set, query_set, cfg.cached_views,
+                                                           settings, run_dir / "features", cfg.seed,
+                                                           cfg.eval_batch_size, progress))
     gallery_labels, query_labels = gallery_set.targets.numpy(), query_set.targets.numpy()
 
     def state_at(epoch: int, context_weights=None) -> dict:
@@ -241,19 +250,24 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             model.init_head_pca(features.train.flatten(0, 1))
             if ema is not None:
                 ema.set(model)
-        if features is not None:
-            metrics, _ = validate_features(model, features, gallery_labels, query_labels, settings.device, protocol)
-        else:
-            metrics, _ = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
-        metrics.update(frozen_metrics(model, features, gallery_set, query_set, settings, cfg.eval_batch_size,
-                                      protocol))
+        metrics = None
+        if world.main:
+            if features is not None:
+                metrics, _ = validate_features(model, features, gallery_labels, query_labels, settings.device,
+                                               protocol)
+            else:
+                metrics, _ = validate(model, gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
+            metrics.update(frozen_metrics(model, features, gallery_set, query_set, settings, cfg.eval_batch_size,
+                                          protocol))
+        metrics = world.from_main(metrics)
         # epoch 0 is a candidate for best_model.pt: a run whose training only hurts keeps the untrained model
         best = metrics["val_recall@1"]
         row = {"epoch": 0, "phase": "untrained", **metrics, "best_val_recall@1": best, "best_epoch": 0}
         history.append(row)
-        save_checkpoint(run_dir / "best_model.pt", state_at(0))
+        if world.main:
+            save_checkpoint(run_dir / "best_model.pt", state_at(0))
         log.write(history)
-        print(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f} | frozen "
+        say(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f} | frozen "
               f"backbone features: recall@1 {row['frozen_val_recall@1']:.4f} mAP {row['frozen_val_mAP']:.4f}")
 
     try:
@@ -262,9 +276,11 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             if epoch == cfg.head_epochs + 1 and cfg.head_epochs:
                 since_best = 0  # patience counts within the backbone phase: it can improve on what the head reached
             if not in_head and since_best >= cfg.early_stop_patience:
-                print(f"early stop: no better val recall@1 for {since_best} epochs")
+                say(f"early stop: no better val recall@1 for {since_best} epochs")
                 break
             t0 = time.time()
+            if world.active:
+                seed_epoch(cfg.seed, epoch, world.rank)
             frozen = in_head or schedule.backbone_frozen_at(epoch - 1)
             model.set_trainable_stages(0 if frozen else unfrozen)
             if criterion.name == "arcface":  # the softmax head has no margin
@@ -277,10 +293,16 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             desc = f"epoch {epoch}/{total_epochs}"
             if in_head:
                 train_loss, n_images = _head_epoch(model, criterion, optimizer, ema, features, train_set.targets,
-                                                   batch_sampler, epoch, settings, cfg, progress, desc, margins_for)
+                                                   batch_sampler, epoch, settings, cfg, progress, desc, margins_for,
+                                                   runner)
             else:
                 train_loss, n_images = _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings, cfg,
-                                                    memory_format, progress, desc, margins_for, batch_mix)
+                                                    memory_format, progress, desc, margins_for, batch_mix, runner)
+            # every rank trained on its share: the epoch's loss is their mean, its images their sum
+            if world.active:
+                shares = torch.tensor([train_loss, n_images], dtype=torch.float64, device=settings.device)
+                train_loss, n_images = world.mean(shares).tolist()
+                n_images = round(n_images * world.size)
             phase = "head" if in_head else "warmup" if frozen else "finetune"
             row = {"epoch": epoch, "phase": phase, "margin": criterion.head.margin,
                    "train_loss": train_loss, "lr_backbone": _group_lr(optimizer, "backbone"),
@@ -293,17 +315,21 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                                              prefix)
                 return validate(net, gallery_set, query_set, settings, cfg.eval_batch_size, protocol, prefix)
 
-            metrics, hits = check(model)
-            row.update(metrics)
-            if ema is not None:
-                row.update(check(ema.module, "ema_val_")[0])
-            context_weights = None
-            if query_contexts is not None and epoch >= cfg.mining_warmup_epochs:
-                errors = context_error(query_contexts, hits)
-                context_weights = mining_weights(errors[errors.index.isin(batch_sampler.contexts)])
+            scores, context_weights = {}, None
+            if world.main:
+                scores, hits = check(model)
+                if ema is not None:
+                    scores.update(check(ema.module, "ema_val_")[0])
+                if query_contexts is not None and epoch >= cfg.mining_warmup_epochs:
+                    errors = context_error(query_contexts, hits)
+                    context_weights = mining_weights(errors[errors.index.isin(batch_sampler.contexts)])
+                    worst = errors.sort_values(ascending=False).head(3)
+                    scores["worst_contexts"] = "; ".join(f"{c} {e:.2f}" for c, e in worst.items())
+            # what rank 0 measured drives every rank's scheduler, early stop and hard-context weights alike
+            scores, context_weights = world.from_main((scores, context_weights))
+            row.update(scores)
+            if context_weights is not None:
                 batch_sampler.set_context_weights(context_weights)
-                worst = errors.sort_values(ascending=False).head(3)
-                row["worst_contexts"] = "; ".join(f"{c} {e:.2f}" for c, e in worst.items())
             if scheduler is not None:
                 scheduler.step(row["val_recall@1"]) if cfg.scheduler == "plateau" else scheduler.step()
             improved = better(row, history, select_key, best)
@@ -312,16 +338,17 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             row["best_epoch"] = epoch if improved else history[-1].get("best_epoch")
             history.append(row)
 
-            state = state_at(epoch, context_weights)
-            save_checkpoint(latest, state)
-            if improved:
-                # The weights that scored: the EMA's when EMA drives selection (the best EMA model is the one kept).
-                best_state = dict(state, model=fp32_state_dict(ema.module)) if ema is not None else state
-                save_checkpoint(run_dir / "best_model.pt", best_state)
-            if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-                save_checkpoint(run_dir / f"checkpoint_epoch_{epoch}.pt", state)
+            if world.main:
+                state = state_at(epoch, context_weights)
+                save_checkpoint(latest, state)
+                if improved:
+                    # The weights that scored: the EMA's when EMA drives selection (the best EMA model is the one kept).
+                    best_state = dict(state, model=fp32_state_dict(ema.module)) if ema is not None else state
+                    save_checkpoint(run_dir / "best_model.pt", best_state)
+                if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+                    save_checkpoint(run_dir / f"checkpoint_epoch_{epoch}.pt", state)
             log.write(history)
-            print(f"epoch {epoch}: loss {train_loss:.4f} val recall@1 {row['val_recall@1']:.4f} "
+            say(f"epoch {epoch}: loss {train_loss:.4f} val recall@1 {row['val_recall@1']:.4f} "
                   f"recall@5 {row['val_recall@5']:.4f} mAP {row['val_mAP']:.4f}"
                   + (f" | EMA recall@1 {row['ema_val_recall@1']:.4f}" if ema is not None else "")
                   + f" | {row['train_seconds']:.0f} s")
@@ -330,6 +357,10 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     finally:
         log.end()
     return pd.DataFrame(history)
+
+
+def _silent(*args, **kwargs) -> None:
+    """print on ranks other than 0: one voice per run."""
 
 
 def better(row: dict, history: list[dict], select_key: str, best: float) -> bool:
@@ -366,21 +397,25 @@ def _contexts(cfg: TrainConfig, train_set, query_set, batch_sampler):
 
 def _head_epoch(model, criterion, optimizer, ema, features: CachedFeatures, targets: torch.Tensor, batch_sampler,
                 epoch: int, settings: DeviceSettings, cfg: TrainConfig, progress: bool, desc: str,
-                margins_for=None) -> tuple[float, int]:
+                margins_for=None, runner: StepRunner | None = None) -> tuple[float, int]:
     """One epoch of the head (and the loss's weights) on cached pooled features: the sampler's P x K batches, each
-    photo in one of its cached views, drawn from a generator seeded by the epoch (exact resume, global RNG untouched).
+    photo in one of its cached views, drawn from a generator seeded by the epoch (exact resume, global RNG untouched);
+    under DDP the views are drawn for the step's whole batch, so a rank's photos get the views one process would give.
     The head is one small matmul, so this runs in fp32 without autocast or gradient accumulation."""
+    runner = runner or StepRunner(TrainStep(model, criterion), World(), settings.device)
+    runner.prepare(pooled=True)
     model.train()
     criterion.train()
     views = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     loss_sum = torch.zeros((), device=settings.device)
     n_images = n_steps = 0
-    for idx in tqdm(batch_sampler, desc=desc, disable=not progress, leave=False):
-        idx = torch.as_tensor(idx)
-        view = torch.randint(len(features.train), (len(idx),), generator=views)
+    for batch, mine in tqdm(batch_sampler.steps(), total=len(batch_sampler), desc=desc, disable=not progress,
+                            leave=False):
+        idx = torch.as_tensor(batch[mine])
+        view = torch.randint(len(features.train), (len(batch),), generator=views)[mine]
         x = features.train[view, idx].to(settings.device)
         y = targets[idx].to(settings.device)
-        loss, _ = criterion(model.embed_features(x), y, margins_for(y) if margins_for else None)
+        loss, _ = runner(x, y, margins_for(y) if margins_for else None, pooled=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.head_parameters(), cfg.grad_clip)
@@ -398,7 +433,10 @@ def _head_epoch(model, criterion, optimizer, ema, features: CachedFeatures, targ
 
 
 def _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings: DeviceSettings, cfg: TrainConfig,
-                 memory_format, progress: bool, desc: str, margins_for=None, batch_mix=None) -> tuple[float, int]:
+                 memory_format, progress: bool, desc: str, margins_for=None, batch_mix=None,
+                 runner: StepRunner | None = None) -> tuple[float, int]:
+    runner = runner or StepRunner(TrainStep(model, criterion), World(), settings.device)
+    runner.prepare(pooled=False)
     model.train()
     criterion.train()
     accum = settings.accum_steps
@@ -414,13 +452,12 @@ def _train_epoch(model, criterion, optimizer, scaler, ema, loader, settings: Dev
         n_images += len(y)
         if batch_mix is not None:
             x, y = batch_mix(x, y)
-        with settings.autocast():
-            emb = model(x)
-        # The loss runs in fp32: the margin's trigonometry and s=64 logits are where half precision hurts.
-        loss, _ = criterion(emb.float(), y, margins_for(y) if margins_for else None)
-        scaler.scale(loss / accum).backward()
+        stepping = (step + 1) % accum == 0 or step + 1 == n_steps
+        with runner.no_sync(accumulating=not stepping):
+            loss, _ = runner(x, y, margins_for(y) if margins_for else None, autocast=settings.autocast)
+            scaler.scale(loss / accum).backward()
         loss_sum += loss.detach()
-        if (step + 1) % accum == 0 or step + 1 == n_steps:
+        if stepping:
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

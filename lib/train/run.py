@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
+import torch
+from torch import nn
 
 from lib.core.device import auto_settings
 from lib.core.errors import DataError
@@ -14,6 +17,7 @@ from lib.data.splits import load_split_index
 from lib.data.transforms import batch_mix, build_transforms
 from lib.train.checkpoint import seed_everything
 from lib.train.config import SAMPLERS, DataConfig, RunConfig, build_config
+from lib.train.distributed import join_world
 from lib.train.loop import fit, resolve_backbone_bn
 from lib.train.losses import build_loss
 from lib.train.model import create_model
@@ -30,8 +34,9 @@ def load_run_data(data: DataConfig) -> tuple[pd.DataFrame, dict[str, int], dict]
 def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflow_uri: str = "", progress: bool = True,
               stop_after_epoch: int | None = None):
     """Build data, model, loss, sampler and device settings from `config` (a RunConfig, or one stored as a dict)
-    and train; returns the history."""
+    and train; returns the history. Launched by torchrun (lib.train.launch), each process trains its share."""
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    world, device_name = join_world(config.device.device)
     index, class_to_idx, report = load_run_data(config.data)
     train_index = index[index["split"] == "train"]
     val_index = index[index["split"] == "val"]
@@ -39,6 +44,11 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
         raise DataError(f"the split in {config.data.splits_dir} has no val images; validation needs some")
     seed_everything(config.train.seed)  # the head's random init must not depend on what ran before
     model = create_model(config.model)
+    if world.active and config.device.sync_bn:
+        if not device_name.startswith("cuda") and not (device_name == "auto" and torch.cuda.is_available()):
+            raise ValueError("sync_bn=True needs CUDA: PyTorch's SyncBatchNorm has no CPU kernel")
+        # BatchNorm in train mode normalises over the step's batch on all ranks, as one process would
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # auto is recorded as what it chose, so the checkpoint says how BatchNorm trained and a resume compares like
     # with like
     chosen = resolve_backbone_bn(config.train.backbone_bn, model.random_init)
@@ -63,28 +73,32 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
         if "context" not in train_index.columns:
             raise DataError("sampler='context_pk' needs a context column in the index (notebook 01: context_col)")
         sampler = ContextPKSampler(train_index["label"].to_numpy(), train_index["context"].to_numpy(), s.p, s.k,
-                                   seed=seed, batches_per_epoch=s.batches_per_epoch or None)
+                                   seed=seed, batches_per_epoch=s.batches_per_epoch or None, rank=world.rank,
+                                   world=world.size)
     else:
         sampler = PKSampler(train_index["label"].to_numpy(), s.p, s.k, seed=seed,
-                            batches_per_epoch=s.batches_per_epoch or None)
+                            batches_per_epoch=s.batches_per_epoch or None, rank=world.rank, world=world.size)
     criterion = build_loss(config.loss, config.model.embed_dim, len(class_to_idx))
     device = config.device
-    settings = auto_settings(device=device.device, precision=device.precision, num_workers=device.num_workers,
+    settings = auto_settings(device=device_name, precision=device.precision, num_workers=device.num_workers,
                              accum_steps=device.accum_steps)
     stored = config.as_dict()
     full = {**stored, "class_to_idx": class_to_idx, "weights_source": model.weights_source,
             "data_fingerprint": report.get("data_fingerprint"),
-            "device": {**stored["device"], "resolved": settings.as_dict()}}
-    print(f"backbone {config.model.backbone}: {model.weights_source}")
-    print(f"device: {settings.device} {settings.gpu} precision={settings.precision} workers={settings.num_workers} "
-          f"accum={settings.accum_steps}; {len(train_set)} train / {len(query_set)} val images, "
-          f"{len(class_to_idx)} classes")
-    log = MetricsLog(Path(run_dir), mlflow_uri=mlflow_uri)
-    with run_lock(run_dir):
+            "device": {**stored["device"], "resolved": {**settings.as_dict(), "world_size": world.size}}}
+    if world.main:
+        print(f"backbone {config.model.backbone}: {model.weights_source}")
+        print(f"device: {settings.device} {settings.gpu} precision={settings.precision} "
+              f"workers={settings.num_workers} accum={settings.accum_steps}"
+              + (f", {world.size} processes (DDP), {s.p} x {s.k} images each per step" if world.active else "")
+              + f"; {len(train_set)} train / {len(query_set)} val images, {len(class_to_idx)} classes")
+    log = MetricsLog(Path(run_dir), mlflow_uri=mlflow_uri, enabled=world.main)
+    # one lock per run folder, held by the rank that writes
+    with run_lock(run_dir) if world.main else nullcontext():
         return fit(run_dir, model, criterion, config.schedule, config.train, settings, train_set, sampler,
                    gallery_set, query_set, full, fresh=fresh, log=log, progress=progress,
                    stop_after_epoch=stop_after_epoch, defaults=build_config().as_dict(),
-                   batch_mix=batch_mix(aug.mixup, aug.cutmix, len(class_to_idx)))
+                   batch_mix=batch_mix(aug.mixup, aug.cutmix, len(class_to_idx)), world=world)
 
 
 def run_summary(history: pd.DataFrame) -> str:

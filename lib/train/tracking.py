@@ -55,14 +55,16 @@ def log_table(table: pd.DataFrame, config: dict, run_name: str, key_cols: list[s
 
 
 class MetricsLog:
-    """Per-epoch metrics to run_dir/metrics.csv (rewritten atomically) and, when a URI is given, to MLflow."""
+    """Per-epoch metrics to run_dir/metrics.csv (rewritten atomically) and, when a URI is given, to MLflow.
+    enabled=False writes nothing: the log of a DDP rank other than 0."""
 
-    def __init__(self, run_dir: Path, mlflow_uri: str = "", experiment: str = "photo-retrieval"):
+    def __init__(self, run_dir: Path, mlflow_uri: str = "", experiment: str = "photo-retrieval", enabled: bool = True):
         self.path = run_dir / "metrics.csv"
         self.mlflow_uri, self.experiment, self.mlflow_run_id = mlflow_uri, experiment, None
+        self.enabled = enabled
 
     def start(self, config: dict, run_name: str, run_id: str | None = None) -> None:
-        if not self.mlflow_uri:
+        if not self.mlflow_uri or not self.enabled:
             return
         mlflow = mlflow_for(self.mlflow_uri, self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
@@ -71,6 +73,8 @@ class MetricsLog:
             mlflow.log_params(flat_params(config))
 
     def write(self, history: list[dict]) -> None:
+        if not self.enabled:
+            return
         tmp = self.path.with_suffix(".tmp")
         pd.DataFrame(history).to_csv(tmp, index=False)
         os.replace(tmp, self.path)

@@ -1,0 +1,143 @@
+"""Several processes, one run: torch.distributed as torchrun launches it (DDP, NCCL on CUDA, gloo on the CPU).
+
+Each process (rank) trains on its own share of every P×K step (lib.data.samplers), DDP averages the gradients of the
+model and the loss's class weights so every rank holds the same weights, and rank 0 alone validates, writes
+checkpoints, metrics and MLflow, then hands what it decided (the epoch's scores, hard-context weights) to the others.
+A rank that fails ends the run: torchrun stops the other ranks and reports the failing one's error.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# Ranks wait in a collective while rank 0 validates or caches features, which on a large gallery takes far longer
+# than the default timeout (10-30 minutes); a dead rank is caught by torchrun, not by this timeout.
+COLLECTIVE_TIMEOUT = _dt.timedelta(hours=3)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def main_first(self, make):
+        """make() on rank 0, then on the others: for work rank 0 caches or settles on disk (features, moving a
+        corrupt checkpoint aside) that the others then read."""
+        value = make() if self.main else None
+        self.barrier()
+        return value if self.main else make()
+
+    def from_main(self, value):
+        """Rank 0's `value` on every rank (any picklable object)."""
+        if not self.active:
+            return value
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar tensor over the ranks."""
+        if not self.active:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.size
+
+
+def join_world(device: str) -> tuple[World, str]:
+    """(this process's World, the device it trains on) from torchrun's environment; without it, one process.
+    `device` is what the run asked for ('auto', 'cpu', 'cuda'): on CUDA each rank takes its local GPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                             "use nproc <= the number of GPUs")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return World(rank, size, local_rank), device
+
+
+def leave_world(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Under DDP every rank draws its own augmentations, from generators seeded by (seed, epoch, rank) at each epoch's
+    start: a resumed run, with the same number of processes, draws what the uninterrupted one drew, without a
+    checkpoint holding every rank's generator states."""
+    import random
+
+    seeds = np.random.SeedSequence([seed, epoch, rank]).generate_state(3)
+    random.seed(int(seeds[0]))
+    np.random.seed(int(seeds[1]))
+    torch.manual_seed(int(seeds[2]))
+
+
+class TrainStep(nn.Module):
+    """The model and the loss as one module: the unit DDP wraps, so the loss's class weights (ArcFace's centres, the
+    softmax classifier) are averaged and stay in step across ranks like the model's own."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, margins=None, pooled: bool = False, autocast=nullcontext):
+        """(loss, logits) of a batch of images, or of pooled backbone features with pooled=True."""
+        with autocast():
+            emb = self.model.embed_features(x) if pooled else self.model(x)
+        # The loss runs in fp32: the margin's trigonometry and s=64 logits are where half precision hurts.
+        return self.criterion(emb.float(), y, margins)
+
+
+class StepRunner:
+    """The TrainStep, wrapped in DDP under several processes. DDP only syncs the parameters that train when it is
+    built, so it is rebuilt when the trainable set changes (head phase -> backbone warm-up -> fine-tuning)."""
+
+    def __init__(self, step: TrainStep, world: World, device: str):
+        self.step, self.world, self.device = step, world, device
+        self.trainable, self.wrapped = None, step
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def prepare(self, pooled: bool) -> None:
+        if not self.world.active:
+            return
+        trainable = (pooled, *(p.requires_grad for p in self.step.parameters()))
+        if trainable == self.trainable:
+            return
+        self.trainable = trainable
+        ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+        # On cached features the backbone's pooling (GeM's p) gets no gradient: DDP must be told to expect that.
+        self.wrapped = nn.parallel.DistributedDataParallel(self.step, device_ids=ids, find_unused_parameters=pooled)
+
+    def no_sync(self, accumulating: bool):
+        """No gradient all-reduce on a micro-step that only accumulates: one per optimizer step is enough."""
+        return self.wrapped.no_sync() if accumulating and self.world.active else nullcontext()
