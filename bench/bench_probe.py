@@ -2,7 +2,7 @@
 ensemble of two backbones (rank averaging, score averaging, learned weights) and the boosted hybrid scorer,
 identity-balanced mAP and the time each costs per query, in one run.
 
-    python bench/bench_probe.py [--data demo|lions] [--masks] [--run-dir runs/demo]
+    python bench/bench_probe.py [--data demo|lions] [--masks] [--run-dir runs/demo] [--cost-only]
 
 demo: a demo collection made in a temporary folder (8 pattern families x 12 individuals x 6 photos), split by
 individual (open set): the probed val split (60 % of the individuals) queries itself leave-one-out. --masks adds the
@@ -13,22 +13,33 @@ a trained run made on the same splits. The ensemble combines them all; its three
 share one feature cache, made fresh in a temporary folder, and every row reports the extraction cost of its features
 (the ensemble's: every member's). 'x global' is the ratio to the backbone's global row; the last table sets the
 ensemble and the hybrid against the best single method (global, qe, kreciprocal, local, fusion; any backbone).
+
+Last (alone with --cost-only), what local re-ranking and fusion cost per query on real photos at a gallery's scale:
+the lions split closed-set (every fifth photo of each individual a query, the rest the gallery it searches), Lite0,
+the fusion pipeline (global shortlist of 20, SIFT of the queries and shortlisted photos, inliers, fusion) timed in
+three parts: SIFT extraction, pair matching, and the rest (the query's embedding at its extraction cost, global
+search, shortlist, fusion); against global search's own cost per query (embedding + search), with a cold cache and
+again warm (every feature and inlier count cached). Skipped, with a line saying so, where the lions are absent.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lib.core.device  # noqa: E402,F401  (first: sets the OpenMP switch before torch and faiss load)
+
 # isort: split
 import pandas as pd  # noqa: E402
 
 from data_prep.make_demo import make_demo  # noqa: E402
 from lib.data.splits import SplitConfig, prepare_splits  # noqa: E402
 from lib.data.table import check_images, index_from_csv  # noqa: E402
+from lib.probe import run as probe_run  # noqa: E402
 from lib.probe.ensemble import COMBINERS  # noqa: E402
 from lib.probe.run import METHODS, ProbeConfig, run_probe  # noqa: E402
 
@@ -47,12 +58,16 @@ def demo_splits(tmp: Path) -> tuple[Path, Path]:
     return data, tmp / "splits"
 
 
-def lions_splits(tmp: Path) -> tuple[Path, Path]:
+def lions_splits(tmp: Path, closed: bool = False) -> tuple[Path, Path]:
+    """The lions as published (val individuals unseen in train) or, closed, every fifth photo of each individual
+    (from its second) in val and the rest in train, so val queries search a gallery that holds their individuals."""
     if not (LIONS / "val").is_dir():
         sys.exit(f"lions photos not found at {LIONS}; nothing run")
     paths = sorted(p.relative_to(LIONS).as_posix() for p in LIONS.glob("*/*/*.png"))
     table = pd.DataFrame({"path": paths, "label": [p.split("/")[1] for p in paths],
                           "split": [p.split("/")[0] for p in paths]})
+    if closed:
+        table["split"] = table.groupby("label").cumcount().mod(5).eq(1).map({True: "val", False: "train"})
     table.to_csv(tmp / "lions.csv", index=False)
     index, _ = index_from_csv(tmp / "lions.csv", data_root=LIONS, split_col="split")
     kept, excluded = check_images(index, LIONS, min_size=64)  # median 130 px: the 224 px rule would drop them all
@@ -65,7 +80,14 @@ def main() -> None:
     ap.add_argument("--data", choices=["demo", "lions"], default="demo")
     ap.add_argument("--masks", action="store_true", help="demo only: also probe with the backgrounds painted out")
     ap.add_argument("--run-dir", default="", help="a trained run made on these splits, probed beside ImageNet")
+    ap.add_argument("--cost-only", action="store_true", help="only the lions' local re-ranking cost per query")
     args = ap.parse_args()
+    if not args.cost_only:
+        print_methods(args)
+    print_local_cost()
+
+
+def print_methods(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data, splits = (demo_splits if args.data == "demo" else lions_splits)(Path(tmp))
         backbones = [LITE0, LITE1] + ([{"name": "run", "run_dir": args.run_dir}] if args.run_dir else [])
@@ -109,6 +131,64 @@ def print_against_best_single(table: pd.DataFrame) -> None:
         print(shown[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         for _, row in learned[learned["importance"].ne("")].iterrows():
             print(f"  {row['backbone']} / {row['method']}: {json.loads(row['importance'])}")
+
+
+
+@contextlib.contextmanager
+def timed(module, *names):
+    """{name: [seconds, photos]} filled while the block runs by every call of module.<name>: wall seconds and the
+    rows of its first argument where that is a table (sift_table's photos)."""
+    spent = {name: [0.0, 0] for name in names}
+
+    def wrap(name, real):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                spent[name][0] += time.perf_counter() - t0
+                spent[name][1] += len(args[0]) if isinstance(args[0], pd.DataFrame) else 0
+        return call
+
+    reals = {name: getattr(module, name) for name in names}
+    for name, real in reals.items():
+        setattr(module, name, wrap(name, real))
+    try:
+        yield spent
+    finally:
+        for name, real in reals.items():
+            setattr(module, name, real)
+
+
+def print_local_cost() -> None:
+    """Per query, the fusion pipeline's SIFT, matching and the rest against global search, cold and warm cache."""
+    if not (LIONS / "val").is_dir():
+        print(f"\nlocal re-ranking cost: lions photos not found at {LIONS}; skipped")
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data, splits = lions_splits(Path(tmp), closed=True)
+        cfg = ProbeConfig(data_dir=str(data), splits_dir=str(splits), split="val", backbones=[LITE0],
+                          methods=["global", "local", "fusion"], cache_dir=str(Path(tmp) / "cache"))
+        for cache in ("cold", "warm"):
+            with timed(probe_run, "sift_table", "inlier_table") as spent:
+                table, _ = run_probe(cfg)
+            by = table.set_index("method")
+            n_q = by.loc["global", "n_queries"]
+            sift_ms, matching_ms = (1000 * spent[name][0] / n_q for name in ("sift_table", "inlier_table"))
+            # fusion's own time holds the matching; the query's embedding is charged at its extraction cost, cached
+            # or not, since every new query photo is embedded
+            rest_ms = by.loc["global", "feature_ms_per_image"] + by.loc["fusion", "method_ms_per_query"] - matching_ms
+            total, global_ms = sift_ms + matching_ms + rest_ms, by.loc["global", "ms_per_query"]
+            rows.append({"cache": cache, "SIFT photos": spent["sift_table"][1], "features": sift_ms,
+                         "matching": matching_ms, "rest": rest_ms, "local+fusion": total, "global": global_ms,
+                         "x global": total / global_ms,
+                         "fusion mAP": by.loc["fusion", "identity_balanced_mAP"],
+                         "global mAP": by.loc["global", "identity_balanced_mAP"]})
+    first = table.iloc[0]
+    print(f"\nlions closed set, Lite0, fusion of the top {cfg.shortlist_k}: {first['n_queries']} queries x "
+          f"{first['n_gallery']} gallery photos ({first['protocol']}); ms per query")
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ k1 = 20                         # k-reciprocal re-ranking (Zhong et al. 2017)
 k2 = 6
 lambda_value = 0.3
 sift = {"max_side": 512, "n_features": 1000, "ratio": 0.8, "ransac_px": 5.0, "geometry": "homography"}
+sift_photos = "shortlisted"     # gallery photos given SIFT: shortlisted (same rankings, less work) | all (fill cache)
 calibrate_on = "val"            # split whose pairs fit fusion, ensemble weights, hybrid (cross-fitted if it is `split`)
 ensemble_members = []           # backbone names the ensemble combines; []: all of them (it needs two or more)
 ensemble_combine = "logistic"   # rank | score | logistic (weights learned on calibrate_on pairs)
@@ -78,8 +79,8 @@ runs = [{"name": Path(run_dir).name, "run_dir": run_dir}] if run_dir else []
 cfg = probe_config(data_dir=data_dir, splits_dir=splits_dir, split=split, identity_col=identity,
                    protocol=protocol, methods=methods, ranks=ranks, backbones=backbones + runs,
                    shortlist_k=shortlist_k, qe_n=qe_n,
-                   qe_alpha=qe_alpha, k1=k1, k2=k2, lambda_value=lambda_value, sift=sift, calibrate_on=calibrate_on,
-                   ensemble_members=ensemble_members, ensemble_combine=ensemble_combine,
+                   qe_alpha=qe_alpha, k1=k1, k2=k2, lambda_value=lambda_value, sift=sift, sift_photos=sift_photos,
+                   calibrate_on=calibrate_on, ensemble_members=ensemble_members, ensemble_combine=ensemble_combine,
                    hybrid_features=hybrid_features, hybrid_params=hybrid_params, mask_col=mask_col,
                    masks_csv=masks_csv, cache_dir=cache_dir, device=device)
 table, rankings = run_probe(cfg, progress=True)

@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 
 import lib.probe.features
+import lib.probe.run
 import lib.retrieval.embed
 from lib.core.errors import DataError
+from lib.data.splits import load_split_index
 from lib.probe.run import METHODS, ProbeConfig, probe_config, run_probe, save_probe, with_masks
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
 
@@ -142,3 +144,47 @@ def test_a_run_trained_on_other_data_is_refused(demo, run_dir, tmp_path, monkeyp
     monkeypatch.setattr(lib.probe.features, "load_trained", other_data)
     with pytest.raises(DataError, match="other data"):
         run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global"]))
+
+
+def test_shortlisted_sift_computes_only_matched_photos_and_ranks_as_all(demo, run_dir, tmp_path, monkeypatch):
+    """sift_photos='shortlisted' extracts SIFT for the queries and their shortlisted gallery photos only, matches the
+    same pairs to the same inliers as 'all', and a longer shortlist later extracts only the photos it adds."""
+    def recording(module, name, keep=lambda args, out: out):
+        seen, real = [], getattr(module, name)
+
+        def wrapper(*args, **kw):
+            out = real(*args, **kw)
+            seen.append(keep(args, out))
+            return out
+        monkeypatch.setattr(module, name, wrapper)
+        return seen
+
+    def probe(**kw):
+        """(table, rankings, paths given SIFT, paths shortlisted, inlier tables, photos SIFT was computed for)"""
+        asked = recording(lib.probe.run, "sift_table", lambda args, out: set(args[0]["path"]))
+        shortlists = recording(lib.probe.run, "_shortlist",
+                               lambda args, out: set(args[0].gallery["path"].to_numpy()[out[0]].ravel()))
+        inliers = recording(lib.probe.run, "inlier_table", lambda args, out: out[0])
+        computed = recording(lib.probe.features, "sift_features")
+        # identity = the demo's pattern, which train holds too: the val queries search the train photos
+        table, rankings = run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="label",
+                                           methods=["global", "local", "fusion", "hybrid"], **kw))
+        monkeypatch.undo()
+        return table, rankings, set().union(*asked), set().union(*shortlists), inliers, len(computed)
+
+    index, _ = load_split_index(demo[1])
+    queries = set(index.loc[index["split"] == "val", "path"])
+    every, every_rankings, _, _, every_inliers, _ = probe(sift_photos="all", cache_dir="", shortlist_k=5)
+    table, rankings, asked, shortlisted, inliers, computed = probe(shortlist_k=5)
+    assert (table["protocol"] == "gallery").all()
+    assert asked == queries | shortlisted and computed == len(asked)
+    assert len(shortlisted) < (index["split"] == "train").sum(), "some train photo is in no shortlist: left out"
+    pd.testing.assert_frame_equal(table[METRICS], every[METRICS])
+    for key, ranking in every_rankings.items():
+        assert rankings[key]["top_paths"].map(list).tolist() == ranking["top_paths"].map(list).tolist()
+    assert len(inliers) == len(every_inliers)
+    for got, want in zip(inliers, every_inliers):
+        np.testing.assert_array_equal(got, want)
+    # A longer shortlist reads the photos the shorter one made from the per-photo cache and extracts only the rest.
+    _, _, longer_asked, _, _, longer_computed = probe(shortlist_k=10)
+    assert longer_asked > asked and longer_computed == len(longer_asked - asked)

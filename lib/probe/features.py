@@ -1,6 +1,7 @@
 """What the probe compares retrieval methods on: each photo's global embedding (per backbone), its SIFT features and
 its engineered colour / texture features, computed once and cached under a key of method, model state (or feature
-settings), dataset signature and mask setting; and the SIFT inlier counts of shortlisted pairs, cached per pair."""
+settings), dataset signature and mask setting (SIFT: per photo, so a probe computes only the photos it matches); and
+the SIFT inlier counts of shortlisted pairs, cached per pair."""
 from __future__ import annotations
 
 import hashlib
@@ -112,35 +113,45 @@ def _photos_and_masks(rows: pd.DataFrame, data_dir: Path, mask_col: str, desc: s
 
 def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig, mask_col: str = "",
                cache_dir: str | os.PathLike | None = None, progress: bool = False) -> tuple[list, dict]:
-    """([(keypoints, descriptors)] per row, info) from the cache when it holds them. Descriptors are kept (in memory
+    """([(keypoints, descriptors)] per row, info), each photo's from the cache when it holds them. The cache holds
+    one file per photo (under a key of the SIFT settings, the photo's file and its mask), so a later call on other
+    or more rows, e.g. a longer shortlist, computes only the photos it has not seen. Descriptors are kept (in memory
     and on disk) as uint8: OpenCV's SIFT descriptors are whole numbers 0..255 held in float32, so nothing is lost at
-    a quarter of the size, which is what lets a large gallery's features fit in memory."""
-    data_dir = Path(data_dir)
-    paths = [data_dir / p for p in rows["path"]]
-    key = {"method": "sift", **asdict(cfg), "data_fingerprint": files_fingerprint(paths),
-           **mask_key(rows, mask_col, data_dir)}
-    file = Path(cache_dir) / "sift" / f"{_key_name(key)}.npz" if cache_dir else None
-    if file is not None and file.exists():
-        with np.load(file) as f:
-            splits = np.cumsum(f["counts"])[:-1]
-            feats = list(zip(np.split(f["keypoints"], splits), np.split(f["descriptors"], splits)))
-            return feats, {**json.loads(str(f["info"])), "cached": True, "file": str(file)}
+    a quarter of the size, which is what lets a large gallery's features fit in memory. info: 'cached' (nothing
+    computed now), 'computed' (photos computed now), 'ms_per_photo' (each photo's extraction time, however long
+    ago it was made: an even share of its batch) and their mean 'ms_per_image'."""
+    data_dir, rows = Path(data_dir), rows.reset_index(drop=True)
+    folder = Path(cache_dir) / "sift" / _key_name({"method": "sift", **asdict(cfg)}) if cache_dir else None
+
+    def file_of(i: int) -> Path:
+        photo = {"file": files_fingerprint([data_dir / rows.at[i, "path"]]),
+                 **mask_key(rows.iloc[[i]], mask_col, data_dir)}
+        return folder / f"{_key_name(photo)}.npz"
+
+    files = [file_of(i) for i in range(len(rows))] if folder else [None] * len(rows)
+    feats, ms = [None] * len(rows), np.zeros(len(rows))
+    for i, file in enumerate(files):
+        if file is not None and file.exists():
+            with np.load(file) as f:
+                feats[i], ms[i] = (f["keypoints"], f["descriptors"]), float(f["ms"])
+    missing = [i for i, f in enumerate(feats) if f is None]
     t0 = time.perf_counter()
-    feats = [sift_features(image, cfg, mask)
-             for image, mask in _photos_and_masks(rows, data_dir, mask_col, "sift", progress)]
-    info = {**key, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
-    desc = np.concatenate([d for _, d in feats]) if feats else np.zeros((0, 128), np.float32)
+    made = [sift_features(image, cfg, mask)
+            for image, mask in _photos_and_masks(rows.iloc[missing], data_dir, mask_col, "sift", progress)]
+    ms[missing] = 1000 * (time.perf_counter() - t0) / max(len(missing), 1)
+    desc = np.concatenate([d for _, d in made]) if made else np.zeros((0, 128), np.float32)
     if len(desc) and (desc.min() < 0 or desc.max() > 255 or not np.array_equal(desc, np.round(desc))):
-        if file is not None:
+        if folder is not None:
             raise DataError("SIFT descriptors are not whole numbers 0..255 in this OpenCV build; the cache would "
                             "lose precision (run with cache_dir='')")
     else:
-        feats = [(k, d.astype(np.uint8)) for k, d in feats]
-    if file is not None:
-        _save_npz(file, counts=np.array([len(k) for k, _ in feats], dtype=np.int64),
-                  keypoints=np.concatenate([k for k, _ in feats]) if feats else np.zeros((0, 2), np.float32),
-                  descriptors=desc.astype(np.uint8), info=json.dumps(info, default=str))
-    return feats, {**info, "cached": False, **({"file": str(file)} if file else {})}
+        made = [(k, d.astype(np.uint8)) for k, d in made]
+    for i, (k, d) in zip(missing, made):
+        feats[i] = k, d
+        if folder is not None:
+            _save_npz(files[i], keypoints=k, descriptors=d, ms=ms[i])
+    return feats, {"method": "sift", **asdict(cfg), "cached": not missing, "computed": len(missing),
+                   "ms_per_photo": ms, "ms_per_image": float(ms.mean()) if len(ms) else 0.0}
 
 
 def sift_key(features: tuple[np.ndarray, np.ndarray]) -> str:

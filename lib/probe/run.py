@@ -52,6 +52,7 @@ from lib.retrieval.faiss_index import unit_rows
 from lib.retrieval.ranking import RankingTally, drop_self, query_chunks, resolve_val_protocol
 
 METHODS = ("global", "qe", "kreciprocal", "local", "fusion", "ensemble", "hybrid")
+SIFT_PHOTOS = ("shortlisted", "all")  # gallery photos whose SIFT features the probe computes
 LEARNED = ("fusion", "ensemble", "hybrid")  # methods fitted on pairs with known answers (calibrate_on)
 ENSEMBLE_JOIN = " and "  # the ensemble row's backbone: its members' names joined so (MLflow refuses '+' in names)
 TOP_KEPT = 5  # first gallery photos of each query kept for the per-query table and figures
@@ -79,6 +80,10 @@ class ProbeConfig:
     k2: int = 6
     lambda_value: float = 0.3
     sift: dict = field(default_factory=dict)  # SiftConfig fields (max_side, n_features, ratio, ransac_px, geometry)
+    # shortlisted: SIFT of the queries and of the gallery photos in some query's shortlist, the only ones matched,
+    # so the rankings are the same as with 'all' (every gallery photo) at a cost that grows with queries x
+    # shortlist_k, not with the gallery; 'all' fills the cache for a whole gallery ahead of later probes.
+    sift_photos: str = "shortlisted"
     calibrate_on: str = "val"          # split whose pairs fit fusion, the ensemble's weights and the hybrid's trees
     ensemble_members: list = field(default_factory=list)  # backbone names the ensemble combines; []: all probed
     ensemble_combine: str = "logistic"  # rank | score | logistic (weights learned on calibrate_on pairs)
@@ -102,6 +107,8 @@ class ProbeConfig:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"backbones need distinct names, got {names}")
         SiftConfig(**self.sift)  # a bad SIFT knob fails here, before any feature is computed
+        if self.sift_photos not in SIFT_PHOTOS:
+            raise ValueError(f"sift_photos {self.sift_photos!r}: choose from {', '.join(SIFT_PHOTOS)}")
         if self.ensemble_combine not in COMBINERS:
             raise ValueError(f"ensemble_combine {self.ensemble_combine!r}: choose from {', '.join(COMBINERS)}")
         strangers = sorted(set(self.ensemble_members) - set(names))
@@ -207,8 +214,9 @@ def _kreciprocal_fits(s: ProbeSet) -> bool:
 
 
 class _Features:
-    """Each backbone's embeddings, the SIFT features and the engineered photo features, per row set, computed on
-    first use (through the cache) and kept for the rest of the probe: the ensemble reuses every member's."""
+    """Each backbone's embeddings and the engineered photo features, per row set, and the SIFT features, per photo,
+    computed on first use (through the cache) and kept for the rest of the probe: the ensemble reuses every
+    member's."""
 
     def __init__(self, cfg: ProbeConfig, settings, progress: bool):
         self.cfg, self.settings, self.progress = cfg, settings, progress
@@ -236,17 +244,26 @@ class _Features:
         q, _ = self.embed(backbone, s.queries)
         return q, q if s.loo else self.embed(backbone, s.gallery)[0]
 
-    def sift(self, rows: pd.DataFrame):
-        key = tuple(rows["path"])
-        if key not in self._sift:
-            feats, info = sift_table(rows, self.cfg.data_dir, SiftConfig(**self.cfg.sift), self.cfg.mask_col,
-                                     self.cache_dir, self.progress)
-            self.cached.append(bool(info.get("cached")))
-            self._sift[key] = feats, info["ms_per_image"]
-        return self._sift[key]
+    def sift(self, rows: pd.DataFrame, shortlists: np.ndarray | None = None):
+        """([(keypoints, descriptors)] per row, mean ms per image of their extraction) of the rows' photos; given
+        shortlists (row numbers of `rows`) and sift_photos 'shortlisted', of those rows only, the others None.
+        Kept per photo: another backbone's or split's shortlist computes only the photos not held yet."""
+        paths = rows["path"].tolist()
+        wanted = set(range(len(paths)))
+        if shortlists is not None and self.cfg.sift_photos == "shortlisted":
+            wanted = set(np.ravel(shortlists).tolist())
+        new = sorted(i for i in wanted if paths[i] not in self._sift)
+        if new:
+            feats, info = sift_table(rows.iloc[new], self.cfg.data_dir, SiftConfig(**self.cfg.sift),
+                                     self.cfg.mask_col, self.cache_dir, self.progress)
+            self.cached.append(info["cached"])
+            self._sift.update(zip([paths[i] for i in new], zip(feats, info["ms_per_photo"])))
+        held = [self._sift[p] if i in wanted else (None, np.nan) for i, p in enumerate(paths)]
+        return [f for f, _ in held], float(np.nanmean([ms for _, ms in held])) if wanted else 0.0
 
-    def keypoints(self, rows: pd.DataFrame) -> np.ndarray:
-        return np.array([len(k) for k, _ in self.sift(rows)[0]])
+    def keypoints(self, rows: pd.DataFrame, shortlists: np.ndarray | None = None) -> np.ndarray:
+        """Keypoint counts of the rows' photos as sift() gives them: NaN where it computed none."""
+        return np.array([np.nan if f is None else len(f[0]) for f in self.sift(rows, shortlists)[0]])
 
     def photos(self, rows: pd.DataFrame):
         """({'colour', 'lbp', 'hog'}: (n, d) engineered features, ms per image) of the rows' photos."""
@@ -259,7 +276,7 @@ class _Features:
 
 
 def _inliers(s: ProbeSet, top: np.ndarray, feats: _Features, cfg: ProbeConfig) -> np.ndarray:
-    return inlier_table(feats.sift(s.queries)[0], feats.sift(s.gallery)[0], top, SiftConfig(**cfg.sift),
+    return inlier_table(feats.sift(s.queries)[0], feats.sift(s.gallery, top)[0], top, SiftConfig(**cfg.sift),
                         feats.cache_dir)[0]
 
 
@@ -283,7 +300,9 @@ def _hybrid_features(s: ProbeSet, top, cos, inliers, feats: _Features, cfg: Prob
     """The hybrid's pair features ({name: (n_q, K)}) of a probe set's shortlist."""
     groups = set(cfg.hybrid_features)
     photos = (feats.photos(s.queries)[0], feats.photos(s.gallery)[0]) if groups & set(PHOTO_FEATURES) else (None,) * 2
-    keypoints = (feats.keypoints(s.queries), feats.keypoints(s.gallery)) if "keypoints" in groups else (None,) * 2
+    keypoints = (None, None)
+    if "keypoints" in groups:
+        keypoints = feats.keypoints(s.queries), feats.keypoints(s.gallery, top)
     return pair_features(top, cos, cfg.hybrid_features, *photos, *keypoints, inliers)
 
 
@@ -346,15 +365,15 @@ def _probe_backbone(backbone, s: ProbeSet, cal: ProbeSet | None, feats: _Feature
     hybrid_groups = set(cfg.hybrid_features) if "hybrid" in methods else set()
     with_inliers = bool({"local", "fusion"} & methods) or "inliers" in hybrid_groups
     sift_ms = photo_ms = inliers_s = 0.0
-    if with_inliers or hybrid_groups & SIFT_GROUPS:
-        sift_ms = feats.sift(s.queries)[1]
-        feats.sift(s.gallery)
-    if hybrid_groups & set(PHOTO_FEATURES):
-        photo_ms = feats.photos(s.queries)[1]
-        feats.photos(s.gallery)
     t0 = time.perf_counter()
     top, cos, same = _shortlist(s, q, g, cfg)
     shortlist_s = time.perf_counter() - t0
+    if with_inliers or hybrid_groups & SIFT_GROUPS:  # before the timed matching, charged per image like the rest
+        sift_ms = feats.sift(s.queries)[1]
+        feats.sift(s.gallery, top)
+    if hybrid_groups & set(PHOTO_FEATURES):
+        photo_ms = feats.photos(s.queries)[1]
+        feats.photos(s.gallery)
     inliers = None
     if with_inliers:
         t0 = time.perf_counter()
