@@ -38,6 +38,9 @@ backbones = [                   # pretrained timm backbones as they come (pooled
 ranks = [1, 5]                  # CMC ranks reported as recall@k
 metric = "identity_balanced_mAP"  # the figure's metric (also: mAP, or recall@k of a rank above)
 shortlist_k = 20                # global candidates that local matching and fusion re-score
+index = "auto"                  # the shortlist's search: flat | ivf | hnsw | ivfpq | auto (exact below 200k) | factory string
+nprobe = 8                      # IVF: lists visited per query
+ef_search = 256                 # HNSW: candidates kept per query
 qe_n = 3                        # query expansion: neighbours added, weighted by cos ** qe_alpha
 qe_alpha = 3.0
 k1 = 20                         # k-reciprocal re-ranking (Zhong et al. 2017)
@@ -78,7 +81,7 @@ identity = identity_col or ("label" if task == "reid" else "group")
 runs = [{"name": Path(run_dir).name, "run_dir": run_dir}] if run_dir else []
 cfg = probe_config(data_dir=data_dir, splits_dir=splits_dir, split=split, identity_col=identity,
                    protocol=protocol, methods=methods, ranks=ranks, backbones=backbones + runs,
-                   shortlist_k=shortlist_k, qe_n=qe_n,
+                   shortlist_k=shortlist_k, index=index, nprobe=nprobe, ef_search=ef_search, qe_n=qe_n,
                    qe_alpha=qe_alpha, k1=k1, k2=k2, lambda_value=lambda_value, sift=sift, sift_photos=sift_photos,
                    calibrate_on=calibrate_on, ensemble_members=ensemble_members, ensemble_combine=ensemble_combine,
                    hybrid_features=hybrid_features, hybrid_params=hybrid_params, mask_col=mask_col,

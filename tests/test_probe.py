@@ -188,3 +188,22 @@ def test_shortlisted_sift_computes_only_matched_photos_and_ranks_as_all(demo, ru
     # A longer shortlist reads the photos the shorter one made from the per-photo cache and extracts only the rest.
     _, _, longer_asked, _, _, longer_computed = probe(shortlist_k=10)
     assert longer_asked > asked and longer_computed == len(longer_asked - asked)
+
+
+def test_an_approximate_shortlist_says_what_it_costs_and_visiting_every_list_equals_exact(demo, run_dir, tmp_path,
+                                                                                          capsys):
+    def probe(**kw):
+        return run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="label", shortlist_k=5,
+                                methods=["global", "local", "fusion"], **kw))
+
+    exact, exact_rankings = probe()
+    assert "shortlist index" not in capsys.readouterr().out, "auto is exact search on a gallery this size"
+    every_list, rankings = probe(index="IVF4,Flat", nprobe=4)
+    assert "shortlist index: IVF4,Flat" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(every_list[METRICS], exact[METRICS])
+    for key, ranking in exact_rankings.items():
+        assert rankings[key]["top_paths"].map(list).tolist() == ranking["top_paths"].map(list).tolist()
+    probe(index="IVF4,Flat", nprobe=1)
+    out = capsys.readouterr().out
+    recall = float(out.split("shortlist index: IVF4,Flat")[1].split("recall@5 ")[1].split()[0])
+    assert 0 < recall < 1, "one list of four misses some of the exact nearest"

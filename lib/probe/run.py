@@ -48,7 +48,18 @@ from lib.probe.pair_features import HYBRID_FEATURES, SIFT_GROUPS, pair_features
 from lib.probe.photo_features import PHOTO_FEATURES
 from lib.probe.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
 from lib.retrieval.embed import EMBED_BATCH_SIZE
-from lib.retrieval.faiss_index import unit_rows
+from lib.retrieval.ann_index import (
+    EF_SEARCH,
+    NPROBE,
+    IndexSpec,
+    approximation_recall,
+    build_search_index,
+    describe,
+    is_exact,
+    new_index,
+    resolve_factory,
+)
+from lib.retrieval.faiss_index import knn, unit_rows
 from lib.retrieval.ranking import RankingTally, drop_self, query_chunks, resolve_val_protocol
 
 METHODS = ("global", "qe", "kreciprocal", "local", "fusion", "ensemble", "hybrid")
@@ -74,6 +85,11 @@ class ProbeConfig:
     backbones: list = field(default_factory=lambda: [
         {"name": "imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}])
     shortlist_k: int = 20              # global candidates re-scored by local matching and fusion
+    # the shortlist's search (notebook 03's `index`): flat | ivf | hnsw | ivfpq | auto (exact below 200,000 gallery
+    # photos) | a faiss factory string; an approximate one says its recall against exact search
+    index: str = "auto"
+    nprobe: int = NPROBE
+    ef_search: int = EF_SEARCH
     qe_n: int = 3
     qe_alpha: float = 3.0
     k1: int = 20
@@ -191,10 +207,14 @@ def _fit_fusion(cos, inliers, same) -> ScoreFusion:
 def _shortlist(s: ProbeSet, q_unit, g_unit, cfg: ProbeConfig):
     """(shortlist gallery rows, their cosines, same-identity flags), each (n_q, K), of a probe set."""
     k = min(cfg.shortlist_k, len(g_unit) - s.loo)
-    top = np.empty((len(q_unit), k), dtype=np.int64)
+    top = _approximate_top(s, q_unit, g_unit, k, cfg)
+    if top is None:
+        top = _exact_top(s, q_unit, g_unit, k, np.arange(len(q_unit)))
+    else:
+        # an approximate index may find fewer than k for a query: that query's shortlist comes from exact search
+        short = np.flatnonzero((top < 0).any(axis=1))
+        top[short] = _exact_top(s, q_unit, g_unit, k, short)
     cos = np.empty((len(q_unit), k), dtype=np.float32)
-    for rows in query_chunks(len(q_unit), len(g_unit)):
-        top[rows] = _order(_cosine(q_unit[rows], g_unit, rows if s.loo else None))[:, :k]
     # Pair by pair, not taken from the chunk's matrix product: BLAS sums a product in an order that depends on its
     # shape, and the scorers learned from these cosines (fusion, hybrid) must get the same ones however the queries
     # were chunked (the hybrid's trees split on them).
@@ -202,6 +222,29 @@ def _shortlist(s: ProbeSet, q_unit, g_unit, cfg: ProbeConfig):
         cos[rows] = np.einsum("qd,qkd->qk", q_unit[rows], g_unit[top[rows]])
     same = s.gallery[cfg.identity_col].to_numpy()[top] == s.queries[cfg.identity_col].to_numpy()[:, None]
     return top, cos, same
+
+
+def _exact_top(s: ProbeSet, q_unit, g_unit, k: int, queries: np.ndarray) -> np.ndarray:
+    """(len(queries), k) gallery rows of the `queries` rows' k highest cosines, a chunk of queries at a time."""
+    top = np.empty((len(queries), k), dtype=np.int64)
+    for rows in query_chunks(len(queries), len(g_unit)):
+        q = queries[rows]
+        top[rows] = _order(_cosine(q_unit[q], g_unit, q if s.loo else None))[:, :k]
+    return top
+
+
+def _approximate_top(s: ProbeSet, q_unit, g_unit, k: int, cfg: ProbeConfig) -> np.ndarray | None:
+    """The k nearest gallery rows of every query through cfg.index's approximate Faiss index (padded with -1 where it
+    finds fewer), printing what it costs against exact search; None where cfg.index resolves to exact search."""
+    spec = IndexSpec(index=cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    factory, _ = resolve_factory(spec.index, *g_unit.shape, spec.exact_below)
+    if is_exact(new_index(factory, g_unit.shape[1])):
+        return None
+    index, info = build_search_index(g_unit, spec, device=cfg.device)
+    _, top = knn(index, q_unit, k, np.arange(len(q_unit)) if s.loo else None)
+    info["recall_vs_exact"] = approximation_recall(index, g_unit, q_unit, k, spec.recall_sample, exclude_self=s.loo)
+    print(f"shortlist {describe(info)}")
+    return top
 
 
 def _kreciprocal_fits(s: ProbeSet) -> bool:
