@@ -1,6 +1,8 @@
 """DDP training on the CPU (gloo, 2 processes): the rank-sharded P×K sampler, gradients equal to one process on the
 same global batch, kill/resume under torchrun, notebook 02's nproc=2 path, and a dying rank ending the run."""
+import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -18,6 +20,7 @@ from lib.data.samplers import ContextPKSampler, PKSampler
 from lib.train.checkpoint import load_checkpoint
 from lib.train.config import build_config
 from lib.train.launch import torchrun_command, write_config
+from lib.train.run import train_run
 
 LABELS = np.repeat(np.arange(10), [3, 5, 4, 2, 6, 4, 3, 5, 4, 1])
 CONTEXTS = np.array([f"site{c % 3}" for c in LABELS])
@@ -139,6 +142,13 @@ def test_notebook_nproc_2_trains_and_a_killed_two_process_run_resumes_to_where_i
     for stop in ("1", "3"):  # in the head phase, then in the backbone phase
         assert _torchrun(config_file, "--stop-after-epoch", stop).returncode == 0
         assert pd.read_csv(parts / "metrics.csv")["epoch"].max() == int(stop)
+    # the same run resumed by one process instead of two: it goes on from where the two left off
+    other = tmp_path / "other"
+    shutil.copytree(parts, other)
+    alone = train_run(str(other), json.loads(config_file.read_text()), progress=False)
+    assert list(alone["epoch"]) == [0, 1, 2, 3, 4]
+    before = ["val_recall@1", "val_mAP"]
+    pd.testing.assert_frame_equal(alone.iloc[:4][before], history.iloc[:4][before])
     resumed = _torchrun(config_file)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from" in resumed.stdout

@@ -8,7 +8,9 @@ A rank that fails ends the run: torchrun stops the other ranks and reports the f
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -92,8 +94,6 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Under DDP every rank draws its own augmentations, from generators seeded by (seed, epoch, rank) at each epoch's
     start: a resumed run, with the same number of processes, draws what the uninterrupted one drew, without a
     checkpoint holding every rank's generator states."""
-    import random
-
     seeds = np.random.SeedSequence([seed, epoch, rank]).generate_state(3)
     random.seed(int(seeds[0]))
     np.random.seed(int(seeds[1]))
@@ -134,6 +134,9 @@ class StepRunner:
         if trainable == self.trainable:
             return
         self.trainable = trainable
+        # the old wrapper's gradient hooks leave with it (its reducer removes them), before the new one adds its own
+        self.wrapped = self.step
+        gc.collect()
         ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
         # On cached features the backbone's pooling (GeM's p) gets no gradient: DDP must be told to expect that.
         self.wrapped = nn.parallel.DistributedDataParallel(self.step, device_ids=ids, find_unused_parameters=pooled)
