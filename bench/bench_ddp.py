@@ -15,6 +15,7 @@ import sys
 import time
 
 import lib.core.device  # noqa: F401  (sets the OpenMP guard before torch loads)
+
 # isort: split
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402

@@ -47,7 +47,6 @@ from lib.probe.local_match import SiftConfig
 from lib.probe.pair_features import HYBRID_FEATURES, SIFT_GROUPS, pair_features
 from lib.probe.photo_features import PHOTO_FEATURES
 from lib.probe.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
-from lib.retrieval.embed import EMBED_BATCH_SIZE
 from lib.retrieval.ann_index import (
     EF_SEARCH,
     NPROBE,
@@ -59,6 +58,7 @@ from lib.retrieval.ann_index import (
     new_index,
     resolve_factory,
 )
+from lib.retrieval.embed import EMBED_BATCH_SIZE
 from lib.retrieval.faiss_index import knn, unit_rows
 from lib.retrieval.ranking import RankingTally, drop_self, query_chunks, resolve_val_protocol
 

@@ -268,7 +268,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
             save_checkpoint(run_dir / "best_model.pt", state_at(0))
         log.write(history)
         say(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f} | frozen "
-              f"backbone features: recall@1 {row['frozen_val_recall@1']:.4f} mAP {row['frozen_val_mAP']:.4f}")
+            f"backbone features: recall@1 {row['frozen_val_recall@1']:.4f} mAP {row['frozen_val_mAP']:.4f}")
 
     try:
         for epoch in range(start_epoch, total_epochs + 1):
@@ -349,9 +349,9 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                     save_checkpoint(run_dir / f"checkpoint_epoch_{epoch}.pt", state)
             log.write(history)
             say(f"epoch {epoch}: loss {train_loss:.4f} val recall@1 {row['val_recall@1']:.4f} "
-                  f"recall@5 {row['val_recall@5']:.4f} mAP {row['val_mAP']:.4f}"
-                  + (f" | EMA recall@1 {row['ema_val_recall@1']:.4f}" if ema is not None else "")
-                  + f" | {row['train_seconds']:.0f} s")
+                f"recall@5 {row['val_recall@5']:.4f} mAP {row['val_mAP']:.4f}"
+                + (f" | EMA recall@1 {row['ema_val_recall@1']:.4f}" if ema is not None else "")
+                + f" | {row['train_seconds']:.0f} s")
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
     finally:
