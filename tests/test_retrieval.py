@@ -1,9 +1,13 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import average_precision_score
+from torchvision.transforms import v2
 
+from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
+from lib.retrieval.embed import extract_embeddings, intra_op_threads
 from lib.retrieval.faiss_index import (
     NO_NEIGHBOUR,
     build_index,
@@ -279,3 +283,45 @@ def test_search_within_leave_one_out_and_a_context_the_gallery_lacks():
     assert (filled[real] == indices[real]).all() and (filled[~real] == np.broadcast_to(indices[:, :1], (9, 3))[~real]).all()
     with pytest.raises(DataError, match="'z' \\(1 queries\\)"):
         search_within(e, ctx, e[:2], ["a", "z"], k=1)
+
+
+class _ThreadLoggingImages(torch.utils.data.Dataset):
+    """Random images through the eval transform's to-tensor steps, noting the intra-op thread count each load ran at."""
+
+    def __init__(self, n=10):
+        self.images = torch.randint(0, 256, (n, 3, 24, 24), generator=torch.Generator().manual_seed(0)).byte()
+        self.transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.25] * 3)])
+        self.threads = []
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.threads.append(torch.get_num_threads())
+        return self.transform(self.images[i]), 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_embeddings_equal_the_bare_forward_loading_at_one_thread_and_the_forward_at_the_callers(workers):
+    dataset = _ThreadLoggingImages()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    forward_threads = []
+    model.register_forward_hook(lambda *_: forward_threads.append(torch.get_num_threads()))
+    with intra_op_threads(2):
+        with torch.no_grad():
+            expected = torch.cat([model(torch.stack([dataset[i][0] for i in range(j, min(j + 4, len(dataset)))]))
+                                  for j in range(0, len(dataset), 4)]).numpy()
+        dataset.threads, forward_threads[:] = [], []
+        emb = extract_embeddings(model, dataset, DeviceSettings(num_workers=workers), batch_size=4)
+        assert torch.get_num_threads() == 2
+    np.testing.assert_array_equal(emb, expected)
+    assert forward_threads == [2, 2, 2]
+    assert dataset.threads == ([1] * len(dataset) if workers == 0 else [])  # a worker loads in its own process
+
+
+def test_intra_op_threads_are_restored_after_an_error():
+    saved = torch.get_num_threads()
+    with pytest.raises(RuntimeError), intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError
+    assert torch.get_num_threads() == saved
