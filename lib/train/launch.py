@@ -16,8 +16,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from lib.train.config import RunConfig
+from lib.train.distributed import join_world, leave_world
+from lib.train.run import train_run
 
 CONFIG_FILE = "run_config.json"
 
@@ -47,8 +50,6 @@ def train(run_dir: str, config: RunConfig, nproc: int = 1, nnodes: int = 1, node
           mlflow_uri: str = "") -> pd.DataFrame:
     """Train in this process (nproc = nnodes = 1) or under torchrun with nproc processes per machine; returns the
     history either way. torchrun's output streams through line by line; a failed run raises with its last lines."""
-    from lib.train.run import train_run  # the launcher itself needs no torch in the notebook's process
-
     if nproc < 1 or nnodes < 1:
         raise ValueError(f"nproc and nnodes must be >= 1, got nproc={nproc}, nnodes={nnodes}")
     if nproc == 1 and nnodes == 1:
@@ -69,11 +70,6 @@ def train(run_dir: str, config: RunConfig, nproc: int = 1, nnodes: int = 1, node
 
 
 def main(argv: list[str] | None = None) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    from lib.train.distributed import join_world, leave_world
-    from lib.train.run import train_run
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help=f"a run config as JSON ({CONFIG_FILE} of notebook 02)")
     ap.add_argument("--run-dir", default="", help="where the run writes (default: the config file's folder)")
