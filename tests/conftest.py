@@ -40,6 +40,22 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_with_context(demo, tmp_path_factory):
+    """The demo as individuals seen at sites (its metadata.csv: label = individual, context = site), split:
+    (data_dir, splits_dir)."""
+    from lib.data.splits import SplitConfig, prepare_splits
+    from lib.data.table import check_images, index_from_csv
+
+    data, _ = demo
+    # Re-ID of individuals: each photo is its own encounter, so every individual reaches train, val and test.
+    index, _ = index_from_csv(data / "metadata.csv", data, label_col="individual", context_col="context")
+    kept, excluded = check_images(index, data)
+    splits = tmp_path_factory.mktemp("reid_splits")
+    prepare_splits(kept, splits, SplitConfig(), excluded)
+    return data, splits
+
+
+@pytest.fixture(scope="session")
 def run_dir(demo, tmp_path_factory):
     """A tiny model trained one short epoch on the demo: something to evaluate and predict with."""
     from lib.train.config import build_config

@@ -2,8 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data.splits import SplitConfig, prepare_splits
-from lib.data.table import check_images, index_from_csv
 from lib.train.checkpoint import load_checkpoint
 from lib.train.config import build_config
 from lib.train.mining import context_error, mining_weights
@@ -19,17 +17,6 @@ def test_weights_move_toward_failing_contexts():
     assert w["b"] > w["c"] > w["a"] == pytest.approx(0.25)
     assert np.mean(list(w.values())) == pytest.approx(1.0)
     assert mining_weights(context_error(["a", "b"], [True, True])) == {"a": 1.0, "b": 1.0}
-
-
-@pytest.fixture(scope="module")
-def demo_with_context(demo, tmp_path_factory):
-    data, _ = demo
-    # Re-ID of individuals: each photo is its own encounter, so every individual reaches train, val and test.
-    index, _ = index_from_csv(data / "metadata.csv", data, label_col="individual", context_col="context")
-    kept, excluded = check_images(index, data)
-    splits = tmp_path_factory.mktemp("reid_splits")
-    prepare_splits(kept, splits, SplitConfig(), excluded)
-    return data, splits
 
 
 def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, monkeypatch):
