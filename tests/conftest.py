@@ -67,3 +67,27 @@ def run_dir(demo, tmp_path_factory):
                           epochs=1, batches_per_epoch=2, p=6, k=4, num_workers=0, device="cpu")
     train_run(str(run), config, progress=False)
     return run
+
+
+def score_tolerance(dim: int) -> float:
+    """How far two float32 computations of one cosine score of unit `dim`-vectors may differ: each product and sum
+    rounds at float32's eps, a BLAS kernel sums in its own order (another CPU, another chunk shape), and the
+    rounding errors add up like a random walk, ~sqrt(dim) x eps; 4x that leaves room for the normalisation."""
+    return 4 * float(np.sqrt(dim)) * float(np.finfo(np.float32).eps)
+
+
+def assert_rankings_match(got, expected, tol: float) -> None:
+    """Two ranked (query, gallery, score) tables agree up to float rounding: the same queries with as many pairs,
+    scores equal within tol rank by rank, and a gallery photo only out of place where a photo whose score is within
+    tol of its own took its place (a swap of near-ties, or a near-tie at the cut of a top-k list)."""
+    for query, a in got.groupby("query", sort=False):
+        b = expected[expected["query"] == query]
+        assert len(a) == len(b), f"query {query}: {len(a)} pairs vs {len(b)}"
+        np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=0, atol=tol,
+                                   err_msg=f"query {query}: scores rank by rank")
+        theirs = dict(zip(b["gallery"], b["score"]))
+        cut = b["score"].min()
+        for gallery, score in zip(a["gallery"], a["score"]):
+            other = theirs.get(gallery, cut)  # absent from their top-k: it must be a near-tie of their last
+            assert abs(other - score) <= 2 * tol, f"query {query}: {gallery} at {score} vs {other}"
+    assert set(got["query"]) == set(expected["query"])

@@ -5,12 +5,14 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import average_precision_score
 
 import lib.probe.features
 import lib.probe.run
 import lib.retrieval.embed
 from lib.core.errors import DataError
 from lib.data.splits import load_split_index
+from lib.probe.fusion import ScoreFusion
 from lib.probe.run import METHODS, ProbeConfig, probe_config, run_probe, save_probe, with_masks
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
 
@@ -24,20 +26,40 @@ def config(demo, run_dir, cache, **kw) -> ProbeConfig:
                           "sift": {"max_side": 256, "n_features": 300}, "device": "cpu", **kw})
 
 
+def brute_force_metrics(scores: np.ndarray, g_labels, q_labels, loo: bool, ks=(1, 5)) -> dict:
+    """Recall@k, mAP and identity-balanced mAP computed apart from lib: scikit-learn's AP of each query's scores
+    against same-label, a top-k scan for recall, pandas for the per-identity mean. loo: the query's own row is out."""
+    g_labels, q_labels = np.asarray(g_labels), np.asarray(q_labels)
+    hits, aps = {k: [] for k in ks}, []
+    for i, (row, label) in enumerate(zip(scores, q_labels)):
+        keep = np.arange(len(g_labels)) != i if loo else np.ones(len(g_labels), bool)
+        same, row = g_labels[keep] == label, row[keep]
+        for k in ks:
+            hits[k].append(same[np.argsort(-row)[:k]].any())
+        aps.append(average_precision_score(same, row) if same.any() else np.nan)
+    per_identity = pd.Series(aps).groupby(q_labels).mean().dropna()
+    return {**{f"recall@{k}": np.mean(hits[k]) for k in ks}, "mAP": np.nanmean(aps),
+            "identity_balanced_mAP": per_identity.mean()}
+
+
 @pytest.mark.parametrize("loo", [False, True])
-def test_ranking_metrics_equal_the_evaluation_code(loo):
+def test_ranking_metrics_equal_an_independent_computation(loo):
     rng = np.random.default_rng(0)
     g = rng.normal(size=(40, 8)).astype(np.float32)
     g_labels = rng.integers(0, 6, 40).astype(str)
     q, q_labels = (g, g_labels) if loo else (rng.normal(size=(15, 8)).astype(np.float32), rng.integers(0, 7, 15).astype(str))
-    gn, qn = g / np.linalg.norm(g, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
-    scores = qn @ gn.T
-    if loo:
-        np.fill_diagonal(scores, -np.inf)
-    got = ranking_metrics(np.argsort(-scores, axis=1), g_labels, q_labels, loo)
-    want = evaluate_retrieval(g, g_labels, q, q_labels, exclude_self=loo, device="cpu")
+    scores = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float64) @ \
+        (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float64).T
+    # no two gallery photos within 1e-5 of a query's score: float32 and float64 rank them alike, so exact metrics
+    gaps = np.diff(np.sort(np.where(np.eye(*scores.shape, dtype=bool) & loo, 9, scores), axis=1), axis=1)
+    assert gaps.min() > 1e-5
+    want = brute_force_metrics(scores, g_labels, q_labels, loo)
+    order = np.argsort(-np.where(np.eye(*scores.shape, dtype=bool) & loo, -np.inf, scores), axis=1)
+    probe = ranking_metrics(order, g_labels, q_labels, loo)  # how the probe tallies its methods' rankings
+    evaluation = evaluate_retrieval(g, g_labels, q, q_labels, exclude_self=loo, device="cpu")
     for key in METRICS:
-        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+        assert probe[key] == pytest.approx(want[key], rel=1e-12), key
+        assert evaluation[key] == pytest.approx(want[key], rel=1e-12), key
 
 
 def test_every_method_runs_then_the_cache_serves_a_second_run(demo, run_dir, tmp_path, monkeypatch):
@@ -96,9 +118,29 @@ def test_cmc_ranks_as_asked(demo, run_dir, tmp_path):
         ProbeConfig(ranks=[0, 5])
 
 
-def test_fusion_calibrated_on_another_split(demo, run_dir, tmp_path):
-    table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["fusion"], calibrate_on="test"))
-    assert table["method"].tolist() == ["fusion"] and table["mAP"].between(0, 1).all()
+def pairs_fitted(monkeypatch, scorer) -> list[int]:
+    """The number of pairs each call of scorer.fit (ScoreFusion's, HybridScorer's) learns from, as the probe runs."""
+    sizes, fit = [], scorer.fit
+    monkeypatch.setattr(scorer, "fit", lambda self, scores, same: sizes.append(np.size(same)) or fit(self, scores, same))
+    return sizes
+
+
+def assert_fitted_on_the_calibration_split(demo, run_dir, tmp_path, monkeypatch, scorer, methods) -> None:
+    """Probing val with calibrate_on="test" fits `scorer` once, on the test split's pairs (shortlist_k a query);
+    with calibrate_on="val" it is cross-fitted on val's own pairs, once per half of the identities."""
+    cfg = config(demo, run_dir, tmp_path / "cache", methods=methods)
+    n_test = run_probe(dataclasses.replace(cfg, split="test", methods=["global"]))[0]["n_queries"].iloc[0]
+    sizes = pairs_fitted(monkeypatch, scorer)
+    table, _ = run_probe(dataclasses.replace(cfg, calibrate_on="test"))
+    assert table["method"].tolist() == methods and table["mAP"].between(0, 1).all()
+    assert sizes == [n_test * cfg.shortlist_k], "fitted once, on every test query's shortlist"
+    sizes.clear()
+    crossfit, _ = run_probe(dataclasses.replace(cfg, calibrate_on="val"))
+    assert len(sizes) == 2 and sum(sizes) == crossfit["n_queries"].iloc[0] * cfg.shortlist_k
+
+
+def test_fusion_calibrated_on_another_split(demo, run_dir, tmp_path, monkeypatch):
+    assert_fitted_on_the_calibration_split(demo, run_dir, tmp_path, monkeypatch, ScoreFusion, ["fusion"])
 
 
 def test_refusals(demo, run_dir, tmp_path, monkeypatch):
