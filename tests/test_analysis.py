@@ -247,6 +247,13 @@ def test_analysis_figures_are_real_images(ev, tmp_path):
         "grid": P.plot_retrieval_grid(ev, A.worst_queries(q, 3), k=4, title="worst"),
         "pairs": P.plot_confused_pairs(ev, A.confused_pairs(ev)),
     }
+    # what the bars and histograms draw is what lib's tables hold
+    heights = [bar.get_height() for bar in figures["candidates"].axes[0].patches]
+    np.testing.assert_allclose(heights, A.accuracy_by(q, A.candidate_counts(ev), "candidates")["accuracy"])
+    widths = sorted(bar.get_width() for bar in figures["ap"].axes[0].patches)
+    np.testing.assert_allclose(widths, sorted(A.per_class_ap(ev)["ap"]))
+    counted = sum(bar.get_height() for bar in figures["margins"].axes[0].patches)
+    assert counted == len(q), "every query's margin is in one of the two histograms"
     for name, fig in figures.items():
         assert_real_png(save(fig, tmp_path / f"{name}.png"))
         plt.close(fig)

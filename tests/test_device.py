@@ -6,18 +6,28 @@ import torch
 from lib.core.device import auto_settings, gpu_profile
 
 
-@pytest.mark.parametrize("memory_gb, cc, expected", [
-    (80, (8, 0), ("bf16", 16, 1)),   # A100 80GB
-    (40, (8, 0), ("bf16", 8, 2)),    # A100 40GB
-    (24, (8, 6), ("bf16", 4, 4)),    # RTX 3090: bf16-capable, so bf16 (an fp16 setting for it predates that rule)
-    (48, (8, 9), ("bf16", 8, 2)),    # other Ampere+
-    (16, (7, 0), ("fp16", 4, 4)),    # pre-Ampere (V100)
-])
-def test_gpu_table(memory_gb, cc, expected):
-    got = gpu_profile(memory_gb, cc, cpu_count=64)
-    assert (got["precision"], got["num_workers"], got["accum_steps"]) == expected
-    assert got["tf32"] == (cc[0] >= 8)
-    assert gpu_profile(memory_gb, cc, cpu_count=6)["num_workers"] <= 6
+MEMORY_GB = [8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 141]
+CAPABILITIES = [(6, 1), (7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0)]
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 6, 64])
+def test_gpu_table_rules(cpus):
+    """The rules the table encodes, over every card size and generation rather than its rows: precision and TF32
+    from the capability alone (bf16 and TF32 from Ampere, cc >= 8), never more workers than cores, and a card with
+    less memory never gets fewer workers' worth of accumulation or more workers than a larger one."""
+    for cc in CAPABILITIES:
+        rows = [gpu_profile(gb, cc, cpu_count=cpus) for gb in MEMORY_GB]
+        for gb, got in zip(MEMORY_GB, rows):
+            assert got["precision"] == ("bf16" if cc[0] >= 8 else "fp16"), (gb, cc)
+            assert got["tf32"] == (cc[0] >= 8), (gb, cc)
+            assert 1 <= got["num_workers"] <= cpus, (gb, cc, cpus)
+            assert got["accum_steps"] >= 1 and isinstance(got["accum_steps"], int)
+        for small, large in zip(rows, rows[1:]):
+            assert small["accum_steps"] >= large["accum_steps"], "more memory, more accumulation"
+            assert small["num_workers"] <= large["num_workers"], "more memory, fewer workers"
+        assert rows[0]["accum_steps"] > rows[-1]["accum_steps"], "memory changes the accumulation somewhere"
+    # the memory alone sets the accumulation: one card size either side of Ampere
+    assert gpu_profile(24, (7, 5), cpus)["accum_steps"] == gpu_profile(24, (8, 6), cpus)["accum_steps"]
 
 
 def fake_gpu(monkeypatch, memory_gb, major, minor):

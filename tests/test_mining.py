@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -34,9 +35,9 @@ def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, 
                        s=30.0, warmup_epochs=1, margin=0.3, context_margin=0.2, mining_warmup_epochs=1,
                        sampler="context_pk", p=6, k=2, batches_per_epoch=2, epochs=3, num_workers=0, device="cpu")
     monkeypatch.setattr(lib.train.loop, "context_margins", spy)
-    history = train_run(str(tmp_path), cfg, progress=False)
+    history = train_run(str(tmp_path / "whole"), cfg, progress=False)
     assert history["worst_contexts"].iloc[-1]
-    ckpt = load_checkpoint(tmp_path / "latest_model.pt")
+    ckpt = load_checkpoint(tmp_path / "whole" / "latest_model.pt")
     weights = ckpt["context_weights"]
     assert weights and np.mean(list(weights.values())) == pytest.approx(1.0)
     assert ckpt["config"]["train"]["context_margin"] == 0.2
@@ -44,3 +45,17 @@ def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, 
     # so every sample gets the larger same-context margin.
     assert len(seen) == 4
     assert torch.cat(seen).unique().tolist() == pytest.approx([0.5])
+
+    # killed after the first mined epoch: the resumed run samples by the weights it mined, and ends where the
+    # uninterrupted one does (one machine, one code path: equal up to the loop's own resume tolerance)
+    whole_margins, seen[:] = list(seen), []
+    train_run(str(tmp_path / "cut"), cfg, progress=False, stop_after_epoch=2)
+    assert load_checkpoint(tmp_path / "cut" / "latest_model.pt")["context_weights"] != {}
+    resumed = train_run(str(tmp_path / "cut"), cfg, progress=False)
+    cols = ["epoch", "train_loss", "val_recall@1", "val_mAP"]
+    pd.testing.assert_frame_equal(resumed[cols], history[cols], atol=1e-5, rtol=1e-4)
+    assert resumed["worst_contexts"].tolist() == history["worst_contexts"].tolist()
+    again = load_checkpoint(tmp_path / "cut" / "latest_model.pt")["context_weights"]
+    assert again.keys() == weights.keys()
+    assert list(again.values()) == pytest.approx(list(weights.values()), rel=1e-6)
+    assert len(seen) == 4 and all(torch.equal(a, b) for a, b in zip(seen, whole_margins))

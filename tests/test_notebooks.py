@@ -4,6 +4,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,12 @@ import pandas as pd
 import papermill
 import pytest
 from test_analysis import assert_real_png
+
+from lib.analysis.tables import confused_pairs
+from lib.data.splits import load_split_index
+from lib.evaluate.record import load_evaluation
+from lib.retrieval.ranking import evaluate_retrieval
+from lib.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
@@ -98,6 +105,11 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
         assert (splits / name).exists(), name
     assert len(json.loads((splits / "class_to_idx.json").read_text())) == 6
     assert (figures / "01_split_distribution.png").stat().st_size > 10_000
+    index, _ = load_split_index(splits)
+    assert (index.groupby("group")["split"].nunique() == 1).all(), "no group in two splits"
+    for split in ("train", "val", "test"):
+        groups = set(json.loads((splits / f"{split}_ids.json").read_text()))
+        assert groups == set(index.loc[index["split"] == split, "group"]), split
 
     run("02_train", tmp_path, **{**run_all.DEMO_TRAIN, "epochs": 2, "img_size": 32, "embed_dim": 32},
         data_dir=str(data), splits_dir=str(splits), run_dir=str(run_dir), batches_per_epoch=2,
@@ -105,6 +117,10 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
     assert (run_dir / "latest_model.pt").exists() and (run_dir / "best_model.pt").exists()
     assert (figures / "02_training_curves_run.png").stat().st_size > 10_000
     assert list((tmp_path / "mlruns").rglob("val_recall_at_1")), "per-epoch metrics reach MLflow"
+    history, best = pd.read_csv(run_dir / "metrics.csv"), load_checkpoint(run_dir / "best_model.pt")
+    selected = "ema_val_recall@1" if "ema_val_recall@1" in history else "val_recall@1"
+    assert best["best_metric"] == pytest.approx(history.set_index("epoch").loc[best["epoch"], selected])
+    assert best["best_metric"] == pytest.approx(history[selected].max())
     results = tmp_path / "results" / "benchmarks.csv"
     run("03_evaluate", tmp_path, run_dir=str(run_dir), results_csv=str(results), figures_dir=str(figures), k=10)
     for name in ("queries.csv", "arrays.npz", "metrics.json", "thresholds.json"):
@@ -113,16 +129,27 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
     assert (figures / "03_risk_coverage_run.png").stat().st_size > 10_000
     row = pd.read_csv(results)
     assert row["split"].tolist() == ["val"] and row["version"].tolist() == ["run"]
+    # the figures the notebook reports, again from the embeddings it saved, by lib
+    ev = load_evaluation(run_dir / "eval" / "val")
+    again = evaluate_retrieval(ev.gallery_emb, ev.gallery["label"], ev.query_emb, ev.queries["label"], ks=(1,),
+                               device="cpu")
+    for key in ("recall@1", "mAP"):
+        assert ev.metrics[key] == pytest.approx(again[key], abs=1e-9) == row[key].iloc[0], key
+    assert ev.metrics["vote_accuracy"] == pytest.approx((ev.queries["pred"] == ev.queries["label"]).mean())
 
     run("04_confusion_analysis", tmp_path, run_dir=str(run_dir), figures_dir=str(figures),
         results_dir=str(tmp_path / "results"))
     for name in ("confusion", "confused_pairs", "margins", "accuracy_by_candidates", "error_shares", "per_class_ap",
                  "tsne", "worst_queries"):
         assert_real_png(figures / f"04_{name}_run_val.png")
-    assert (tmp_path / "results" / "04_confused_pairs_run_val.csv").exists()
+    pairs = pd.read_csv(tmp_path / "results" / "04_confused_pairs_run_val.csv", keep_default_na=False)
+    cols = ["class_a", "class_b", "a_as_b", "b_as_a", "errors"]
+    pd.testing.assert_frame_equal(pairs[cols], confused_pairs(ev, top=len(pairs))[cols], check_dtype=False)
     nb = run("05_retrieval_gallery", tmp_path, run_dir=str(run_dir), figures_dir=str(figures), browser=False)
     assert_real_png(figures / "05_gallery_run_val.png")
-    assert any("upload path vs notebook 03, cosine" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    cosine = re.search(r"upload path vs notebook 03, cosine on .*: ([-0-9.]+)", printed)
+    assert cosine and float(cosine.group(1)) > 0.999, "a photo embedded as photo-predict does matches notebook 03"
 
     backbones = [{"name": "lite0", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 64}]
     run("06_probe", tmp_path, data_dir=str(data), splits_dir=str(splits), backbones=backbones, run_dir=str(run_dir),
@@ -132,6 +159,10 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
     assert len(probe) == 13 and set(probe["backbone"]) == {"lite0", "run", "lite0 and run"}  # 6 methods + ensemble
     assert (probe["protocol"] == "loo").all()
     assert len(list((tmp_path / "results" / "probe").glob("*.json"))) == 1
+    per_query = pd.read_csv(next((tmp_path / "results" / "probe").glob("*_queries.csv")), keep_default_na=False)
+    hits = per_query.assign(hit=per_query["top1_identity"] == per_query["identity"]).groupby(["backbone", "method"])
+    reported = probe.set_index(["backbone", "method"])["recall@1"]
+    pd.testing.assert_series_equal(hits["hit"].mean().loc[reported.index], reported, check_names=False)
     assert_real_png(figures / "06_probe_splits_val.png")
     assert_real_png(figures / "06_probe_importance_splits_val.png")
     assert list((tmp_path / "mlruns").rglob("lite0/fusion/identity_balanced_mAP")) or \

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from test_notebooks import run, run_all
 
 from lib.evaluate.record import load_evaluation
@@ -42,6 +43,11 @@ def test_reid_notebooks_01_to_06_on_the_demo_context_column(demo, tmp_path):
     assert len(pairs) == n_val * (n_val - 1) and not (pairs["query"] == pairs["gallery"]).any()
     per_identity = pd.read_csv(results / "03_per_identity_ap_run_val.csv")
     assert set(per_identity["identity"]) == set(index.loc[index["split"] == "val", "label"])
+    # the per-identity table and identity-balanced mAP the notebook reports, from the queries' own APs by pandas
+    by_identity = ev.queries.groupby("label")["ap"].mean()
+    np.testing.assert_allclose(per_identity.set_index("identity")["ap"].loc[by_identity.index], by_identity)
+    assert metrics["identity_balanced_mAP"] == pytest.approx(by_identity.dropna().mean())
+    assert metrics["mAP"] == pytest.approx(ev.queries["ap"].dropna().mean())
 
     run("04_confusion_analysis", tmp_path, task="reid", run_dir=str(run_dir), figures_dir=str(figures),
         results_dir=str(results))
