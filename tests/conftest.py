@@ -91,3 +91,14 @@ def assert_rankings_match(got, expected, tol: float) -> None:
             other = theirs.get(gallery, cut)  # absent from their top-k: it must be a near-tie of their last
             assert abs(other - score) <= 2 * tol, f"query {query}: {gallery} at {score} vs {other}"
     assert set(got["query"]) == set(expected["query"])
+
+
+def assert_neighbours_match(got, expected, reference, tol: float) -> None:
+    """Two (n_q, k) tables of gallery rows, nearest first, agree up to float rounding: no row lists a photo twice, and
+    at every rank the photo found is as near, by `reference` ((n_q, n_g) float64 distances or scores), as the one
+    expected there, to within tol: a swap of near-ties, or a near-tie at the k-th place, is no error."""
+    got, expected = np.asarray(got), np.asarray(expected)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert all(len(set(row)) == len(row) for row in got.tolist()), "a row lists one gallery photo twice"
+    np.testing.assert_allclose(np.take_along_axis(reference, got, axis=1),
+                               np.take_along_axis(reference, expected, axis=1), rtol=0, atol=tol)

@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_rankings_match, score_tolerance
+from conftest import assert_neighbours_match, assert_rankings_match, score_tolerance
 
 import lib.retrieval.ranking
 from lib.retrieval.ann_index import (
@@ -38,10 +38,19 @@ def _clustered(seed, n_gallery=1200, n_query=60, dim=16, n_clusters=40):
     return gallery, names[g_labels], query, names[q_labels]
 
 
+# squared L2 of unit vectors is 2 - 2 cos: twice a float32 score's rounding (the test data are 16-dimensional)
+TOL = 2 * score_tolerance(16)
+
+
+def _d2(gallery, queries):
+    """(n_q, n_g) squared L2 between the unit rows, in float64."""
+    return ((_unit(queries.astype(np.float64))[:, None] - _unit(gallery.astype(np.float64))[None]) ** 2).sum(-1)
+
+
 def _exact_topk(gallery, queries, k, self_rows=None):
     """Row numbers of each query's k nearest gallery rows by float64 numpy; self_rows: each query's own row, left
     out."""
-    d2 = ((_unit(queries.astype(np.float64))[:, None] - _unit(gallery.astype(np.float64))[None]) ** 2).sum(-1)
+    d2 = _d2(gallery, queries)
     if self_rows is not None:
         d2[np.arange(len(queries)), self_rows] = np.inf
     return np.argsort(d2, axis=1, kind="stable")[:, :k]
@@ -69,7 +78,7 @@ def test_search_parameters_are_applied_and_change_results_without_a_rebuild():
     assert info["factory"] == "IVF16,Flat" and info["search_params"] == {"nprobe": 1}
     narrow = search(index, query, k=10)[1]
     searchable(index, IndexSpec(index="ivf", nprobe=16), device="cpu")  # every list: exact
-    np.testing.assert_array_equal(search(index, query, k=10)[1], _exact_topk(gallery, query, 10))
+    assert_neighbours_match(search(index, query, k=10)[1], _exact_topk(gallery, query, 10), _d2(gallery, query), TOL)
     assert not np.array_equal(narrow, _exact_topk(gallery, query, 10))
     _, hnsw = build_search_index(gallery, IndexSpec(index="hnsw", ef_search=77), device="cpu")
     assert hnsw["search_params"] == {"efSearch": 77}  # nprobe has no meaning for a graph and is not claimed
@@ -116,7 +125,7 @@ def test_auto_is_exact_below_the_threshold_and_approximate_from_it_saying_so():
 def test_the_flat_path_is_the_exact_index_of_before():
     gallery, _, query, _ = _clustered(5)
     index, _ = build_search_index(gallery, IndexSpec(index="flat"), device="cpu")
-    np.testing.assert_array_equal(search(index, query, k=10)[1], _exact_topk(gallery, query, 10))
+    assert_neighbours_match(search(index, query, k=10)[1], _exact_topk(gallery, query, 10), _d2(gallery, query), TOL)
 
 
 def test_an_index_that_finds_fewer_than_k_pads_with_no_neighbour_at_infinite_distance():

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import assert_neighbours_match, score_tolerance
 from sklearn.metrics import average_precision_score
 from torchvision.transforms import v2
 
@@ -25,6 +26,10 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+# squared L2 of unit vectors is 2 - 2 cos: twice a float32 score's rounding (the test data are 16-dimensional)
+TOL = 2 * score_tolerance(16)
+
+
 def _data(seed, n_gallery=120, n_query=30, dim=16, n_labels=8):
     rng = np.random.default_rng(seed)
     gallery = rng.normal(size=(n_gallery, dim)).astype(np.float32)
@@ -33,9 +38,11 @@ def _data(seed, n_gallery=120, n_query=30, dim=16, n_labels=8):
     return gallery, labels[rng.integers(0, n_labels, n_gallery)], query, labels[rng.integers(0, n_labels, n_query)]
 
 
-def _brute_force(gallery, query, k):
-    """Squared L2 between unit vectors and the k nearest, by plain numpy."""
+def _brute_force(gallery, query, k, sort: bool = True):
+    """Squared L2 between unit vectors and the k nearest, by plain numpy (sort=False: the whole (n_q, n_g) matrix)."""
     d2 = ((_unit(query.astype(np.float64))[:, None] - _unit(gallery.astype(np.float64))[None]) ** 2).sum(-1)
+    if not sort:
+        return d2, None
     order = np.argsort(d2, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(d2, order, axis=1), order
 
@@ -44,7 +51,7 @@ def test_search_equals_brute_force_topk():
     gallery, _, query, _ = _data(0)
     distances, indices = search(build_index(gallery, device="cpu"), query, k=10)
     expected_d, expected_i = _brute_force(gallery, query, 10)
-    np.testing.assert_array_equal(indices, expected_i)
+    assert_neighbours_match(indices, expected_i, _brute_force(gallery, query, len(gallery), sort=False)[0], TOL)
     np.testing.assert_allclose(distances, expected_d, atol=1e-5)
     cos = np.take_along_axis(_unit(query) @ _unit(gallery).T, indices, axis=1)
     np.testing.assert_allclose(distances, 2 - 2 * cos, atol=1e-5)  # the documented d² = 2 − 2·cos
@@ -63,13 +70,15 @@ def test_batched_search_equals_unbatched():
     index = build_index(gallery, device="cpu")
     whole = search(index, query, k=7, batch_size=10_000)
     batched = search(index, query, k=7, batch_size=7)
-    np.testing.assert_array_equal(batched[1], whole[1])
-    np.testing.assert_array_equal(batched[0], whole[0])
+    # Faiss scores fewer than 20 queries with its own loop and more with BLAS: equal to float32 rounding
+    assert_neighbours_match(batched[1], whole[1], _brute_force(gallery, query, len(gallery), sort=False)[0], TOL)
+    np.testing.assert_allclose(batched[0], whole[0], rtol=0, atol=TOL)
 
 
 def test_float64_and_non_contiguous_input_give_the_float32_result():
     gallery, _, query, _ = _data(3)
     reference = search(build_index(gallery, device="cpu"), query, k=5)
+    # the same float32 rows reach the same Faiss call: exactly the same result
     fortran = np.asfortranarray(gallery.astype(np.float64))
     result = search(build_index(fortran, device="cpu"), np.repeat(query, 2, axis=1)[:, ::2].astype(np.float64), k=5)
     np.testing.assert_array_equal(result[1], reference[1])
@@ -117,7 +126,8 @@ def test_exclude_self_search_equals_brute_force_leave_one_out():
     distances, indices = search(build_index(gallery, device="cpu"), gallery, k=6, batch_size=11, exclude_self=True)
     full_d, full_i = _brute_force(gallery, gallery, len(gallery))
     expected = np.array([row[row != i][:6] for i, row in enumerate(full_i)])
-    np.testing.assert_array_equal(indices, expected)
+    assert (indices != np.arange(len(gallery))[:, None]).all(), "a photo found itself"
+    assert_neighbours_match(indices, expected, _brute_force(gallery, gallery, len(gallery), sort=False)[0], TOL)
     expected_d = np.array([d[r != i][:6] for i, (d, r) in enumerate(zip(full_d, full_i))])
     np.testing.assert_allclose(distances, expected_d, atol=1e-5)
 
@@ -264,7 +274,7 @@ def test_search_within_never_leaves_the_query_context_and_ranks_like_brute_force
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     d2 = ((unit(q)[:, None] - unit(g)[None]) ** 2).sum(-1)
     d2[g_ctx[None] != q_ctx[:, None]] = np.inf
-    np.testing.assert_array_equal(indices, np.argsort(d2, axis=1, kind="stable")[:, :4])
+    assert_neighbours_match(indices, np.argsort(d2, axis=1, kind="stable")[:, :4], d2, TOL)
     np.testing.assert_allclose(distances, np.sort(d2, axis=1)[:, :4], atol=1e-5)
 
 
