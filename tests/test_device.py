@@ -75,3 +75,25 @@ def test_workers_follow_the_cores_this_process_may_use_not_the_machine(monkeypat
     assert auto_settings().num_workers == 0  # 2 allowed cores: loading in the main process beats a competing worker
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert auto_settings().num_workers == 2
+
+
+def test_loader_workers_divide_the_machines_cores_among_its_torchrun_ranks(monkeypatch):
+    fake_gpu(monkeypatch, 80, 8, 0)  # 32 usable cores; the table's 16 workers for one process
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert auto_settings().num_workers == 16
+    for ranks, workers in ((2, 16), (4, 8), (8, 4), (64, 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert auto_settings().num_workers == workers, f"{ranks} ranks on 32 cores"
+
+
+def test_bf16_is_judged_on_the_chosen_card_not_the_current_one(monkeypatch):
+    cards = {0: SimpleNamespace(name="V100", total_memory=16 * 2**30, major=7, minor=0),
+             1: SimpleNamespace(name="A100", total_memory=80 * 2**30, major=8, minor=0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: cards[torch.device(dev).index or 0])
+    # torch's own answer: about the current device (0 here), and yes where bf16 is only emulated
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert auto_settings("cuda:1", precision="bf16").precision == "bf16"
+    assert auto_settings("cuda:1").precision == "bf16" and auto_settings("cuda:0").precision == "fp16"
+    with pytest.raises(ValueError, match="no bf16"):
+        auto_settings("cuda:0", precision="bf16")

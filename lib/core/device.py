@@ -59,6 +59,20 @@ def gpu_profile(total_memory_gb: float, capability: tuple[int, int], cpu_count: 
             "tf32": capability[0] >= 8}
 
 
+def cores_per_rank() -> int:
+    """Cores for this process's loader workers: the cores it may use, shared among the processes torchrun started on
+    this machine (LOCAL_WORLD_SIZE; 1 without torchrun), so N ranks with the table's workers each do not start N
+    times the workers the machine has cores for."""
+    return max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a card of this compute capability has bf16 tensor cores (Ampere, 8.0, on). Not
+    torch.cuda.is_bf16_supported(): it asks about the current device rather than the chosen one, and by default
+    also says yes where bf16 is only emulated (a V100), far slower than fp16."""
+    return capability[0] >= 8
+
+
 def pick_device(device: str = "auto") -> str:
     """CUDA when there is one; Apple MPS is refused rather than half-working (auto picks the CPU on a Mac)."""
     if device == "mps":
@@ -81,7 +95,7 @@ def auto_settings(device: str = "auto", precision: str = "auto", num_workers: in
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
     dev = pick_device(device)
-    cpus = usable_cpus()
+    cpus = cores_per_rank()
     if dev == "cpu":
         if precision in ("bf16", "fp16"):
             raise ValueError(f"precision={precision!r} is for CUDA; on the CPU training runs in fp32")
@@ -94,7 +108,7 @@ def auto_settings(device: str = "auto", precision: str = "auto", num_workers: in
         gpu = f"{props.name} ({props.total_memory / 2**30:.0f} GB, cc {props.major}.{props.minor})"
     if precision != "auto":
         chosen["precision"] = precision
-    if precision == "bf16" and dev != "cpu" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and dev != "cpu" and not native_bf16((props.major, props.minor)):
         raise ValueError("precision='bf16' asked for, but this GPU has no bf16 support; use 'fp16'")
     return DeviceSettings(
         device=dev, precision=chosen["precision"],

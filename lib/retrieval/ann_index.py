@@ -19,7 +19,16 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
-from lib.retrieval.faiss_index import build_index, clip_k, gpu_id, knn, on_device, unit_queries, unit_rows
+from lib.retrieval.faiss_index import (
+    build_index,
+    clip_k,
+    gpu_id,
+    gpu_resources,
+    knn,
+    on_device,
+    unit_queries,
+    unit_rows,
+)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "auto")
 # Defaults from bench/bench_index.py (synthetic clustered 512-d unit vectors on 2 CPU cores; README "Large
@@ -143,14 +152,13 @@ def place(index: faiss.Index, device="auto") -> tuple[faiss.Index, str]:
     options.useFloat16 = isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVFPQ)
     options.shard = True
     gpus = list(range(faiss.get_num_gpus())) if str(device) == "auto" else [gpu]
-    # what faiss.index_cpu_to_all_gpus does, keeping the resources: its wrapper lets them be collected
-    resources = [faiss.StandardGpuResources() for _ in gpus]
+    # what faiss.index_cpu_to_all_gpus does, with this process's resources instead of new ones for every call
+    resources = [gpu_resources(g) for g in gpus]
     try:
         placed = faiss.index_cpu_to_gpu_multiple_py(resources, index, options, gpus)
     except RuntimeError as e:  # e.g. HNSW, which faiss-gpu does not implement
         warnings.warn(f"{type(index).__name__} cannot go to the GPU ({_faiss_reason(e)}): it searches on the CPU")
         return index, "cpu"
-    placed.referenced_objects = resources
     return placed, f"{len(gpus)} GPUs, sharded" if len(gpus) > 1 else f"cuda:{gpus[0]}"
 
 

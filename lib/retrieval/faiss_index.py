@@ -53,12 +53,31 @@ def gpu_id(device) -> int | None:
         return None
     if device != "auto" and not re.fullmatch(r"cuda(:\d+)?", device):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if faiss.get_num_gpus() == 0:
+    n_gpus = faiss.get_num_gpus()
+    if n_gpus == 0:
         if device != "auto":
             # a CUDA torch beside faiss-cpu is a common install; the search still works, only slower
             warnings.warn(f"device={device!r} but this faiss build sees no GPU (faiss-cpu?): index stays on the CPU")
         return None
-    return int(device.partition(":")[2] or 0)
+    gpu = int(device.partition(":")[2] or 0)
+    if gpu >= n_gpus:
+        raise ValueError(f"device={device!r} but faiss sees {n_gpus} GPU(s): cuda:0 to cuda:{n_gpus - 1}")
+    return gpu
+
+
+# one per GPU for this process's life (see gpu_resources)
+_GPU_RESOURCES: dict = {}
+
+
+def gpu_resources(gpu: int):
+    """This process's faiss.StandardGpuResources for GPU `gpu`, made on first use and shared by every index placed
+    there after it. Each such object reserves its own scratch memory on the card (faiss's default is a share of it),
+    which a model training beside it needs: one per index would reserve it again for every validation and for each
+    context of search_within. Holding them here also keeps them alive as long as their indexes (faiss's Python
+    wrapper does not, and a search after they are collected crashes). Like faiss's, not for two threads at once."""
+    if gpu not in _GPU_RESOURCES:
+        _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[gpu]
 
 
 def build_index(embeddings, device="auto") -> faiss.Index:
@@ -74,9 +93,14 @@ def build_index(embeddings, device="auto") -> faiss.Index:
 
 
 def faiss_device_for(torch_device) -> str:
-    """Where Faiss runs beside a model on `torch_device`: the CPU with a CPU model, else 'auto' (the GPU when this
-    faiss build has one; faiss-cpu beside a CUDA torch is a common install and no error)."""
-    return "cpu" if str(torch_device) == "cpu" else "auto"
+    """Where Faiss runs beside a model on `torch_device` (a settings.device): the CPU with a CPU model, also where
+    faiss-gpu is installed; the model's own GPU for 'cuda:N' (under DDP, each rank's); 'auto' for plain 'cuda' (GPU 0
+    for an exact index, every GPU, sharded, for an approximate one). With faiss-cpu beside a CUDA torch (a common
+    install, no error) the CPU."""
+    device = str(torch_device)
+    if device == "cpu" or faiss.get_num_gpus() == 0:
+        return "cpu"
+    return device if re.fullmatch(r"cuda:\d+", device) else "auto"
 
 
 def on_device(index: faiss.Index, device) -> faiss.Index:
@@ -84,11 +108,7 @@ def on_device(index: faiss.Index, device) -> faiss.Index:
     gpu = gpu_id(device)
     if gpu is None:
         return index
-    resources = faiss.StandardGpuResources()
-    index = faiss.index_cpu_to_gpu(resources, gpu, index)
-    # faiss's Python wrapper does not keep the resources alive; once collected, search crashes
-    index.referenced_objects = [resources]
-    return index
+    return faiss.index_cpu_to_gpu(gpu_resources(gpu), gpu, index)
 
 
 def unit_queries(index: faiss.Index, queries) -> np.ndarray:

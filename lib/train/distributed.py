@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
+import timm.layers
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,11 +44,17 @@ class World:
             dist.barrier()
 
     def main_first(self, make):
-        """make() on rank 0, then on the others: for work rank 0 caches or settles on disk (features, moving a
-        corrupt checkpoint aside) that the others then read."""
+        """make() on rank 0, then on the others: for work rank 0 caches on disk (the pooled features) that the others
+        then read, or make again where their disk lacks it."""
         value = make() if self.main else None
         self.barrier()
         return value if self.main else make()
+
+    def main_only(self, make):
+        """make() on rank 0 alone, and its value on every rank: for state rank 0 reads from its own disk (the
+        checkpoint a run resumes from), so ranks on machines without a shared file system still agree on it. The
+        value travels pickled, once, through the process group."""
+        return self.from_main(make() if self.main else None)
 
     def from_main(self, value):
         """Rank 0's `value` on every rank (any picklable object)."""
@@ -83,6 +90,15 @@ def join_world(device: str) -> tuple[World, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return World(rank, size, local_rank), device
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with every BatchNorm normalising over all ranks' images (SyncBatchNorm), converted in place.
+
+    timm's converter, not torch's nn.SyncBatchNorm.convert_sync_batchnorm: torch's turns timm's BatchNormAct2d
+    (every EfficientNet's norm + activation) into a plain SyncBatchNorm that keeps the act and drop submodules but
+    never calls them, so every activation after a BatchNorm would vanish."""
+    return timm.layers.convert_sync_batchnorm(model)
 
 
 def leave_world(world: World) -> None:

@@ -200,7 +200,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     total_epochs = cfg.head_epochs + (cfg.epochs if unfrozen != 0 else 0)
     history: list[dict] = []
     start_epoch, best, since_best, run_id = 1, -math.inf, 0, None
-    resumed = None if fresh else world.main_first(lambda: resume_checkpoint(run_dir))
+    resumed = None if fresh else world.main_only(lambda: resume_checkpoint(run_dir))
     if resumed is not None:
         ckpt, source = resumed
         diff = settings_diff(config, ckpt["config"], defaults or {})

@@ -54,7 +54,9 @@ class ArcFaceHead(nn.Module):
     def cosine(self, emb: torch.Tensor) -> torch.Tensor:
         """(B, n_classes) cosine to each class: the nearest of its sub-centres."""
         # fp32 even under AMP: bf16 keeps ~3 digits, so cos 0.995 and 0.999 (where the margin acts) would merge;
-        # the head is one small matmul, so this costs nothing that matters.
+        # the head is one small matmul, so this costs nothing that matters. TF32 (on from Ampere) is meant to act
+        # here too: it rounds the inputs to 10 mantissa bits but sums and returns fp32, so the cosine keeps fp32's
+        # steps near 1 and errs by ~1e-4 (512-d, emulated on the CPU; tests/test_cuda.py checks it), bf16 by ~2e-3.
         with torch.autocast(device_type=emb.device.type, enabled=False):
             cos = F.linear(F.normalize(emb.float(), dim=1), F.normalize(self.weight.float(), dim=1))
         return cos.view(len(emb), self.n_classes, self.k_subcenters).amax(dim=2)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch import nn
 
 from lib.core.device import auto_settings
 from lib.core.errors import DataError
@@ -17,7 +16,7 @@ from lib.data.splits import load_split_index
 from lib.data.transforms import batch_mix, build_transforms
 from lib.train.checkpoint import seed_everything
 from lib.train.config import SAMPLERS, DataConfig, RunConfig, build_config
-from lib.train.distributed import join_world
+from lib.train.distributed import join_world, sync_batchnorm
 from lib.train.loop import fit, resolve_backbone_bn
 from lib.train.losses import build_loss
 from lib.train.model import create_model
@@ -48,7 +47,7 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
         if not device_name.startswith("cuda") and not (device_name == "auto" and torch.cuda.is_available()):
             raise ValueError("sync_bn=True needs CUDA: PyTorch's SyncBatchNorm has no CPU kernel")
         # BatchNorm in train mode normalises over the step's batch on all ranks, as one process would
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model)
     # auto is recorded as what it chose, so the checkpoint says how BatchNorm trained and a resume compares like
     # with like
     chosen = resolve_backbone_bn(config.train.backbone_bn, model.random_init)
