@@ -82,10 +82,12 @@ def test_an_amp_step_is_finite_and_close_to_fp32(precision):
     ref_loss, ref_grads, _ = amp_gradients("fp32")
     loss, grads, skipped = amp_gradients(precision)
     assert np.isfinite(loss) and skipped < 20
-    # half precision keeps 3 (bf16: 2-3) significant digits per op, over a dozen layers: a few parts in a hundred
-    assert abs(loss - ref_loss) <= 3e-2 * abs(ref_loss), (loss, ref_loss)
+    # fp16 keeps ~3 significant digits per op, bf16 ~2. The same test under CPU autocast gave a loss off by 1e-3
+    # (bf16) and 2e-4 (fp16) and gradient cosines of 0.998 and 0.99998; the bounds leave ~20x for other kernels
+    bound, direction = (0.02, 0.98) if precision == "bf16" else (0.01, 0.99)
+    assert abs(loss - ref_loss) <= bound * abs(ref_loss), (loss, ref_loss)
     cosine = torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0).item()
-    assert cosine > (0.95 if precision == "bf16" else 0.98), f"{precision} gradient direction vs fp32: {cosine:.4f}"
+    assert cosine > direction, f"{precision} gradient direction vs fp32: {cosine:.4f}"
 
 
 def test_the_device_table_on_this_card():
@@ -115,21 +117,25 @@ def test_faiss_gpu_flat_and_ivf_find_what_faiss_cpu_finds():
     gallery = (centres[rng.integers(0, 200, 20_000)] + 0.3 * rng.normal(size=(20_000, 128))).astype(np.float32)
     queries = gallery[rng.choice(20_000, 500, replace=False)] + 0.05 * rng.normal(size=(500, 128)).astype(np.float32)
 
-    def compare(cpu, gpu, what):
+    def compare(cpu, gpu, what, agree):
         (d_cpu, i_cpu), (d_gpu, i_gpu) = search(cpu, queries, 10), search(gpu, queries, 10)
-        # squared L2 of unit vectors in [0, 4], summed over 128 float32 products by another kernel: ~1e-6, 1e-4 bound
-        np.testing.assert_allclose(d_gpu, d_cpu, atol=1e-4, err_msg=what)
         same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_cpu, i_gpu)])
-        assert same >= 0.999, f"{what}: {same:.4f} of the neighbours agree (only near-ties may swap)"
+        assert same >= agree, f"{what}: {same:.4f} of the neighbours agree"
+        # squared L2 of unit vectors in [0, 4], from 128 float32 products summed by another kernel (faiss-gpu keeps
+        # cuBLAS at full fp32): ~1e-6, bounded at 1e-4; where a near-tie swapped two neighbours their distances agree
+        # anyway, so the flat index compares every rank, IVF only the ranks that found the same row
+        rows = np.ones_like(i_cpu, dtype=bool) if agree > 0.999 else i_cpu == i_gpu
+        np.testing.assert_allclose(d_gpu[rows], d_cpu[rows], atol=1e-4, err_msg=what)
 
     flat = build_index(gallery, "cuda:0")
     assert type(flat).__name__.startswith("Gpu")
-    compare(build_index(gallery, "cpu"), flat, "flat")
+    compare(build_index(gallery, "cpu"), flat, "flat", agree=0.9995)  # only near-ties may swap
     spec = IndexSpec(index="ivf", nprobe=8)
     ivf_cpu, info = build_search_index(gallery, spec, "cpu")
     ivf_gpu, placed = searchable(faiss.clone_index(ivf_cpu), spec, "cuda:0")  # the same trained lists, on the GPU
     assert info["placement"] == "cpu" and placed["placement"] == "cuda:0"
-    compare(ivf_cpu, ivf_gpu, "IVF")
+    # the same lists, but a query near the boundary of its 8th-nearest list may visit another one
+    compare(ivf_cpu, ivf_gpu, "IVF", agree=0.99)
     assert list(faiss_index._GPU_RESOURCES) == [0], "every index on GPU 0 shares one resources object"
 
 
