@@ -1,7 +1,10 @@
 """The GPU paths' logic, on the CPU: SyncBatchNorm keeps timm's norm+activation layers; Faiss GPU placement (one
 resources object per GPU and process, the index on the model's own GPU) through a stand-in faiss-gpu; and a
-2-process resume where rank 1's machine has no copy of the run (no shared file system)."""
+2-process resume where rank 1's machine has no copy of the run (no shared file system); bench/gpu_check.sh without a
+GPU."""
 import os
+import subprocess
+import sys
 from collections import Counter
 from datetime import timedelta
 
@@ -12,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_distributed import TINY, _free_port
+from test_notebooks import ROOT
 from timm.layers import BatchNormAct2d
 
 from lib.retrieval import faiss_index
@@ -141,3 +145,16 @@ def test_ranks_without_a_shared_disk_resume_from_rank_0s_checkpoint(demo, tmp_pa
     # epochs 0 and 1 come from the checkpoint, not trained again
     pd.testing.assert_frame_equal(ranks[0][agreed].iloc[:2], stopped[agreed].iloc[:2], check_dtype=False)
     assert not (node1 / "latest_model.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: bench/gpu_check.sh measures instead")
+def test_the_gpu_check_runs_to_its_end_without_a_gpu_and_skips_every_gpu_row():
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = dict(line[4:].split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("ROW "))
+    gpu_rows = {name: text for name, text in rows.items() if name not in ("python", "packages", "wheels", "gpu_check")}
+    assert set(gpu_rows) == {"cuda tests", "train Lite0 320 px", "train V2-L 480 px", "embedding Lite0 320 px",
+                             "faiss 100k x 512", "peak GPU memory"}
+    assert all(text.startswith("skipped: no CUDA") for text in gpu_rows.values()), gpu_rows
+    assert rows["gpu_check"].startswith("done in")
