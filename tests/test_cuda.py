@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import assert_neighbours_match, score_tolerance
 
 from lib.core.device import apply_settings, auto_settings, cores_per_rank, native_bf16
 
@@ -110,32 +111,33 @@ def test_the_device_table_on_this_card():
 def test_faiss_gpu_flat_and_ivf_find_what_faiss_cpu_finds():
     from lib.retrieval import faiss_index
     from lib.retrieval.ann_index import IndexSpec, build_search_index, searchable
-    from lib.retrieval.faiss_index import build_index, search
+    from lib.retrieval.faiss_index import build_index, search, unit_rows
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(200, 128))
     gallery = (centres[rng.integers(0, 200, 20_000)] + 0.3 * rng.normal(size=(20_000, 128))).astype(np.float32)
     queries = gallery[rng.choice(20_000, 500, replace=False)] + 0.05 * rng.normal(size=(500, 128)).astype(np.float32)
-
-    def compare(cpu, gpu, what, agree):
-        (d_cpu, i_cpu), (d_gpu, i_gpu) = search(cpu, queries, 10), search(gpu, queries, 10)
-        same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_cpu, i_gpu)])
-        assert same >= agree, f"{what}: {same:.4f} of the neighbours agree"
-        # squared L2 of unit vectors in [0, 4], from 128 float32 products summed by another kernel (faiss-gpu keeps
-        # cuBLAS at full fp32): ~1e-6, bounded at 1e-4; where a near-tie swapped two neighbours their distances agree
-        # anyway, so the flat index compares every rank, IVF only the ranks that found the same row
-        rows = np.ones_like(i_cpu, dtype=bool) if agree > 0.999 else i_cpu == i_gpu
-        np.testing.assert_allclose(d_gpu[rows], d_cpu[rows], atol=1e-4, err_msg=what)
+    g, q = unit_rows(gallery, "g").astype(np.float64), unit_rows(queries, "q").astype(np.float64)
+    reference = 2 - 2 * q @ g.T  # squared L2 of the unit vectors, in float64
+    # d² = 2 - 2 cos: twice the cosine's float32 rounding (faiss-gpu keeps cuBLAS at full fp32, no TF32)
+    tol = 2 * score_tolerance(128)
 
     flat = build_index(gallery, "cuda:0")
     assert type(flat).__name__.startswith("Gpu")
-    compare(build_index(gallery, "cpu"), flat, "flat", agree=0.9995)  # only near-ties may swap
+    (d_cpu, i_cpu), (d_gpu, i_gpu) = search(build_index(gallery, "cpu"), queries, 10), search(flat, queries, 10)
+    assert_neighbours_match(i_gpu, i_cpu, reference, tol)
+    np.testing.assert_allclose(d_gpu, d_cpu, rtol=0, atol=tol)
+
     spec = IndexSpec(index="ivf", nprobe=8)
     ivf_cpu, info = build_search_index(gallery, spec, "cpu")
     ivf_gpu, placed = searchable(faiss.clone_index(ivf_cpu), spec, "cuda:0")  # the same trained lists, on the GPU
     assert info["placement"] == "cpu" and placed["placement"] == "cuda:0"
-    # the same lists, but a query near the boundary of its 8th-nearest list may visit another one
-    compare(ivf_cpu, ivf_gpu, "IVF", agree=0.99)
+    (d_cpu, i_cpu), (d_gpu, i_gpu) = search(ivf_cpu, queries, 10), search(ivf_gpu, queries, 10)
+    # the same lists, but a query near the boundary of its 8th-nearest list may visit another one there
+    same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_cpu, i_gpu)])
+    assert same >= 0.99, f"IVF: {same:.4f} of the neighbours agree"
+    found = i_cpu == i_gpu
+    np.testing.assert_allclose(d_gpu[found], d_cpu[found], rtol=0, atol=tol)
     assert list(faiss_index._GPU_RESOURCES) == [0], "every index on GPU 0 shares one resources object"
 
 
