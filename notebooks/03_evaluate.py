@@ -25,8 +25,10 @@
 # Embeddings are cached in `run_dir/embeddings/` per checkpoint, data and transform: re-running is quick.
 #
 # Re-identification (`task="reid"`, label = individual): an open-set split (individuals never seen in training,
-# notebook 01's `split_mode="open"`) is evaluated leave-one-out, each photo querying all other photos of the split;
-# the notebook adds identity-balanced mAP, CMC, per-identity AP and the all-vs-all similarity table.
+# notebook 01's `split_mode="open"`) is evaluated leave-one-out, each photo querying the other photos of the split;
+# under `loo_rule="group"` (the default where groups are finer than individuals) a query's own group (burst,
+# sighting, photo) is junk, neither match nor miss, as a gallery of earlier encounters would be. The notebook adds
+# identity-balanced mAP, CMC, per-identity AP and the all-vs-all similarity table.
 # `restrict_to_context=True` (e.g. look for a street tree only among the trees at its address) lets a query's
 # neighbours, and so its vote, come only from photos of its own context; Recall@k and mAP still rank the whole
 # gallery, and notebook 04 breaks the accuracy down by the number of candidates in the context.
@@ -41,6 +43,7 @@
 run_dir = "runs/photos"          # a run trained by notebook 02
 task = "classification"          # classification | reid (identity metrics, per-identity AP, pairwise export)
 protocol = "auto"                # gallery (train photos) | loo (the split queries itself) | auto: loo for open sets
+loo_rule = "auto"                # loo: group (own group is junk) | photo (only itself) | auto: group if finer than ids
 restrict_to_context = False      # True: a query's neighbours and vote come only from photos of its own context
 split = "val"                    # the split thresholds are chosen on; the test split is never used for choosing
 checkpoint = "best"              # best | latest | a checkpoint file name in run_dir
@@ -88,8 +91,10 @@ index_spec = IndexSpec(index=index, nprobe=nprobe, ef_search=ef_search, exact_be
 
 # %%
 ev = evaluate_run(run_dir, split=split, checkpoint=checkpoint, k=k, weighting=weighting, tta=tta, device=device,
-                  progress=True, protocol=protocol, restrict_to_context=restrict_to_context, index=index_spec)
-print(f"{split}: {len(ev.queries)} queries against {len(ev.gallery)} gallery photos ({ev.config['protocol']}); "
+                  progress=True, protocol=protocol, restrict_to_context=restrict_to_context, index=index_spec,
+                  loo_rule=loo_rule)
+rule = f", leaving out each query's own {ev.config['loo_rule']}" if ev.config["loo_rule"] else ""
+print(f"{split}: {len(ev.queries)} queries against {len(ev.gallery)} gallery photos ({ev.config['protocol']}{rule}); "
       f"checkpoint {ev.config['checkpoint']}")
 print(describe(ev.metrics["index"]))
 
@@ -125,7 +130,8 @@ if evaluate_test:
     evaluations["test"] = evaluate_run(run_dir, split="test", checkpoint=checkpoint, k=k, weighting=weighting,
                                        tta=tta, thresholds=thresholds, device=device, progress=True,
                                        protocol=protocol, restrict_to_context=restrict_to_context,
-                                       new_threshold=ev.metrics["new_individual"]["threshold"], index=index_spec)
+                                       new_threshold=ev.metrics["new_individual"]["threshold"], index=index_spec,
+                                       loo_rule=loo_rule)
     print(f"test: {describe(evaluations['test'].metrics['index'])}")
 rows = []
 for name, e in evaluations.items():
@@ -158,7 +164,8 @@ pd.DataFrame(ev.metrics["per_class"]).T.sort_values("f1")
 # Identity-balanced mAP weighs every individual alike (plain mAP favours the often-photographed ones); CMC rank-k
 # is Recall@k. A query whose individual has no other photo in the gallery is new: it should be called new when its
 # nearest photo is far; the threshold with the best F1 of that call is chosen on this split (val) and the test
-# split is measured at it. In leave-one-out only an individual with a single photo in the split is new.
+# split is measured at it. In leave-one-out only an individual with a single photo (under the group rule: a single
+# group) in the split is new.
 # Per-identity AP, worst first, and the all-vs-all similarity table (query, gallery, cosine) go to `results/`.
 
 # %%
@@ -177,6 +184,7 @@ if task == "reid":
     per_identity.to_csv(results / f"03_per_identity_ap_{tag}.csv")
     display(pd.concat({"worst": per_identity.head(5), "best": per_identity.dropna().tail(5)}))
     pairs = pairwise_scores(ev.query_emb, ev.queries["path"], ev.gallery_emb, ev.gallery["path"],
-                            exclude_self=ev.config["protocol"] == "loo", top=pairs_top or None)
+                            exclude_self=ev.config["protocol"] == "loo", top=pairs_top or None,
+                            groups=ev.queries["group"].to_numpy() if ev.config["loo_rule"] == "group" else None)
     pairs.to_csv(results / f"03_pairs_{tag}.csv", index=False)
     print(f"{len(pairs)} pairs -> {results / f'03_pairs_{tag}.csv'}")

@@ -164,8 +164,9 @@ always
 ap = A.per_class_ap(ev)
 if task == "reid":
     ap = ap.rename_axis("identity")
-    print(f"identity-balanced mAP {ap['ap'].mean():.3f} over {len(ap)} individuals (plain mAP "
-          f"{ev.metrics.get('mAP', float('nan')):.3f})")
+    m = ev.metrics  # notebook 03's figures; .get: records from before a metric existed
+    print(f"identity-balanced mAP {m.get('identity_balanced_mAP', float('nan')):.3f} over {len(ap)} individuals "
+          f"(plain mAP {m.get('mAP', float('nan')):.3f})")
 ap.to_csv(results / f"04_per_class_ap_{tag}.csv")
 save(P.plot_per_class_ap(ap), figures / f"04_per_class_ap_{tag}.png")
 ap.head(worst_n)

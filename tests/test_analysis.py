@@ -288,3 +288,37 @@ def test_per_context_counts_accuracy_ap_and_always_failing_individuals():
     assert table.loc["X", "accuracy"] == pytest.approx(0.25) and table.loc["X", "mean_ap"] == pytest.approx(0.425)
     assert table.loc["X", "always_fail"] == ["b"] and table.loc["Y", "always_fail"] == []
     assert A.per_context(q.drop(columns="context")) is None
+
+
+def _old_leave_one_out_record(ev, rule=None) -> Evaluation:
+    """ev's gallery evaluated leave-one-out as an older notebook 03 saved it: no per-query 'ap' column, and, before
+    the rule existed, no 'loo_rule' key. a0 and a1 are one burst (group 'a-burst'); a2, a's other encounter, looks
+    least like them of all photos."""
+    gallery = ev.gallery.copy()
+    gallery.loc[gallery["path"].str.match(r"a/a[01]_"), "group"] = "a-burst"
+    emb = ev.gallery_emb.copy()
+    emb[gallery["path"] == "a/a2_1.jpg"] = -E[0]
+    config = {"protocol": "loo", **({"loo_rule": rule} if rule else {})}
+    return Evaluation(split="val", data_root=ev.data_root, gallery=gallery, queries=gallery.copy(),
+                      neighbours=ev.neighbours, distances=ev.distances, class_scores=ev.class_scores,
+                      gallery_emb=emb, query_emb=emb, config=config)
+
+
+@pytest.mark.parametrize("rule", [None, "photo", "group"])
+def test_query_ap_of_an_older_leave_one_out_record_follows_its_rule(ev, rule):
+    old = _old_leave_one_out_record(ev, rule)
+    labels, groups = old.gallery["label"].to_numpy(), old.gallery["group"].to_numpy()
+    g = old.gallery_emb / np.linalg.norm(old.gallery_emb, axis=1, keepdims=True)
+    sims = g @ g.T
+    expected = []
+    for i in range(len(labels)):  # scikit-learn over the ranking without the query (and under 'group' its group)
+        others = groups != groups[i] if rule == "group" else np.arange(len(labels)) != i
+        relevant = labels[others] == labels[i]
+        expected.append(average_precision_score(relevant, sims[i, others]) if relevant.any() else np.nan)
+    np.testing.assert_allclose(A.query_ap(old), expected, atol=1e-6)  # float32 embeddings, same rankings
+    table = A.per_class_ap(old)
+    want = pd.Series(expected).groupby(labels).mean().dropna()
+    np.testing.assert_allclose(table["ap"].sort_index(), want.sort_index(), atol=1e-6)
+    assert "d" not in table.index, "d's one photo has nothing left to find in leave-one-out"
+    # a0: its sibling a1 first and a2 last of 8 under the photo rule; a2 last of the 7 outside its burst under 'group'
+    assert expected[0] == pytest.approx(1 / 7 if rule == "group" else (1 + 2 / 8) / 2)

@@ -12,12 +12,12 @@ from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.transforms import build_transforms
-from lib.evaluate.record import load_evaluation, save_evaluation
+from lib.evaluate.record import load_evaluation, loo_rule, save_evaluation
 from lib.evaluate.results_table import BENCHMARK_COLUMNS, UNTRAINED_BEST, append_benchmark_row, benchmark_row
 from lib.evaluate.run_eval import apply_thresholds, evaluate_run
 from lib.retrieval.decide import Thresholds
 from lib.retrieval.embed import cached_embeddings, extract_embeddings
-from lib.retrieval.faiss_index import load_index
+from lib.retrieval.faiss_index import NO_NEIGHBOUR, load_index
 from lib.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -65,8 +65,8 @@ def test_evaluation_agrees_with_an_independent_computation(run_dir, demo):
 def test_leave_one_out_makes_the_split_its_own_gallery_with_identity_metrics(run_dir, tmp_path):
     from sklearn.metrics import average_precision_score
 
-    ev = evaluate_run(run_dir, k=5, device="cpu", protocol="loo")
-    assert ev.metrics["protocol"] == "loo" and ev.config["protocol"] == "loo"
+    ev = evaluate_run(run_dir, k=5, device="cpu", protocol="loo", loo_rule="photo")
+    assert ev.metrics["protocol"] == "loo" and ev.config["protocol"] == "loo" and ev.config["loo_rule"] == "photo"
     assert ev.gallery["path"].tolist() == ev.queries["path"].tolist()
     assert not (ev.neighbours == np.arange(len(ev.queries))[:, None]).any(), "a photo never retrieves itself"
     q = ev.query_emb / np.linalg.norm(ev.query_emb, axis=1, keepdims=True)
@@ -87,6 +87,28 @@ def test_leave_one_out_makes_the_split_its_own_gallery_with_identity_metrics(run
     assert new["n_new"] == int(np.isnan(expected).sum()) and new["n_new"] + new["n_known"] == len(labels)
     back = load_evaluation(save_evaluation(ev, tmp_path / "loo"))
     np.testing.assert_allclose(back.queries["ap"], ev.queries["ap"])
+
+
+def test_leave_one_out_leaves_each_querys_group_out_by_default_and_old_records_read_as_the_photo_rule(run_dir,
+                                                                                                       tmp_path):
+    from sklearn.metrics import average_precision_score
+
+    ev = evaluate_run(run_dir, k=5, device="cpu", protocol="loo")
+    groups, labels = ev.queries["group"].to_numpy(), ev.queries["label"].to_numpy()
+    assert ev.config["loo_rule"] == "group" and loo_rule(ev) == "group", "the demo's IDs are finer than its classes"
+    real = ev.neighbours != NO_NEIGHBOUR
+    assert not (groups[np.where(real, ev.neighbours, 0)] == groups[:, None])[real].any(), "no burst sibling"
+    q = ev.query_emb / np.linalg.norm(ev.query_emb, axis=1, keepdims=True)
+    sims = q @ q.T
+    expected = []
+    for i in range(len(labels)):  # AP of ranking the split without the query's group, by scikit-learn
+        others = groups != groups[i]
+        relevant = labels[others] == labels[i]
+        expected.append(average_precision_score(relevant, sims[i, others]) if relevant.any() else np.nan)
+    np.testing.assert_allclose(ev.queries["ap"], expected, atol=1e-6)  # float32 embeddings: rankings equal
+    old = load_evaluation(save_evaluation(ev, tmp_path / "old"))
+    del old.config["loo_rule"]
+    assert loo_rule(old) == "photo"
 
 
 def test_a_new_individual_threshold_from_val_is_measured_not_chosen_again(run_dir):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lib.probe.rerank import k_reciprocal_distances, query_expansion, rerank_shortlist
+from lib.retrieval.exclusion import leave_one_out, same_group
 
 
 def squared_l2(points) -> np.ndarray:
@@ -245,11 +246,12 @@ def test_rerank_shortlist_rejects_mismatched_shapes(order, scores):
         rerank_shortlist(order, scores)
 
 
-def test_query_expansion_of_a_chunk_with_self_rows_equals_the_whole_leave_one_out():
+def test_query_expansion_of_a_chunk_with_its_exclusion_equals_the_whole_leave_one_out():
     rng = np.random.default_rng(7)
     g = rng.normal(size=(12, 5))
     whole = query_expansion(g, g, n=3, alpha=2.0, exclude_self=True)
     rows = np.array([3, 4, 5, 9])
-    np.testing.assert_allclose(query_expansion(g[rows], g, n=3, alpha=2.0, self_rows=rows), whole[rows], atol=1e-6)
-    with pytest.raises(ValueError, match="self_rows"):
-        query_expansion(g[rows], g, self_rows=rows[:2])
+    chunk = leave_one_out(len(g)).of(rows)
+    np.testing.assert_allclose(query_expansion(g[rows], g, n=3, alpha=2.0, exclude=chunk), whole[rows], atol=1e-6)
+    with pytest.raises(ValueError, match="one key per query"):
+        query_expansion(g[rows], g, exclude=leave_one_out(len(g)).of(rows[:2]))

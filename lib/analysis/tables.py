@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import DataError
-from lib.evaluate.record import Evaluation
-from lib.retrieval.faiss_index import NO_NEIGHBOUR, build_index, fill_padding, search
-from lib.retrieval.metrics import average_precision, confusion_table, relevance
+from lib.evaluate.record import Evaluation, loo_rule
+from lib.retrieval.faiss_index import NO_NEIGHBOUR, fill_padding
+from lib.retrieval.metrics import confusion_table, per_identity_ap
+from lib.retrieval.ranking import evaluate_retrieval
 
 MARGIN_THRESHOLDS = (0.005, 0.01, 0.05, 0.1)
 NOT_RANKED = "no vote"  # the true class got no vote (none of its photos among the neighbours, or none at all)
@@ -178,24 +179,26 @@ def always_fail(ev: Evaluation) -> pd.DataFrame:
 
 def query_ap(ev: Evaluation) -> np.ndarray:
     """Exact AP of each query's ranking of the whole gallery; NaN where its class has no gallery photo.
-    notebook 03 stores it (leaving each photo out of its own ranking under leave-one-out); older records recompute."""
+    notebook 03 stores it; older records recompute it under the record's leave-one-out rule (each photo, and under
+    the group rule its group, out of its own ranking; lib.evaluate.record.loo_rule)."""
     if "ap" in ev.queries:
         return ev.queries["ap"].to_numpy(dtype=float)
-    index = build_index(ev.gallery_emb, device="cpu")
-    _, ranked = search(index, ev.query_emb, k=len(ev.gallery))
-    labels = ev.gallery["label"].to_numpy().astype(str)
-    return average_precision(relevance(ev.queries["label"].to_numpy().astype(str), labels[ranked]))
+    rule = loo_rule(ev)
+    g_labels, q_labels = ev.gallery["label"].to_numpy().astype(str), ev.queries["label"].to_numpy().astype(str)
+    return evaluate_retrieval(ev.gallery_emb, g_labels, ev.query_emb, q_labels, exclude_self=rule is not None,
+                              device="cpu", per_query=True,
+                              groups=ev.queries["group"].to_numpy() if rule == "group" else None)["ap"]
 
 
 def per_class_ap(ev: Evaluation) -> pd.DataFrame:
-    """Mean AP of each class's queries (per-identity AP, to spot weak classes), lowest first.
+    """Mean AP of each class's queries (per-identity AP, to spot weak classes; lib.retrieval.metrics.per_identity_ap),
+    lowest first, with the class's gallery photo count.
 
     Classes absent from the gallery have no AP and are left out (see `always_fail` for them).
     """
-    frame = pd.DataFrame({"label": ev.queries["label"].to_numpy(), "ap": query_ap(ev)}).dropna()
-    table = frame.groupby("label").agg(queries=("ap", "size"), ap=("ap", "mean"))
+    table = per_identity_ap(ev.queries["label"].to_numpy(), query_ap(ev)).dropna(subset=["ap"]).rename_axis("label")
     table["gallery_photos"] = ev.gallery["label"].value_counts().reindex(table.index).astype(int)
-    return table.sort_values(["ap", "queries"])
+    return table
 
 
 def key_findings(ev: Evaluation, k: int | None = None, tiny_margin: float = 0.005, worst_n: int = 10) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import DataError
+from lib.retrieval.exclusion import OLD_LOO_RULE
 
 # Columns every `queries` table carries besides the index columns (path, label, group, [context]).
 DECISION_COLUMNS = ("pred", "score", "margin", "top1_distance", "verdict", "correct", "rank_of_true")
@@ -70,3 +71,11 @@ def load_evaluation(folder: str | os.PathLike) -> Evaluation:
                       class_scores=pd.read_csv(d / "class_scores.csv"), gallery_emb=arrays["gallery_emb"],
                       query_emb=arrays["query_emb"], metrics=meta["metrics"], config=meta["config"],
                       class_probs=pd.read_csv(d / "class_probs.csv") if (d / "class_probs.csv").exists() else None)
+
+
+def loo_rule(ev: Evaluation) -> str | None:
+    """The leave-one-out rule of an evaluation ('group' or 'photo', lib.retrieval.exclusion); None for the gallery
+    protocol. Records written before the rule existed say nothing and used 'photo'."""
+    if ev.config.get("protocol") != "loo":
+        return None
+    return ev.config.get("loo_rule") or OLD_LOO_RULE

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lib.evaluate.record import Evaluation
+from lib.evaluate.record import Evaluation, loo_rule
 from lib.train.config import RunConfig
 from lib.train.losses import LossConfig
 
@@ -58,6 +58,8 @@ def evaluation_id(ev: Evaluation) -> str:
     index = ev.metrics.get("index") or {"exact": True}
     if not index["exact"]:  # an approximate search is another result; exact search keeps the ids rows always had
         key["index"] = [index["factory"], index.get("search_params")]
+    if loo_rule(ev) == "group":  # so does leaving a query's group out; the photo rule is what old rows measured
+        key["loo_rule"] = "group"
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

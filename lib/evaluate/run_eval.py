@@ -22,6 +22,7 @@ from lib.retrieval.decide import (
     verdicts,
 )
 from lib.retrieval.embed import EMBED_BATCH_SIZE
+from lib.retrieval.exclusion import resolve_loo_rule
 from lib.retrieval.faiss_index import faiss_device_for, fill_padding, search, search_within
 from lib.retrieval.metrics import first_hit_rank, macro_f1, per_class_report, relevance, vote_accuracy
 from lib.retrieval.ranking import evaluate_retrieval, resolve_val_protocol
@@ -38,12 +39,17 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
                  weighting: str = DEFAULT_WEIGHTING, tta: bool = False, thresholds: Thresholds | None = None,
                  device: str = "auto", batch_size: int = EMBED_BATCH_SIZE, progress: bool = False,
                  protocol: str = "auto", restrict_to_context: bool = False,
-                 new_threshold: float | None = None, index: IndexSpec | None = None) -> Evaluation:
+                 new_threshold: float | None = None, index: IndexSpec | None = None,
+                 loo_rule: str = "auto") -> Evaluation:
     """Gallery = the run's train split, queries = `split`; every query searched, voted and judged.
 
     protocol 'gallery' is that; 'loo' (leave-one-out) makes the split its own gallery, each photo querying all the
     others, for open-set splits whose individuals the train split never saw; 'auto' picks 'loo' when the split
     shares no label with train, as training's validation does.
+    loo_rule (leave-one-out only; lib.retrieval.exclusion): 'group' leaves each query's whole group (the split's
+    leakage unit: encounter, sighting, photo) out of its neighbours and ranking as junk, 'photo' only the query
+    itself, 'auto' is 'group' where the groups are finer than the individuals. The record's config['loo_rule'] says
+    which (None for the gallery protocol; a record without the key used 'photo').
     thresholds=None accepts every query (coverage 1); choose them on 'val' (lib.retrieval.decide.choose_thresholds) and
     apply_thresholds. The train gallery's index is also saved to run_dir/index/ for lib.evaluate.predict.
     restrict_to_context: each query's neighbours (and so its vote, prediction and top-1 distance) come only from
@@ -70,6 +76,8 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
                         f"(splits present: {sorted(set(rows['split']) - {''})})")
     protocol = resolve_val_protocol(protocol, gallery["label"], queries["label"])
     loo = protocol == "loo"
+    loo_rule = resolve_loo_rule(loo_rule, queries["label"], queries["group"]) if loo else None
+    groups = queries["group"].to_numpy() if loo_rule == "group" else None
     settings = auto_settings(device=device)
     if not loo:
         g_emb, g_info = embed_rows(run, gallery, settings, tta, batch_size, progress, desc="gallery")
@@ -81,11 +89,11 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     if restrict_to_context:
         # a context holds few photos: each is searched exactly, whatever the gallery's index
         distances, neighbours = search_within(g_emb, gallery["context"], q_emb, queries["context"], k,
-                                              exclude_self=loo, device=faiss_device)
+                                              exclude_self=loo, device=faiss_device, groups=groups)
         index_report = {"factory": "Flat", "chosen": "restrict_to_context: each context searched exactly",
                         "exact": True}
     else:
-        distances, neighbours = search(built.index, q_emb, k, exclude_self=loo)
+        distances, neighbours = search(built.index, q_emb, k, exclude_self=loo, groups=groups)
         index_report = {key: built.info[key] for key in ("factory", "chosen", "exact", "search_params", "placement")}
         if not built.info["exact"]:
             index_report["recall_vs_exact"] = approximation_recall(
@@ -99,7 +107,7 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     queries["rank_of_true"] = first_hit_rank(relevance(q_labels, neighbour_labels))
 
     metrics = evaluate_retrieval(g_emb, g_labels, q_emb, q_labels, ks=(1, 5), exclude_self=loo, device=faiss_device,
-                                 per_query=True)
+                                 per_query=True, groups=groups)
     queries["ap"] = metrics.pop("ap")
     is_new = queries["ap"].isna()
     metrics["new_individual"] = (new_individual_threshold(queries["top1_distance"], is_new) if new_threshold is None
@@ -110,8 +118,9 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
                    inference_ms_per_image=q_info["ms_per_image"],
                    per_class=per_class_report(q_labels, queries["pred"]).to_dict(orient="index"))
     config = {"run_dir": str(run_dir), "checkpoint": run.checkpoint.name, "checkpoint_sha256": run.checkpoint_sha256,
-              "protocol": protocol, "restrict_to_context": restrict_to_context, "k": k, "weighting": weighting,
-              "tta": tta, "thresholds": asdict(thresholds or Thresholds()), "index": asdict(index),
+              "protocol": protocol, "loo_rule": loo_rule, "restrict_to_context": restrict_to_context, "k": k,
+              "weighting": weighting, "tta": tta, "thresholds": asdict(thresholds or Thresholds()),
+              "index": asdict(index),
               "device": settings.device, "run": run.config,
               "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60,
               "checkpoint_epoch": run.epoch}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from lib.retrieval.exclusion import Exclusion, leave_one_out
 from lib.retrieval.faiss_index import unit_rows
 
 # squared L2 of float32 unit vectors (2 - 2cos) can come out a hair below zero; anything lower than this
@@ -51,19 +52,7 @@ def k_reciprocal_distances(dist: np.ndarray, query_rows, gallery_rows, k1: int =
     holds k2 items, p included, so k2=1 turns that expansion off (both as in the paper's reference code); the
     expansion sets are R(q, ceil(k1/2)), rounded up so that k1=1 still has one. k1 is clipped to N - 1, k2 to N.
     """
-    dist = np.asarray(dist)
-    if dist.ndim != 2 or dist.shape[0] != dist.shape[1] or dist.shape[0] == 0:
-        raise ValueError(f"dist must be a non-empty square (N, N) matrix, got shape {dist.shape}")
-    if not np.isfinite(dist).all():
-        raise ValueError("dist contains NaN or inf")
-    if dist.min() < -NEGATIVE_TOLERANCE:
-        raise ValueError(f"dist has negative entries (min {dist.min():.4g}): pass distances, not similarities")
-    if k1 < 1:
-        raise ValueError(f"k1 must be >= 1, got {k1}")
-    if k2 < 1:
-        raise ValueError(f"k2 must be >= 1, got {k2}")
-    if not 0 <= lambda_value <= 1:
-        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
+    dist = _checked_distances(dist, k1, k2, lambda_value)
     n = dist.shape[0]
     query_rows = _rows(query_rows, n, "query_rows")
     gallery_rows = _rows(gallery_rows, n, "gallery_rows")
@@ -81,6 +70,32 @@ def k_reciprocal_distances(dist: np.ndarray, query_rows, gallery_rows, k1: int =
     np.fill_diagonal(ranking, -1)
     forward = np.argsort(ranking, axis=1, kind="stable")
 
+    v = _local_expansion(_neighbourhood_weights(d, forward, k1), forward, k2)
+    jaccard = _jaccard_distances(v, query_rows, gallery_rows)
+    original = d[np.ix_(query_rows, gallery_rows)]
+    return (1 - lambda_value) * jaccard + lambda_value * original
+
+
+def _checked_distances(dist, k1: int, k2: int, lambda_value: float) -> np.ndarray:
+    dist = np.asarray(dist)
+    if dist.ndim != 2 or dist.shape[0] != dist.shape[1] or dist.shape[0] == 0:
+        raise ValueError(f"dist must be a non-empty square (N, N) matrix, got shape {dist.shape}")
+    if not np.isfinite(dist).all():
+        raise ValueError("dist contains NaN or inf")
+    if dist.min() < -NEGATIVE_TOLERANCE:
+        raise ValueError(f"dist has negative entries (min {dist.min():.4g}): pass distances, not similarities")
+    if k1 < 1:
+        raise ValueError(f"k1 must be >= 1, got {k1}")
+    if k2 < 1:
+        raise ValueError(f"k2 must be >= 1, got {k2}")
+    if not 0 <= lambda_value <= 1:
+        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
+    return dist
+
+
+def _neighbourhood_weights(d: np.ndarray, forward: np.ndarray, k1: int) -> np.ndarray:
+    """V (N, N): row p weighs the members of p's expanded k-reciprocal set by exp(-d), summing to 1."""
+    n = len(d)
     reciprocal = _reciprocal_sets(forward, k1)
     half = _reciprocal_sets(forward, (k1 + 1) // 2)
     v = np.zeros((n, n), dtype=np.float32)
@@ -97,16 +112,23 @@ def k_reciprocal_distances(dist: np.ndarray, query_rows, gallery_rows, k1: int =
         # weights summing to 1 (as the reference code does) make the Jaccard distance compare the shape of
         # two neighbourhoods, not how many members each has
         v[p, members] = weights / weights.sum()
+    return v
 
-    if k2 > 1:
-        # local query expansion: V_p becomes the mean of the V of its k2 nearest (p included)
-        cols = forward[:, :k2].ravel()
-        mean_of_neighbours = sparse.csr_matrix((np.full(cols.size, 1 / k2, dtype=np.float32),
-                                                (np.repeat(np.arange(n), k2), cols)), shape=(n, n))
-        v = np.asarray(mean_of_neighbours @ v, dtype=np.float32)
 
-    # Jaccard distance 1 - sum(min) / sum(max); sum(max) = sum(Vq) + sum(Vg) - sum(min). Only the features
-    # where V_q is non-zero can add to sum(min), so each query visits its own few columns.
+def _local_expansion(v: np.ndarray, forward: np.ndarray, k2: int) -> np.ndarray:
+    """V_p replaced by the mean of the V of its k2 nearest (p included); k2=1 leaves V as it is."""
+    if k2 == 1:
+        return v
+    n = len(v)
+    cols = forward[:, :k2].ravel()
+    mean_of_neighbours = sparse.csr_matrix((np.full(cols.size, 1 / k2, dtype=np.float32),
+                                            (np.repeat(np.arange(n), k2), cols)), shape=(n, n))
+    return np.asarray(mean_of_neighbours @ v, dtype=np.float32)
+
+
+def _jaccard_distances(v: np.ndarray, query_rows: np.ndarray, gallery_rows: np.ndarray) -> np.ndarray:
+    """1 - sum(min) / sum(max) of V_q and V_g for every query and gallery item; sum(max) = sum(V_q) + sum(V_g) -
+    sum(min), and only the features where V_q is non-zero add to sum(min), so each query visits its own few columns."""
     gallery_v = np.ascontiguousarray(v[gallery_rows].T)  # (N, n_g): a query's columns become contiguous rows
     gallery_sums = gallery_v.sum(axis=0)
     jaccard = np.ones((len(query_rows), len(gallery_rows)), dtype=np.float32)
@@ -116,19 +138,18 @@ def k_reciprocal_distances(dist: np.ndarray, query_rows, gallery_rows, k1: int =
         maxs = v[q].sum() + gallery_sums - mins
         np.divide(mins, maxs, out=mins, where=maxs > 0)
         jaccard[i] -= mins
-    original = d[np.ix_(query_rows, gallery_rows)]
-    return (1 - lambda_value) * jaccard + lambda_value * original
+    return jaccard
 
 
 def query_expansion(query_emb, gallery_emb, n: int = 3, alpha: float = 3.0, exclude_self: bool = False,
-                    self_rows=None) -> np.ndarray:
+                    exclude: Exclusion | None = None) -> np.ndarray:
     """alpha-weighted query expansion (alpha-QE, Radenovic et al. 2018).
 
     Each query becomes the L2-normalised sum of itself (weight 1) and its n most similar gallery vectors, each
     weighted by max(cos, 0) ** alpha; n=0 returns the normalised queries. exclude_self: queries are the gallery
-    (same rows, same order) and a vector never expands itself; self_rows does the same for queries that are some
-    of the gallery's rows (a chunk of a leave-one-out probe): self_rows[i] is query i's own gallery row. Ties
-    between gallery rows go to the lower row. Returns (n_q, d) float32 unit rows.
+    (same rows, same order) and a vector never expands itself; `exclude` (lib.retrieval.exclusion, one key per
+    query: e.g. a chunk of a leave-one-out probe, or its group rule) keeps the rows it leaves out of each query's
+    expansion. Ties between gallery rows go to the lower row. Returns (n_q, d) float32 unit rows.
     """
     q = unit_rows(query_emb, "query_emb")
     g = unit_rows(gallery_emb, "gallery_emb")
@@ -141,17 +162,18 @@ def query_expansion(query_emb, gallery_emb, n: int = 3, alpha: float = 3.0, excl
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if exclude_self:
-        self_rows = np.arange(len(q))
-    if self_rows is not None:
-        self_rows = _rows(self_rows, len(g), "self_rows")
-        if len(self_rows) != len(q):
-            raise ValueError(f"self_rows needs one gallery row per query ({len(q)}), got {len(self_rows)}")
+        exclude = leave_one_out(len(q))
+    if exclude is not None and (len(exclude.query_keys), len(exclude.gallery_keys)) != (len(q), len(g)):
+        raise ValueError(f"exclude needs one key per query ({len(q)}) and per gallery row ({len(g)}), got "
+                         f"{len(exclude.query_keys)} and {len(exclude.gallery_keys)}")
     sims = q @ g.T
-    if self_rows is not None:
-        sims[np.arange(len(q)), self_rows] = -np.inf
-    n = min(n, g.shape[0] - int(self_rows is not None))
+    if exclude is not None:
+        exclude.fill(sims)
+    n = min(n, g.shape[0] - (0 if exclude is None else int(exclude.counts().min())))
     top = np.argsort(-sims, axis=1, kind="stable")[:, :n]
-    weights = np.maximum(np.take_along_axis(sims, top, axis=1), 0) ** alpha
+    top_sims = np.take_along_axis(sims, top, axis=1)
+    # a left-out row (-inf) that a query in a large group still reaches weighs 0, whatever alpha (0 ** 0 is 1)
+    weights = np.where(np.isfinite(top_sims), np.maximum(top_sims, 0) ** alpha, 0)
     expanded = q + np.einsum("qn,qnd->qd", weights, g[top])
     # the query's own weight 1 and non-negative neighbour weights keep the sum away from zero
     return (expanded / np.linalg.norm(expanded, axis=1, keepdims=True)).astype(np.float32)

@@ -59,8 +59,9 @@ from lib.retrieval.ann_index import (
     resolve_factory,
 )
 from lib.retrieval.embed import EMBED_BATCH_SIZE
+from lib.retrieval.exclusion import NO_NEIGHBOUR, Exclusion, leave_one_out, resolve_loo_rule
 from lib.retrieval.faiss_index import knn, unit_rows
-from lib.retrieval.ranking import RankingTally, drop_self, query_chunks, resolve_val_protocol
+from lib.retrieval.ranking import RankingTally, query_chunks, resolve_val_protocol
 
 METHODS = ("global", "qe", "kreciprocal", "local", "fusion", "ensemble", "hybrid")
 SIFT_PHOTOS = ("shortlisted", "all")  # gallery photos whose SIFT features the probe computes
@@ -68,8 +69,8 @@ LEARNED = ("fusion", "ensemble", "hybrid")  # methods fitted on pairs with known
 ENSEMBLE_JOIN = " and "  # the ensemble row's backbone: its members' names joined so (MLflow refuses '+' in names)
 TOP_KEPT = 5  # first gallery photos of each query kept for the per-query table and figures
 MAX_PAIRS = 40_000_000  # k-reciprocal's dense (items x items) matrices beyond this take GBs: it is left out
-PROBE_COLUMNS = ("run_id", "time", "splits_dir", "split", "protocol", "identity_col", "mask_col", "backbone", "method",
-                 "recall@1", "recall@5", "mAP", "identity_balanced_mAP", "n_queries", "n_gallery",
+PROBE_COLUMNS = ("run_id", "time", "splits_dir", "split", "protocol", "loo_rule", "identity_col", "mask_col", "backbone",
+                 "method", "recall@1", "recall@5", "mAP", "identity_balanced_mAP", "n_queries", "n_gallery",
                  "feature_ms_per_image", "method_ms_per_query", "ms_per_query", "features_cached", "importance")
 
 
@@ -80,6 +81,10 @@ class ProbeConfig:
     split: str = "val"                 # the probed split; 'test' only when asked for, as everywhere
     identity_col: str = "label"        # column naming the individual ('group' = the folder layout's ID)
     protocol: str = "auto"             # auto | gallery (train photos are the gallery) | loo (split all-vs-all)
+    # leave-one-out: what a query may not find besides itself (lib.retrieval.exclusion): group (the other photos of
+    # its group: encounter, sighting, photo) | photo (itself only) | auto (group where the groups are finer than
+    # the individuals)
+    loo_rule: str = "auto"
     methods: list = field(default_factory=lambda: list(METHODS))
     ranks: list = field(default_factory=lambda: [1, 5])  # CMC ranks, reported as recall@k
     backbones: list = field(default_factory=lambda: [
@@ -140,17 +145,27 @@ class ProbeConfig:
 
 @dataclass
 class ProbeSet:
-    """One probed split: query rows, gallery rows and whether the gallery is the queries themselves."""
+    """One probed split: query rows, gallery rows, whether the gallery is the queries themselves, and under
+    leave-one-out the rule (lib.retrieval.exclusion) of what each query may not find: `exclude`, its `loo_rule`."""
     queries: pd.DataFrame
     gallery: pd.DataFrame
     protocol: str
+    exclude: Exclusion | None = None
 
     @property
     def loo(self) -> bool:
         return self.protocol == "loo"
 
+    @property
+    def loo_rule(self) -> str:
+        return self.exclude.rule if self.exclude is not None else ""
 
-def probe_set(index: pd.DataFrame, split: str, identity_col: str, protocol: str) -> ProbeSet:
+    def excluding(self, rows) -> Exclusion | None:
+        """The rule for the queries `rows`, None without one."""
+        return None if self.exclude is None else self.exclude.of(rows)
+
+
+def probe_set(index: pd.DataFrame, split: str, identity_col: str, protocol: str, loo_rule: str = "auto") -> ProbeSet:
     if identity_col not in index.columns:
         raise DataError(f"identity_col {identity_col!r} is not a column of the split index; it has {list(index.columns)}")
     queries = index[index["split"] == split].reset_index(drop=True)
@@ -158,7 +173,11 @@ def probe_set(index: pd.DataFrame, split: str, identity_col: str, protocol: str)
     if queries.empty:
         raise DataError(f"the split index has no '{split}' photos; splits: {sorted(set(index['split']) - {''})}")
     protocol = resolve_val_protocol(protocol, train[identity_col], queries[identity_col])
-    return ProbeSet(queries, queries if protocol == "loo" else train, protocol)
+    if protocol != "loo":
+        return ProbeSet(queries, train, protocol)
+    rule = resolve_loo_rule(loo_rule, queries[identity_col], queries["group"])
+    return ProbeSet(queries, queries, protocol,
+                    leave_one_out(len(queries), queries["group"].to_numpy() if rule == "group" else None))
 
 
 def with_masks(index: pd.DataFrame, masks_csv: str, mask_col: str) -> pd.DataFrame:
@@ -180,24 +199,23 @@ def _order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")
 
 
-def _cosine(q_unit, g_unit, self_rows=None) -> np.ndarray:
-    """Cosine of unit query rows to every gallery row; self_rows (leave-one-out): each query's own row at -inf."""
+def _cosine(q_unit, g_unit, exclude: Exclusion | None = None) -> np.ndarray:
+    """Cosine of unit query rows to every gallery row; with `exclude` (one key per query) the rows it leaves out at
+    -inf."""
     s = q_unit @ g_unit.T
-    if self_rows is not None:
-        s[np.arange(len(s)), self_rows] = -np.inf
-    return s
+    return s if exclude is None else exclude.fill(s)
 
 
-def _kreciprocal(q, g, loo: bool, cfg: ProbeConfig) -> np.ndarray:
-    """(n_q, n_g) scores (minus the final distance) of k-reciprocal re-ranking over all queries and gallery."""
-    items = g if loo else np.concatenate([q, g])
+def _kreciprocal(q, g, s: ProbeSet, cfg: ProbeConfig) -> np.ndarray:
+    """(n_q, n_g) scores (minus the final distance) of k-reciprocal re-ranking over all queries and gallery. Under
+    leave-one-out the neighbourhoods are those of the whole split and the left-out rows leave only the final
+    ranking, as Market-1501's evaluation leaves its junk images in the re-ranked gallery."""
+    items = g if s.loo else np.concatenate([q, g])
     dist = np.clip(2 - 2 * items @ items.T, 0, 4)
-    rows = np.arange(len(g)) if loo else np.arange(len(q))
-    cols = np.arange(len(g)) if loo else len(q) + np.arange(len(g))
-    final = k_reciprocal_distances(dist, rows, cols, cfg.k1, cfg.k2, cfg.lambda_value)
-    if loo:
-        np.fill_diagonal(final, np.inf)
-    return -final
+    rows = np.arange(len(g)) if s.loo else np.arange(len(q))
+    cols = np.arange(len(g)) if s.loo else len(q) + np.arange(len(g))
+    scores = -k_reciprocal_distances(dist, rows, cols, cfg.k1, cfg.k2, cfg.lambda_value)
+    return scores if s.exclude is None else s.exclude.fill(scores)
 
 
 def _fit_fusion(cos, inliers, same) -> ScoreFusion:
@@ -206,7 +224,8 @@ def _fit_fusion(cos, inliers, same) -> ScoreFusion:
 
 def _shortlist(s: ProbeSet, q_unit, g_unit, cfg: ProbeConfig):
     """(shortlist gallery rows, their cosines, same-identity flags), each (n_q, K), of a probe set."""
-    k = min(cfg.shortlist_k, len(g_unit) - s.loo)
+    # every shortlist entry a photo the query may find: the most any query leaves out comes off k
+    k = min(cfg.shortlist_k, len(g_unit) - (0 if s.exclude is None else int(s.exclude.counts().max())))
     top = _approximate_top(s, q_unit, g_unit, k, cfg)
     if top is None:
         top = _exact_top(s, q_unit, g_unit, k, np.arange(len(q_unit)))
@@ -229,7 +248,7 @@ def _exact_top(s: ProbeSet, q_unit, g_unit, k: int, queries: np.ndarray) -> np.n
     top = np.empty((len(queries), k), dtype=np.int64)
     for rows in query_chunks(len(queries), len(g_unit)):
         q = queries[rows]
-        top[rows] = _order(_cosine(q_unit[q], g_unit, q if s.loo else None))[:, :k]
+        top[rows] = _order(_cosine(q_unit[q], g_unit, s.excluding(q)))[:, :k]
     return top
 
 
@@ -241,7 +260,7 @@ def _approximate_top(s: ProbeSet, q_unit, g_unit, k: int, cfg: ProbeConfig) -> n
     if is_exact(new_index(factory, g_unit.shape[1])):
         return None
     index, info = build_search_index(g_unit, spec, device=cfg.device)
-    _, top = knn(index, q_unit, k, np.arange(len(q_unit)) if s.loo else None)
+    _, top = knn(index, q_unit, k, s.exclude)
     info["recall_vs_exact"] = approximation_recall(index, g_unit, q_unit, k, spec.recall_sample, exclude_self=s.loo)
     print(f"shortlist {describe(info)}")
     return top
@@ -369,13 +388,13 @@ def _rank(s: ProbeSet, cfg: ProbeConfig, n_gallery: int, order_of, prepare=lambd
     t0 = time.perf_counter()
     prepared = prepare()
     seconds = shared_s + time.perf_counter() - t0
-    tally = RankingTally(s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy(), s.loo,
+    tally = RankingTally(s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy(), s.exclude,
                          cfg.ranks, keep=TOP_KEPT)
     for rows in query_chunks(len(s.queries), n_gallery):
         t0 = time.perf_counter()
         order = order_of(rows, prepared)
         seconds += time.perf_counter() - t0
-        tally.add(rows, drop_self(rows, order) if s.loo else order)
+        tally.add(rows, order)
     return tally.metrics(), 1000 * seconds / len(s.queries), prepared
 
 
@@ -389,19 +408,19 @@ def _probe_backbone(backbone, s: ProbeSet, cal: ProbeSet | None, feats: _Feature
     q, q_ms = feats.embed(backbone, s.queries)
     g = q if s.loo else feats.embed(backbone, s.gallery)[0]
     methods, out = set(cfg.methods), {}
-    self_rows = (lambda rows: rows) if s.loo else (lambda rows: None)
+    excluding = s.excluding
 
     def rank(method, feature_ms, order_of, prepare=lambda: None, shared_s=0.0, importance=lambda prepared: None):
         m, method_ms, prepared = _rank(s, cfg, len(g), order_of, prepare, shared_s)
         out[method] = (m, feature_ms, method_ms, importance(prepared))
 
     if "global" in methods:
-        rank("global", q_ms, lambda rows, _: _order(_cosine(q[rows], g, self_rows(rows))))
+        rank("global", q_ms, lambda rows, _: _order(_cosine(q[rows], g, excluding(rows))))
     if "qe" in methods:
         rank("qe", q_ms, lambda rows, _: _order(_cosine(
-            query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, self_rows=self_rows(rows)), g, self_rows(rows))))
+            query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, exclude=excluding(rows)), g, excluding(rows))))
     if "kreciprocal" in methods and _kreciprocal_fits(s):
-        rank("kreciprocal", q_ms, lambda rows, scores: _order(scores[rows]), lambda: _kreciprocal(q, g, s.loo, cfg))
+        rank("kreciprocal", q_ms, lambda rows, scores: _order(scores[rows]), lambda: _kreciprocal(q, g, s, cfg))
     if not {"local", "fusion", "hybrid"} & methods:
         return out
 
@@ -430,7 +449,7 @@ def _probe_backbone(backbone, s: ProbeSet, cal: ProbeSet | None, feats: _Feature
         return c_top, c_cos, c_same, _inliers(cal, c_top, feats, cfg) if with_inliers else None
 
     def reranked(rows, scores):
-        return rerank_shortlist(_order(_cosine(q[rows], g, self_rows(rows))), scores[rows])
+        return rerank_shortlist(_order(_cosine(q[rows], g, excluding(rows))), scores[rows])
 
     def fused():
         c = None if cal is None else calibration()
@@ -467,7 +486,7 @@ def _ensemble_members(cfg: ProbeConfig) -> list[str]:
 
 
 def _member_cosines(vectors: list, s: ProbeSet, rows: np.ndarray) -> list[np.ndarray]:
-    return [_cosine(q[rows], g, rows if s.loo else None) for q, g in vectors]
+    return [_cosine(q[rows], g, s.excluding(rows)) for q, g in vectors]
 
 
 def _ensemble_weights(vectors: list, s: ProbeSet, query_rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
@@ -511,10 +530,10 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
     gallery rows and AP}); the ensemble's backbone is its members' names joined by ENSEMBLE_JOIN."""
     index, splits = load_split_index(cfg.splits_dir)
     index = with_masks(index, cfg.masks_csv, cfg.mask_col)
-    s = probe_set(index, cfg.split, cfg.identity_col, cfg.protocol)
+    s = probe_set(index, cfg.split, cfg.identity_col, cfg.protocol, cfg.loo_rule)
     cal = None
     if set(LEARNED) & set(cfg.methods) and cfg.calibrate_on != cfg.split:
-        cal = probe_set(index, cfg.calibrate_on, cfg.identity_col, cfg.protocol)
+        cal = probe_set(index, cfg.calibrate_on, cfg.identity_col, cfg.protocol, cfg.loo_rule)
     settings = auto_settings(device=cfg.device)
     feats = _Features(cfg, settings, progress)
     members = _ensemble_members(cfg)
@@ -539,7 +558,8 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
     rows, rankings = [], {}
     for (name, method), (m, feature_ms, method_ms, importance, cached) in results.items():
         rows.append({"run_id": run_id, "time": stamp.isoformat(timespec="seconds"), "splits_dir": cfg.splits_dir,
-                     "split": cfg.split, "protocol": s.protocol, "identity_col": cfg.identity_col,
+                     "split": cfg.split, "protocol": s.protocol, "loo_rule": s.loo_rule,
+                     "identity_col": cfg.identity_col,
                      "mask_col": cfg.mask_col, "backbone": name, "method": method,
                      **{f"recall@{k}": m[f"recall@{k}"] for k in cfg.ranks},
                      "mAP": m["mAP"], "identity_balanced_mAP": m["identity_balanced_mAP"],
@@ -554,10 +574,12 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
 
 def _ranking_table(s: ProbeSet, top: np.ndarray, ap: np.ndarray, identity_col: str) -> pd.DataFrame:
     """Per query: path, identity, AP and the paths and identities of its first gallery photos (`top`: gallery rows,
-    self already out in loo), for figures and the per-query table."""
+    the left-out ones already out in loo; '' past the end of a short ranking), for figures and the per-query table."""
+    def of(column):
+        return list(np.where(top == NO_NEIGHBOUR, "", s.gallery[column].to_numpy().astype(str)[top]))
+
     return pd.DataFrame({"path": s.queries["path"], "identity": s.queries[identity_col], "ap": ap,
-                         "top_paths": list(s.gallery["path"].to_numpy()[top]),
-                         "top_identities": list(s.gallery[identity_col].to_numpy()[top])})
+                         "top_paths": of("path"), "top_identities": of(identity_col)})
 
 
 def save_probe(table: pd.DataFrame, cfg: ProbeConfig, results_dir: str | os.PathLike = "results",

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
+from lib.retrieval.exclusion import leave_one_out
 from lib.retrieval.faiss_index import (
     build_index,
     clip_k,
@@ -205,9 +206,9 @@ def approximation_recall(index: faiss.Index, gallery_emb, queries, k: int, sampl
     rows = sample_rows(len(queries), sample, seed)
     q = unit_queries(index, np.asarray(queries)[rows])
     k = clip_k(k, index.ntotal - exclude_self)
-    self_rows = rows if exclude_self else None
-    _, approx = knn(index, q, k, self_rows)
-    _, exact = knn(build_index(gallery_emb, "cpu"), q, k, self_rows)
+    exclude = leave_one_out(index.ntotal).of(rows) if exclude_self else None
+    _, approx = knn(index, q, k, exclude)
+    _, exact = knn(build_index(gallery_emb, "cpu"), q, k, exclude)
     # each query row gets its own id range (N + 1 wide), so one isin call compares all rows, and padding (-1) falls
     # in the gap between two ranges where no exact result is
     offset = np.arange(len(rows))[:, None] * (index.ntotal + 1)

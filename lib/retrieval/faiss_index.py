@@ -18,11 +18,9 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import DataError
+from lib.retrieval.exclusion import NO_NEIGHBOUR, Exclusion, loo_exclusion
 
 SEARCH_BATCH = 4096  # queries per faiss call in search(): bounds its (batch, k) result buffers
-# index of a padding entry: a search_within row whose context has fewer than k photos, or an approximate index's row
-# that found fewer than k (faiss's own padding value)
-NO_NEIGHBOUR = -1
 
 
 def unit_rows(x, what: str) -> np.ndarray:
@@ -128,52 +126,54 @@ def clip_k(k: int, available: int) -> int:
     return min(k, available)
 
 
-def knn(index: faiss.Index, q: np.ndarray, k: int, self_rows=None):
-    """index.search of unit query rows, and with self_rows (index row of each query) that row removed from its
-    results. An approximate index may find fewer than k: the rest of the row is NO_NEIGHBOUR at distance inf."""
-    distances, indices = index.search(q, k if self_rows is None else k + 1)
+def knn(index: faiss.Index, q: np.ndarray, k: int, exclude: Exclusion | None = None):
+    """index.search of unit query rows, and with `exclude` (lib.retrieval.exclusion, one key per query row) the gallery
+    rows it leaves out of each query's results removed. A row with fewer than k results left (an approximate index
+    found fewer, or a group holds most of the gallery) ends in NO_NEIGHBOUR at distance inf."""
+    extra = 0 if exclude is None else int(exclude.counts().max())
+    distances, indices = index.search(q, min(k + extra, index.ntotal))
     # faiss pads with -1 at the float32 maximum; inf is the padding search_within and the votes already know
     distances[indices == NO_NEIGHBOUR] = np.inf
-    if self_rows is None:
+    if exclude is None:
         return distances, indices
-    own = indices == self_rows[:, None]
-    # an exact duplicate may tie with the query and come first, so the query's row is dropped by index,
-    # not by position; where ties pushed it past k + 1 (or an approximate index missed it) the last result goes
-    own[~own.any(axis=1), -1] = True
-    keep = ~own
-    return distances[keep].reshape(len(keep), k), indices[keep].reshape(len(keep), k)
+    # an exact duplicate may tie with the query and come first, so left-out rows are dropped by index, not position
+    indices, distances = exclude.drop(indices, distances, width=k)
+    return distances, indices
 
 
-def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, exclude_self: bool = False):
+def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, exclude_self: bool = False,
+           groups=None):
     """(distances, indices), each (n_q, k), nearest first: squared L2 (= 2 − 2·cos) as float32, index rows as int64.
 
     Queries are L2-normalised as build_index's vectors are. k is clipped to the number of vectors a query
     can retrieve. Queries go to faiss `batch_size` at a time to bound memory.
     exclude_self: leave-one-out; `queries` are the indexed vectors in index order, and each query's own
-    row is removed from its results.
+    row is removed from its results; with `groups` (one per indexed vector) the other rows of its group too
+    (lib.retrieval.exclusion), so a query in a large group may get fewer than k (the row ends in padding).
     """
     q = unit_queries(index, queries)
     if exclude_self and len(q) != index.ntotal:
         raise ValueError(f"exclude_self needs one query per indexed vector ({index.ntotal}), got {len(q)}")
-    k = clip_k(k, index.ntotal - exclude_self)
+    exclude = loo_exclusion(exclude_self, index.ntotal, groups)
+    k = clip_k(k, index.ntotal - (0 if exclude is None else int(exclude.counts().min())))
     distances = np.empty((len(q), k), dtype=np.float32)
     indices = np.empty((len(q), k), dtype=np.int64)
     for start in range(0, len(q), batch_size):
-        stop = min(start + batch_size, len(q))
-        self_rows = np.arange(start, stop) if exclude_self else None
-        distances[start:stop], indices[start:stop] = knn(index, q[start:stop], k, self_rows)
+        rows = np.arange(start, min(start + batch_size, len(q)))
+        distances[rows], indices[rows] = knn(index, q[rows], k, None if exclude is None else exclude.of(rows))
     return distances, indices
 
 
 def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, exclude_self: bool = False,
-                  device="auto"):
+                  device="auto", groups=None):
     """search() where each query retrieves only gallery rows with its key (e.g. a street tree is looked for among the
     trees at its address; a photo among the individuals of its camera site).
 
     Returns (distances, indices) like search(), indices into the whole gallery, k columns (clipped to what the
     largest searched context holds). A query whose context holds fewer than k photos (minus itself with
-    exclude_self, which needs the queries to be the gallery in order) gets them all, and the rest of its row is
-    padding: index NO_NEIGHBOUR, distance inf. A query whose context has nothing to retrieve is an error naming it.
+    exclude_self, which needs the queries to be the gallery in order, and minus its group with `groups`, as in
+    search()) gets them all, and the rest of its row is padding: index NO_NEIGHBOUR, distance inf. A query whose
+    context has nothing to retrieve is an error naming it.
     """
     g_keys, q_keys = np.asarray(gallery_keys).astype(str), np.asarray(query_keys).astype(str)
     if len(g_keys) != len(gallery_emb) or len(q_keys) != len(query_emb):
@@ -182,21 +182,27 @@ def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, excl
     if exclude_self and not np.array_equal(g_keys, q_keys):
         raise ValueError("exclude_self needs the queries to be the gallery (same rows, same keys, same order)")
     contexts, n_queries = np.unique(q_keys, return_counts=True)
-    available = {c: int((g_keys == c).sum()) - exclude_self for c in contexts}
+    members = {c: np.flatnonzero(g_keys == c) for c in contexts}
+    available = {}
+    for c, rows in members.items():
+        exclude = loo_exclusion(exclude_self, len(rows), None if groups is None else np.asarray(groups)[rows])
+        available[c] = len(rows) - (0 if exclude is None else int(exclude.counts().min()))
     empty = [f"{str(c)!r} ({n} queries)" for c, n in zip(contexts, n_queries) if available[c] < 1]
     if empty:
         raise DataError(f"no gallery photo to search in context {', '.join(empty[:5])}"
                         + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+                        + (" outside the queries' own group" if groups is not None else "")
                         + ": give these photos a context the gallery has, or search without the restriction")
     k = clip_k(k, max(available.values()))
     distances = np.full((len(q_keys), k), np.inf, dtype=np.float32)
     indices = np.full((len(q_keys), k), NO_NEIGHBOUR, dtype=np.int64)
     for c in contexts:
-        rows, members = np.flatnonzero(q_keys == c), np.flatnonzero(g_keys == c)
-        index = build_index(np.asarray(gallery_emb)[members], device)
+        rows = np.flatnonzero(q_keys == c)
+        index = build_index(np.asarray(gallery_emb)[members[c]], device)
         k_c = min(k, available[c])
-        distances[rows, :k_c], local = search(index, np.asarray(query_emb)[rows], k_c, exclude_self=exclude_self)
-        indices[rows, :k_c] = members[local]
+        distances[rows, :k_c], local = search(index, np.asarray(query_emb)[rows], k_c, exclude_self=exclude_self,
+                                              groups=None if groups is None else np.asarray(groups)[members[c]])
+        indices[rows, :k_c] = np.where(local == NO_NEIGHBOUR, NO_NEIGHBOUR, members[c][local])
     return distances, indices
 
 
