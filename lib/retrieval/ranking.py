@@ -13,7 +13,8 @@ from lib.retrieval.faiss_index import build_index, clip_k, knn, unit_queries
 from lib.retrieval.metrics import average_precision, identity_balanced_map, recall_at_k, relevance, summarize_ap
 
 # (query, gallery) pairs ranked at once; each pair costs ~30 bytes of temporaries (score, ranking, label code,
-# relevance, cumulative precision), so ~0.25 GB per chunk
+# relevance, cumulative precision), so ~0.25 GB per chunk, and under leave-one-out ~20 more (the ranking without the
+# left-out rows and its sort order)
 RANK_PAIRS = 2**23
 GPU_MAX_K = 2048  # faiss-gpu's k-selection limit (GPU_MAX_SELECTION_K): a full ranking beyond it runs on the CPU
 VAL_PROTOCOLS = ("auto", "gallery", "loo")
