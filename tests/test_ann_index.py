@@ -169,9 +169,9 @@ def _chunked(monkeypatch, pairs, fn, *args, **kwargs):
     """fn run with RANK_PAIRS = pairs, recording the cells of every ranking faiss returns."""
     cells = []
 
-    def recording(index, q, k, self_rows=None):
-        cells.append(len(q) * (k + (self_rows is not None)))
-        return knn(index, q, k, self_rows)
+    def recording(index, q, k, exclude=None):
+        cells.append(len(q) * (k + (0 if exclude is None else int(exclude.counts().max()))))
+        return knn(index, q, k, exclude)
 
     monkeypatch.setattr(lib.retrieval.ranking, "RANK_PAIRS", pairs)
     monkeypatch.setattr(lib.retrieval.ranking, "knn", recording)
