@@ -18,7 +18,8 @@ from lib.train.run import run_summary, train_run
 from lib.train.trained_run import embed_rows, load_trained, split_part, split_rows
 
 TINY = dict(backbone="resnet10t", pretrained="", embed_dim=32, img_size=32, s=30.0, margin=0.3, warmup_epochs=0,
-            p=6, k=4, lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", batches_per_epoch=3)
+            p=6, k=4, lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", batches_per_epoch=3, head_epochs=0,
+            unfreeze="all", lr_decay=1.0)
 
 
 def config(demo, **overrides):
