@@ -51,7 +51,8 @@ def main() -> None:
         for name, settings in variants.items():
             config = build_config(data_dir=str(data), splits_dir=str(splits), backbone="resnet10t", pretrained="",
                                   img_size=64, embed_dim=128, epochs=args.epochs, p=8, k=3, seed=args.seed,
-                                  lr_backbone=1e-3, lr_head=3e-3, margin=0.3, **settings)
+                                  lr_backbone=1e-3, lr_head=3e-3, margin=0.3, s=64.0, warmup_epochs=5,
+                                  head_epochs=0, unfreeze="all", lr_decay=1.0, **settings)
             t0 = time.time()
             run_dir = Path(tmp) / name
             train_run(str(run_dir), config, progress=False)

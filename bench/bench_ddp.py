@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from lib.core.device import auto_settings  # noqa: E402
 from lib.data.samplers import PKSampler  # noqa: E402
 from lib.train.config import TrainConfig  # noqa: E402
-from lib.train.distributed import StepRunner, TrainStep, join_world, leave_world  # noqa: E402
-from lib.train.loop import _train_epoch, build_optimizer  # noqa: E402
+from lib.train.distributed import join_world, leave_world  # noqa: E402
+from lib.train.epochs import backbone_epoch  # noqa: E402
 from lib.train.losses import LossConfig, build_loss  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
+from lib.train.state import TrainState  # noqa: E402
 
 
 def measure(args) -> float:
@@ -44,15 +45,13 @@ def measure(args) -> float:
     criterion = build_loss(LossConfig(s=30.0), 128, n_classes).to(settings.device)
     criterion.head.margin = 0.3
     cfg = TrainConfig()
-    optimizer = build_optimizer(model, criterion, cfg, settings.device)
-    runner = StepRunner(TrainStep(model, criterion), world, settings.device)
+    state = TrainState.build(model, criterion, cfg, settings, world)
     seconds = []
     for epoch in range(2):  # the first warms up (allocator, DDP buckets)
         sampler.set_epoch(epoch)
         world.barrier()
         t0 = time.perf_counter()
-        _, n = _train_epoch(model, criterion, optimizer, settings.grad_scaler(), None, loader, settings, cfg,
-                            torch.contiguous_format, progress=False, desc="", runner=runner)
+        _, n = backbone_epoch(state, loader)
         if settings.device.startswith("cuda"):
             torch.cuda.synchronize()
         world.barrier()

@@ -9,6 +9,7 @@ interleaved and the median of the repeats is reported, because a shared 2-core m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -18,9 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from lib.core.device import auto_settings  # noqa: E402
 from lib.data.samplers import PKSampler  # noqa: E402
 from lib.train.config import TrainConfig  # noqa: E402
-from lib.train.loop import _train_epoch, build_optimizer  # noqa: E402
+from lib.train.epochs import backbone_epoch  # noqa: E402
 from lib.train.losses import LossConfig, build_loss  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
+from lib.train.state import TrainState  # noqa: E402
 
 
 def bare_loop(model, criterion, optimizer, batches, settings) -> float:
@@ -39,12 +41,10 @@ def bare_loop(model, criterion, optimizer, batches, settings) -> float:
     return sum(len(y) for _, y in batches) / (time.perf_counter() - t0)
 
 
-def our_loop(model, criterion, optimizer, loader, settings, cfg) -> float:
+def our_loop(state: TrainState, loader) -> float:
     t0 = time.perf_counter()
-    scaler = settings.grad_scaler()
-    _, n = _train_epoch(model, criterion, optimizer, scaler, None, loader, settings, cfg, torch.contiguous_format,
-                        progress=True, desc="ours")
-    if settings.device.startswith("cuda"):
+    _, n = backbone_epoch(state, loader, desc="ours", progress=True)
+    if state.settings.device.startswith("cuda"):
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 
@@ -73,13 +73,15 @@ def main() -> None:
     criterion = build_loss(LossConfig(s=30.0), 128, n_classes).to(settings.device)
     criterion.head.margin = 0.3  # as the margin schedule sets it
     cfg = TrainConfig()
-    optimizer = build_optimizer(model, criterion, cfg, settings.device)
+    # contiguous tensors, as the bare loop feeds them
+    state = TrainState.build(model, criterion, cfg, dataclasses.replace(settings, channels_last=False))
+    optimizer = state.optimizer
     bare_loop(model, criterion, optimizer, batches[:2], settings)  # warm-up: allocator, cudnn autotune
 
     ours, bare = [], []
     for _ in range(args.repeats):
         bare.append(bare_loop(model, criterion, optimizer, batches, settings))
-        ours.append(our_loop(model, criterion, optimizer, loader, settings, cfg))
+        ours.append(our_loop(state, loader))
     b, o = statistics.median(bare), statistics.median(ours)
     print(f"device {settings.device} precision {settings.precision}; {args.backbone} at {args.img_size} px, "
           f"batch {args.p}x{args.k}, {args.steps} steps x {args.repeats} repeats")

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python (photo-retrieval)
 #     language: python
@@ -113,23 +115,12 @@ ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init
 os.chdir(ROOT)
 
 from lib.analysis.figures import plot_training_curves, save
-from lib.train.config import build_config
+from lib.train.config import build_config, config_parameters
 from lib.train.launch import train
 from lib.train.run import run_summary
 
-config = build_config(
-    data_dir=data_dir, splits_dir=splits_dir, cache_dir=cache_dir, fold=fold,
-    backbone=backbone, pretrained=pretrained, embed_dim=embed_dim, pooling=pooling,
-    img_size=img_size, resize=resize, augment=augment, hflip=hflip, aug_backend=aug_backend, mixup=mixup, cutmix=cutmix,
-    loss=loss, label_smoothing=label_smoothing, s=s, k_subcenters=k_subcenters, triplet_weight=triplet_weight, ms_weight=ms_weight,
-    warmup_epochs=warmup_epochs, warmup_margin=warmup_margin, margin=margin, ramp_epochs=ramp_epochs,
-    epochs=epochs, lr_backbone=lr_backbone, lr_head=lr_head, weight_decay=weight_decay, scheduler=scheduler,
-    early_stop_patience=early_stop_patience, ema_decay=ema_decay, seed=seed,
-    head_epochs=head_epochs, cached_views=cached_views, head_init=head_init, unfreeze=unfreeze, lr_decay=lr_decay,
-    backbone_bn=backbone_bn,
-    p=p, k=k, sampler=sampler, batches_per_epoch=batches_per_epoch,
-    device=device, precision=precision, num_workers=num_workers, accum_steps=accum_steps, sync_bn=sync_bn,
-)
+# every parameter above that is a run-config knob (lib.train.config), by its name
+config = build_config(**config_parameters(globals()))
 
 # %%
 history = train(run_dir, config, nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,

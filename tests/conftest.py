@@ -64,7 +64,8 @@ def run_dir(demo, tmp_path_factory):
     data, splits = demo
     run = tmp_path_factory.mktemp("run")
     config = build_config(data_dir=str(data), splits_dir=str(splits), backbone="resnet10t", embed_dim=16, img_size=32,
-                          epochs=1, batches_per_epoch=2, p=6, k=4, num_workers=0, device="cpu")
+                          epochs=1, batches_per_epoch=2, p=6, k=4, num_workers=0, device="cpu",
+                          head_epochs=0, unfreeze="all", lr_decay=1.0, s=64.0, margin=0.5, warmup_epochs=5)
     train_run(str(run), config, progress=False)
     return run
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lib.train.loop
+import lib.train.selection
 from lib.core.device import auto_settings
 from lib.data.dataset import IndexDataset
 from lib.data.splits import load_split_index
@@ -15,10 +16,11 @@ from lib.train.feature_cache import cache_features
 from lib.train.losses import LossConfig, build_loss
 from lib.train.model import ModelConfig, create_model
 from lib.train.run import run_summary, train_run
-from lib.train.trained_run import embed_rows, load_trained, split_part, split_rows
+from lib.train.trained_run import embed_rows, load_trained, rows_in_split, split_rows
 
 TINY = dict(backbone="resnet10t", pretrained="", embed_dim=32, img_size=32, s=30.0, margin=0.3, warmup_epochs=0,
-            p=6, k=4, lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", batches_per_epoch=3)
+            p=6, k=4, lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", batches_per_epoch=3, head_epochs=0,
+            unfreeze="all", lr_decay=1.0)
 
 
 def config(demo, **overrides):
@@ -101,21 +103,22 @@ def test_auto_backbone_bn_knows_pretrained_weights_from_a_random_init():
 def test_a_tie_in_recall_at_1_goes_to_the_higher_map():
     history = [{"epoch": 0, "val_recall@1": 0.5, "val_mAP": 0.30, "best_epoch": 0}]
     row = lambda r1, m: {"val_recall@1": r1, "val_mAP": m, "ema_val_recall@1": r1, "ema_val_mAP": m}  # noqa: E731
-    assert lib.train.loop.better(row(0.5, 0.31), history, "val_recall@1", 0.5)
-    assert not lib.train.loop.better(row(0.5, 0.30), history, "val_recall@1", 0.5)  # a full tie keeps the earlier
-    assert not lib.train.loop.better(row(0.49, 0.90), history, "val_recall@1", 0.5)
-    assert lib.train.loop.better(row(0.51, 0.01), history, "val_recall@1", 0.5)
+    assert lib.train.selection.improves(row(0.5, 0.31), history, "val_recall@1", 0.5)
+    # a full tie keeps the earlier
+    assert not lib.train.selection.improves(row(0.5, 0.30), history, "val_recall@1", 0.5)
+    assert not lib.train.selection.improves(row(0.49, 0.90), history, "val_recall@1", 0.5)
+    assert lib.train.selection.improves(row(0.51, 0.01), history, "val_recall@1", 0.5)
     # with EMA the epoch-0 row holds the model's scores only (the EMA starts as a copy)
-    assert lib.train.loop.better(row(0.5, 0.31), history, "ema_val_recall@1", 0.5)
-    assert not lib.train.loop.better(row(0.5, 0.29), history, "ema_val_recall@1", 0.5)
+    assert lib.train.selection.improves(row(0.5, 0.31), history, "ema_val_recall@1", 0.5)
+    assert not lib.train.selection.improves(row(0.5, 0.29), history, "ema_val_recall@1", 0.5)
 
 
 def test_a_run_whose_training_only_hurts_keeps_epoch_0(demo, tmp_path, monkeypatch):
-    def scramble(model, *args, **kwargs):
+    def scramble(state, *args, **kwargs):
         with torch.no_grad():
-            model.head.fc.weight.normal_()
+            state.model.head.fc.weight.normal_()
         return 1.0, 0
-    monkeypatch.setattr(lib.train.loop, "_head_epoch", scramble)
+    monkeypatch.setattr(lib.train.loop, "head_epoch", scramble)
     history = train_run(str(tmp_path), config(demo, head_epochs=3, unfreeze="0"), progress=False)
     assert history["val_recall@1"].iloc[1:].max() < history["val_recall@1"].iloc[0]
     assert list(history["best_epoch"]) == [0, 0, 0, 0]
@@ -145,7 +148,7 @@ def test_leave_one_out_validation_scores_the_val_photos_against_each_other(demo,
     history = train_run(str(tmp_path), config(demo, head_epochs=1, epochs=1, unfreeze="1", val_protocol="loo"),
                         progress=False)
     run = load_trained(tmp_path, "latest")
-    val = split_part(split_rows(run), "val")
+    val = rows_in_split(split_rows(run), "val")
     emb, _ = embed_rows(run, val, auto_settings(device="cpu", num_workers=0))
     labels = val["label"].map(run.config["class_to_idx"]).to_numpy()
     m = evaluate_retrieval(emb, labels, emb, labels, ks=(1, 5), exclude_self=True)

@@ -33,7 +33,8 @@ def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, 
 
     cfg = build_config(data_dir=str(data), splits_dir=str(splits), backbone="resnet10t", embed_dim=32, img_size=32,
                        s=30.0, warmup_epochs=1, margin=0.3, context_margin=0.2, mining_warmup_epochs=1,
-                       sampler="context_pk", p=6, k=2, batches_per_epoch=2, epochs=3, num_workers=0, device="cpu")
+                       sampler="context_pk", p=6, k=2, batches_per_epoch=2, epochs=3, num_workers=0, device="cpu",
+                       head_epochs=0, unfreeze="all", lr_decay=1.0)
     monkeypatch.setattr(lib.train.loop, "context_margins", spy)
     history = train_run(str(tmp_path / "whole"), cfg, progress=False)
     assert history["worst_contexts"].iloc[-1]

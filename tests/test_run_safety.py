@@ -22,7 +22,8 @@ from lib.train.run_lock import LOCK_FILE, run_lock
 from lib.train.trained_run import load_trained
 
 TINY = dict(backbone="resnet10t", embed_dim=16, img_size=32, s=30.0, margin=0.3, warmup_epochs=0, p=6, k=4,
-            lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", batches_per_epoch=2)
+            lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", batches_per_epoch=2, head_epochs=0,
+            unfreeze="all", lr_decay=1.0)
 
 
 def config(demo, **overrides):

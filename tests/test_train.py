@@ -1,15 +1,22 @@
+import ast
+import importlib.util
+from pathlib import Path
+
+import jupytext
 import pandas as pd
 import pytest
 import torch
 
 from lib.core.errors import DataError
 from lib.train.checkpoint import load_checkpoint, save_checkpoint
-from lib.train.config import RunConfig, build_config, settings_diff
+from lib.train.config import FIELD_OWNER, RunConfig, build_config, config_parameters, settings_diff
 from lib.train.loop import TrainingDiverged
 from lib.train.run import train_run
 
+ROOT = Path(__file__).resolve().parents[1]
+# a random-init model from scratch, as the tests before the recipe became the default trained it
 TINY = dict(backbone="resnet10t", embed_dim=32, img_size=32, s=30.0, margin=0.3, warmup_epochs=1, p=6, k=4,
-            lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu")
+            lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", head_epochs=0, unfreeze="all", lr_decay=1.0)
 
 
 def config(demo, **overrides):
@@ -134,3 +141,56 @@ def test_a_checkpoint_that_predates_resize_loads_and_resumes_as_the_crop_it_trai
     defaults = build_config(resize="squash")
     assert settings_diff(build_config(img_size=96, resize="squash"), old, defaults) == ["aug.resize"]
     assert settings_diff(build_config(img_size=96, resize="crop"), old, defaults) == []
+
+
+def _notebook_02_parameters() -> dict:
+    """Notebook 02's parameters cell, each name with its literal (the cell holds literals only)."""
+    cell = next(c for c in jupytext.read(ROOT / "notebooks" / "02_train.py").cells
+                if "parameters" in c.metadata.get("tags", []))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+
+
+def test_notebook_02_parameters_are_the_dataclass_defaults():
+    """One source of defaults: every run-config knob in notebook 02's parameters cell holds its dataclass default, and
+    the cell's values make build_config() exactly (so the notebook passes each one on, by name)."""
+    declared = _notebook_02_parameters()
+    defaults = build_config()
+    flat = {name: getattr(getattr(defaults, FIELD_OWNER[name]), name) for name in FIELD_OWNER}
+    differ = [f"{name} = {value!r} (default {flat[name]!r})" for name, value in declared.items()
+              if name in FIELD_OWNER and value != flat[name]]
+    assert not differ, "notebook 02 and lib/train/config.py disagree: " + "; ".join(differ)
+    assert build_config(**config_parameters(declared)) == defaults
+    assert {"head_epochs", "unfreeze", "lr_decay", "img_size", "s", "margin", "p"} <= set(config_parameters(declared))
+
+
+def test_the_demo_lists_only_what_it_changes():
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "notebooks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    declared = _notebook_02_parameters()
+    same = [name for name, value in run_all.DEMO_TRAIN.items() if declared[name] == value]
+    assert not same, f"DEMO_TRAIN repeats notebook 02's defaults: {same}"
+
+
+def test_an_old_checkpoint_resumes_with_the_config_it_stored(demo, tmp_path, capsys):
+    """A run from before the head phase existed (its config has no head_epochs / unfreeze / lr_decay, and trained
+    with the defaults of then) resumes as it trained, not with the recipe the dataclasses hold now."""
+    old_defaults = dict(s=64.0, margin=0.5, warmup_epochs=5, p=8, head_epochs=0, unfreeze="all", lr_decay=1.0)
+    cfg = config(demo, **{**old_defaults, "p": 6, "epochs": 1, "batches_per_epoch": 2})
+    train_run(str(tmp_path), cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "latest_model.pt")
+    for name in ("head_epochs", "cached_views", "head_init", "unfreeze", "lr_decay"):
+        del ckpt["config"]["train"][name]
+    save_checkpoint(tmp_path / "latest_model.pt", ckpt)
+    stored = RunConfig.from_dict(ckpt["config"])
+    assert (stored.train.head_epochs, stored.train.unfreeze, stored.train.lr_decay) == (0, "all", 1.0)
+    # today's defaults for what the old run does not record are not what it trained with
+    today = dict(head_epochs=30, unfreeze="1", lr_decay=0.5)
+    with pytest.raises(DataError, match=r"other settings \(train.head_epochs, train.lr_decay, train.unfreeze\)"):
+        train_run(str(tmp_path), config(demo, **{**old_defaults, **today, "p": 6, "epochs": 2, "batches_per_epoch": 2}),
+                  progress=False)
+    resumed = train_run(str(tmp_path), {**ckpt["config"], "train": {**ckpt["config"]["train"], "epochs": 2}},
+                        progress=False)
+    assert "resumed from" in capsys.readouterr().out
+    assert list(resumed["phase"]) == ["untrained", "warmup", "warmup"]  # warmup_epochs=5 as stored, no head phase
+    assert load_checkpoint(tmp_path / "latest_model.pt")["config"]["loss"]["s"] == 64.0

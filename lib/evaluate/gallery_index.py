@@ -12,7 +12,7 @@ import pandas as pd
 from lib.core.device import DeviceSettings
 from lib.retrieval.ann_index import IndexSpec, build_search_index, resolve_factory, searchable
 from lib.retrieval.faiss_index import faiss_device_for, load_index, save_index
-from lib.train.trained_run import TrainedRun, embed_rows, split_part, split_rows
+from lib.train.trained_run import TrainedRun, embed_rows, rows_in_split, split_rows
 
 INDEX_DIR = "index"  # inside the run folder
 # what must match for a saved index to serve a search
@@ -50,7 +50,7 @@ def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, 
     defaults when none is saved). Other search parameters than the saved ones need no rebuild; another index does.
     """
     given = {k: v for k, v in (("index", index), ("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
-    gallery = split_part(split_rows(run), "train")
+    gallery = rows_in_split(split_rows(run), "train")
     folder = run.run_dir / INDEX_DIR
     spec = replace(IndexSpec(), **given)
     if (folder / "index.faiss").exists():

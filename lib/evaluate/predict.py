@@ -22,7 +22,7 @@ from lib.retrieval.ann_index import approximation_recall, describe
 from lib.retrieval.decide import DEFAULT_K, DEFAULT_WEIGHTING, decisions, load_thresholds
 from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings
 from lib.retrieval.faiss_index import NO_NEIGHBOUR, fill_padding, search
-from lib.train.trained_run import embed_rows, load_trained, split_part, split_rows
+from lib.train.trained_run import embed_rows, load_trained, rows_in_split, split_rows
 
 THRESHOLDS_FILE = Path("eval") / "val" / "thresholds.json"  # inside the run folder; written by notebook 03
 COLUMNS = ("path", "pred", "score", "margin", "top1_distance", "verdict", "error", "note", "neighbour_labels",
@@ -117,7 +117,7 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], k: int | None 
         distances, neighbours = search(gallery.index, emb, k)
         report = dict(gallery.info)
         if not report["exact"]:
-            g_emb, _ = embed_rows(run, split_part(split_rows(run), "train"), settings, tta, batch_size, progress,
+            g_emb, _ = embed_rows(run, rows_in_split(split_rows(run), "train"), settings, tta, batch_size, progress,
                                   desc="gallery")
             spec = report["spec"]
             report["recall_vs_exact"] = approximation_recall(gallery.index, g_emb, emb, k, spec["recall_sample"],

@@ -26,7 +26,7 @@ from lib.retrieval.exclusion import resolve_loo_rule
 from lib.retrieval.faiss_index import faiss_device_for, fill_padding, search, search_within
 from lib.retrieval.metrics import first_hit_rank, macro_f1, per_class_report, relevance, vote_accuracy
 from lib.retrieval.ranking import evaluate_retrieval, resolve_val_protocol
-from lib.train.trained_run import class_probabilities, embed_rows, load_trained, split_part, split_rows
+from lib.train.trained_run import class_probabilities, embed_rows, load_trained, rows_in_split, split_rows
 
 
 def _coverage_metrics(queries: pd.DataFrame) -> dict:
@@ -67,7 +67,7 @@ def evaluate_run(run_dir: str | os.PathLike, split: str = "val", checkpoint: str
     index = index or IndexSpec()
     run = load_trained(run_dir, checkpoint)
     rows = split_rows(run)
-    gallery, queries = split_part(rows, "train"), split_part(rows, split)
+    gallery, queries = rows_in_split(rows, "train"), rows_in_split(rows, split)
     if restrict_to_context and "context" not in rows.columns:
         raise DataError(f"restrict_to_context needs a context column, and the index of "
                         f"{run.settings.data.splits_dir} has none (notebook 01's context_col)")

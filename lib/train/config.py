@@ -18,15 +18,18 @@ SAMPLERS = ("pk", "context_pk")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30               # of the backbone phase, after the head phase
+    # The defaults are the real-photo recipe the README's benchmark chose (bench/bench_training_recipes.py: packaged
+    # Lite0 at 320 px, 30 head epochs on 4 cached views, then the last backbone stage at lr_decay 0.5); notebook 02's
+    # parameters cell holds the same literals (tests/test_train.py holds them equal).
+    epochs: int = 10               # of the backbone phase, after the head phase
     # head phase: the embedding head trained on the frozen backbone's features, computed once per view and cached
-    head_epochs: int = 0
+    head_epochs: int = 30
     cached_views: int = 4          # per train photo: the eval transform, then seeded draws of the augmentation
     head_init: str = "pca"         # pca: the head starts as the features' principal directions | random
     # backbone phase: "all" trains the whole backbone; N its last N stages (timm feature_info), 0 none: the run ends
     # after the head phase
-    unfreeze: str = "all"
-    lr_decay: float = 1.0          # < 1: each earlier backbone stage learns lr_decay times slower than the next
+    unfreeze: str = "1"
+    lr_decay: float = 0.5          # < 1: each earlier backbone stage learns lr_decay times slower than the next
     # frozen: the backbone's BatchNorm layers keep their pretrained statistics while it trains | train: batch
     # statistics | auto: frozen for pretrained weights, train for a random init (whose statistics mean nothing)
     backbone_bn: str = "auto"
@@ -54,7 +57,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    data_dir: str = "data/demo"
+    data_dir: str = "data/photos"
     splits_dir: str = "splits"
     cache_dir: str = ""        # resize cache from notebook 01 / data_prep/resize_cache.py; "" = originals
     fold: int = -1             # -1: the train/val split; k >= 0: fold k of a K-fold split
@@ -80,7 +83,7 @@ class AugConfig:
 @dataclass
 class SamplerConfig:
     sampler: str = "pk"        # pk | context_pk
-    p: int = 8                 # classes per batch
+    p: int = 16                # classes per batch
     k: int = 4                 # images per class (4-5: enough positives per class for the miners)
     batches_per_epoch: int = 0  # 0 = about one pass over the training images
 
@@ -90,7 +93,9 @@ class DeviceConfig:
     device: str = "auto"
     precision: str = "auto"    # auto | bf16 | fp16 | fp32
     num_workers: int = -1      # -1 = from the device table
-    accum_steps: int = 0       # 0 = from the device table
+    # micro-batches each P x K step is cut into (memory only: the step's batch, loss and gradients stay the recipe's;
+    # lib.train.epochs.train_step); 0 = from the device table
+    accum_steps: int = 0
     sync_bn: bool = False      # under DDP: BatchNorm statistics over all processes' images (SyncBatchNorm)
 
 
@@ -104,8 +109,13 @@ RECORDED = {"device": ("resolved",)}
 # settings added later whose default is not what the runs before them did: a stored config without one takes this
 # value, not the dataclass default, when it loads and when a run resumes, so an old run evaluates as it was trained.
 # aug.resize: runs before it existed cropped (shorter side to img_size, centre crop); train.backbone_bn: they
-# trained BatchNorm on batch statistics.
-PREDATES = {"aug": {"resize": "crop"}, "train": {"backbone_bn": "train"}}
+# trained BatchNorm on batch statistics. The recipe's knobs keep the defaults they had before the dataclasses took
+# the recipe's values: a run from before head_epochs / unfreeze / lr_decay existed had no head phase and trained
+# the whole backbone at one rate (every stored config records s, margin, warmup_epochs, p and epochs; those entries
+# speak only for a partial one).
+PREDATES = {"aug": {"resize": "crop"},
+            "train": {"backbone_bn": "train", "head_epochs": 0, "unfreeze": "all", "lr_decay": 1.0, "epochs": 30},
+            "loss": {"s": 64.0}, "schedule": {"warmup_epochs": 5, "margin": 0.5}, "sampler": {"p": 8}}
 
 
 def with_predated(config: dict) -> dict:
@@ -171,6 +181,12 @@ def build_config(**params) -> RunConfig:
     for name, value in params.items():
         grouped[FIELD_OWNER[name]][name] = value
     return RunConfig(**{s: SECTIONS[s](**grouped[s]) for s in SECTIONS})
+
+
+def config_parameters(namespace: dict) -> dict:
+    """The run-config knobs among a namespace's names: notebook 02 hands build_config its parameters cell's values
+    this way (from globals()), so no knob is typed twice and a new one needs only its line in the cell."""
+    return {name: namespace[name] for name in FIELD_OWNER if name in namespace}
 
 
 def comparable_config(config: dict) -> dict:

@@ -119,9 +119,10 @@ class MarginSchedule:
     `margin` from epoch warmup_epochs + R - 1 on; R = 0 (or 1) is a step.
     """
 
-    warmup_epochs: int = 5
+    # the recipe's (config.py): one softmax epoch, then a moderate margin for ~8 photos per individual
+    warmup_epochs: int = 1
     warmup_margin: float = 0.0
-    margin: float = 0.5
+    margin: float = 0.3
     ramp_epochs: int = 0
     freeze_backbone_in_warmup: bool = True
 
@@ -210,7 +211,7 @@ class LossConfig:
 
     loss: str = "arcface"         # arcface | ce: the softmax classifier baseline (SoftmaxHead; s scales its input)
     label_smoothing: float = 0.1  # ce only
-    s: float = 64.0
+    s: float = 30.0               # 64 for many classes, ~30-48 for few (the recipe's 94 lions: 30)
     k_subcenters: int = 1
     triplet_weight: float = 0.0
     triplet_margin: float = 0.2

@@ -17,3 +17,12 @@ def mining_weights(errors: pd.Series, floor: float = 0.25) -> dict:
         return {c: 1.0 for c in errors.index}
     share = errors / errors.mean()
     return {c: float(floor + (1 - floor) * w) for c, w in share.items()}
+
+
+def mined_context_weights(query_contexts, hits, sampled_contexts) -> tuple[dict, str]:
+    """(sampling weight per context the sampler draws from, the three worst contexts as text for the metrics log)
+    from one validation's top-1 hits."""
+    errors = context_error(query_contexts, hits)
+    weights = mining_weights(errors[errors.index.isin(sampled_contexts)])
+    worst = errors.sort_values(ascending=False).head(3)
+    return weights, "; ".join(f"{c} {e:.2f}" for c, e in worst.items())

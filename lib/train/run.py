@@ -15,8 +15,8 @@ from lib.data.samplers import ContextPKSampler, PKSampler
 from lib.data.splits import load_split_index
 from lib.data.transforms import batch_mix, build_transforms
 from lib.train.checkpoint import seed_everything
-from lib.train.config import SAMPLERS, DataConfig, RunConfig, build_config
-from lib.train.distributed import join_world, sync_batchnorm
+from lib.train.config import SAMPLERS, DataConfig, RunConfig, SamplerConfig, build_config
+from lib.train.distributed import World, join_world, sync_batchnorm
 from lib.train.loop import fit, resolve_backbone_bn
 from lib.train.losses import build_loss
 from lib.train.model import create_model
@@ -65,18 +65,7 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
     query_set = IndexDataset(val_index, root, eval_tf, class_to_idx, cache)
 
     s = config.sampler
-    if s.sampler not in SAMPLERS:
-        raise ValueError(f"sampler={s.sampler!r}; valid: {', '.join(SAMPLERS)}")
-    seed = config.train.seed
-    if s.sampler == "context_pk":
-        if "context" not in train_index.columns:
-            raise DataError("sampler='context_pk' needs a context column in the index (notebook 01: context_col)")
-        sampler = ContextPKSampler(train_index["label"].to_numpy(), train_index["context"].to_numpy(), s.p, s.k,
-                                   seed=seed, batches_per_epoch=s.batches_per_epoch or None, rank=world.rank,
-                                   world=world.size)
-    else:
-        sampler = PKSampler(train_index["label"].to_numpy(), s.p, s.k, seed=seed,
-                            batches_per_epoch=s.batches_per_epoch or None, rank=world.rank, world=world.size)
+    sampler = build_sampler(s, train_index, config.train.seed, world)
     criterion = build_loss(config.loss, config.model.embed_dim, len(class_to_idx))
     device = config.device
     settings = auto_settings(device=device_name, precision=device.precision, num_workers=device.num_workers,
@@ -98,6 +87,19 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
                    gallery_set, query_set, full, fresh=fresh, log=log, progress=progress,
                    stop_after_epoch=stop_after_epoch, defaults=build_config().as_dict(),
                    batch_mix=batch_mix(aug.mixup, aug.cutmix, len(class_to_idx)), world=world)
+
+
+def build_sampler(s: SamplerConfig, train_index: pd.DataFrame, seed: int, world: World) -> PKSampler:
+    """The P x K batch sampler of the sampler section, this rank's share of every step."""
+    if s.sampler not in SAMPLERS:
+        raise ValueError(f"sampler={s.sampler!r}; valid: {', '.join(SAMPLERS)}")
+    labels, batches = train_index["label"].to_numpy(), s.batches_per_epoch or None
+    if s.sampler == "context_pk":
+        if "context" not in train_index.columns:
+            raise DataError("sampler='context_pk' needs a context column in the index (notebook 01: context_col)")
+        return ContextPKSampler(labels, train_index["context"].to_numpy(), s.p, s.k, seed=seed,
+                                batches_per_epoch=batches, rank=world.rank, world=world.size)
+    return PKSampler(labels, s.p, s.k, seed=seed, batches_per_epoch=batches, rank=world.rank, world=world.size)
 
 
 def run_summary(history: pd.DataFrame) -> str:

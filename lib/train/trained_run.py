@@ -96,7 +96,7 @@ def split_rows(run: TrainedRun) -> pd.DataFrame:
     return index.reset_index(drop=True)
 
 
-def split_part(rows: pd.DataFrame, split: str) -> pd.DataFrame:
+def rows_in_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
     """The rows of one split of a split index, without the `split` column, numbered from 0 (embedding order)."""
     return rows.loc[rows["split"] == split, [c for c in rows.columns if c != "split"]].reset_index(drop=True)
 

@@ -1,0 +1,122 @@
+"""What a training run holds between steps: the parts that train (model, loss, optimizer, scheduler, loss scaler,
+EMA, the DDP step) and its progress (history, selection, mined context weights), built once per run, written into
+every checkpoint and read back on resume."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from timm.utils import ModelEmaV3, NativeScaler
+from torch import nn
+
+from lib.core.device import DeviceSettings
+from lib.train.checkpoint import fp32_state_dict, rng_state, set_rng_state
+from lib.train.config import TrainConfig
+from lib.train.distributed import StepRunner, TrainStep, World
+from lib.train.losses import CombinedLoss
+from lib.train.selection import Selection
+
+SCHEDULERS = ("cosine_restarts", "plateau", "none")
+
+
+class LossScaler(NativeScaler):
+    """timm's NativeScaler (scaled backward, then on the last micro-batch unscale, clip, step, update) around the
+    device's own GradScaler, which is enabled for fp16 only: bf16 and fp32 need no loss scaling."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self._scaler = scaler
+
+
+def build_optimizer(model, criterion: CombinedLoss, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """AdamW: the backbone at lr_backbone (with lr_decay < 1, stage by stage: the last stage at lr_backbone, each
+    earlier one lr_decay times the next, since early stages hold generic features that should move least), and the
+    head with the loss's own weights at lr_head. Frozen parameters get no gradient, so AdamW leaves them alone."""
+    head = {"params": [*model.head_parameters(), *criterion.parameters()], "lr": cfg.lr_head, "name": "head"}
+    if cfg.lr_decay == 1.0:
+        groups = [{"params": model.backbone_parameters(), "lr": cfg.lr_backbone, "name": "backbone"}, head]
+    else:
+        last = len(model.stages) - 1
+        groups = [{"params": [p for _, p in stage], "lr": cfg.lr_backbone * cfg.lr_decay ** (last - i),
+                   "name": f"backbone.{i}"} for i, stage in enumerate(model.stages)] + [head]
+    # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones.
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    if cfg.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+    if cfg.scheduler == "cosine_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.t0, T_mult=cfg.t_mult)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.plateau_patience,
+                                                          factor=cfg.plateau_factor)
+    return None
+
+
+def group_lr(optimizer, name: str) -> float:
+    """The learning rate of a parameter group; for the backbone, its last stage's (the largest)."""
+    return [g["lr"] for g in optimizer.param_groups if g["name"].split(".")[0] == name][-1]
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    criterion: CombinedLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    scaler: LossScaler
+    ema: ModelEmaV3 | None
+    runner: StepRunner
+    settings: DeviceSettings
+    cfg: TrainConfig
+    memory_format: torch.memory_format = torch.contiguous_format
+    selection: Selection = field(default_factory=Selection)
+    history: list[dict] = field(default_factory=list)
+    run_id: str | None = None          # MLflow's, so a resumed run logs into the same one
+    context_weights: dict | None = None  # what this epoch's hard-context mining decided
+
+    @classmethod
+    def build(cls, model, criterion: CombinedLoss, cfg: TrainConfig, settings: DeviceSettings,
+              world: World = World()) -> TrainState:
+        """The parts on the device: AdamW and the scheduler of cfg, the device's loss scaler, the EMA (ema_decay > 0,
+        which then drives selection) and the model+loss step DDP wraps under several processes."""
+        memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        model.to(settings.device, memory_format=memory_format)
+        criterion.to(settings.device)
+        optimizer = build_optimizer(model, criterion, cfg, settings.device)
+        ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        return cls(model, criterion, optimizer, build_scheduler(optimizer, cfg), LossScaler(settings.grad_scaler()),
+                   ema, StepRunner(TrainStep(model, criterion), world, settings.device), settings, cfg, memory_format,
+                   Selection("ema_val_recall@1" if ema is not None else "val_recall@1"))
+
+    @property
+    def stepped_parameters(self) -> list[nn.Parameter]:
+        """Every parameter the optimizer steps, the loss's own (ArcFace's centres) included: what gradient clipping
+        bounds."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def checkpoint(self, epoch: int, config: dict, mlflow_run_id: str | None) -> dict:
+        """Everything a resume needs, weights in fp32."""
+        return {"epoch": epoch, "config": config, "best_metric": self.selection.best,
+                "since_best": self.selection.since_best, "history": self.history,
+                "model": fp32_state_dict(self.model), "criterion": fp32_state_dict(self.criterion),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "ema": fp32_state_dict(self.ema) if self.ema is not None else None,
+                "rng": rng_state(), "mlflow_run_id": mlflow_run_id, "class_to_idx": config.get("class_to_idx"),
+                "context_weights": self.context_weights}
+
+    def load(self, ckpt: dict) -> None:
+        """The state of `ckpt` (a checkpoint of the same settings), RNG included."""
+        self.model.load_state_dict(ckpt["model"])
+        self.criterion.load_state_dict(ckpt["criterion"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        self.history, self.run_id = ckpt["history"], ckpt.get("mlflow_run_id")
+        self.selection.best, self.selection.since_best = ckpt["best_metric"], ckpt["since_best"]
+        self.context_weights = ckpt.get("context_weights")
