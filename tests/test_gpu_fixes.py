@@ -158,3 +158,16 @@ def test_the_gpu_check_runs_to_its_end_without_a_gpu_and_skips_every_gpu_row():
                              "faiss 100k x 512", "peak GPU memory"}
     assert all(text.startswith("skipped: no CUDA") for text in gpu_rows.values()), gpu_rows
     assert rows["gpu_check"].startswith("done in")
+
+
+@pytest.mark.parametrize("torch_device, gpu", [("cpu", None), ("cuda:1", 1)])
+def test_training_validation_searches_on_the_models_own_device(fake_faiss_gpus, torch_device, gpu):
+    """Validation during training places its Faiss indexes where its settings put the model: a CPU run leaves the
+    GPUs faiss-gpu sees alone, a DDP rank on cuda:1 uses cuda:1 (not faiss's default GPU 0)."""
+    from lib.train.validation import retrieval_metrics
+
+    _, placed = fake_faiss_gpus
+    g, labels = unit_vectors(60), np.arange(60) % 5
+    metrics, hits = retrieval_metrics(None, None, g, labels, "loo", "val_", faiss_device_for(torch_device))
+    assert hits.shape == (60,) and 0 <= metrics["val_recall@1"] <= 1
+    assert [gpus for _, gpus in placed] == ([] if gpu is None else [(gpu,)] * len(placed)) and (gpu is None or placed)

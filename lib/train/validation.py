@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from lib.core.device import DeviceSettings
 from lib.retrieval.embed import extract_embeddings
-from lib.retrieval.faiss_index import build_index, search
+from lib.retrieval.faiss_index import build_index, faiss_device_for, search
 from lib.retrieval.ranking import evaluate_retrieval
 from lib.train.feature_cache import CachedFeatures, PooledFeatures
 
@@ -34,7 +34,7 @@ class Validation:
         queries = embed(net, self.query_set)
         gallery = None if self.protocol == "loo" else embed(net, self.gallery_set)
         return retrieval_metrics(gallery, self.gallery_set.targets.numpy(), queries, self.query_set.targets.numpy(),
-                                 self.protocol, prefix)
+                                 self.protocol, prefix, faiss_device_for(self.settings.device))
 
     def frozen_baseline(self, model: nn.Module) -> dict:
         """The frozen backbone's own pooled features, without any head: the baseline every run is measured against
@@ -57,13 +57,14 @@ class Validation:
 
 
 def retrieval_metrics(gallery: np.ndarray | None, gallery_labels: np.ndarray, queries: np.ndarray,
-                      query_labels: np.ndarray, protocol: str, prefix: str) -> tuple[dict, np.ndarray]:
-    """(recall@1/5 and mAP under `prefix`, top-1 hit per query) of gallery and query embeddings. Under "loo" the
+                      query_labels: np.ndarray, protocol: str, prefix: str, device: str = "auto") -> tuple[dict, np.ndarray]:
+    """(recall@1/5 and mAP under `prefix`, top-1 hit per query) of gallery and query embeddings, searched by Faiss on
+    `device` (faiss_device_for of the model's: a CPU run stays off the GPU, a DDP rank on its own). Under "loo" the
     queries are the gallery: `gallery` and `gallery_labels` are not read (the caller need not embed a gallery)."""
     loo = protocol == "loo"
     if loo:
         gallery, gallery_labels = queries, query_labels
-    m = evaluate_retrieval(gallery, gallery_labels, queries, query_labels, ks=(1, 5), exclude_self=loo)
-    _, top1 = search(build_index(gallery), queries, 1, exclude_self=loo)
+    m = evaluate_retrieval(gallery, gallery_labels, queries, query_labels, ks=(1, 5), exclude_self=loo, device=device)
+    _, top1 = search(build_index(gallery, device), queries, 1, exclude_self=loo)
     hits = gallery_labels[top1[:, 0]] == query_labels
     return {f"{prefix}recall@1": m["recall@1"], f"{prefix}recall@5": m["recall@5"], f"{prefix}mAP": m["mAP"]}, hits
