@@ -161,9 +161,9 @@ def reid_index() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "label", "group", "date"]).assign(width=300, height=300)
 
 
-def test_open_mode_keeps_individuals_apart_and_pairs_together():
+def test_identity_disjoint_open_mode_keeps_individuals_apart_and_pairs_together():
     index = reid_index()
-    labelled = assign_splits(index, split_groups(index, SplitConfig(mode="open", seed=1)))
+    labelled = assign_splits(index, split_groups(index, SplitConfig(mode="open", seed=1, unknown_share=1)))
     per_label = labelled.groupby("label")["split"].nunique()
     assert (per_label == 1).all()                      # no individual in two splits
     where = labelled.groupby("label")["split"].first()
@@ -174,9 +174,12 @@ def test_open_mode_keeps_individuals_apart_and_pairs_together():
 def test_open_mode_report_does_not_apply_the_few_groups_rule(tmp_path):
     index = reid_index().drop(columns="date")
     index["group"] = index["label"]  # a folder layout whose ID is the individual: one group per label
-    report = prepare_splits(index, tmp_path, SplitConfig(mode="open")).report
+    report = prepare_splits(index, tmp_path, SplitConfig(mode="open", unknown_share=1)).report
     assert report["train_only_classes"] == [] and report["no_test_classes"] == []
-    assert "Open set" in (tmp_path / "split_report.md").read_text()
+    assert "identity-disjoint" in (tmp_path / "split_report.md").read_text()
+    per_split = index.groupby("label").size().index  # every val/test individual is unknown in a disjoint split
+    assert sum(map(len, report["unknown_individuals"].values())) == report["n_labels"]["val"] + report["n_labels"]["test"]
+    assert set().union(*map(set, report["unknown_individuals"].values())) <= set(per_split)
 
 
 def test_time_mode_puts_the_latest_encounters_last():
@@ -274,3 +277,84 @@ def test_report_gives_asked_and_achieved_ratios(tmp_path):
     assert f"train 0.70 -> {achieved['train']:.3f}" in markdown and "asked -> achieved" in markdown
     with pytest.raises(ValueError, match="ratio_tol"):
         SplitConfig(ratio_tol=1.5)
+
+
+def _check_open_set(index: pd.DataFrame, groups: dict, unknown: dict, whole: bool = True) -> None:
+    """The open-set invariants, recomputed from the index: no group in two splits; an unknown individual has no
+    train photo (so none in the gallery) and (whole) lies in one split; a known val/test individual has one."""
+    sets = [set(groups[s]) for s in SPLITS]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert set().union(*sets) == set(index["group"])
+    labelled = assign_splits(index, groups)
+    train_labels = set(labelled.loc[labelled["split"] == "train", "label"])
+    for s in ("val", "test"):
+        in_split = set(labelled.loc[labelled["split"] == s, "label"])
+        assert set(unknown[s]) <= in_split and not set(unknown[s]) & train_labels, s
+        assert in_split - set(unknown[s]) <= train_labels, s
+        assert unknown[s] and in_split - set(unknown[s]), f"{s} mixes known and unknown individuals"
+    where = labelled[labelled["label"].isin(unknown["val"] + unknown["test"])].groupby("label")["split"].nunique()
+    assert (where == 1).all() or not whole
+
+
+@pytest.mark.parametrize("make, seed", [(reid_index, 1), (reid_index, 5), (long_tailed_index, 0), (long_tailed_index, 3)])
+def test_open_set_holds_a_share_of_individuals_out_whole(make, seed, tmp_path):
+    index = make()
+    splits = prepare_splits(index, tmp_path, SplitConfig(mode="open", seed=seed))
+    on_disk = json.loads((tmp_path / "unknown_individuals.json").read_text())
+    assert on_disk == splits.unknown == splits.report["unknown_individuals"]
+    loaded, again = load_split_index(tmp_path)
+    assert again.unknown == on_disk
+    _check_open_set(index, splits.groups, on_disk)
+    n_unknown = len(on_disk["val"]) + len(on_disk["test"])
+    n_evaluated = loaded.loc[loaded["split"] != "train", "label"].nunique()
+    # a pair seen together (reid_index's e-x) is held out as one unit: the share may be off by one unit of two
+    assert abs(n_unknown / n_evaluated - 0.2) <= 2 / n_evaluated, (n_unknown, n_evaluated)
+    assert "## Unknown individuals" in (tmp_path / "split_report.md").read_text()
+    if make is long_tailed_index:
+        share = loaded["split"].value_counts(normalize=True)
+        assert abs(share["train"] - 0.7) < 0.05, share  # measured 0.675 at seeds 0, 3
+
+
+def test_open_set_keeps_a_pair_seen_together_in_one_place():
+    index = reid_index()
+    for seed in range(8):
+        labelled = assign_splits(index, split_groups(index, SplitConfig(mode="open", seed=seed)))
+        shared = labelled.loc[labelled["group"] == "e-x", "split"].iloc[0]
+        unknown = {label for label, rows in labelled.groupby("label") if not (rows["split"] == "train").any()}
+        assert ({"ind0", "ind1"} <= unknown) == ({"ind0", "ind1"} & unknown != set()), seed  # both or neither
+        assert shared != "train" or not {"ind0", "ind1"} & unknown
+
+
+def test_unknown_share_only_for_open_set_modes_and_old_files_still_load(tmp_path):
+    with pytest.raises(ValueError, match="unknown_share applies"):
+        SplitConfig(mode="group", unknown_share=0.2)
+    with pytest.raises(ValueError, match="unknown_share must be"):
+        SplitConfig(mode="open", unknown_share=1.5)
+    assert SplitConfig().unknown_share == 0 and SplitConfig(mode="open").unknown_share == 0.2
+    index = reid_index()
+    prepare_splits(index, tmp_path, SplitConfig(mode="open", unknown_share=1))
+    # files from before the holdout: no unknown list, no unknown_share (open mode was identity-disjoint then)
+    (tmp_path / "unknown_individuals.json").unlink()
+    report = json.loads((tmp_path / "split_report.json").read_text())
+    del report["config"]["unknown_share"], report["unknown_individuals"]
+    (tmp_path / "split_report.json").write_text(json.dumps(report))
+    loaded, splits = load_split_index(tmp_path)
+    assert splits.unknown == {} and len(loaded) == len(index)
+    assert prepare_splits(index, tmp_path, SplitConfig(mode="open", unknown_share=1)).unknown == {}
+    with pytest.raises(DataError, match="'unknown_share': 1.0"):
+        prepare_splits(index, tmp_path, SplitConfig(mode="open"))
+
+
+def test_given_mode_carves_an_open_set_val_and_reports_the_csv_unknowns(tmp_path):
+    index = long_tailed_index(n_classes=120)
+    # the CSV's own open-set test: the last encounters of every individual, plus every photo of ten of them
+    last = index.groupby("label")["group"].transform("max") == index["group"]
+    whole = index["label"].isin(sorted(index["label"].unique())[:10])
+    index["given_split"] = np.where(last | whole, "test", "train")
+    splits = prepare_splits(index, tmp_path, SplitConfig(mode="given"))
+    assert set(splits.groups["test"]) == set(index.loc[index["given_split"] == "test", "group"])
+    # a carved-out individual keeps its CSV test photos: unknown in val and in test
+    _check_open_set(index, splits.groups, splits.unknown, whole=False)
+    assert set(sorted(index["label"].unique())[:10]) <= set(splits.unknown["test"])
+    n_val = assign_splits(index, splits.groups).query("split == 'val'")["label"].nunique()
+    assert abs(len(splits.unknown["val"]) / n_val - 0.2) <= 2 / n_val  # measured 15 of 68

@@ -11,12 +11,17 @@ When that leaves the totals (by images) more than `ratio_tol` off the asked rati
 split, so larger classes give more to train; only then the one val/test group of small classes, keeping each
 evaluated in the other split where it can be. The report gives the asked and the achieved ratios.
 A group whose images carry several labels (an encounter with two animals) follows its most common label.
+
+Open sets (mode 'open', and the val carved for a 'given' CSV without one) break rule (2) on purpose for a share of
+the individuals: `unknown_share` of the val/test individuals are held out whole, so val and test queries mix known
+individuals (other encounters in train, the gallery) with unknown ones (wildlife-datasets' open-set split, counted
+in individuals). `unknown_individuals.json` and the report list them; splits written before have neither.
+The assignment itself lives in lib.data.split_assign, the report in lib.data.split_report.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import heapq
 import json
 import os
 import shutil
@@ -28,12 +33,16 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lib.core.errors import DataError
+from lib.data.split_assign import SPLITS, RatioHolder, assign_in_order, group_table, open_set_split, per_class_split
+from lib.data.split_report import report_markdown, split_report
 
-SPLITS = ("train", "val", "test")
 SPLIT_FILES = {s: f"{s}_ids.json" for s in SPLITS}
+UNKNOWN_FILE = "unknown_individuals.json"
 
 
 SPLIT_MODES = ("group", "time", "open", "given")
+OPEN_SET_MODES = ("open", "given")  # the modes that can hold individuals out of train
+DEFAULT_UNKNOWN_SHARE = 0.2
 GIVEN_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "query": "test"}
 
@@ -45,12 +54,15 @@ class SplitConfig:
     n_folds: int = 0  # >1: also write K train/val folds around the fixed test split (k-fold cross-validation)
     # group: groups shared out per label (classification; closed-set re-ID when label = individual)
     # time:  the same, but each label's groups in time order: earliest to train, latest to test (closed-set re-ID)
-    # open:  whole labels shared out, so val/test individuals are never seen in training (open-set re-ID)
-    # given: the CSV's own split column (`given_split`); val carved from train by groups when the CSV has none
+    # open:  unknown_share of the val/test individuals held out whole, the others by groups (open-set re-ID)
+    # given: the CSV's own split column (`given_split`); val carved from train (open-set rule) when the CSV has none
     mode: str = "group"
     time_col: str = ""  # mode='time': the index column to order groups by (a date or any sortable value)
     # group/time: how far each split's share of images may stray from `ratios` before groups are moved to hold it
     ratio_tol: float = 0.03
+    # open/given: share of the val/test individuals with no photo in train (1: identity-disjoint, every individual
+    # in one split); None: DEFAULT_UNKNOWN_SHARE there, 0 in group/time
+    unknown_share: float | None = None
 
     def __post_init__(self):
         if self.mode not in SPLIT_MODES:
@@ -62,6 +74,19 @@ class SplitConfig:
             raise ValueError(f"ratios must be three non-negative numbers summing to 1 with train > 0, got {self.ratios}")
         if not 0 <= self.ratio_tol < 1:
             raise ValueError(f"ratio_tol must be in [0, 1), got {self.ratio_tol}")
+        if self.unknown_share is None:
+            self.unknown_share = DEFAULT_UNKNOWN_SHARE if self.mode in OPEN_SET_MODES else 0.0
+        self.unknown_share = float(self.unknown_share)
+        if not 0 <= self.unknown_share <= 1:
+            raise ValueError(f"unknown_share must be in [0, 1], got {self.unknown_share}")
+        if self.unknown_share and self.mode not in OPEN_SET_MODES:
+            raise ValueError(f"unknown_share applies to split modes {OPEN_SET_MODES}, not {self.mode!r}")
+
+
+def legacy_unknown_share(mode: str) -> float:
+    """What split files written before unknown_share existed did: open was identity-disjoint, the rest kept every
+    individual in train."""
+    return 1.0 if mode == "open" else 0.0
 
 
 @dataclass
@@ -70,6 +95,7 @@ class Splits:
     class_to_idx: dict[str, int]
     report: dict = field(default_factory=dict)
     folds: list[dict[str, list[str]]] = field(default_factory=list)
+    unknown: dict[str, list[str]] = field(default_factory=dict)  # val/test -> individuals not in train ({}: not recorded)
 
 
 def data_fingerprint(index: pd.DataFrame) -> str:
@@ -86,159 +112,6 @@ def class_to_idx(index: pd.DataFrame) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted(index["label"].unique()))}
 
 
-def group_table(index: pd.DataFrame) -> pd.DataFrame:
-    """One row per group: its label (most common, ties by name), image count and whether its labels disagree."""
-    counts = index.groupby(["group", "label"]).size().rename("n").reset_index()
-    counts = counts.sort_values(["group", "n", "label"], ascending=[True, False, True])
-    table = counts.groupby("group").agg(label=("label", "first"), n_images=("n", "sum"), n_labels=("label", "size"))
-    return table.reset_index()
-
-
-def _assign_class(groups: pd.DataFrame, ratios: tuple[float, ...], rng: np.random.Generator) -> dict[str, str]:
-    """Greedy: biggest groups first (shuffled among equals), each to the split furthest below its share of images."""
-    order = groups.iloc[rng.permutation(len(groups))].sort_values("n_images", ascending=False, kind="stable")
-    n = len(order)
-    if n <= 2:
-        return dict(zip(order["group"], SPLITS[:n]))
-    target = np.asarray(ratios) * order["n_images"].sum()
-    filled = np.zeros(3)
-    where: dict[str, str] = {}
-    for g, size in zip(order["group"], order["n_images"]):
-        s = int(np.argmax(target - filled))
-        where[g], filled[s] = SPLITS[s], filled[s] + size
-    for s in ("val", "test"):
-        if s not in where.values() and ratios[SPLITS.index(s)] > 0:
-            # Take the smallest train group so train loses as little as possible; train keeps at least one.
-            train_groups = [g for g in reversed(order["group"].tolist()) if where[g] == "train"]
-            if len(train_groups) > 1:
-                where[train_groups[0]] = s
-    return where
-
-
-def _assign_in_order(groups: pd.DataFrame, ratios: tuple[float, ...]) -> dict[str, str]:
-    """Groups already in time order fill train, then val, then test, by cumulative share of images."""
-    n = len(groups)
-    if n <= 2:
-        return dict(zip(groups["group"], SPLITS[:n]))
-    bounds = np.cumsum(ratios)[:2] * groups["n_images"].sum()
-    done = groups["n_images"].cumsum() - groups["n_images"]  # images placed before each group
-    splits = np.array(SPLITS)[np.searchsorted(bounds, done.to_numpy(), side="right")]
-    splits[0] = "train"
-    for s in ("test", "val"):  # the latest groups give way, so train keeps the early ones
-        if s not in splits and ratios[SPLITS.index(s)] > 0:
-            splits[-1 if s == "test" else -2] = s
-    return dict(zip(groups["group"], splits))
-
-
-RATIO_AIM = 1 / 3  # once moving, groups that cost no class a split move until within this part of ratio_tol
-
-
-def _hold_ratios(table: pd.DataFrame, where: dict[str, str], ratios: tuple[float, ...], tol: float,
-                 rng: np.random.Generator, ordered: bool = False) -> dict[str, str]:
-    """Move groups between splits until each split's share of images is within `tol` of its ratio.
-
-    Does nothing when the per-class assignment already is. Otherwise, two stages of single-group moves from an
-    over-full split to an under-full one, each accepted only when it brings the totals closer:
-      1. groups a class can spare (it keeps another group in that split), from the class holding the largest part of
-         its images there, until within RATIO_AIM * tol: larger classes give up their extra val/test groups first;
-      2. only while still outside `tol`: a class's last group in val or test, preferring classes that stay evaluated
-         in the other split, then classes with more groups, then bigger groups (fewer classes lose a split).
-    Train keeps at least one group of every class. `ordered` (time mode; `table` in time order within each class):
-    only moves that keep train before val before test within a class. Ties follow a seeded order of the classes.
-    """
-    total = float(table["n_images"].sum())
-    asked = np.asarray(ratios, dtype=float)
-    if total == 0:
-        return where
-    sizes = dict(zip(table["group"], table["n_images"].astype(int)))
-    members = {label: groups.tolist() for label, groups in table.groupby("label", sort=True)["group"]}
-    class_images = table.groupby("label")["n_images"].sum().to_dict()
-    rank = {label: i for i, label in enumerate(rng.permutation(sorted(members)))}
-    at = {g: SPLITS.index(where[g]) for g in sizes}
-    filled = np.zeros(3)
-    for g, s in at.items():
-        filled[s] += sizes[g]
-
-    def off() -> np.ndarray:
-        return filled / total - asked
-
-    if np.abs(off()).max() <= tol:
-        return where
-
-    def candidate(label: str, stage: int, src: int, dst: int):
-        """(priority key, group) of the group `label` would move from src to dst in this stage, or None."""
-        groups = members[label]
-        splits = [at[g] for g in groups]
-        n_src = splits.count(src)
-        if (n_src >= 2) != (stage == 1) or (src == 0 and n_src < 2):
-            return None  # stage 1 only spares; train keeps one group of every class
-        if ordered:  # only a group at its split's boundary moves, so train < val < test holds; the first stays train
-            movable = [g for i, (g, a) in enumerate(zip(groups, splits)) if i > 0 and a == src
-                       and splits[i - 1] <= dst and (i == len(splits) - 1 or splits[i + 1] >= dst)]
-        else:
-            movable = [g for g, a in zip(groups, splits) if a == src]
-        if not movable:
-            return None
-        if stage == 1:  # the smallest spare group, from the class with the largest part of its images in src
-            g = min(movable, key=lambda h: (sizes[h], h))
-            share = sum(sizes[h] for h, a in zip(groups, splits) if a == src) / class_images[label]
-            return (-share, rank[label], g), g
-        g = movable[0]  # a class's only group in src
-        evaluated = dst > 0 or any(a > 0 and h != g for h, a in zip(groups, splits))
-        return (not evaluated, -len(groups), -sizes[g], rank[label], g), g
-
-    def run_pair(stage: int, src: int, dst: int, limit: float) -> int:
-        """Moves from src to dst while they stay over/under; the largest acceptable size only shrinks meanwhile."""
-        heap = [(c[0], label) for label in members if (c := candidate(label, stage, src, dst))]
-        heapq.heapify(heap)
-        moved = 0
-        while heap and np.abs(off()).max() > limit:
-            d = off()
-            if not d[src] > 0 > d[dst]:
-                break
-            key, label = heapq.heappop(heap)
-            c = candidate(label, stage, src, dst)
-            if c is None or c[0] != key:  # stale: the class moved since
-                if c is not None:
-                    heapq.heappush(heap, (c[0], label))
-                continue
-            g = c[1]
-            if sizes[g] / total >= 2 * min(d[src], -d[dst]):
-                continue  # would overshoot: the totals would get no closer, now or later in this run
-            at[g] = dst
-            filled[src] -= sizes[g]
-            filled[dst] += sizes[g]
-            moved += 1
-            if (c := candidate(label, stage, src, dst)) is not None:
-                heapq.heappush(heap, (c[0], label))
-        return moved
-
-    for stage, limit in ((1, RATIO_AIM * tol), (2, tol)):
-        while np.abs(off()).max() > limit:
-            d = off()
-            pairs = sorted(((s, t) for s in range(3) for t in range(3) if d[s] > 0 > d[t]),
-                           key=lambda p: (d[p[1]] - d[p[0]], p))
-            if not any(run_pair(stage, src, dst, limit) for src, dst in pairs):
-                break
-    return {g: SPLITS[a] for g, a in at.items()}
-
-
-def _label_units(index: pd.DataFrame) -> pd.Series:
-    """label -> unit: labels that share a group (two animals in one encounter) must move together."""
-    parent = {label: label for label in index["label"].unique()}
-
-    def root(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for labels in index.groupby("group")["label"].unique():
-        for other in labels[1:]:
-            parent[root(other)] = root(labels[0])
-    return pd.Series({label: root(label) for label in parent})
-
-
 def _given_split(index: pd.DataFrame, cfg: SplitConfig) -> dict[str, str]:
     if "given_split" not in index.columns:
         raise DataError("mode='given' needs the CSV's split column: name it with split_col in notebook 01")
@@ -253,10 +126,12 @@ def _given_split(index: pd.DataFrame, cfg: SplitConfig) -> dict[str, str]:
         raise DataError(f"the CSV's split column puts group(s) {list(torn[:5])} in more than one split")
     where = dict(zip(per_group["group"], per_group["split"]))
     if "val" not in where.values():
-        # The CSV has no val: carve one from its train groups, group-aware, at val's share of train + val.
+        # The CSV has no val: carve one from its train groups, group-aware, at val's share of train + val, holding
+        # unknown_share of its individuals out of train (as a CSV's open-set test does).
         train = index[index["group"].map(where) == "train"]
         share = cfg.ratios[1] / (cfg.ratios[0] + cfg.ratios[1])
-        carved = split_groups(train, SplitConfig(ratios=(1 - share, share, 0.0), seed=cfg.seed))
+        carve = SplitConfig(ratios=(1 - share, share, 0.0), seed=cfg.seed, mode="open", unknown_share=cfg.unknown_share)
+        carved = split_groups(train, carve)
         where.update({g: "val" for g in carved["val"]})
     return where
 
@@ -268,23 +143,17 @@ def split_groups(index: pd.DataFrame, cfg: SplitConfig) -> dict[str, list[str]]:
     if cfg.mode == "given":
         where = _given_split(index, cfg)
     elif cfg.mode == "open":
-        units = _label_units(index)
-        sizes = index.groupby("label").size().groupby(units).sum()
-        unit_table = pd.DataFrame({"group": sizes.index, "n_images": sizes.to_numpy()}).sort_values("group")
-        unit_split = _assign_class(unit_table, cfg.ratios, rng)
-        where = {g: unit_split[units[label]] for g, label in zip(table["group"], table["label"])}
+        where = open_set_split(index, table, cfg.ratios, cfg.unknown_share, cfg.ratio_tol, rng)
     elif cfg.mode == "time":
         first_seen = index.groupby("group")[cfg.time_col].min() if cfg.time_col in index.columns else None
         if first_seen is None:
             raise DataError(f"mode='time': the index has no column '{cfg.time_col}'; columns: {list(index.columns)}")
         table = table.assign(t=table["group"].map(first_seen)).sort_values(["label", "t", "group"])
         for _, groups in table.groupby("label", sort=True):
-            where.update(_assign_in_order(groups, cfg.ratios))
-        where = _hold_ratios(table, where, cfg.ratios, cfg.ratio_tol, rng, ordered=True)
+            where.update(assign_in_order(groups, cfg.ratios))
+        where = RatioHolder(table, where, cfg.ratios, rng, ordered=True).hold(cfg.ratio_tol)
     else:
-        for _, groups in table.groupby("label", sort=True):
-            where.update(_assign_class(groups.sort_values("group"), cfg.ratios, rng))
-        where = _hold_ratios(table.sort_values(["label", "group"]), where, cfg.ratios, cfg.ratio_tol, rng)
+        where = per_class_split(table, cfg.ratios, cfg.ratio_tol, rng)
     return {s: sorted(g for g, w in where.items() if w == s) for s in SPLITS}
 
 
@@ -308,77 +177,6 @@ def kfold_groups(index: pd.DataFrame, test_groups: list[str], n_folds: int, seed
     return folds
 
 
-PER_CLASS_MODES = ("group", "time")  # modes that share out each class's groups over the splits
-
-
-def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg: SplitConfig, exclusions: pd.DataFrame | None,
-                 fingerprint: str, min_size: int | None = None) -> dict:
-    split_of = {g: s for s, gs in groups.items() for g in gs}
-    labelled = index.assign(split=index["group"].map(split_of))
-    per_class = (labelled.groupby(["label", "split"]).size().unstack(fill_value=0)
-                 .reindex(columns=list(SPLITS), fill_value=0))
-    multi = group_table(index).query("n_labels > 1")["group"].tolist()
-    n_images = {s: int((labelled["split"] == s).sum()) for s in SPLITS}
-    total = max(sum(n_images.values()), 1)
-    # where the classes landed: the few-groups rule, and any val/test group moved to hold the ratios
-    unevaluated = per_class[(per_class["val"] == 0) & (per_class["test"] == 0)].index
-    untested = per_class[(per_class["val"] > 0) & (per_class["test"] == 0)].index if cfg.ratios[2] > 0 else []
-    return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": asdict(cfg),
-        "data_fingerprint": fingerprint,
-        "min_size": min_size,  # check_images' floor: prediction flags smaller photos (None: not recorded)
-        "n_images": n_images,
-        "ratios_asked": dict(zip(SPLITS, cfg.ratios)),
-        "ratios_achieved": {s: round(n_images[s] / total, 4) for s in SPLITS},  # shares of images
-        "n_groups": {s: len(groups[s]) for s in SPLITS},
-        "n_classes": int(index["label"].nunique()),
-        "n_labels": {s: int(labelled.loc[labelled["split"] == s, "label"].nunique()) for s in SPLITS},
-        "per_class": {label: {s: int(v) for s, v in row.items()} for label, row in per_class.iterrows()},
-        # the few-groups rule shares out each class's groups; open and given modes place whole labels or follow the CSV
-        "train_only_classes": sorted(unevaluated) if cfg.mode in PER_CLASS_MODES else [],
-        "no_test_classes": sorted(untested) if cfg.mode in PER_CLASS_MODES else [],
-        "multi_label_groups": multi,
-        "excluded_groups": ({} if exclusions is None or exclusions.empty else
-                            {g: rows["reason"].iloc[0] for g, rows in exclusions.groupby("group")}),
-    }
-
-
-def _ratio_lines(report: dict) -> list[str]:
-    """Asked vs achieved shares of images; reports written before these were recorded have neither."""
-    if "ratios_achieved" not in report:
-        return []
-    asked, got = report["ratios_asked"], report["ratios_achieved"]
-    pairs = ", ".join(f"{s} {asked[s]:.2f} -> {got[s]:.3f}" for s in SPLITS)
-    return [f"- ratios by images, asked -> achieved: {pairs}"]
-
-
-def _report_markdown(report: dict) -> str:
-    lines = ["# Split report", "", f"- created: {report['created']}", f"- seed: {report['config']['seed']}",
-             f"- ratios (train/val/test): {report['config']['ratios']}", *_ratio_lines(report),
-             f"- data fingerprint: {report['data_fingerprint']}",
-             f"- mode: {report['config']['mode']}", f"- images: {report['n_images']}", f"- groups: {report['n_groups']}",
-             f"- classes: {report['n_classes']} (per split: {report['n_labels']})", ""]
-    mode = report["config"]["mode"]
-    if mode in PER_CLASS_MODES:
-        lines += ["## Classes too small for every split", "",
-                  f"- train only (in the gallery, never evaluated): {report['train_only_classes'] or 'none'}",
-                  f"- no test images (train + val): {report['no_test_classes'] or 'none'}", ""]
-    elif mode == "open":
-        lines += ["Open set: each label lies in one split only, so val and test labels are never seen in training "
-                  "and are evaluated among themselves (leave-one-out).", ""]
-    else:
-        lines += ["Splits as the metadata CSV gives them.", ""]
-    if report["multi_label_groups"]:
-        lines += [f"Groups holding several labels (kept whole, placed by their most common label): "
-                  f"{report['multi_label_groups']}", ""]
-    lines += ["## Images per class and split", "", "| class | train | val | test |", "|---|---|---|---|"]
-    lines += [f"| {c} | {v['train']} | {v['val']} | {v['test']} |" for c, v in report["per_class"].items()]
-    lines += ["", f"## Excluded groups ({len(report['excluded_groups'])})", ""]
-    lines += [f"- {g}: {r}" for g, r in report["excluded_groups"].items()] or ["none"]
-    return "\n".join(lines) + "\n"
-
-
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
@@ -392,7 +190,8 @@ def write_splits(splits_dir: str | os.PathLike, splits: Splits, index: pd.DataFr
         _write_json(d / SPLIT_FILES[s], splits.groups[s])
     _write_json(d / "class_to_idx.json", splits.class_to_idx)
     _write_json(d / "split_report.json", splits.report)
-    (d / "split_report.md").write_text(_report_markdown(splits.report))
+    _write_json(d / UNKNOWN_FILE, splits.unknown)
+    (d / "split_report.md").write_text(report_markdown(splits.report))
     for i, fold in enumerate(splits.folds):
         for s in ("train", "val"):
             _write_json(d / "folds" / f"fold{i}_{s}_ids.json", fold[s])
@@ -417,7 +216,8 @@ def read_splits(splits_dir: str | os.PathLike) -> Splits:
     while (d / "folds" / f"fold{i}_train_ids.json").exists():
         folds.append({s: json.loads((d / "folds" / f"fold{i}_{s}_ids.json").read_text()) for s in ("train", "val")})
         i += 1
-    return Splits(groups, c2i, report, folds)
+    unknown = json.loads((d / UNKNOWN_FILE).read_text()) if (d / UNKNOWN_FILE).exists() else {}
+    return Splits(groups, c2i, report, folds, unknown)
 
 
 def _mismatch(index: pd.DataFrame, old: Splits, fingerprint: str) -> str:
@@ -434,6 +234,15 @@ def _mismatch(index: pd.DataFrame, old: Splits, fingerprint: str) -> str:
     return "; ".join(parts)
 
 
+def _stored_config(report: dict) -> dict:
+    """The config split files were made with; a setting they predate was made with its default value (and
+    unknown_share with what the mode did before it existed)."""
+    stored = report.get("config", {})
+    mode = stored.get("mode", SplitConfig.mode)
+    defaults = {**json.loads(json.dumps(asdict(SplitConfig()))), "unknown_share": legacy_unknown_share(mode)}
+    return {**defaults, **stored}
+
+
 def prepare_splits(index: pd.DataFrame, splits_dir: str | os.PathLike, cfg: SplitConfig | None = None,
                    exclusions: pd.DataFrame | None = None, fresh: bool = False, min_size: int | None = None) -> Splits:
     """Reuse the split files in `splits_dir` when they match `index`; write them when there are none. `min_size`
@@ -447,8 +256,7 @@ def prepare_splits(index: pd.DataFrame, splits_dir: str | os.PathLike, cfg: Spli
     fingerprint = data_fingerprint(index)
     if (d / SPLIT_FILES["train"]).exists():
         old = read_splits(d)
-        # files written before a setting existed were made with its default value
-        old_config = {**json.loads(json.dumps(asdict(SplitConfig()))), **old.report.get("config", {})}
+        old_config = _stored_config(old.report)
         same_config = old_config == json.loads(json.dumps(asdict(cfg)))
         if not fresh:
             if old.report.get("data_fingerprint") != fingerprint:
@@ -467,7 +275,7 @@ def prepare_splits(index: pd.DataFrame, splits_dir: str | os.PathLike, cfg: Spli
     groups = split_groups(index, cfg)
     folds = kfold_groups(index, groups["test"], cfg.n_folds, cfg.seed) if cfg.n_folds > 1 else []
     report = split_report(index, groups, cfg, exclusions, fingerprint, min_size)
-    splits = Splits(groups, class_to_idx(index), report, folds)
+    splits = Splits(groups, class_to_idx(index), report, folds, report["unknown_individuals"])
     write_splits(d, splits, index, exclusions)
     return splits
 
