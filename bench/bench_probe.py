@@ -54,7 +54,8 @@ def demo_splits(tmp: Path) -> tuple[Path, Path]:
     make_demo(data, n_classes=8, individuals_per_class=12, views_per_individual=6)
     index, _ = index_from_csv(data / "metadata.csv", label_col="individual")
     kept, excluded = check_images(index, data)
-    prepare_splits(kept, tmp / "splits", SplitConfig(ratios=(0.4, 0.6, 0.0), mode="open", seed=0), excluded)
+    identity_disjoint = SplitConfig(ratios=(0.4, 0.6, 0.0), mode="open", unknown_share=1, seed=0)
+    prepare_splits(kept, tmp / "splits", identity_disjoint, excluded)
     return data, tmp / "splits"
 
 

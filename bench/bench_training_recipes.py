@@ -86,7 +86,8 @@ def protocol_splits(name: str, lions: Path, folder: Path) -> tuple[Path, Path, s
     """(data root, splits dir, split scored) of a protocol, its split files written to `folder`."""
     if name in ("open", "open-ids"):
         mode = "open" if name == "open-ids" else "group"
-        prepare_splits(read(lions / "train"), folder, SplitConfig(ratios=(0.8, 0.2, 0.0), seed=0, mode=mode))
+        prepare_splits(read(lions / "train"), folder, SplitConfig(ratios=(0.8, 0.2, 0.0), seed=0, mode=mode,
+                                                                   unknown_share=1 if mode == "open" else None))
         return lions / "train", folder, "lions/val"
     if name == "demo":  # the demo's synthetic photos, split as notebook 01 splits them by default
         kept, _ = check_images(index_from_folder(DEMO)[0], DEMO, min_size=MIN_SIZE)

@@ -32,7 +32,8 @@ group_by = "id"             # folder layout: "id": text before the first "_" is 
 min_size = 224              # images smaller than min_size x min_size exclude their group (224: EfficientNet's minimum input)
 near_duplicate_distance = 6   # pHash bits (of 64) within which photos of two groups count as near-copies; 0: off
 merge_near_duplicates = False  # True: each near-copy cluster becomes one group (a new split: also set fresh to True)
-split_mode = "group"        # group | time (closed-set by date) | open (identity-disjoint) | given (split_col)
+split_mode = "group"        # group | time (closed-set by date) | open (open-set re-ID) | given (split_col)
+unknown_share = 0.2         # open/given: share of the val/test individuals held out of train (1: identity-disjoint)
 time_col = ""               # with split_mode "time": column with each photo's date or order
 ratios = [0.7, 0.15, 0.15]  # train / val / test share of each class's images
 seed = 42
@@ -56,7 +57,7 @@ from IPython.display import Markdown, display
 
 from lib.data.table import check_images, index_from_csv, index_from_folder
 from lib.analysis.figures import plot_split_distribution, save
-from lib.data.splits import SplitConfig, assign_splits, prepare_splits
+from lib.data.splits import OPEN_SET_MODES, SplitConfig, assign_splits, prepare_splits
 import lib.data.near_duplicates as near_dup
 
 pd.set_option("display.max_colwidth", 120)
@@ -107,9 +108,16 @@ if near_duplicate_distance:
 
 # %% [markdown]
 # ## Split
+# With `split_mode="open"`, `unknown_share` of the val/test individuals are held out whole: they have no photo in
+# train, so the gallery does not know them and a query of theirs should be called new; the other individuals' groups
+# are shared out as in group mode, so their val/test queries find earlier encounters in the gallery. The split report
+# and `splits_dir/unknown_individuals.json` list the unknown ones. `unknown_share=1` is the identity-disjoint split
+# (every individual in one split; val and test evaluated leave-one-out). A `given` CSV keeps its own splits; when it
+# has no val, the val carved from its train holds out `unknown_share` of its individuals the same way.
 
 # %%
-split_config = SplitConfig(ratios=tuple(ratios), seed=seed, n_folds=n_folds, mode=split_mode, time_col=time_col)
+split_config = SplitConfig(ratios=tuple(ratios), seed=seed, n_folds=n_folds, mode=split_mode, time_col=time_col,
+                           unknown_share=unknown_share if split_mode in OPEN_SET_MODES else None)
 splits = prepare_splits(kept, splits_dir, split_config, exclusions=exclusions, fresh=fresh, min_size=min_size)
 if near_pairs is not None:  # after prepare_splits: fresh=True moves every file of the split folder aside
     near_dup.write_near_duplicates(splits_dir, near_pairs, near_duplicate_distance, merge_near_duplicates)

@@ -24,11 +24,13 @@
 # it is evaluated only with `evaluate_test=True`, with the thresholds chosen on val.
 # Embeddings are cached in `run_dir/embeddings/` per checkpoint, data and transform: re-running is quick.
 #
-# Re-identification (`task="reid"`, label = individual): an open-set split (individuals never seen in training,
-# notebook 01's `split_mode="open"`) is evaluated leave-one-out, each photo querying the other photos of the split;
-# under `loo_rule="group"` (the default where groups are finer than individuals) a query's own group (burst,
-# sighting, photo) is junk, neither match nor miss, as a gallery of earlier encounters would be. The notebook adds
-# identity-balanced mAP, CMC, per-identity AP and the all-vs-all similarity table.
+# Re-identification (`task="reid"`, label = individual): an identity-disjoint split (individuals never seen in
+# training, notebook 01's `split_mode="open"` with `unknown_share=1`) is evaluated leave-one-out, each photo querying
+# the other photos of the split; under `loo_rule="group"` (the default where groups are finer than individuals) a
+# query's own group (burst, sighting, photo) is junk, neither match nor miss, as a gallery of earlier encounters would
+# be. An open-set split (`unknown_share` < 1) searches the train gallery, and the last section measures how well
+# known individuals are named and unknown ones called new (BAKS, BAUS, AUROC). The notebook adds identity-balanced
+# mAP, CMC, per-identity AP and the all-vs-all similarity table.
 # `restrict_to_context=True` (e.g. look for a street tree only among the trees at its address) lets a query's
 # neighbours, and so its vote, come only from photos of its own context; Recall@k and mAP still rank the whole
 # gallery, and notebook 04 breaks the accuracy down by the number of candidates in the context.
@@ -78,9 +80,12 @@ from lib.retrieval.decide import choose_thresholds, risk_coverage, save_threshol
 from lib.evaluate.results_table import append_benchmark_row, benchmark_row
 from lib.evaluate.run_eval import apply_thresholds, evaluate_run
 from lib.evaluate.classification import add_classification_metrics, classification_table
+from lib.evaluate.open_set_eval import add_open_set_metrics, open_set_columns
 from lib.evaluate.record import save_evaluation
 from lib.retrieval.metrics import per_identity_ap
 from lib.analysis.figures import plot_risk_coverage, save
+from lib.analysis.open_set_figures import plot_open_set
+from lib.retrieval.open_set import threshold_sweep
 from lib.retrieval.ann_index import IndexSpec, describe
 from lib.retrieval.pairwise import pairwise_scores
 
@@ -136,8 +141,9 @@ if evaluate_test:
 rows = []
 for name, e in evaluations.items():
     add_classification_metrics(e, pos_class)
+    add_open_set_metrics(e)
     save_evaluation(e, eval_dir / name)
-    row = benchmark_row(e, notes=notes)
+    row = {**benchmark_row(e, notes=notes), **open_set_columns(e)}
     append_benchmark_row(results_csv, row, replace_key="evaluation_id")  # a re-run replaces its own row
     rows.append(row)
 pd.DataFrame(rows).set_index("split")
@@ -188,3 +194,36 @@ if task == "reid":
                             groups=ev.queries["group"].to_numpy() if ev.config["loo_rule"] == "group" else None)
     pairs.to_csv(results / f"03_pairs_{tag}.csv", index=False)
     print(f"{len(pairs)} pairs -> {results / f'03_pairs_{tag}.csv'}")
+
+# %% [markdown]
+# ## Open set: a known individual, a new one, or a photo to take again
+# With notebook 01's `split_mode="open"` (unknown_share < 1), val and test mix queries of known individuals (earlier
+# encounters in the gallery) with queries of unknown ones (none). Each query gets one answer: **new individual** when
+# its nearest gallery photo is farther than the new-individual threshold (chosen on val, above), **reshoot** when its
+# vote margin is below the margin threshold, else the voted individual. BAKS is the accuracy on the known queries and
+# BAUS the share of unknown queries called new, each per individual and averaged over individuals (wildlife-datasets'
+# definitions); AUROC says how well the top-1 distance, or the vote margin, tells new from known at any threshold.
+# Recall@k and mAP of the known queries alone sit beside them (the main metrics count every unknown query as a miss).
+
+# %%
+open_sets = {name: e.metrics["open_set"] for name, e in evaluations.items()}
+if all("skipped" in o for o in open_sets.values()):
+    print(next(iter(open_sets.values()))["skipped"])
+else:
+    table = {name: {"known individuals": o["n_known_individuals"], "unknown individuals": o["n_unknown_individuals"],
+                    "known queries": o["n_known_queries"], "unknown queries": o["n_unknown_queries"],
+                    **{key: o[key] for key in ("BAKS", "BAUS", "harmonic_mean", "auroc_top1_distance", "auroc_margin",
+                                               "coverage", "accuracy_answered", "new_threshold", "min_margin")},
+                    **{f"{key} (known)": v for key, v in o.get("known_queries", {}).items()}}
+             for name, o in open_sets.items() if "skipped" not in o}
+    display(pd.DataFrame(table))
+    for name, e in evaluations.items():
+        o = open_sets[name]
+        if "skipped" in o or not (o["n_known_queries"] and o["n_unknown_queries"]):
+            continue
+        unknown = set(o["unknown_individuals"])
+        sweep = threshold_sweep(e.queries["label"], e.queries["pred"], e.queries["top1_distance"], unknown)
+        fig = plot_open_set(e.queries["label"].isin(unknown), e.queries["top1_distance"], e.queries["margin"], sweep, o,
+                            title=f"{Path(run_dir).name}, {name}: {o['n_known_queries']} known and "
+                                  f"{o['n_unknown_queries']} unknown queries")
+        save(fig, Path(figures_dir) / f"03_open_set_{Path(run_dir).name}_{name}.png")

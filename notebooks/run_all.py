@@ -24,13 +24,20 @@ HEADLESS = {"browser": False}  # what a notebook that declares it gets when nobo
 DEMO = {"data_dir": "data/demo", "run_dir": "runs/demo"}
 DEMO_TRAIN = dict(backbone="resnet10t", pretrained="", embed_dim=128, img_size=64, epochs=6, lr_backbone=1e-3,
                   lr_head=3e-3, p=6, head_epochs=0, unfreeze="all", lr_decay=1.0)
+# Then the open-set pass (notebooks 01-03 again): the demo's individuals (metadata.csv; each photo its own encounter)
+# split with notebook 01's default unknown_share of them held out of train, so val and test mix known and unknown
+# individuals and notebook 03 writes the open-set figures (BAKS, BAUS, new-vs-known AUROC).
+DEMO_OPEN_SET = {"task": "reid", "metadata_csv": "data/demo/metadata.csv", "split_mode": "open",
+                 "splits_dir": "splits/demo-open", "run_dir": "runs/demo-open", "evaluate_test": True}
+OPEN_SET_NOTEBOOKS = ("01_", "02_", "03_")
 
 
-def demo_parameters(notebook: Path) -> dict:
+def demo_parameters(notebook: Path, open_set: bool = False) -> dict:
     """The demo's values for the parameters this notebook declares (training settings for 02 only: other notebooks'
-    `k` or `epochs` mean other things)."""
+    `k` or `epochs` mean other things); open_set: those of the open-set pass."""
     declared = papermill.inspect_notebook(str(notebook))
-    demo = {**DEMO, **HEADLESS, **(DEMO_TRAIN if notebook.stem == "02_train" else {})}
+    demo = {**DEMO, **HEADLESS, **(DEMO_TRAIN if notebook.stem == "02_train" else {}),
+            **(DEMO_OPEN_SET if open_set else {})}
     return {k: v for k, v in demo.items() if k in declared}
 
 
@@ -79,14 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     params = {name: yaml.safe_load(value) for name, value in args.p}
     out_dir = ROOT / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    for nb in notebooks():
+    numbered = notebooks()
+    open_set = [(nb, True) for nb in numbered if nb.name.startswith(OPEN_SET_NOTEBOOKS)]
+    passes = [(nb, False) for nb in numbered] + open_set
+    for nb, open_set in passes:
         if args.only and not nb.name.startswith(args.only):
             continue
         t0 = time.time()
-        print(f"== {nb.name}", flush=True)
-        papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters={**demo_parameters(nb), **params},
+        out = out_dir / (f"open_set_{nb.name}" if open_set else nb.name)
+        print(f"== {nb.name}{' (open-set pass)' if open_set else ''}", flush=True)
+        papermill.execute_notebook(str(nb), str(out), parameters={**demo_parameters(nb, open_set), **params},
                                    kernel_name=KERNEL, cwd=str(ROOT), progress_bar=False)
-        print(f"   done in {time.time() - t0:.0f} s -> {out_dir / nb.name}", flush=True)
+        print(f"   done in {time.time() - t0:.0f} s -> {out}", flush=True)
     return 0
 
 

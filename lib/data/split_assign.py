@@ -222,11 +222,12 @@ def open_set_split(index: pd.DataFrame, table: pd.DataFrame, ratios: tuple[float
                    tol: float, rng: np.random.Generator) -> dict[str, str]:
     """Open mode: `unknown_share` of the val/test individuals held out whole (no photo in train), the others' groups
     shared out as in group mode, aiming the totals (unknown images included) at `ratios`. unknown_share=1: every
-    individual whole in one split (identity-disjoint)."""
+    individual whole in one split (identity-disjoint), as when no individual has two groups (none could be known in
+    val/test: its only group would be in train)."""
     units = label_units(index)
     per_unit = unit_table(index, units)
     group_unit = table["label"].map(units)
-    if unknown_share >= 1:
+    if unknown_share >= 1 or not (per_unit["n_groups"] >= 2).any():
         unit_split = assign_class(per_unit[["group", "n_images"]], ratios, rng)
         return {g: unit_split[u] for g, u in zip(table["group"], group_unit)}
     asked = np.asarray(ratios, dtype=float)

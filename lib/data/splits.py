@@ -95,7 +95,8 @@ class Splits:
     class_to_idx: dict[str, int]
     report: dict = field(default_factory=dict)
     folds: list[dict[str, list[str]]] = field(default_factory=list)
-    unknown: dict[str, list[str]] = field(default_factory=dict)  # val/test -> individuals not in train ({}: not recorded)
+    # val/test -> the individuals with no photo in train ({}: split files written before these were recorded)
+    unknown: dict[str, list[str]] = field(default_factory=dict)
 
 
 def data_fingerprint(index: pd.DataFrame) -> str:

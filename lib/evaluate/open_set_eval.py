@@ -1,0 +1,40 @@
+"""The open-set figures of an evaluation (lib.retrieval.open_set), into its record's metrics['open_set']."""
+from __future__ import annotations
+
+import numpy as np
+
+from lib.evaluate.record import Evaluation
+from lib.retrieval.open_set import open_set_report
+
+RESULT_COLUMNS = ("BAKS", "BAUS", "harmonic_mean", "auroc_top1_distance", "auroc_margin")
+
+
+def add_open_set_metrics(ev: Evaluation, new_threshold: float | None = None, min_margin: float | None = None) -> dict:
+    """ev.metrics['open_set']: BAKS, BAUS, AUROC of new-vs-known and the known / new / reshoot rule's coverage and
+    accuracy, with Recall@k and mAP of the known queries alone. Gallery protocol only: under leave-one-out every
+    query's individual is in its own split, so no query is unknown by design and the entry says so.
+
+    new_threshold: None takes the evaluation's own new-individual threshold (chosen on val by F1, or val's passed to
+    a test evaluation); min_margin: None takes the vote-margin threshold the evaluation applied.
+    """
+    if ev.config["protocol"] != "gallery":
+        ev.metrics["open_set"] = {"skipped": f"protocol {ev.config['protocol']!r}: the split queries itself, so it "
+                                             "has no known/unknown mix (notebook 01's split_mode='open' with "
+                                             "unknown_share < 1 makes one)"}
+        return ev.metrics["open_set"]
+    if new_threshold is None:
+        new_threshold = ev.metrics["new_individual"]["threshold"]
+    if min_margin is None:
+        min_margin = ev.config["thresholds"]["min_margin"]
+    ev.metrics["open_set"] = open_set_report(ev.queries, ev.gallery["label"].to_numpy(), ev.gallery_emb, ev.query_emb,
+                                             new_threshold, min_margin)
+    return ev.metrics["open_set"]
+
+
+def open_set_columns(ev: Evaluation) -> dict:
+    """The open-set figures for the evaluation's results row ({} when it has none)."""
+    report = ev.metrics.get("open_set") or {}
+    if "BAKS" not in report:
+        return {}
+    return {f"open_set_{key}": report[key] for key in RESULT_COLUMNS} | {
+        "open_set_recall@1_known": report.get("known_queries", {}).get("recall@1", np.nan)}
