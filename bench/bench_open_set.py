@@ -4,8 +4,8 @@
 
 Split as notebook 01 does with split_mode="open" (unknown_share 0.2 of the val/test individuals held out of train;
 each photo its own group), the train photos are the gallery, val and test the queries; each query votes over its k
-nearest gallery photos (inverse-distance weights), the new-individual threshold is chosen on val (best F1 of
-"new" by top-1 distance) and applied to test; no reshoot (margin threshold 0). Prints, per split: known and unknown
+nearest gallery photos (inverse-distance weights), the new-individual threshold is chosen on val (best harmonic mean
+of BAKS and BAUS, as notebook 03 does) and applied to test; no reshoot (margin threshold 0). Prints, per split: known and unknown
 individuals and queries, BAKS, BAUS, their harmonic mean, AUROC of new-vs-known from the top-1 distance and from the
 vote margin, and Recall@1 / mAP of the known queries alone (lib.retrieval.open_set).
 lions: ../shared/datasets/lions (train and val folders pooled, 94 individuals); demo: the demo's individuals
@@ -29,9 +29,9 @@ from lib.core.device import auto_settings  # noqa: E402
 from lib.data.splits import SplitConfig, load_split_index, prepare_splits  # noqa: E402
 from lib.data.table import check_images, index_from_csv  # noqa: E402
 from lib.probe.features import embeddings, load_backbone  # noqa: E402
-from lib.retrieval.decide import decisions, new_individual_threshold  # noqa: E402
+from lib.retrieval.decide import decisions  # noqa: E402
 from lib.retrieval.faiss_index import build_index, fill_padding, search  # noqa: E402
-from lib.retrieval.open_set import open_set_report  # noqa: E402
+from lib.retrieval.open_set import choose_new_threshold, open_set_report  # noqa: E402
 
 LIONS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lions"
 LITE0 = {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}
@@ -79,8 +79,8 @@ def main() -> None:
         table, _ = decisions(distances, g_labels[fill_padding(neighbours)], sorted(set(g_labels)))
         queries = pd.concat([rows.loc[part, ["label"]].reset_index(drop=True), table], axis=1)
         if new_threshold is None:  # chosen on val, applied to test
-            is_new = ~queries["label"].isin(g_labels).to_numpy()
-            new_threshold = new_individual_threshold(queries["top1_distance"], is_new)["threshold"]
+            unknown = set(queries.loc[~queries["label"].isin(g_labels), "label"])
+            new_threshold = choose_new_threshold(queries["label"], queries["pred"], queries["top1_distance"], unknown)
         reports[split] = open_set_report(queries, g_labels, emb[gallery], emb[part], new_threshold)
     keys = ["n_known_individuals", "n_unknown_individuals", "n_known_queries", "n_unknown_queries", "BAKS", "BAUS",
             "harmonic_mean", "auroc_top1_distance", "auroc_margin", "new_threshold"]

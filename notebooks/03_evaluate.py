@@ -139,9 +139,10 @@ if evaluate_test:
                                        loo_rule=loo_rule)
     print(f"test: {describe(evaluations['test'].metrics['index'])}")
 rows = []
+open_set_threshold = None  # the open-set rule's new-individual threshold: chosen on val, applied to test
 for name, e in evaluations.items():
     add_classification_metrics(e, pos_class)
-    add_open_set_metrics(e)
+    open_set_threshold = add_open_set_metrics(e, open_set_threshold).get("new_threshold")
     save_evaluation(e, eval_dir / name)
     row = {**benchmark_row(e, notes=notes), **open_set_columns(e)}
     append_benchmark_row(results_csv, row, replace_key="evaluation_id")  # a re-run replaces its own row
@@ -199,8 +200,9 @@ if task == "reid":
 # ## Open set: a known individual, a new one, or a photo to take again
 # With notebook 01's `split_mode="open"` (unknown_share < 1), val and test mix queries of known individuals (earlier
 # encounters in the gallery) with queries of unknown ones (none). Each query gets one answer: **new individual** when
-# its nearest gallery photo is farther than the new-individual threshold (chosen on val, above), **reshoot** when its
-# vote margin is below the margin threshold, else the voted individual. BAKS is the accuracy on the known queries and
+# its nearest gallery photo is farther than the new-individual threshold (chosen on val for the best harmonic mean of
+# BAKS and BAUS, applied to test), **reshoot** when its vote margin is below the margin threshold (above), else the
+# voted individual. BAKS is the accuracy on the known queries and
 # BAUS the share of unknown queries called new, each per individual and averaged over individuals (wildlife-datasets'
 # definitions); AUROC says how well the top-1 distance, or the vote margin, tells new from known at any threshold.
 # Recall@k and mAP of the known queries alone sit beside them (the main metrics count every unknown query as a miss).

@@ -10,6 +10,7 @@ from lib.retrieval.open_set import (
     RESHOOT,
     baks,
     baus,
+    choose_new_threshold,
     decision_scores,
     harmonic_mean,
     new_vs_known_auroc,
@@ -147,3 +148,19 @@ def test_open_set_pass_of_the_demo_writes_its_figures_and_record(demo, tmp_path)
         assert_real_png(figures / f"03_open_set_run_{split}.png")
     row = pd.read_csv(results / "benchmarks.csv").iloc[-1]
     assert row["open_set_BAKS"] == pytest.approx(o["BAKS"], rel=1e-9)  # the test split's, written last
+
+
+def test_chosen_threshold_is_the_sweeps_best_harmonic_mean():
+    rng = np.random.default_rng(3)
+    labels = np.array([f"k{i % 6}" for i in range(30)] + [f"u{i % 4}" for i in range(20)], dtype=object)
+    unknown = {f"u{i}" for i in range(4)}
+    d = rng.random(50) + np.isin(labels, list(unknown)) * 0.3
+    pred = np.where(rng.random(50) < 0.7, labels, "k0")
+    t = choose_new_threshold(labels, pred, d, unknown)
+    # brute force: a cut at every observed distance; the sweep's 101 quantile cuts fall in every gap between the 50
+    # distances, so they meet every distinct set of answers too
+    best = max(harmonic_mean(baks(labels, a, unknown), baus(labels, a, unknown))
+               for a in (open_set_answers(pred, d, np.ones(50), c) for c in np.unique(d)))
+    got = decision_scores(labels, open_set_answers(pred, d, np.ones(50), t), unknown)["harmonic_mean"]
+    assert got == pytest.approx(best, rel=1e-12)
+    assert np.isnan(choose_new_threshold(labels[:30], pred[:30], d[:30], unknown))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.evaluate.record import Evaluation
-from lib.retrieval.open_set import open_set_report
+from lib.retrieval.open_set import choose_new_threshold, open_set_report
 
 RESULT_COLUMNS = ("BAKS", "BAUS", "harmonic_mean", "auroc_top1_distance", "auroc_margin")
 
@@ -14,20 +14,25 @@ def add_open_set_metrics(ev: Evaluation, new_threshold: float | None = None, min
     accuracy, with Recall@k and mAP of the known queries alone. Gallery protocol only: under leave-one-out every
     query's individual is in its own split, so no query is unknown by design and the entry says so.
 
-    new_threshold: None takes the evaluation's own new-individual threshold (chosen on val by F1, or val's passed to
-    a test evaluation); min_margin: None takes the vote-margin threshold the evaluation applied.
+    new_threshold: the rule's top-1 distance threshold; None chooses it on this evaluation's queries (val) for the best
+    harmonic mean of BAKS and BAUS (lib.retrieval.open_set.choose_new_threshold); pass val's to a test evaluation.
+    min_margin: None takes the vote-margin threshold the evaluation applied.
     """
     if ev.config["protocol"] != "gallery":
         ev.metrics["open_set"] = {"skipped": f"protocol {ev.config['protocol']!r}: the split queries itself, so it "
                                              "has no known/unknown mix (notebook 01's split_mode='open' with "
                                              "unknown_share < 1 makes one)"}
         return ev.metrics["open_set"]
-    if new_threshold is None:
-        new_threshold = ev.metrics["new_individual"]["threshold"]
+    chosen_here = new_threshold is None
+    if chosen_here:
+        is_unknown = ~ev.queries["label"].isin(ev.gallery["label"])
+        new_threshold = choose_new_threshold(ev.queries["label"], ev.queries["pred"], ev.queries["top1_distance"],
+                                             set(ev.queries.loc[is_unknown, "label"]))
     if min_margin is None:
         min_margin = ev.config["thresholds"]["min_margin"]
     ev.metrics["open_set"] = open_set_report(ev.queries, ev.gallery["label"].to_numpy(), ev.gallery_emb, ev.query_emb,
                                              new_threshold, min_margin)
+    ev.metrics["open_set"]["new_threshold_chosen_on"] = ev.split if chosen_here else "given (val's)"
     return ev.metrics["open_set"]
 
 

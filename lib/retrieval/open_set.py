@@ -92,6 +92,18 @@ def threshold_sweep(labels, pred, top1_distance, unknown, n: int = 101) -> pd.Da
     return pd.DataFrame(rows, columns=["threshold", "BAKS", "BAUS", "harmonic_mean", "coverage", "accuracy_answered"])
 
 
+def choose_new_threshold(labels, pred, top1_distance, unknown) -> float:
+    """The new-individual threshold of threshold_sweep with the best harmonic mean of BAKS and BAUS (ties: the
+    lowest); NaN when the queries lack known or unknown individuals. Not F1 of the "new" call, which a majority of
+    unknown queries pulls towards calling everybody new."""
+    labels = np.asarray(labels, dtype=object)
+    is_unknown = np.isin(labels, np.asarray(list(unknown), dtype=object))
+    if is_unknown.all() or not is_unknown.any():
+        return float("nan")
+    sweep = threshold_sweep(labels, pred, top1_distance, unknown)
+    return float(sweep["threshold"].iloc[int(sweep["harmonic_mean"].fillna(-1).to_numpy().argmax())])
+
+
 def open_set_report(queries: pd.DataFrame, gallery_labels, gallery_emb=None, query_emb=None,
                     new_threshold: float = float("nan"), min_margin: float = 0.0, ks=(1, 5)) -> dict:
     """The open-set figures of one evaluated split (gallery protocol): queries (label, pred, top1_distance, margin)
