@@ -210,7 +210,7 @@ if task == "reid":
 # %%
 open_sets = {name: e.metrics["open_set"] for name, e in evaluations.items()}
 if all("skipped" in o for o in open_sets.values()):
-    print(next(iter(open_sets.values()))["skipped"])
+    print(f"open set: skipped ({next(iter(open_sets.values()))['skipped']})")
 else:
     table = {name: {"known individuals": o["n_known_individuals"], "unknown individuals": o["n_unknown_individuals"],
                     "known queries": o["n_known_queries"], "unknown queries": o["n_unknown_queries"],

@@ -11,8 +11,8 @@ RESULT_COLUMNS = ("BAKS", "BAUS", "harmonic_mean", "auroc_top1_distance", "auroc
 
 def add_open_set_metrics(ev: Evaluation, new_threshold: float | None = None, min_margin: float | None = None) -> dict:
     """ev.metrics['open_set']: BAKS, BAUS, AUROC of new-vs-known and the known / new / reshoot rule's coverage and
-    accuracy, with Recall@k and mAP of the known queries alone. Gallery protocol only: under leave-one-out every
-    query's individual is in its own split, so no query is unknown by design and the entry says so.
+    accuracy, with Recall@k and mAP of the known queries alone. Only for a gallery protocol with unknown queries;
+    otherwise (leave-one-out: the split queries itself; a closed set) the entry says why it was skipped.
 
     new_threshold: the rule's top-1 distance threshold; None chooses it on this evaluation's queries (val) for the best
     harmonic mean of BAKS and BAUS (lib.retrieval.open_set.choose_new_threshold); pass val's to a test evaluation.
@@ -23,9 +23,12 @@ def add_open_set_metrics(ev: Evaluation, new_threshold: float | None = None, min
                                              "has no known/unknown mix (notebook 01's split_mode='open' with "
                                              "unknown_share < 1 makes one)"}
         return ev.metrics["open_set"]
+    is_unknown = ~ev.queries["label"].isin(ev.gallery["label"])
+    if not is_unknown.any():  # a closed set: the known-query figures would repeat the main ones
+        ev.metrics["open_set"] = {"skipped": "closed set: every query's individual has photos in the gallery"}
+        return ev.metrics["open_set"]
     chosen_here = new_threshold is None
     if chosen_here:
-        is_unknown = ~ev.queries["label"].isin(ev.gallery["label"])
         new_threshold = choose_new_threshold(ev.queries["label"], ev.queries["pred"], ev.queries["top1_distance"],
                                              set(ev.queries.loc[is_unknown, "label"]))
     if min_margin is None:
