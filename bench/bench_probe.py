@@ -39,9 +39,10 @@ import pandas as pd  # noqa: E402
 from data_prep.make_demo import make_demo  # noqa: E402
 from lib.data.splits import SplitConfig, prepare_splits  # noqa: E402
 from lib.data.table import check_images, index_from_csv  # noqa: E402
-from lib.probe import run as probe_run  # noqa: E402
+from lib.probe import methods as probe_methods  # noqa: E402
+from lib.probe.compare import run_probe  # noqa: E402
+from lib.probe.config import METHODS, ProbeConfig  # noqa: E402
 from lib.probe.ensemble import COMBINERS  # noqa: E402
-from lib.probe.run import METHODS, ProbeConfig, run_probe  # noqa: E402
 
 LIONS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lions"
 LITE0 = {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}
@@ -172,7 +173,7 @@ def print_local_cost() -> None:
         cfg = ProbeConfig(data_dir=str(data), splits_dir=str(splits), split="val", backbones=[LITE0],
                           methods=["global", "local", "fusion"], cache_dir=str(Path(tmp) / "cache"))
         for cache in ("cold", "warm"):
-            with timed(probe_run, "sift_table", "inlier_table") as spent:
+            with timed(probe_methods, "sift_table", "inlier_table") as spent:
                 table, _ = run_probe(cfg)
             by = table.set_index("method")
             n_q = by.loc["global", "n_queries"]

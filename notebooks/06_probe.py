@@ -73,8 +73,9 @@ os.chdir(ROOT)
 from dataclasses import asdict
 
 from lib.analysis.figures import save
+from lib.probe.compare import run_probe, save_probe
+from lib.probe.config import probe_config
 from lib.probe.figures import most_changed, plot_importances, plot_probe, plot_rankings
-from lib.probe.run import probe_config, run_probe, save_probe
 from lib.train.tracking import log_table
 
 identity = identity_col or ("label" if task == "reid" else "group")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from test_probe import METRICS, config
 
+from lib.probe.compare import run_probe
+from lib.probe.config import ProbeConfig
 from lib.probe.ensemble import combine, fit_weights, standardized, training_pairs
-from lib.probe.run import ProbeConfig, run_probe
 from lib.retrieval.ranking import ranking_metrics
 
 

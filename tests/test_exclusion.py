@@ -152,7 +152,10 @@ def test_the_rule_is_named_and_auto_picks_group_only_where_groups_are_finer_than
 def test_the_probe_ranks_under_the_group_rule_by_default():
     import pandas as pd
 
-    from lib.probe.run import ProbeConfig, _cosine, _kreciprocal, _order, _rank, _ranking_table, probe_set
+    from lib.probe.config import ProbeConfig
+    from lib.probe.methods import _Method, rank_method
+    from lib.probe.probe_set import probe_set, ranking_table
+    from lib.probe.scores import cosine, kreciprocal_scores, order
 
     emb, labels, groups = _encounters(7)
     index = pd.DataFrame({"path": [f"val/{i}.jpg" for i in range(len(emb))], "label": labels, "group": groups,
@@ -164,12 +167,12 @@ def test_the_probe_ranks_under_the_group_rule_by_default():
     assert probe_set(index, "val", "label", "auto", loo_rule="photo").loo_rule == "photo"
     cfg = ProbeConfig(methods=["global"], k1=4, k2=2)
     q = _unit(emb).astype(np.float32)
-    m, _, _ = _rank(s, cfg, len(q), lambda rows, _: _order(_cosine(q[rows], q, s.excluding(rows))))
+    m, _, _, _ = rank_method(s, cfg, len(q), _Method(0.0, lambda rows, _: order(cosine(q[rows], q, s.excluding(rows)))))
     want = _brute_force(emb, labels, groups, (1, 5))
     np.testing.assert_allclose(m["ap"], want["ap"], atol=1e-6)
     assert m["recall@1"] == pytest.approx(want["recall@1"])
-    top = _ranking_table(s, m["top"], m["ap"], "label")["top_paths"]
+    top = ranking_table(s, m["top"], m["ap"], "label")["top_paths"]
     own = [set(index.loc[index["group"] == g, "path"]) for g in groups]
     assert all(not (set(paths) & mine) for paths, mine in zip(top, own)), "no query's top-5 holds its group"
-    scores = _kreciprocal(q, q, s, cfg)
+    scores = kreciprocal_scores(q, q, s, cfg)
     assert np.isneginf(scores[s.exclude.matrix()]).all() and np.isfinite(scores[~s.exclude.matrix()]).all()

@@ -12,11 +12,12 @@ from sklearn.metrics import average_precision_score
 from test_probe import assert_fitted_on_the_calibration_split, config
 
 import lib.probe.features
+from lib.probe.compare import run_probe
+from lib.probe.config import ProbeConfig
 from lib.probe.crossfit import cross_fit, identity_halves
 from lib.probe.hybrid import HybridScorer, gbm_params
 from lib.probe.pair_features import chi2_distance, pair_features
 from lib.probe.photo_features import photo_features
-from lib.probe.run import ProbeConfig, run_probe
 
 
 def shortlist_mean_ap(scores: np.ndarray, same: np.ndarray) -> float:

@@ -8,12 +8,14 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 import lib.probe.features
-import lib.probe.run
+import lib.probe.methods
 import lib.retrieval.embed
 from lib.core.errors import DataError
 from lib.data.splits import load_split_index
+from lib.probe.compare import run_probe, save_probe
+from lib.probe.config import METHODS, ProbeConfig, probe_config
 from lib.probe.fusion import ScoreFusion
-from lib.probe.run import METHODS, ProbeConfig, probe_config, run_probe, save_probe, with_masks
+from lib.probe.probe_set import with_masks
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
 
 METRICS = ["recall@1", "recall@5", "mAP", "identity_balanced_mAP"]
@@ -160,7 +162,7 @@ def test_refusals(demo, run_dir, tmp_path, monkeypatch):
         ProbeConfig(sift={"ratio": 2.0})
     with pytest.raises(DataError, match="identity_col 'animal'"):
         run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="animal"))
-    monkeypatch.setattr("lib.probe.run.MAX_PAIRS", 10)
+    monkeypatch.setattr("lib.probe.methods.MAX_PAIRS", 10)
     with pytest.warns(UserWarning, match="kreciprocal left out"):
         table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", methods=["global", "kreciprocal"]))
     assert table["method"].tolist() == ["global"]
@@ -203,10 +205,10 @@ def test_shortlisted_sift_computes_only_matched_photos_and_ranks_as_all(demo, ru
 
     def probe(**kw):
         """(table, rankings, paths given SIFT, paths shortlisted, inlier tables, photos SIFT was computed for)"""
-        asked = recording(lib.probe.run, "sift_table", lambda args, out: set(args[0]["path"]))
-        shortlists = recording(lib.probe.run, "_shortlist",
+        asked = recording(lib.probe.methods, "sift_table", lambda args, out: set(args[0]["path"]))
+        shortlists = recording(lib.probe.methods, "_shortlist",
                                lambda args, out: set(args[0].gallery["path"].to_numpy()[out[0]].ravel()))
-        inliers = recording(lib.probe.run, "inlier_table", lambda args, out: out[0])
+        inliers = recording(lib.probe.methods, "inlier_table", lambda args, out: out[0])
         computed = recording(lib.probe.features, "sift_features")
         # identity = the demo's pattern, which train holds too: the val queries search the train photos
         table, rankings = run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="label",
