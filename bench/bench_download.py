@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lib.data.download import DownloadConfig, download_from_csv
+from lib.data.url_fetch import DownloadConfig, download_from_csv
 
 
 def photo_jpeg(seed: int, w: int = 800, h: int = 600) -> bytes:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lib.core.errors import DataError
-from lib.data.download import LINK_MODES, DownloadConfig, destination, download_from_csv
+from lib.data.url_fetch import LINK_MODES, DownloadConfig, destination, download_from_csv
 
 _SHOWN_FAILURES = 20
 

@@ -20,7 +20,8 @@ from PIL import Image
 
 from data_prep.download import main as cli
 from lib.core.errors import DataError
-from lib.data.download import DownloadConfig, download_from_csv, safe_id, safe_name
+from lib.data.url_fetch import DownloadConfig, download_from_csv
+from lib.data.url_list import safe_id, safe_name
 from lib.data.table import index_from_folder
 
 REPO = Path(__file__).resolve().parents[1]

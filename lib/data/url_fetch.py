@@ -1,21 +1,18 @@
 """Photos from a CSV of URLs into the folder layout `{class}/{ID}_{seq}.ext`: parallel, retried, resumable.
 
-A file's name is fixed by its URL before it is fetched (seq is a short hash of the URL; without an ID column the ID
-is a longer hash and seq is 1), so a second run knows what it already has from the names alone, and a CSV edited
-between runs can never make one URL's file stand in for another's. A file appears under its name only after it
-decoded completely (streamed into a hidden temp file, checked with PIL, then renamed), so its presence proves it is
-good: nothing is fetched twice, nothing is overwritten, and an interrupted run keeps every file it finished.
+Each file's name comes from its CSV row (lib.data.url_list), so a second run knows what it already has from the names
+alone, and a CSV edited between runs can never make one URL's file stand in for another's. A file appears under its
+name only after it decoded completely (streamed into a hidden temp file, checked with PIL, then renamed), so its
+presence proves it is good: nothing is fetched twice, nothing is overwritten, and an interrupted run keeps every file
+it finished.
 
 Every CSV row ends as one row of the report (REPORT_COLUMNS): downloaded, present (there from an earlier run),
 failed (with the reason), or interrupted (not reached before Ctrl-C).
 """
 from __future__ import annotations
 
-import csv
-import hashlib
 import http.client
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -24,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import HTTPError, URLError
-from urllib.parse import urlsplit
 from urllib.request import Request, urlopen
 
 import pandas as pd
@@ -32,9 +28,9 @@ from tqdm import tqdm
 
 from lib.core.errors import DataError
 from lib.data.images import probe_image
+from lib.data.url_list import REPORT_COLUMNS, UrlJob, conflicts, job_row, read_url_csv, safe_name
 
 LINK_MODES = ("hard", "symlink", "copy")
-REPORT_COLUMNS = ["line", "source", "url", "class", "id", "status", "attempts", "path", "consolidated", "reason"]
 # Some photo hosts refuse urllib's default agent; a named one also lets a host's operator see who is asking.
 USER_AGENT = "photo-retrieval-download/0.1"
 # HTTP answers worth asking again: the server is busy or briefly broken, not saying that the photo is gone.
@@ -43,9 +39,6 @@ _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
                "TIFF": ".tif", "HEIF": ".heic"}
 _CHUNK = 1 << 16
-# Path separators and control characters cannot stand in a folder name; leading dots would hide it from the indexer.
-_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
-_MAX_NAME_BYTES = 200  # file systems allow 255 bytes per name; the rest is for "_{seq}.ext" and temp-file affixes
 
 
 @dataclass
@@ -68,160 +61,15 @@ class DownloadConfig:
             raise ValueError(f"need workers >= 1, retries >= 0, timeout > 0, backoff >= 0, max_bytes >= 1; got {self}")
 
 
-@dataclass(frozen=True)
-class _Job:
-    line: int  # CSV line number (the header is line 1), as a spreadsheet user finds the row
-    url: str
-    label: str  # the class as the CSV writes it
-    folder: str  # the class folder it becomes
-    obj_id: str  # the ID part of the file name: the group the indexer reads back
-    stem: str  # {ID}_{seq}: the file name without its extension, which only the content decides
-
-
 class _Failed(Exception):
     def __init__(self, reason: str, retry: bool = False):
         super().__init__(reason)
         self.reason, self.retry = reason, retry
 
 
-def safe_name(raw: str, what: str = "class") -> str:
-    """The folder name a class (or source) becomes: blanks around it dropped, path separators and control characters
-    turned into '-', leading dots dropped (a hidden folder is skipped by the indexer). DataError when nothing usable
-    is left ('', '.', '..') or the name is too long for a file system."""
-    name = _UNSAFE.sub("-", raw.strip()).lstrip(".").strip()
-    if not name:
-        raise DataError(f"{what} {raw!r} cannot be a folder name: nothing is left once path separators, leading dots "
-                        "and blanks are removed")
-    if len(name.encode("utf-8")) > _MAX_NAME_BYTES:
-        raise DataError(f"{what} {raw[:40]!r}... is longer than {_MAX_NAME_BYTES} bytes, too long for a folder name")
-    return name
-
-
-def safe_id(raw: str) -> str:
-    """The ID part of a file name: as safe_name, and '_' becomes '-' because the indexer reads the ID up to the first
-    '_' of the file name."""
-    return safe_name(raw, "ID").replace("_", "-")
-
-
 def destination(out_dir, config: DownloadConfig) -> Path:
     """The folder this run downloads into: out_dir, or out_dir/{source} when the config names a source."""
     return Path(out_dir) / safe_name(config.source, "source") if config.source else Path(out_dir)
-
-
-def _failed_row(line: int, cells: dict, reason: str, source: str) -> dict:
-    return {"line": line, "source": source, "url": cells.get("url") or "", "class": cells.get("class") or "",
-            "id": cells.get("id") or "", "status": "failed", "attempts": 0, "path": "", "consolidated": "",
-            "reason": reason}
-
-
-def _job_row(job: _Job, source: str, status: str, attempts: int = 0, path="", reason: str = "") -> dict:
-    return {"line": job.line, "source": source, "url": job.url, "class": job.label, "id": job.obj_id,
-            "status": status, "attempts": attempts, "path": str(path), "consolidated": "", "reason": reason}
-
-
-def _cell_problem(rec: dict, cells: dict, columns: dict) -> str:
-    if None in rec:  # csv.DictReader files surplus cells under the key None
-        return "more cells than the header has columns (an unquoted comma in a cell?)"
-    for role, value in cells.items():
-        if value is None:
-            return f"missing '{columns[role]}' cell (the line has fewer cells than the header)"
-        if not value:
-            return f"empty '{columns[role]}' cell"
-    parts = urlsplit(cells["url"])
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return f"'{cells['url']}' is not an http(s) URL"
-    return ""
-
-
-def _check_one_name_each(names: dict[str, dict[str, list[int]]], what: str, csv_path: Path) -> None:
-    """Two CSV names that would share one folder (or ID) would silently merge two classes (or objects)."""
-    merged = {safe: raws for safe, raws in names.items() if len(raws) > 1}
-    if merged:
-        safe, raws = next(iter(merged.items()))
-        listed = "; ".join(f"{raw!r} on line {lines[0]}" for raw, lines in raws.items())
-        raise DataError(f"{csv_path}: {len(merged)} {what} name(s) become one after making them safe for file names, "
-                        f"e.g. {listed} all become '{safe}'; rename them in the CSV so they stay distinct")
-
-
-def _read_url_csv(csv_path, config: DownloadConfig) -> tuple[list[_Job], list[dict]]:
-    """(jobs for the usable rows, report rows for the others: missing or empty cells, a bad URL or class name).
-
-    DataError for what no row can survive: an unreadable file, missing columns, or two class (or ID) names that
-    would become one folder (or ID)."""
-    csv_path = Path(csv_path)
-    columns = {"url": config.url_col, "class": config.class_col, **({"id": config.id_col} if config.id_col else {})}
-    source = config.source
-    jobs, failed = [], []
-    names = {"class": defaultdict(lambda: defaultdict(list)), "ID": defaultdict(lambda: defaultdict(list))}
-    try:
-        with open(csv_path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel writes a BOM before the header
-            reader = csv.DictReader(f)
-            missing = [c for c in columns.values() if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(f"{csv_path}: no column {', '.join(map(repr, missing))} "
-                                f"(its columns: {', '.join(reader.fieldnames or [])})")
-            for rec in reader:
-                line = reader.line_num
-                cells = {role: (None if rec.get(col) is None else rec[col].strip()) for role, col in columns.items()}
-                problem = _cell_problem(rec, cells, columns)
-                if not problem:
-                    try:
-                        folder = safe_name(cells["class"])
-                        h = hashlib.sha1(cells["url"].encode("utf-8")).hexdigest()
-                        obj_id = safe_id(cells["id"]) if config.id_col else h[:12]
-                    except DataError as e:
-                        problem = str(e)
-                if problem:
-                    failed.append(_failed_row(line, cells, problem, source))
-                    continue
-                names["class"][folder][cells["class"]].append(line)
-                if config.id_col:
-                    names["ID"][obj_id][cells["id"]].append(line)
-                stem = f"{obj_id}_{h[:10]}" if config.id_col else f"{obj_id}_1"
-                jobs.append(_Job(line, cells["url"], cells["class"], folder, obj_id, stem))
-    except OSError as e:
-        raise DataError(f"URL list {csv_path}: cannot read it ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from None
-    except csv.Error as e:
-        raise DataError(f"{csv_path}, line {reader.line_num}: {e}") from None
-    _check_one_name_each(names["class"], "class", csv_path)
-    _check_one_name_each(names["ID"], "ID", csv_path)
-    return jobs, failed
-
-
-def _where(jobs: list[_Job]) -> str:
-    """'a' (line 2), 'b' (lines 5, 7): which classes a URL or ID was listed under, and where."""
-    lines = defaultdict(list)
-    for j in jobs:
-        lines[j.label].append(j.line)
-    return ", ".join(f"'{label}' (line{'s' if len(ls) > 1 else ''} {', '.join(map(str, ls))})"
-                     for label, ls in lines.items())
-
-
-def _conflicts(jobs: list[_Job], source: str) -> tuple[list[_Job], list[dict]]:
-    """Rows the CSV itself contradicts: a URL or an ID under two classes (every such row fails: which class is right
-    is the user's call), and a URL listed again under the same class (the first row is kept)."""
-    failed = {}
-    by_url = defaultdict(list)
-    for j in jobs:
-        by_url[j.url].append(j)
-    for same in by_url.values():
-        if len({j.folder for j in same}) > 1:
-            failed |= {j.line: _job_row(j, source, "failed", reason=f"URL listed under classes {_where(same)}")
-                       for j in same}
-        else:
-            failed |= {j.line: _job_row(j, source, "failed", reason=f"duplicate URL: line {same[0].line} has it")
-                       for j in same[1:]}
-    by_id = defaultdict(list)
-    for j in jobs:
-        if j.line not in failed:
-            by_id[j.obj_id].append(j)
-    for same in by_id.values():
-        if len({j.folder for j in same}) > 1:
-            failed |= {j.line: _job_row(j, source, "failed", reason=f"ID '{j.obj_id}' listed under classes "
-                                                                    f"{_where(same)}") for j in same}
-    return [j for j in jobs if j.line not in failed], list(failed.values())
 
 
 @dataclass
@@ -234,7 +82,7 @@ class _Folder:
         self.files[(folder, stem)] = path
         self.classes_of[stem.partition("_")[0]].add(folder)
 
-    def elsewhere(self, job: _Job) -> set[str]:
+    def elsewhere(self, job: UrlJob) -> set[str]:
         return self.classes_of.get(job.obj_id, set()) - {job.folder}
 
 
@@ -257,7 +105,7 @@ def _part_path(path: Path) -> Path:
     return path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.part"
 
 
-def _attempt(job: _Job, folder: Path, config: DownloadConfig, stop: threading.Event) -> Path:
+def _attempt(job: UrlJob, folder: Path, config: DownloadConfig, stop: threading.Event) -> Path:
     """One GET of job.url, streamed into a hidden temp file beside its final name, renamed once it decodes."""
     request = Request(job.url, headers={"User-Agent": USER_AGENT})
     with urlopen(request, timeout=config.timeout) as response:
@@ -291,7 +139,7 @@ def _attempt(job: _Job, folder: Path, config: DownloadConfig, stop: threading.Ev
             part.unlink(missing_ok=True)
 
 
-def _fetch(job: _Job, folder: Path, config: DownloadConfig, stop: threading.Event) -> tuple[Path | None, int, str]:
+def _fetch(job: UrlJob, folder: Path, config: DownloadConfig, stop: threading.Event) -> tuple[Path | None, int, str]:
     """(path, attempts, "") once downloaded, or (None, attempts, reason) after the last failed attempt."""
     attempt = 0
     while True:
@@ -314,7 +162,7 @@ def _fetch(job: _Job, folder: Path, config: DownloadConfig, stop: threading.Even
             return None, attempt, reason
 
 
-def _place(src: Path, dst: Path, link_mode: str) -> None:
+def _link_or_copy(src: Path, dst: Path, link_mode: str) -> None:
     """Put src at dst by link or copy; dst appears whole or not at all, and an existing dst is never replaced."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if link_mode == "hard":
@@ -331,7 +179,7 @@ def _place(src: Path, dst: Path, link_mode: str) -> None:
             part.unlink(missing_ok=True)
 
 
-def _consolidate(row: dict, job: _Job, target: Path, held: _Folder, link_mode: str) -> dict:
+def _consolidate(row: dict, job: UrlJob, target: Path, held: _Folder, link_mode: str) -> dict:
     """The report row after putting the row's file into the consolidated folder (or saying why it could not)."""
     if (job.folder, job.stem) in held.files:
         return row | {"consolidated": str(held.files[(job.folder, job.stem)])}
@@ -341,7 +189,7 @@ def _consolidate(row: dict, job: _Job, target: Path, held: _Folder, link_mode: s
     src = Path(row["path"])
     dst = target / job.folder / src.name
     try:
-        _place(src, dst, link_mode)
+        _link_or_copy(src, dst, link_mode)
     except OSError as e:
         hint = " (hard links cannot cross file systems: use link_mode 'copy' or 'symlink')" * (link_mode == "hard")
         return row | {"status": "failed", "reason": f"{row['status']}, but not consolidated into {dst}: "
@@ -367,6 +215,22 @@ def _write_report(rows: list[dict], path: Path) -> None:
         part.unlink(missing_ok=True)
 
 
+def _to_fetch(jobs: list[UrlJob], have: _Folder, dest: Path, source: str, report: dict) -> list[UrlJob]:
+    """The jobs still to fetch; each job's report row goes into `report` (by line): present, failed (its ID already
+    downloaded under another class) or, until its download ends, interrupted."""
+    todo = []
+    for job in jobs:
+        if (job.folder, job.stem) in have.files:
+            report[job.line] = job_row(job, source, "present", path=have.files[(job.folder, job.stem)])
+        elif have.elsewhere(job):
+            report[job.line] = job_row(job, source, "failed", reason=f"ID '{job.obj_id}' is already downloaded under "
+                                       f"class {sorted(have.elsewhere(job))} in {dest}: move or delete those files")
+        else:
+            report[job.line] = job_row(job, source, "interrupted", reason="not reached before the run stopped")
+            todo.append(job)
+    return todo
+
+
 def download_from_csv(csv_path, out_dir, config: DownloadConfig | None = None, consolidate_dir=None,
                       report_path=None, progress: bool = False) -> pd.DataFrame:
     """Download every photo the CSV lists into destination(out_dir, config)/{class}/{ID}_{seq}.ext; return the report.
@@ -384,21 +248,11 @@ def download_from_csv(csv_path, out_dir, config: DownloadConfig | None = None, c
     report_path = Path(report_path) if report_path is not None else dest / "download_report.csv"
     source = config.source
 
-    jobs, failed = _read_url_csv(csv_path, config)
-    jobs, contradicted = _conflicts(jobs, source)
+    jobs, failed = read_url_csv(csv_path, config.url_col, config.class_col, config.id_col, source)
+    jobs, contradicted = conflicts(jobs, source)
     report = {row["line"]: row for row in failed + contradicted}
-    have = _scan(dest)
+    todo = _to_fetch(jobs, _scan(dest), dest, source, report)
     held = _scan(target) if target is not None else None
-    todo = []
-    for job in jobs:
-        if (job.folder, job.stem) in have.files:
-            report[job.line] = _job_row(job, source, "present", path=have.files[(job.folder, job.stem)])
-        elif have.elsewhere(job):
-            report[job.line] = _job_row(job, source, "failed", reason=f"ID '{job.obj_id}' is already downloaded under "
-                                        f"class {sorted(have.elsewhere(job))} in {dest}: move or delete those files")
-        else:
-            report[job.line] = _job_row(job, source, "interrupted", reason="not reached before the run stopped")
-            todo.append(job)
 
     stop = threading.Event()
     futures, recorded = {}, set()
@@ -408,7 +262,7 @@ def download_from_csv(csv_path, out_dir, config: DownloadConfig | None = None, c
         path, attempts, reason = future.result()
         # a download that failed once Ctrl-C was pressed failed because of it, and runs again next time
         status = "downloaded" if path else "interrupted" if stop.is_set() else "failed"
-        row = _job_row(job, source, status, attempts, path or "", reason)
+        row = job_row(job, source, status, attempts, path or "", reason)
         report[job.line] = _consolidate(row, job, target, held, config.link_mode) if path and held else row
         recorded.add(future)
 
