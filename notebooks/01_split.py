@@ -45,12 +45,11 @@ cache_size = 480            # shorter side of the cached images
 figures_dir = "figures"
 
 # %%
-import os
 from pathlib import Path
 
-# Notebooks run from notebooks/ in Jupyter and from anywhere under papermill: work from the repository root.
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
-os.chdir(ROOT)
+from lib.core.start import work_from_repo_root
+
+work_from_repo_root()  # relative paths from the repository root, lib from its checkout
 
 import pandas as pd
 from IPython.display import Markdown, display

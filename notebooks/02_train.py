@@ -108,11 +108,11 @@ mlflow_uri = "file:./mlruns"    # "": no MLflow
 figures_dir = "figures"
 
 # %%
-import os
 from pathlib import Path
 
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
-os.chdir(ROOT)
+from lib.core.start import work_from_repo_root
+
+work_from_repo_root()  # relative paths from the repository root, lib from its checkout
 
 from lib.analysis.figures import plot_training_curves, save
 from lib.train.config import build_config, config_parameters

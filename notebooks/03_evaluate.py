@@ -67,11 +67,11 @@ notes = ""                       # free text for the results row
 pos_class = ""                   # two classes: the positive one, for the threshold sweep ("": no sweep)
 
 # %%
-import os
 from pathlib import Path
 
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
-os.chdir(ROOT)
+from lib.core.start import work_from_repo_root
+
+work_from_repo_root()  # relative paths from the repository root, lib from its checkout
 
 import pandas as pd
 from IPython.display import display

@@ -38,11 +38,11 @@ thumbs_dir = "cache/thumbs"     # the browser's thumbnails, each photo resized o
 figures_dir = "figures"
 
 # %%
-import os
 from pathlib import Path
 
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
-os.chdir(ROOT)
+from lib.core.start import work_from_repo_root
+
+work_from_repo_root()  # relative paths from the repository root, lib from its checkout
 
 from IPython.display import display
 

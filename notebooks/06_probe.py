@@ -64,11 +64,11 @@ results_dir = "results"
 n_examples = 2                  # queries whose AP rose most and fell most, drawn for the best method vs global
 
 # %%
-import os
 from pathlib import Path
 
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "lib" / "__init__.py").exists())
-os.chdir(ROOT)
+from lib.core.start import work_from_repo_root
+
+work_from_repo_root()  # relative paths from the repository root, lib from its checkout
 
 from dataclasses import asdict
 
