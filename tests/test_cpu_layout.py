@@ -7,7 +7,7 @@ import torch
 
 import lib.core.cpu_probe as cpu_probe
 import lib.retrieval.embed as embed
-from lib.core.cpu_probe import ForwardChoice, cpu_forward_choice, micro_batch
+from lib.core.cpu_probe import ForwardChoice, cpu_forward_choice
 from lib.core.device import auto_settings
 from lib.retrieval.embed import extract_embeddings, intra_op_threads
 from lib.train.model import ModelConfig, create_model
@@ -109,10 +109,11 @@ def test_training_probe_leaves_the_model_as_it_was(model):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("effective, probed, expected", [(32, 8, 8), (36, 8, 6), (7, 8, 7), (32, 64, 32), (13, 4, 1)])
-def test_micro_batch_divides_the_effective_batch(effective, probed, expected):
-    micro = micro_batch(effective, ForwardChoice(True, probed, "test"))
-    assert micro == expected and effective % micro == 0
+def test_the_choice_says_engine_layout_batch_and_why():
+    assert ForwardChoice(True, 8, "probe: 20 img/s").describe() == "eager, channels_last, batch 8 (probe: 20 img/s)"
+    onnx = ForwardChoice(True, 4, "rule: x", "onnxruntime")
+    assert onnx.describe() == "onnxruntime, NCHW in, batch 4 (rule: x)"
+    assert onnx.memory_format == torch.contiguous_format  # ONNX Runtime takes NCHW
 
 
 def test_training_choice_probes_divisors_of_the_effective_batch(model, tmp_path):
@@ -120,3 +121,11 @@ def test_training_choice_probes_divisors_of_the_effective_batch(model, tmp_path)
     entry = next(iter(json.loads((tmp_path / "p.json").read_text()).values()))
     assert entry["train"] and {k.split("/")[1] for k in entry["all"]} == {"4", "6", "12"}
     assert 12 % choice.batch_size == 0
+
+
+def test_cpu_training_settings_accumulate_the_effective_batch_in_the_probes_micro_batches(model, monkeypatch):
+    from lib.core import device
+
+    monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective: ForwardChoice(True, 8, "test"))
+    s = device.cpu_training_settings(auto_settings("cpu"), model, 64, effective_batch=32)
+    assert (s.channels_last, s.accum_steps) == (True, 4)

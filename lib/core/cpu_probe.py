@@ -144,12 +144,6 @@ def cpu_forward_choice(model: nn.Module, input_shape: tuple[int, ...], n_images:
     return ForwardChoice(channels_last, batch, f"probe: {rate:.1f} img/s at {threads} threads, best NCHW {nchw:.1f}")
 
 
-def micro_batch(effective_batch: int, choice: ForwardChoice) -> int:
-    """The largest divisor of the recipe's effective batch (P x K) that is at most the choice's batch, so
-    `effective_batch // micro_batch` accumulation steps make the effective batch."""
-    return max(d for d in range(1, min(effective_batch, choice.batch_size) + 1) if effective_batch % d == 0)
-
-
 def cpu_train_choice(model: nn.Module, input_shape: tuple[int, ...], effective_batch: int,
                      min_batch: int = MIN_MICRO_BATCH, path: str | os.PathLike | None = None) -> ForwardChoice:
     """The backbone phase's layout and micro-batch on the CPU: forward + backward probed at the divisors of the
