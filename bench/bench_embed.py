@@ -112,7 +112,7 @@ def bench_embedding(args) -> None:
           f"{torch.get_num_threads()} intra-op threads, precision {settings.precision}, "
           f"median of {args.repeats} interleaved repeats")
     print(f"  choice: {choice.describe()}, chosen in {chose_in:.1f} s; first export to ONNX {exported_in:.1f} s "
-          "(onnx's import included; each extraction exports again, inside its end-to-end time)")
+          "(each extraction exports again, inside its end-to-end time)")
     layout = "channels_last" if choice.channels_last else "NCHW"
     labels = {"old": f"bare forward, eager, NCHW, batch {EMBED_BATCH_SIZE} (the old setting)",
               "eager": f"bare forward, eager, {layout}, batch {choice.batch_size} (the best eager)",
