@@ -39,7 +39,8 @@ def bare_loop(model, criterion, optimizer, batches, settings, choice: ForwardCho
     t0 = time.perf_counter()
     for x, y in batches:
         x, y = x.to(settings.device, memory_format=fmt), y.to(settings.device)
-        for xm, ym in zip(x.split(choice.batch_size if choice else len(y)), y.split(choice.batch_size if choice else len(y))):
+        micro = choice.batch_size if choice else len(y)
+        for xm, ym in zip(x.split(micro), y.split(micro)):
             with settings.autocast():
                 emb = model(xm)
             loss, _ = criterion(emb.float(), ym)

@@ -138,9 +138,9 @@ def cpu_forward_choice(model: nn.Module, input_shape: tuple[int, ...], n_images:
     speeds = probe(model, tuple(input_shape), train, batches)
     (channels_last, batch), rate = max(speeds.items(), key=lambda kv: kv[1])
     nchw = max(v for (cl, _), v in speeds.items() if not cl)
+    table = {f"{'channels_last' if cl else 'nchw'}/{b}": round(v, 2) for (cl, b), v in speeds.items()}
     _store(path, key, {"channels_last": channels_last, "batch_size": batch, "images_per_s": rate,
-                       "threads": threads, "input_shape": list(input_shape), "train": train,
-                       "all": {f"{'channels_last' if cl else 'nchw'}/{b}": round(v, 2) for (cl, b), v in speeds.items()}})
+                       "threads": threads, "input_shape": list(input_shape), "train": train, "all": table})
     return ForwardChoice(channels_last, batch, f"probe: {rate:.1f} img/s at {threads} threads, best NCHW {nchw:.1f}")
 
 
