@@ -1,11 +1,14 @@
-"""Embedding extraction end to end vs the bare model, and flat-index search speed:
-python bench/bench_embed.py [--n 256] [--img-size 128] [--backbone resnet10t] [--workers -1] [--gallery 100000]
-    [--dim 512]
+"""Embedding extraction end to end vs the bare model at the old and at the best setting, and flat-index search speed:
+python bench/bench_embed.py [--n 256] [--img-size 128] [--backbone resnet10t] [--pretrained ''] [--workers -1]
+    [--gallery 100000] [--dim 512]
+the issue's setting: --backbone tf_efficientnet_lite0 --pretrained lite0-imagenet --img-size 320 --n 64
 
 1. Writes --n camera-like JPEGs (1200x900) to a temp folder, builds a resize cache (shorter side = img size), then
-   times extract_embeddings over an IndexDataset reading the cache (decode + transform + loader + forward) against
-   the same model's forward alone on tensors already in memory. The ratio (bare / end-to-end time) says how much of
-   the model's speed survives the input pipeline; the goal on CPU is >= 0.9. --workers -1: the device table's count.
+   times, interleaved: the model's forward alone on tensors already in memory at the old setting (NCHW, batch 64),
+   the same at the device's choice (on the CPU the probe's layout and batch, lib.core.cpu_probe), and
+   extract_embeddings over an IndexDataset reading the cache (decode + transform + loader + forward). The ratios
+   say how much faster the choice is than the old setting, and how much of the best bare speed survives the input
+   pipeline (goal on CPU >= 0.9). --workers -1: the device table's count.
 2. Faiss IndexFlatL2 over --gallery random unit vectors of --dim, queried in batches: queries per second at k=20.
 """
 
@@ -23,12 +26,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from lib.core import cpu_probe  # noqa: E402
 from lib.core.device import auto_settings  # noqa: E402
 from lib.data.dataset import IndexDataset  # noqa: E402
 from lib.data.resize_cache import build_cache  # noqa: E402
 from lib.data.transforms import build_transforms  # noqa: E402
-from lib.retrieval.embed import extract_embeddings  # noqa: E402
+from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings, forward_choice  # noqa: E402
 from lib.retrieval.faiss_index import build_index, search  # noqa: E402
+from lib.retrieval.onnx_engine import OnnxForward  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
 
 
@@ -51,9 +56,16 @@ def bare_forward(model, batches, settings) -> float:
     return time.perf_counter() - t0
 
 
+def preloaded(images: torch.Tensor, batch: int, memory_format) -> list[torch.Tensor]:
+    return [x.contiguous(memory_format=memory_format) for x in images.split(batch)]
+
+
 def bench_embedding(args) -> None:
+    # the choice a collection large enough to repay the probe and the engine's export gets, on these --n images
+    cpu_probe.PROBE_MIN_IMAGES = 0
     settings = auto_settings(device=args.device, num_workers=args.workers)
-    model = create_model(ModelConfig(backbone=args.backbone, embed_dim=128)).to(settings.device).eval()
+    model = create_model(ModelConfig(backbone=args.backbone, pretrained=args.pretrained, embed_dim=128))
+    model = model.to(settings.device).eval()
     _, eval_tf = build_transforms(args.img_size, model.data_config["mean"], model.data_config["std"], preset="none")
     with tempfile.TemporaryDirectory() as tmp:
         data, cache = Path(tmp) / "data", Path(tmp) / "cache"
@@ -63,28 +75,58 @@ def bench_embedding(args) -> None:
             photo(data / rel, i)
         build_cache(data, rels, cache, size=args.img_size, workers=settings.num_workers or 1)
         dataset = IndexDataset(pd.DataFrame({"path": rels, "label": "x"}), data, eval_tf, {"x": 0}, cache)
-        batches = [torch.stack([dataset[j][0] for j in range(i, min(i + args.batch_size, len(dataset)))])
-                   for i in range(0, len(dataset), args.batch_size)]
-        extract_embeddings(model, torch.utils.data.Subset(dataset, range(args.batch_size)), settings, args.batch_size)
-        # interleaved repeats, medians, the ratio paired within a repeat: on a shared machine one run of each would
-        # measure the neighbours' load, and the load changes between repeats more than between a repeat's two runs
-        timings = {"end_to_end": [], "bare": []}
+        images = torch.stack([dataset[j][0] for j in range(len(dataset))])
+        t0 = time.perf_counter()
+        choice = forward_choice(model, settings, tuple(images.shape[1:]), len(dataset), args.batch_size)
+        chose_in = time.perf_counter() - t0
+        old = preloaded(images, EMBED_BATCH_SIZE, torch.contiguous_format)
+        best = preloaded(images, choice.batch_size, choice.memory_format)
+        for batches in (old, best):  # warm-up: oneDNN builds its kernels per shape and layout on the first call
+            bare_forward(model, batches[:1], settings)
+        eager = preloaded(images, choice.batch_size, torch.channels_last if choice.channels_last else
+                          torch.contiguous_format)
+        bare_forward(model, eager[:1], settings)
+        engines = {"eager": model}
+        exported_in = 0.0
+        if choice.engine == "onnxruntime":
+            t0 = time.perf_counter()
+            engines["onnxruntime"] = OnnxForward(model, tuple(images.shape[1:]))
+            exported_in = time.perf_counter() - t0
+            bare_forward(engines["onnxruntime"], best[:1], settings)
+        else:  # the engine's export is part of each extraction; eager's kernels are built once per process
+            extract_embeddings(model, torch.utils.data.Subset(dataset, range(choice.batch_size)), settings)
+        # interleaved repeats, medians, the ratios paired within a repeat: on a shared machine one run of each would
+        # measure the neighbours' load, and the load changes between repeats more than between a repeat's runs
+        timings = {"old": [], "eager": [], **({"onnxruntime": []} if len(engines) > 1 else {}), "end_to_end": []}
         for _ in range(args.repeats):
+            timings["old"].append(bare_forward(model, old, settings))
+            timings["eager"].append(bare_forward(model, eager, settings))
+            if "onnxruntime" in timings:
+                timings["onnxruntime"].append(bare_forward(engines["onnxruntime"], best, settings))
             t0 = time.perf_counter()
             extract_embeddings(model, dataset, settings, args.batch_size)
             timings["end_to_end"].append(time.perf_counter() - t0)
-            timings["bare"].append(bare_forward(model, batches, settings))
-    end_to_end, bare = (statistics.median(timings[key]) for key in ("end_to_end", "bare"))
-    ratios = [b / e for b, e in zip(timings["bare"], timings["end_to_end"])]
-    print(f"embedding: {args.backbone} at {args.img_size} px, {args.n} images, batch {args.batch_size}, "
+    median = {key: statistics.median(v) for key, v in timings.items()}
+    print(f"embedding: {args.backbone} at {args.img_size} px, {args.n} images, loader batch {args.batch_size}, "
           f"device {settings.device}, workers {settings.num_workers} (loading at 1 intra-op thread), forward at "
           f"{torch.get_num_threads()} intra-op threads, precision {settings.precision}, "
           f"median of {args.repeats} interleaved repeats")
-    print(f"  end to end (resize cache -> decode -> transform -> forward): {end_to_end:.2f} s "
-          f"({args.n / end_to_end:.0f} img/s)")
-    print(f"  bare forward on preloaded tensors:                         {bare:.2f} s ({args.n / bare:.0f} img/s)")
-    print(f"  ratio bare / end to end, median of the repeats': {statistics.median(ratios):.2f} (goal >= 0.9); "
-          f"each repeat's: {' '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"  choice: {choice.describe()}, chosen in {chose_in:.1f} s; first export to ONNX {exported_in:.1f} s "
+          "(each extraction exports again, inside its end-to-end time)")
+    layout = "channels_last" if choice.channels_last else "NCHW"
+    labels = {"old": f"bare forward, eager, NCHW, batch {EMBED_BATCH_SIZE} (the old setting)",
+              "eager": f"bare forward, eager, {layout}, batch {choice.batch_size} (the best eager)",
+              "onnxruntime": f"bare forward, onnxruntime, batch {choice.batch_size}",
+              "end_to_end": "end to end (resize cache -> decode -> transform -> forward)"}
+    for key in timings:
+        print(f"  {labels[key]:<66} {median[key]:6.2f} s ({args.n / median[key]:6.1f} img/s)")
+    top = list(timings)[-2]  # the fastest bare forward: the engine when there is one
+    pairs = [("old", "eager", ""), ("eager", top, ""), (top, "end_to_end", " (goal >= 0.9)"),
+             ("old", "end_to_end", "")]
+    for num, den, goal in dict.fromkeys(p for p in pairs if p[0] != p[1]):
+        ratios = [a / b for a, b in zip(timings[num], timings[den])]
+        print(f"  speed ratio {den} / {num}: {statistics.median(ratios):.2f}{goal}; each repeat's: "
+              f"{' '.join(f'{r:.2f}' for r in ratios)}")
 
 
 def bench_search(args) -> None:
@@ -107,7 +149,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--backbone", default="resnet10t")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--pretrained", default="", help="'' random init; lite0-imagenet: packaged ImageNet weights")
+    ap.add_argument("--batch-size", type=int, default=EMBED_BATCH_SIZE, help="the loader's batch")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=-1)
     ap.add_argument("--gallery", type=int, default=100_000)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 # PyTorch and Faiss each bring an OpenMP runtime; on CPU-only machines two runtimes in one process can abort or
 # oversubscribe. These must be set before either library starts its thread pool, so importing lib.core.device first helps.
@@ -11,6 +11,7 @@ os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
 
 import torch  # noqa: E402
 
+from lib.core.cpu_probe import cpu_train_choice  # noqa: E402
 from lib.core.cpus import usable_cpus  # noqa: E402
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -116,6 +117,17 @@ def auto_settings(device: str = "auto", precision: str = "auto", num_workers: in
         accum_steps=chosen["accum_steps"] if accum_steps <= 0 else accum_steps,
         pin_memory=dev != "cpu", channels_last=(dev != "cpu") if channels_last is None else channels_last,
         tf32=chosen["tf32"], cudnn_benchmark=dev != "cpu", gpu=gpu)
+
+
+def cpu_training_settings(settings: DeviceSettings, model: torch.nn.Module, img_size: int,
+                          effective_batch: int) -> DeviceSettings:
+    """On the CPU, the backbone phase's layout and accumulation from the probe (lib.core.cpu_probe.cpu_train_choice):
+    channels_last or not, and accum_steps = effective_batch // the fastest micro-batch that divides it. Other
+    devices' settings come back unchanged. For settings the caller left to the machine (accum_steps=0)."""
+    if settings.device != "cpu":
+        return settings
+    choice = cpu_train_choice(model, (3, img_size, img_size), effective_batch)
+    return replace(settings, channels_last=choice.channels_last, accum_steps=effective_batch // choice.batch_size)
 
 
 def apply_settings(settings: DeviceSettings) -> None:

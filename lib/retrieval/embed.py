@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from lib.core import cpu_probe
+from lib.core.cpu_probe import ForwardChoice, cpu_forward_choice
 from lib.core.device import DeviceSettings
+from lib.retrieval.onnx_engine import OnnxForward, onnx_available
 
-# images per forward pass when embedding (validation, evaluation, prediction, probe): fits a CPU or any GPU at
-# 224-480 px in inference mode; a bigger batch speeds a big GPU little since decoding is the bottleneck
+# images per loaded batch when embedding (validation, evaluation, prediction, probe), and per forward pass on a GPU:
+# fits any GPU at 224-480 px in inference mode; a bigger batch speeds a big GPU little since decoding is the
+# bottleneck. On the CPU the forward runs in the probe's smaller batches (forward_choice).
 EMBED_BATCH_SIZE = 64
 
 
@@ -52,6 +58,32 @@ def _loaded_batches(loader):
         yield batch
 
 
+def forward_choice(model: torch.nn.Module, settings: DeviceSettings, input_shape: tuple[int, ...], n_images: int,
+                   batch_size: int = EMBED_BATCH_SIZE) -> ForwardChoice:
+    """Engine, layout and images per forward pass of an extraction (the embedding of an image depends on none of
+    them, to float32 rounding). On the CPU: the fastest layout and batch by the probe (lib.core.cpu_probe), and ONNX
+    Runtime where it is installed and the job repays the export (PROBE_MIN_IMAGES or more images). On a GPU: the
+    settings' layout at the loader's batch, eager."""
+    if settings.device != "cpu":
+        return ForwardChoice(settings.channels_last, batch_size, "GPU: device settings")
+    choice = cpu_forward_choice(model, input_shape, n_images)
+    if n_images >= cpu_probe.PROBE_MIN_IMAGES and onnx_available():
+        return replace(choice, engine="onnxruntime")
+    return choice
+
+
+def _forward(model: torch.nn.Module, choice: ForwardChoice, input_shape: tuple[int, ...]):
+    """The callable that runs the choice's engine: the model itself, or its ONNX Runtime export."""
+    if choice.engine != "onnxruntime":
+        return model
+    try:
+        return OnnxForward(model, input_shape)
+    except Exception as e:  # noqa: BLE001  (an architecture the exporter cannot trace still extracts, eagerly)
+        warnings.warn(f"ONNX export of {type(model).__name__} failed ({type(e).__name__}: {e}); extracting with "
+                      "eager PyTorch", stacklevel=3)
+        return model
+
+
 @torch.inference_mode()
 def extract_embeddings(model: torch.nn.Module, dataset: Dataset, settings: DeviceSettings, batch_size: int = EMBED_BATCH_SIZE,
                        progress: bool = False, desc: str = "embed", tta: bool = False) -> np.ndarray:
@@ -60,17 +92,23 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, settings: Devic
                         pin_memory=settings.pin_memory)
     was_training = model.training
     model.eval()
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    choice = net = None
     out = []
     # tqdm.auto opens a second, unused iterator of the loader, and each draws a seed from the global RNG: kept, since
     # training draws from that RNG after validating and would change with one draw fewer
-    for x, _ in _loaded_batches(tqdm(loader, desc=desc, disable=not progress, leave=False)):
-        x = x.to(settings.device, non_blocking=True, memory_format=memory_format)
-        with settings.autocast():
-            emb = model(x).float()
-            if tta:
-                emb = torch.nn.functional.normalize(emb + model(torch.flip(x, dims=[3])).float(), dim=1)
-        out.append(emb.cpu())
+    for batch, _ in _loaded_batches(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        if choice is None:
+            choice = forward_choice(model, settings, tuple(batch.shape[1:]), len(dataset), batch_size)
+            net = _forward(model, choice, tuple(batch.shape[1:]))
+        for x in batch.split(choice.batch_size):
+            # the input's layout alone sets the convolutions' (oneDNN follows the input), so the caller's weights are
+            # left as they are
+            x = x.to(settings.device, non_blocking=True, memory_format=choice.memory_format)
+            with settings.autocast():
+                emb = net(x).float()
+                if tta:
+                    emb = torch.nn.functional.normalize(emb + net(torch.flip(x, dims=[3])).float(), dim=1)
+            out.append(emb.cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 

@@ -14,6 +14,7 @@ from lib.data.dataset import IndexDataset
 from lib.data.samplers import ContextPKSampler, PKSampler
 from lib.data.splits import load_split_index
 from lib.data.transforms import batch_mix, build_transforms
+from lib.retrieval.embed import forward_choice
 from lib.train.checkpoint import seed_everything
 from lib.train.config import SAMPLERS, DataConfig, RunConfig, SamplerConfig, build_config
 from lib.train.distributed import World, join_world, sync_batchnorm
@@ -75,11 +76,14 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
             "data_fingerprint": report.get("data_fingerprint"),
             "device": {**stored["device"], "resolved": {**settings.as_dict(), "world_size": world.size}}}
     if world.main:
+        # on the CPU: the probe's layout and batch for extraction (lib.core.cpu_probe), measured here once and cached
+        extraction = forward_choice(model, settings, (3, aug.img_size, aug.img_size), len(train_set) + len(query_set))
         print(f"backbone {config.model.backbone}: {model.weights_source}")
         print(f"device: {settings.device} {settings.gpu} precision={settings.precision} "
               f"workers={settings.num_workers} accum={settings.accum_steps}"
               + (f", {world.size} processes (DDP), {s.p} x {s.k} images each per step" if world.active else "")
-              + f"; {len(train_set)} train / {len(query_set)} val images, {len(class_to_idx)} classes")
+              + f"; {len(train_set)} train / {len(query_set)} val images, {len(class_to_idx)} classes"
+              + (f"; extraction {extraction.describe()}" if settings.device == "cpu" else ""))
     log = MetricsLog(Path(run_dir), mlflow_uri=mlflow_uri, enabled=world.main)
     # one lock per run folder, held by the rank that writes
     with run_lock(run_dir) if world.main else nullcontext():
