@@ -11,7 +11,8 @@ import pandas as pd
 from conftest import write_image
 
 from lib.data.splits import prepare_splits
-from lib.evaluate.predict import list_photos, predict_photos, trained_min_size
+from lib.evaluate.photos import list_photos
+from lib.evaluate.predict import predict_photos, trained_min_size
 from lib.evaluate.run_eval import evaluate_run
 from lib.retrieval.decide import Thresholds, save_thresholds
 
