@@ -153,12 +153,15 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], settings: Pred
     ok = out["error"] == ""
     if not ok.any():
         return out[list(COLUMNS)]
+    source = Path(run_dir) / THRESHOLDS_FILE
+    if thresholds is not None:  # what can be checked before the gallery is loaded (or rebuilt)
+        check_provenance(chosen, {"protocol": "gallery", "restrict_to_context": False, "tta": cfg.tta, "k": cfg.k,
+                                  "weighting": cfg.weighting, "checkpoint_sha256": run.checkpoint_sha256},
+                         source, cfg.allow_mismatch)
     gallery = gallery_index(run, device, cfg.tta, cfg.progress, cfg.index, cfg.nprobe, cfg.ef_search)
     if thresholds is not None:
-        actual = {"protocol": "gallery", "restrict_to_context": False, "tta": cfg.tta, "k": cfg.k,
-                  "weighting": cfg.weighting, "checkpoint_sha256": run.checkpoint_sha256,
-                  "gallery_fingerprint": gallery.info.get("data_fingerprint")}
-        check_provenance(chosen, actual, Path(run_dir) / THRESHOLDS_FILE, cfg.allow_mismatch)
+        check_provenance(chosen, {"gallery_fingerprint": gallery.info.get("data_fingerprint")}, source,
+                         cfg.allow_mismatch)
     emb = embed_photos(run, out.loc[ok, "path"].tolist(), device, cfg.tta, cfg.batch_size, cfg.progress)
     distances, neighbours = search(gallery.index, emb, cfg.k)
     out.attrs["index"] = index_report(run, gallery, emb, device, cfg)
