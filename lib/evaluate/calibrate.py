@@ -16,6 +16,7 @@ import pandas as pd
 
 from lib.core.errors import DataError
 from lib.evaluate.record import Evaluation
+from lib.evaluate.run_eval import apply_thresholds
 from lib.retrieval.decide import CONFIDENCE, MIN_SUPPORT, Thresholds, choose_thresholds, verdicts
 
 CALIBRATION_COLUMN = "calibration"  # queries: True for the calibration part
@@ -67,6 +68,17 @@ def calibrate(ev: Evaluation, settings: Calibration) -> tuple[Thresholds, dict]:
     info.update(calibration={"share": settings.share, "seed": settings.seed, "split": ev.split, "n": int(len(part))},
                 held_out=_part_report(rest, thresholds))
     return thresholds, info
+
+
+def apply_calibrated(ev: Evaluation, thresholds: Thresholds, info: dict) -> Evaluation:
+    """apply_thresholds to every query of `ev` (their verdicts), with the coverage and accuracy_at_coverage the record
+    reports measured on the held-out part only (the calibration part's own are in-sample), and calibrate's `info`
+    under metrics['thresholds']."""
+    apply_thresholds(ev, thresholds)
+    held = info["held_out"]
+    ev.metrics.update(coverage=held["coverage"], accuracy_at_coverage=held["accuracy"], thresholds=info,
+                      coverage_measured_on=f"held-out part of {ev.split} ({held['n']} queries)")
+    return ev
 
 
 def provenance(ev: Evaluation) -> dict:
