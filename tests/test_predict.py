@@ -121,5 +121,6 @@ def test_thresholds_chosen_under_other_settings_are_refused_and_a_stale_gallery_
     (run / "index" / "index.json").write_text(json.dumps({**meta, "data_fingerprint": "of photos since changed"}))
     capsys.readouterr()
     predict_photos(run, photo, device="cpu")
-    assert f"rebuilding the gallery index in {run / 'index'}: a gallery photo changed on disk" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"rebuilding the gallery index in {run / 'index'}: a gallery photo changed on disk" in said
     assert json.loads((run / "index" / "index.json").read_text())["data_fingerprint"] == meta["data_fingerprint"]

@@ -110,7 +110,9 @@ def _embedded(run_dir, cfg: EvalSettings) -> _Embedded:
                         f"(splits present: {sorted(set(rows['split']) - {''})})")
     protocol = resolve_val_protocol(cfg.protocol, gallery["label"], queries["label"])
     device = auto_settings(device=cfg.device)
-    embed = lambda part, desc: embed_rows(run, part, device, cfg.tta, cfg.batch_size, cfg.progress, desc=desc)  # noqa: E731
+    def embed(part, desc):
+        return embed_rows(run, part, device, cfg.tta, cfg.batch_size, cfg.progress, desc=desc)
+
     if protocol != "loo":  # the gallery first, as it always was: each embedding pass draws from the global RNG
         g_emb, g_info = embed(gallery, "gallery")
     q_emb, q_info = embed(queries, cfg.split)
@@ -129,8 +131,8 @@ def _search(e: _Embedded, cfg: EvalSettings) -> tuple[np.ndarray, np.ndarray, di
         # a context holds few photos: each is searched exactly, whatever the gallery's index
         distances, neighbours = search_within(e.g_emb, e.gallery["context"], e.q_emb, e.queries["context"], cfg.k,
                                               exclude_self=e.loo, device=faiss_device, groups=e.groups)
-        return distances, neighbours, {"factory": "Flat", "chosen": "restrict_to_context: each context searched exactly",
-                                       "exact": True}
+        return distances, neighbours, {"factory": "Flat", "exact": True,
+                                       "chosen": "restrict_to_context: each context searched exactly"}
     distances, neighbours = search(built.index, e.q_emb, cfg.k, exclude_self=e.loo, groups=e.groups)
     report = {key: built.info[key] for key in ("factory", "chosen", "exact", "search_params", "placement")}
     if not built.info["exact"]:
