@@ -1,4 +1,5 @@
-"""From neighbours to a decision: weighted class votes, a reliability verdict, thresholds chosen on validation.
+"""From neighbours to a decision: weighted class votes, a reliability verdict, thresholds chosen on calibration
+queries with a minimum support and a confidence bound on their accuracy.
 
 Distances are squared L2 between unit vectors as lib.retrieval.faiss_index returns them (d² = 2 − 2·cos, in [0, 4]).
 A query's class scores are normalised to shares (they sum to 1), so `score` (the winner's share) and `margin`
@@ -243,13 +244,16 @@ def risk_coverage(correct, confidence) -> pd.DataFrame:
 
 
 def save_thresholds(path: str | os.PathLike, thresholds: Thresholds, info: dict) -> Path:
-    """JSON with the thresholds and how they were chosen (k, weighting, targets, what they achieved)."""
+    """JSON with the thresholds and how they were chosen (k, weighting, targets, what they achieved, provenance:
+    lib.evaluate.calibrate.thresholds_info), written to a temp file and renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {**asdict(thresholds), **info}
     if np.isinf(thresholds.max_distance):
         data["max_distance"] = None  # JSON has no infinity; null = no distance limit
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # photo-predict may read it while notebook 03 writes it
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
