@@ -102,3 +102,11 @@ def test_a_failed_write_leaves_the_previous_enrolment(tmp_path, monkeypatch):
     after = load_enrolled(tmp_path)
     pd.testing.assert_frame_equal(after.table, table)
     np.testing.assert_array_equal(after.emb, before.emb)
+
+
+def test_the_command_refuses_a_folder_that_is_not_a_run_and_wants_one_action(tmp_path, capsys):
+    assert main([str(tmp_path), "--list"]) == 1
+    assert f"{tmp_path}: not a trained run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), str(tmp_path), "--list"])
+    assert "give PHOTOS, --list or --remove" in capsys.readouterr().err

@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     if sum(map(bool, (args.photos, args.list, args.remove))) != 1:
         ap.error("give PHOTOS, --list or --remove")
     try:
+        if not (args.run_dir / "best_model.pt").exists() and not list(args.run_dir.glob("*.pt")):
+            raise DataError(f"{args.run_dir}: not a trained run (no checkpoint in it)")
         if args.list:
             table = load_enrolled(args.run_dir).table
             print(table[["id", "label", "group", "path", "enrolled_at"]].to_string(index=False) if len(table)
