@@ -75,6 +75,7 @@ def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_
 
     refused = predict_cli(str(run_dir), str(photos / "no_extension"), "--out", str(tmp_path / "small.csv"),
                           "--refuse-small", "--device", "cpu")
+    assert refused.returncode == 0, refused.stderr
     small_row = pd.read_csv(tmp_path / "small.csv", keep_default_na=False).iloc[0]
     assert small_row["error"].startswith("too small: 40x40 < the run's min_size") and small_row["pred"] == ""
 
