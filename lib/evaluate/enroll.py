@@ -37,7 +37,7 @@ from lib.evaluate.enrolled import (
 )
 from lib.evaluate.photos import embed_photos, list_photos
 from lib.retrieval.embed import file_sha256
-from lib.train.trained_run import TrainedRun, load_trained, split_part, split_rows
+from lib.train.trained_run import TrainedRun, load_trained, rows_in_split, split_rows
 
 
 def labelled_photos(source: str | os.PathLike, label: str | None = None) -> tuple[list[str], list[str]]:
@@ -62,7 +62,7 @@ def labelled_photos(source: str | os.PathLike, label: str | None = None) -> tupl
 
 def _gallery_files(run: TrainedRun) -> pd.DataFrame:
     """The train gallery's photos with their file sizes (a cheap filter before hashing any of them)."""
-    train = split_part(split_rows(run), "train")
+    train = rows_in_split(split_rows(run), "train")
     files = [Path(run.settings.data.data_dir) / p for p in train["path"]]
     return pd.DataFrame({"file": [str(f) for f in files], "label": train["label"].to_numpy(),
                          "size": [f.stat().st_size if f.exists() else -1 for f in files]})
