@@ -17,8 +17,10 @@
 # Train photos are the gallery (a Faiss flat index on unit vectors); each photo of the evaluated split asks for its
 # `k` nearest, and they vote (class score = sum of 1/d, or the chosen `weighting`). A vote is accepted, or marked
 # **unclassifiable** (the nearest photo is too far) or **reshoot** (the two best classes are too close). The two
-# thresholds are chosen on the validation split for `target_accuracy` (or `target_coverage`), and saved to
-# `run_dir/eval/val/thresholds.json`, where `photo-predict` (the command that predicts new photos) finds them.
+# thresholds are chosen on a calibration part of the validation split (`calibration_share` of its groups, drawn by
+# `calibration_seed`) for `target_accuracy` (or `target_coverage`), and saved to `run_dir/eval/val/thresholds.json`
+# with the settings they were chosen under, where `photo-predict` (the command that predicts new photos) finds them
+# and refuses them under other settings.
 #
 # Model selection and threshold choice use validation only. The test split is the final service performance:
 # it is evaluated only with `evaluate_test=True`, with the thresholds chosen on val.
@@ -54,6 +56,10 @@ weighting = "inverse"            # inverse (1/d) | uniform | softmax
 tta = False                      # flip test-time augmentation (mean of the photo's and its mirror's embeddings)
 target_accuracy = 0.95           # thresholds: the largest coverage at this accuracy on val ...
 target_coverage = 0.0            # ... or, when > 0, the best accuracy answering at least this share
+calibration_share = 0.5          # of val's groups on which thresholds are chosen; the rest measures them
+calibration_seed = 0             # draws that part
+min_support = 30                 # a pair of thresholds must accept at least this many calibration queries
+confidence = 0.95                # one-sided Clopper-Pearson bound on accuracy that must reach the target
 evaluate_test = False            # True: also evaluate the test split (final numbers), with the val thresholds
 index = "auto"                   # flat | ivf | hnsw | ivfpq | auto | a faiss factory string, e.g. "IVF1024,PQ64"
 index_exact_below = 200000       # auto: exact search for a gallery smaller than this, IVF from there on
@@ -76,9 +82,10 @@ work_from_repo_root()  # relative paths from the repository root, lib from its c
 import pandas as pd
 from IPython.display import display
 
-from lib.retrieval.decide import choose_thresholds, risk_coverage, save_thresholds
+from lib.retrieval.decide import risk_coverage, save_thresholds
+from lib.evaluate.calibrate import CALIBRATION_COLUMN, Calibration, apply_calibrated, calibrate, thresholds_info
 from lib.evaluate.results_table import append_benchmark_row, benchmark_row
-from lib.evaluate.run_eval import apply_thresholds, evaluate_run
+from lib.evaluate.run_eval import evaluate_run
 from lib.evaluate.classification import add_classification_metrics, classification_table
 from lib.evaluate.open_set_eval import add_open_set_metrics, open_set_columns
 from lib.evaluate.record import save_evaluation
@@ -105,24 +112,32 @@ print(describe(ev.metrics["index"]))
 
 # %% [markdown]
 # ## Thresholds and the risk–coverage curve
-# Each curve answers the most confident queries first: by vote margin, or by top-1 distance. The star is the pair
-# of thresholds chosen (both signals together), measured on the same split.
+# The thresholds are chosen on the calibration part only: among the pairs that accept at least `min_support` of its
+# queries, the largest coverage whose accuracy's one-sided `confidence` Clopper-Pearson lower bound reaches
+# `target_accuracy`. They are then measured on the held-out part of val (and on test with `evaluate_test=True`,
+# below): the gap between the two is what choosing and reporting on the same queries used to hide.
+# Each curve answers the most confident calibration queries first: by vote margin, or by top-1 distance; the star
+# is the pair chosen (both signals together).
 
 # %%
-q = ev.queries
-targets = {"target_coverage": target_coverage} if target_coverage > 0 else {"target_accuracy": target_accuracy}
-thresholds, chosen = choose_thresholds(q["correct"], q["top1_distance"], q["margin"], **targets)
-apply_thresholds(ev, thresholds)
-save_thresholds(eval_dir / split / "thresholds.json", thresholds,
-                {**chosen, "split": split, "k": k, "weighting": weighting, "tta": tta, "checkpoint": checkpoint})
-print(f"thresholds: max top-1 distance {thresholds.max_distance:.4f}, min margin {thresholds.min_margin:.4f} -> "
-      f"coverage {chosen['coverage']:.3f}, accuracy {chosen['accuracy']:.3f}"
-      + ("" if chosen["met"] else "  (target NOT reached: closest pair taken)"))
+calibration = Calibration(target_accuracy=None if target_coverage > 0 else target_accuracy,
+                          target_coverage=target_coverage or None, share=calibration_share, seed=calibration_seed,
+                          min_support=min_support, confidence=confidence)
+thresholds, chosen = calibrate(ev, calibration)
+apply_calibrated(ev, thresholds, chosen)  # val's coverage and accuracy_at_coverage: those of the held-out part
+save_thresholds(eval_dir / split / "thresholds.json", thresholds, thresholds_info(ev, chosen, calibration))
+held = chosen["held_out"]
+print(f"thresholds: max top-1 distance {thresholds.max_distance:.4f}, min margin {thresholds.min_margin:.4f}\n"
+      f"  calibration part ({chosen['n']} queries): coverage {chosen['coverage']:.3f}, accuracy "
+      f"{chosen['accuracy']:.3f} (lower bound {chosen['accuracy_lower']:.3f})"
+      + ("" if chosen["met"] else "  (target NOT reached: the highest bound taken)")
+      + f"\n  held-out part ({held['n']} queries): coverage {held['coverage']:.3f}, accuracy {held['accuracy']:.3f}")
+q = ev.queries[ev.queries[CALIBRATION_COLUMN]]
 curves = {"margin": risk_coverage(q["correct"], q["margin"]),
           "top-1 distance": risk_coverage(q["correct"], -q["top1_distance"])}
-fig = plot_risk_coverage(curves, chosen, target_accuracy if "target_accuracy" in targets else None)
+fig = plot_risk_coverage(curves, chosen, calibration.target_accuracy)
 save(fig, Path(figures_dir) / f"03_risk_coverage_{Path(run_dir).name}.png")
-q["verdict"].value_counts()
+ev.queries["verdict"].value_counts()
 
 # %% [markdown]
 # ## Metrics
@@ -148,6 +163,20 @@ for name, e in evaluations.items():
     append_benchmark_row(results_csv, row, replace_key="evaluation_id")  # a re-run replaces its own row
     rows.append(row)
 pd.DataFrame(rows).set_index("split")
+
+# %% [markdown]
+# Where the thresholds hold: coverage and accuracy of the accepted queries on the part they were chosen on, on the
+# held-out part of val, and on test when it was evaluated.
+
+# %%
+held_up = {"calibration part (chosen here)": {"queries": chosen["n"], "coverage": chosen["coverage"],
+                                              "accuracy": chosen["accuracy"]},
+           "held-out part of val": {"queries": held["n"], "coverage": held["coverage"], "accuracy": held["accuracy"]}}
+if "test" in evaluations:
+    m = evaluations["test"].metrics
+    held_up["test"] = {"queries": len(evaluations["test"].queries), "coverage": m["coverage"],
+                       "accuracy": m["accuracy_at_coverage"]}
+pd.DataFrame(held_up).T
 
 # %% [markdown]
 # ## Classification metrics

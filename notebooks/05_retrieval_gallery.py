@@ -20,7 +20,9 @@
 # Headless (papermill, `make demo`) it writes a static gallery for `queries` (paths relative to the data root) or,
 # when that list is empty, for the `n_queries` worst queries. Opened in Jupyter, the last cell is the query browser:
 # pick a run and split, filter by class, verdict or right/wrong, pick a query, or upload a photo (which the run's
-# model embeds). `make browse` serves that browser alone as a web page (Voilà, with `report=False`).
+# model embeds). Each answer's verdict reads known (with its class) / new / reshoot, with the top-1 distance or the
+# vote margin that decided it against the run's thresholds. `make browse` serves that browser alone as a web page
+# (Voilà, with `report=False`).
 
 # %% tags=["parameters"]
 run_dir = "runs/photos"         # a run evaluated by notebook 03

@@ -219,3 +219,23 @@ def test_thresholds_are_the_recorded_ones(runs):
     assert run_thresholds(runs[1]) == Thresholds(max_distance=1.5, min_margin=0.2)
     runs[1].config.pop("thresholds")
     assert run_thresholds(runs[1]) == Thresholds() and np.isinf(run_thresholds(runs[1]).max_distance)
+
+
+def test_the_title_says_known_new_or_reshoot_with_the_distance_or_margin_that_decided_it(runs):
+    from lib.analysis.query_results import query_result
+
+    runs_root, ev = runs
+    p = page(runs_root, upload=False)
+    d = ev.distances[:, 0]
+    pred = ev.queries["pred"].iat[0]
+    assert f"<b>known: {pred}</b> &mdash; nearest photo d = {d[0]:.3f} &lt;= 1.500, margin " in p.title.value
+    p.picker.value = 1  # recorded 'reshoot' (the fixture's thresholds: max_distance 1.5, min_margin 0.2)
+    shares = np.sort(ev.class_scores.iloc[1].to_numpy())[::-1]
+    assert (f"<b>reshoot</b> &mdash; margin {shares[0] - shares[1]:.3f} &lt; 0.200: two classes about equally likely "
+            f"(nearest photo d = {d[1]:.3f} &lt;= 1.500)") in p.title.value
+    assert dict((v, k) for k, v in p.verdict.options[1:]) == {"accepted": "known (accepted)", "reshoot": "reshoot"}
+    assert "(a -> " in p.picker.options[0][0] and ", known (accepted))" in p.picker.options[0][0]
+    far = dataclasses.replace(query_result(ev, 0), verdict="unclassifiable")
+    said = B.title_html(far, thresholds=Thresholds(max_distance=d[0] / 2))
+    assert f"<b>new</b> &mdash; nearest photo d = {d[0]:.3f} &gt; {d[0] / 2:.3f}: nothing like it" in said
+    assert "(no distance limit)" in B.title_html(query_result(ev, 0))

@@ -3,6 +3,7 @@ import pytest
 
 from lib.retrieval.decide import (
     Thresholds,
+    accuracy_lower_bound,
     choose_thresholds,
     class_scores,
     load_thresholds,
@@ -68,13 +69,57 @@ def _constructed(n=400, seed=0):
 
 @pytest.mark.parametrize("target", [0.85, 0.9, 0.95])
 def test_thresholds_reach_the_target_accuracy_with_the_largest_coverage(target):
+    """The point-estimate rule (confidence=None, min_support=1): the old in-sample choice."""
     correct, dist, margin = _constructed()
-    t, info = choose_thresholds(correct, dist, margin, target_accuracy=target)
+    t, info = choose_thresholds(correct, dist, margin, target_accuracy=target, confidence=None, min_support=1)
     accepted = (dist <= t.max_distance) & (margin >= t.min_margin)
     assert info["met"] and correct[accepted].mean() >= target
     assert info["coverage"] == pytest.approx(accepted.mean()) and info["accuracy"] == pytest.approx(correct[accepted].mean())
     grid = threshold_grid(correct, dist, margin)
     assert info["coverage"] == pytest.approx(grid.loc[grid["accuracy"] >= target, "coverage"].max())
+
+
+def test_the_accuracy_bound_is_scipys_exact_binomial_interval():
+    from scipy.stats import binomtest
+
+    hits, n = np.array([0, 1, 7, 29, 30, 95]), np.array([5, 10, 10, 30, 30, 100])
+    got = accuracy_lower_bound(hits, n, 0.95)
+    # a one-sided 95 % lower bound is the lower end of the two-sided 90 % exact (Clopper-Pearson) interval
+    expected = [binomtest(int(h), int(m)).proportion_ci(0.90, method="exact").low for h, m in zip(hits, n)]
+    np.testing.assert_allclose(got, expected, rtol=1e-9)  # both are the same beta quantile, to solver precision
+    assert np.isnan(accuracy_lower_bound(0, 0)) and (got <= hits / n).all()
+
+
+@pytest.mark.parametrize("target", [0.75, 0.85])
+def test_thresholds_with_a_bound_and_support_equal_a_brute_force_search(target):
+    correct, dist, margin = _constructed()
+    t, info = choose_thresholds(correct, dist, margin, target_accuracy=target, min_support=40, confidence=0.95,
+                                n_grid=21)
+    from scipy.stats import binomtest
+
+    best = None  # every grid pair, its accepted queries counted and bounded one by one
+    for md in np.unique(np.append(np.quantile(dist, np.linspace(0, 1, 21)), np.inf)):
+        for mm in np.unique(np.append(np.quantile(margin, np.linspace(0, 1, 21)), 0.0)):
+            acc = (dist <= md) & (margin >= mm)
+            if acc.sum() < 40:
+                continue
+            low = binomtest(int(correct[acc].sum()), int(acc.sum())).proportion_ci(0.90, method="exact").low
+            if low >= target and (best is None or acc.mean() > best):
+                best = acc.mean()
+    assert info["met"] and info["coverage"] == pytest.approx(best)
+    accepted = (dist <= t.max_distance) & (margin >= t.min_margin)
+    assert accepted.sum() >= 40 and info["n_accepted"] == accepted.sum()
+    assert info["accuracy_lower"] >= target and info["accuracy"] > info["accuracy_lower"]
+    loose, _ = choose_thresholds(correct, dist, margin, target_accuracy=target, confidence=None, min_support=1,
+                                 n_grid=21)
+    # the bound costs coverage: the point estimate accepts more
+    assert ((dist <= loose.max_distance) & (margin >= loose.min_margin)).mean() > info["coverage"]
+
+
+def test_too_few_queries_for_the_support_reject_nothing_and_say_so():
+    correct, dist, margin = _constructed(n=20)
+    t, info = choose_thresholds(correct, dist, margin, target_accuracy=0.9, min_support=30)
+    assert t == Thresholds() and not info["met"] and info["coverage"] == 1.0
 
 
 def test_thresholds_for_a_target_coverage_answer_at_least_that_share():
@@ -85,9 +130,11 @@ def test_thresholds_for_a_target_coverage_answer_at_least_that_share():
 
 
 def test_unreachable_target_is_flagged_and_all_correct_data_rejects_nothing():
-    t, info = choose_thresholds(np.ones(10, bool), np.linspace(0, 1, 10), np.linspace(0, 1, 10), target_accuracy=0.9)
+    t, info = choose_thresholds(np.ones(10, bool), np.linspace(0, 1, 10), np.linspace(0, 1, 10), target_accuracy=0.9,
+                                confidence=None, min_support=1)
     assert (t.max_distance, t.min_margin, info["coverage"]) == (np.inf, 0.0, 1.0)
-    _, info = choose_thresholds(np.zeros(10, bool), np.linspace(0, 1, 10), np.linspace(0, 1, 10), target_accuracy=0.5)
+    _, info = choose_thresholds(np.zeros(10, bool), np.linspace(0, 1, 10), np.linspace(0, 1, 10), target_accuracy=0.5,
+                                min_support=1)
     assert not info["met"] and info["accuracy"] == 0.0
 
 

@@ -8,10 +8,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import write_image
 
+from lib.core.errors import DataError
 from lib.data.splits import prepare_splits
-from lib.evaluate.predict import list_photos, predict_photos, trained_min_size
+from lib.evaluate.calibrate import Calibration, calibrate, thresholds_info
+from lib.evaluate.photos import list_photos
+from lib.evaluate.predict import THRESHOLDS_FILE, predict_photos, trained_min_size
 from lib.evaluate.run_eval import evaluate_run
 from lib.retrieval.decide import Thresholds, save_thresholds
 
@@ -71,6 +75,7 @@ def test_cli_reports_bad_photos_and_keeps_an_existing_output(run_dir, demo, tmp_
 
     refused = predict_cli(str(run_dir), str(photos / "no_extension"), "--out", str(tmp_path / "small.csv"),
                           "--refuse-small", "--device", "cpu")
+    assert refused.returncode == 0, refused.stderr
     small_row = pd.read_csv(tmp_path / "small.csv", keep_default_na=False).iloc[0]
     assert small_row["error"].startswith("too small: 40x40 < the run's min_size") and small_row["pred"] == ""
 
@@ -98,3 +103,25 @@ def test_the_min_size_a_run_trained_with_comes_from_its_split_report(demo, tmp_p
     assert trained_min_size(run) == 123
     run.settings.data.splits_dir = str(tmp_path / "gone")
     assert trained_min_size(run) is None
+
+
+def test_thresholds_chosen_under_other_settings_are_refused_and_a_stale_gallery_index_rebuilt(run_dir, demo, tmp_path,
+                                                                                               capsys):
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    ev = evaluate_run(run, k=5, device="cpu")  # saves the gallery index
+    settings = Calibration(min_support=1)
+    thresholds, chosen = calibrate(ev, settings)
+    save_thresholds(run / THRESHOLDS_FILE, thresholds, thresholds_info(ev, chosen, settings))
+    photo = [str(demo[0] / ev.queries["path"].iloc[0])]
+    assert predict_photos(run, photo, device="cpu")["verdict"].iloc[0] != ""  # k=5 as chosen: it all fits
+    with pytest.raises(DataError, match="thresholds.json does not fit .*tta: chosen with False, used with True"):
+        predict_photos(run, photo, device="cpu", tta=True)
+    with pytest.warns(UserWarning, match="applied although k: chosen with 5, used with 3"):
+        assert predict_photos(run, photo, device="cpu", k=3, allow_mismatch=True)["verdict"].iloc[0] != ""
+    meta = json.loads((run / "index" / "index.json").read_text())
+    (run / "index" / "index.json").write_text(json.dumps({**meta, "data_fingerprint": "of photos since changed"}))
+    capsys.readouterr()
+    predict_photos(run, photo, device="cpu")
+    said = capsys.readouterr().out
+    assert f"rebuilding the gallery index in {run / 'index'}: a gallery photo changed on disk" in said
+    assert json.loads((run / "index" / "index.json").read_text())["data_fingerprint"] == meta["data_fingerprint"]

@@ -25,7 +25,9 @@ from lib.analysis.query_results import (
     ALL,
     ANY,
     OUTCOMES,
+    VERDICT_WORDS,
     QueryResult,
+    decided_by,
     photo_embedder,
     photo_result,
     query_result,
@@ -37,6 +39,7 @@ from lib.analysis.thumbs import jpeg_bytes, thumbnail
 from lib.core.errors import DataError
 from lib.data.images import UnreadableImage, open_image
 from lib.evaluate.record import VERDICTS, Evaluation, load_evaluation
+from lib.retrieval.decide import Thresholds
 from lib.retrieval.faiss_index import build_index
 
 # frame colours of lib.analysis.figures, written again: importing it would bring matplotlib and scikit-learn (about
@@ -68,9 +71,15 @@ def _reported(handler):
 
 
 def option_label(q) -> str:
-    """A query as the list shows it: right or wrong, path, true -> voted class, verdict."""
+    """A query as the list shows it: right or wrong, path, true -> voted class, verdict (known / new / reshoot)."""
     mark = "ok " if q["correct"] else "ERR"
-    return f"{mark} {q['path']}  ({q['label']} -> {q['pred']}, {q['verdict']})"
+    return f"{mark} {q['path']}  ({q['label']} -> {q['pred']}, {verdict_word(q['verdict'])})"
+
+
+def verdict_word(verdict: str) -> str:
+    """'known (accepted)', 'new (unclassifiable)', 'reshoot': what the verdict means, and its recorded name."""
+    word = VERDICT_WORDS.get(verdict, verdict)
+    return word if word == verdict else f"{word} ({verdict})"
 
 
 def vote_text(result: QueryResult) -> str:
@@ -78,8 +87,16 @@ def vote_text(result: QueryResult) -> str:
     return ", ".join(f"{c} {s:.2f}" for c, s in top.items())
 
 
-def title_html(result: QueryResult, thresholds_note: str = "") -> str:
-    """The result's headline: what it is, the vote, margin and verdict, and whether the vote was right."""
+def decision_html(result: QueryResult, thresholds: Thresholds) -> str:
+    """The verdict as known (with the class) / new / reshoot, and the distance or margin that decided it."""
+    word, why = decided_by(result, thresholds)
+    what = f"{word}: {result.pred}" if word == "known" else word
+    return f'<span class="browse-decision"><b>{_esc(what)}</b> &mdash; {_esc(why)}</span>'
+
+
+def title_html(result: QueryResult, thresholds_note: str = "", thresholds: Thresholds | None = None) -> str:
+    """The result's headline: what it is, the vote, margin and verdict, whether the vote was right, and the verdict
+    as known / new / reshoot with what decided it (under `thresholds`; None: accept every query)."""
     truth = f"true: <b>{_esc(result.label)}</b>" if result.label is not None else "true: unknown"
     right = ""
     if result.label is not None:
@@ -87,6 +104,7 @@ def title_html(result: QueryResult, thresholds_note: str = "") -> str:
         right = f' &middot; <b style="color:{RIGHT if ok else WRONG}">{"RIGHT" if ok else "WRONG"}</b>'
     return (f"<b>{_esc(result.name)}</b> &middot; {truth}<br>vote: {_esc(vote_text(result))} &middot; "
             f"margin {result.margin:.3f} &middot; verdict: <b>{_esc(result.verdict)}</b>{right}"
+            f"<br>{decision_html(result, thresholds or Thresholds())}"
             + (f"<br><small>{_esc(thresholds_note)}</small>" if thresholds_note else ""))
 
 
@@ -227,7 +245,8 @@ class BrowsePage:
         q = self.ev.queries
         with self._quietly():
             self.label.options = [ALL, *sorted(q["label"].unique())]
-            self.verdict.options = [ANY, *(v for v in VERDICTS if (q["verdict"] == v).any())]
+            self.verdict.options = [(ANY, ANY), *((verdict_word(v), v) for v in VERDICTS
+                                                  if (q["verdict"] == v).any())]
             self.label.value, self.verdict.value, self.outcome.value = ALL, ANY, ANY
         self._refilter()
 
@@ -288,7 +307,7 @@ class BrowsePage:
         else:
             data, problem = self._photo(result.image)
             problems += [problem] if problem else []
-        self.title.value = title_html(result, thresholds_note)
+        self.title.value = title_html(result, thresholds_note, run_thresholds(self.ev))
         truth = "true class unknown" if result.label is None else f"true: {_esc(result.label)}"
         self.query_card.show(data, f'<div style="color:{QUERY};line-height:1.25"><b>query</b><br>{truth}</div>', QUERY)
         shown = result.neighbours.head(self.k)

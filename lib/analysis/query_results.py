@@ -21,6 +21,9 @@ from lib.retrieval.faiss_index import NO_NEIGHBOUR, build_index, search
 ALL = "(all classes)"
 ANY = "(any)"                   # the verdict and outcome filters' "no filter"
 OUTCOMES = ("right", "wrong")
+# what each verdict tells the person looking (lib.retrieval.decide.verdicts): a known class or individual, a new one
+# (nothing in the gallery is near enough), or a photo to take again (two classes about equally likely)
+VERDICT_WORDS = {"accepted": "known", "unclassifiable": "new", "reshoot": "reshoot"}
 
 
 @dataclass
@@ -39,6 +42,24 @@ class QueryResult:
     @property
     def margin(self) -> float:
         return float(self.votes.iat[0] - (self.votes.iat[1] if len(self.votes) > 1 else 0.0))
+
+    @property
+    def top1_distance(self) -> float:
+        return float(self.neighbours["distance"].iat[0]) if len(self.neighbours) else float("inf")
+
+
+def decided_by(result: QueryResult, thresholds: Thresholds) -> tuple[str, str]:
+    """(known | new | reshoot, the comparison that decided it): the top-1 distance against max_distance for known
+    and new, the vote margin against min_margin for reshoot (lib.retrieval.decide.verdicts' order)."""
+    d, limit = result.top1_distance, thresholds.max_distance
+    near = f"nearest photo d = {d:.3f} " + (f"<= {limit:.3f}" if np.isfinite(limit) else "(no distance limit)")
+    if result.verdict == "unclassifiable":
+        return "new", f"nearest photo d = {d:.3f} > {limit:.3f}: nothing like it in the gallery"
+    if result.verdict == "reshoot":
+        return "reshoot", (f"margin {result.margin:.3f} < {thresholds.min_margin:.3f}: two classes about equally "
+                           f"likely ({near})")
+    word = VERDICT_WORDS.get(result.verdict, result.verdict)
+    return word, f"{near}, margin {result.margin:.3f} >= {thresholds.min_margin:.3f}"
 
 
 def _neighbour_table(ev: Evaluation, rows, distances) -> pd.DataFrame:

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from lib.core.errors import DataError
-from lib.evaluate.predict import list_photos, predict_photos
+from lib.evaluate.photos import list_photos
+from lib.evaluate.predict import PredictSettings, predict_photos
 
 
 def main(argv=None) -> int:
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ef-search", type=int, default=None, help="HNSW candidates per photo (default: as saved)")
     ap.add_argument("--refuse-small", action="store_true",
                     help="no prediction for a photo below the run's min_size (default: predict it, with a note)")
+    ap.add_argument("--allow-mismatch", action="store_true",
+                    help="apply thresholds chosen under other settings (checkpoint, TTA, k, weighting, gallery, "
+                         "protocol, context rule), with a warning, instead of refusing")
     args = ap.parse_args(argv)
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -46,10 +50,10 @@ def main(argv=None) -> int:
         photos = list_photos(args.photos)
         if not photos:
             raise DataError(f"{args.photos}: no photos found")
-        table = predict_photos(args.run_dir, photos, k=args.k, tta=args.tta, checkpoint=args.checkpoint,
-                               weighting=args.weighting, device=args.device, batch_size=args.batch_size, progress=True,
-                               small="refuse" if args.refuse_small else "note", index=args.index,
-                               nprobe=args.nprobe, ef_search=args.ef_search)
+        table = predict_photos(args.run_dir, photos, PredictSettings(
+            k=args.k, tta=args.tta, checkpoint=args.checkpoint, weighting=args.weighting, device=args.device,
+            batch_size=args.batch_size, progress=True, small="refuse" if args.refuse_small else "note",
+            index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, allow_mismatch=args.allow_mismatch))
     except ValueError as e:  # a DataError, or a setting such as --index the library refused with its reason
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""From neighbours to a decision: weighted class votes, a reliability verdict, thresholds chosen on validation.
+"""From neighbours to a decision: weighted class votes, a reliability verdict, thresholds chosen on calibration
+queries with a minimum support and a confidence bound on their accuracy.
 
 Distances are squared L2 between unit vectors as lib.retrieval.faiss_index returns them (d² = 2 − 2·cos, in [0, 4]).
 A query's class scores are normalised to shares (they sum to 1), so `score` (the winner's share) and `margin`
@@ -110,53 +111,87 @@ def _candidates(values, n_grid: int, none: float) -> np.ndarray:
     return np.unique(np.append(q, none))
 
 
-def threshold_grid(correct, top1_distance, margin, n_grid: int = 101) -> pd.DataFrame:
-    """Coverage and accuracy-on-accepted of every (max_distance, min_margin) pair on a quantile grid.
+# One-sided confidence of the accuracy bound thresholds must clear, and the fewest accepted queries a pair of
+# thresholds must rest on: an accuracy measured on 5 queries says little, however high
+CONFIDENCE = 0.95
+MIN_SUPPORT = 30
 
-    Accuracy is NaN where nothing is accepted.
+
+def accuracy_lower_bound(hits, n, confidence: float = CONFIDENCE) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound on a success rate from `hits` of `n` (exact: the binomial's beta
+    quantile, so it holds for any n, where the Wilson interval is an approximation). 0 where hits is 0, NaN where n
+    is 0. confidence=None: the point estimate hits/n (the old in-sample rule)."""
+    from scipy.stats import beta
+
+    hits, n = np.asarray(hits, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if confidence is None:
+            return hits / n
+        bound = beta.ppf(1 - confidence, hits, n - hits + 1)
+    return np.where(n == 0, np.nan, np.where(hits == 0, 0.0, bound))
+
+
+def threshold_grid(correct, top1_distance, margin, n_grid: int = 101,
+                   confidence: float | None = CONFIDENCE) -> pd.DataFrame:
+    """Coverage, accuracy-on-accepted, accepted count and its accuracy_lower_bound for every (max_distance,
+    min_margin) pair on a quantile grid. Accuracy is NaN where nothing is accepted.
     """
     correct = np.asarray(correct, dtype=bool)
     d, m = np.asarray(top1_distance, dtype=np.float64), np.asarray(margin, dtype=np.float64)
     dist_c, marg_c = _candidates(d, n_grid, np.inf), _candidates(m, n_grid, 0.0)
     # (n_dist, n_marg, n) is fine for validation-sized splits: 101 x 101 x 10k bools = 100 MB at most
     accepted = (d[None, None, :] <= dist_c[:, None, None]) & (m[None, None, :] >= marg_c[None, :, None])
-    n_acc = accepted.sum(axis=2)
+    n_acc, hits = accepted.sum(axis=2), (accepted & correct).sum(axis=2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        acc = (accepted & correct).sum(axis=2) / n_acc
+        acc = hits / n_acc
     dd, mm = np.meshgrid(dist_c, marg_c, indexing="ij")
     return pd.DataFrame({"max_distance": dd.ravel(), "min_margin": mm.ravel(),
-                         "coverage": (n_acc / max(len(d), 1)).ravel(), "accuracy": acc.ravel()})
+                         "coverage": (n_acc / max(len(d), 1)).ravel(), "accuracy": acc.ravel(),
+                         "n_accepted": n_acc.ravel(),
+                         "accuracy_lower": accuracy_lower_bound(hits, n_acc, confidence).ravel()})
 
 
 def choose_thresholds(correct, top1_distance, margin, target_accuracy: float | None = None,
-                      target_coverage: float | None = None, n_grid: int = 101) -> tuple[Thresholds, dict]:
-    """Thresholds for a target, chosen on validation queries; returns (thresholds, what they achieve there).
+                      target_coverage: float | None = None, n_grid: int = 101, min_support: int = MIN_SUPPORT,
+                      confidence: float | None = CONFIDENCE) -> tuple[Thresholds, dict]:
+    """Thresholds for a target, chosen on calibration queries; returns (thresholds, what they achieve there).
 
-    target_accuracy: the largest coverage whose accepted queries are at least that accurate (ties: more accurate,
-    then the looser thresholds). target_coverage: the best accuracy that still answers at least that share.
-    When no pair reaches the target, the closest one is taken and `met` is False.
+    Only pairs that accept at least `min_support` queries are candidates (all of them when fewer queries exist:
+    nothing is rejected, and `met` is False). target_accuracy: the largest coverage whose accepted queries' accuracy
+    has a one-sided `confidence` lower bound (accuracy_lower_bound; None: the point estimate) of at least that
+    (ties: higher bound, then the looser thresholds). target_coverage: the best bound that still answers at least
+    that share. When no pair reaches the target, the one with the highest bound is taken and `met` is False.
     """
     if (target_accuracy is None) == (target_coverage is None):
         raise ValueError("give exactly one of target_accuracy and target_coverage")
-    grid = threshold_grid(correct, top1_distance, margin, n_grid).dropna(subset=["accuracy"])
+    grid = threshold_grid(correct, top1_distance, margin, n_grid, confidence).dropna(subset=["accuracy"])
     if grid.empty:
-        raise ValueError("no validation queries to choose thresholds on")
+        raise ValueError("no calibration queries to choose thresholds on")
+    supported = grid[grid["n_accepted"] >= min_support]
     # sort keys -> ascending?, in order of preference; the looser thresholds (larger max_distance, smaller
     # min_margin) break the last ties, so nothing is rejected that the target does not require
     loose = {"max_distance": False, "min_margin": True}
-    if target_accuracy is not None:
-        ok = grid[grid["accuracy"] >= target_accuracy - 1e-12]
+    if supported.empty:  # too few queries to support any rejection: accept all, and say the target is not met
+        pool, met, prefer = grid[grid["coverage"] == grid["coverage"].max()], False, {}
+    elif target_accuracy is not None:
+        ok = supported[supported["accuracy_lower"] >= target_accuracy - 1e-12]
         met = not ok.empty
-        prefer = {"coverage": False, "accuracy": False} if met else {"accuracy": False, "coverage": False}
-        pool = ok if met else grid
-    else:  # accepting everything reaches any coverage, so this target is always met
-        pool, met = grid[grid["coverage"] >= target_coverage - 1e-12], True
-        prefer = {"accuracy": False, "coverage": False}
+        prefer = ({"coverage": False, "accuracy_lower": False} if met
+                  else {"accuracy_lower": False, "coverage": False})
+        pool = ok if met else supported
+    else:
+        pool = supported[supported["coverage"] >= target_coverage - 1e-12]
+        met = not pool.empty  # empty only when min_support exceeds the share asked for
+        pool = pool if met else supported
+        prefer = {"accuracy_lower": False, "coverage": False}
     order = {**prefer, **loose}
     best = pool.sort_values(list(order), ascending=list(order.values())).iloc[0]
     t = Thresholds(float(best["max_distance"]), float(best["min_margin"]))
     info = {"target_accuracy": target_accuracy, "target_coverage": target_coverage, "met": bool(met),
-            "coverage": float(best["coverage"]), "accuracy": float(best["accuracy"])}
+            "coverage": float(best["coverage"]), "accuracy": float(best["accuracy"]),
+            "accuracy_lower": float(best["accuracy_lower"]), "n_accepted": int(best["n_accepted"]),
+            "n": len(np.asarray(correct)), "bound": "clopper-pearson" if confidence is not None else "none",
+            "confidence": confidence, "min_support": min_support}
     return t, info
 
 
@@ -209,13 +244,16 @@ def risk_coverage(correct, confidence) -> pd.DataFrame:
 
 
 def save_thresholds(path: str | os.PathLike, thresholds: Thresholds, info: dict) -> Path:
-    """JSON with the thresholds and how they were chosen (k, weighting, targets, what they achieved)."""
+    """JSON with the thresholds and how they were chosen (k, weighting, targets, what they achieved, provenance:
+    lib.evaluate.calibrate.thresholds_info), written to a temp file and renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {**asdict(thresholds), **info}
     if np.isinf(thresholds.max_distance):
         data["max_distance"] = None  # JSON has no infinity; null = no distance limit
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # photo-predict may read it while notebook 03 writes it
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -1,0 +1,190 @@
+"""Enrol photos into a trained run's gallery without retraining: new individuals, or new encounters of known ones.
+
+    photo-enroll RUN_DIR PHOTOS --label NAME     PHOTOS: a folder, a list file (one path a line) or one photo
+    photo-enroll RUN_DIR FOLDER                  FOLDER/{label}/...: each photo's label is its first folder
+    photo-enroll RUN_DIR --list                  what was enrolled (id, label, group, path, when)
+    photo-enroll RUN_DIR --remove ID [ID ...]    take entries out (an id, or its first characters)
+
+The photos are embedded with the run's checkpoint and stored in RUN_DIR/index/enrolled.npz (lib.evaluate.enrolled),
+which photo-predict adds to the gallery it searches. An enrolment is refused whole, with a line per photo, when a
+photo cannot be read, is already in the gallery (same file content: a train photo or an enrolled one), or carries a
+label that conflicts (the same content under another label, or a label that differs from a known one only by case
+or spaces). `python -m lib.evaluate.enroll` is the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib.core.device import auto_settings
+from lib.core.errors import DataError
+from lib.data.images import probe_image
+from lib.evaluate.enrolled import (
+    COLUMNS,
+    ID_CHARS,
+    Enrolled,
+    current_embeddings,
+    embedding_key,
+    load_enrolled,
+    save_enrolled,
+)
+from lib.evaluate.photos import embed_photos, list_photos
+from lib.retrieval.embed import file_sha256
+from lib.train.trained_run import TrainedRun, load_trained, rows_in_split, split_rows
+
+
+def labelled_photos(source: str | os.PathLike, label: str | None = None) -> tuple[list[str], list[str]]:
+    """(photos, labels): every photo of `source` (lib.evaluate.photos.list_photos) under `label`, or without it, the
+    photos of a folder laid out as {label}/..., each labelled by its first folder."""
+    photos = list_photos(source)
+    if not photos:
+        raise DataError(f"{source}: no photos found")
+    if label is not None:
+        if not label.strip():
+            raise DataError("--label is empty")
+        return photos, [label] * len(photos)
+    if not Path(source).is_dir():
+        raise DataError(f"{source}: without --label, PHOTOS must be a folder of {{label}}/... photos")
+    parts = [Path(p).relative_to(source).parts for p in photos]
+    loose = [p for p, part in zip(photos, parts) if len(part) < 2]
+    if loose:
+        raise DataError(f"{loose[0]}: not in a label folder ({len(loose)} such photos); without --label each photo "
+                        f"sits in {source}/{{label}}/")
+    return photos, [part[0] for part in parts]
+
+
+def _gallery_files(run: TrainedRun) -> pd.DataFrame:
+    """The train gallery's photos with their file sizes (a cheap filter before hashing any of them)."""
+    train = rows_in_split(split_rows(run), "train")
+    files = [Path(run.settings.data.data_dir) / p for p in train["path"]]
+    return pd.DataFrame({"file": [str(f) for f in files], "label": train["label"].to_numpy(),
+                         "size": [f.stat().st_size if f.exists() else -1 for f in files]})
+
+
+def _known_contents(run: TrainedRun, enrolled: Enrolled, sizes: set[int]) -> dict[str, tuple[str, str]]:
+    """sha256 -> (what it is, label) for every enrolled photo and every train photo of one of these file sizes."""
+    known = {row.sha256: (f"enrolled photo {row.path} (id {row.id})", row.label) for row in enrolled.table.itertuples()}
+    gallery = _gallery_files(run)
+    for row in gallery[gallery["size"].isin(sizes)].itertuples():
+        known.setdefault(file_sha256(row.file), (f"train photo {row.file}", row.label))
+    return known
+
+
+def enrolment_problems(photos: list[str], labels: list[str], hashes: list[str | None], known: dict,
+                       known_labels: set[str]) -> list[str]:
+    """One line per photo that cannot be enrolled: unreadable (hash None), a duplicate of a known photo or of
+    another photo of this enrolment, the same content under another label, or a label that differs from a known
+    one only by case or surrounding spaces."""
+    by_spelling = defaultdict(set)
+    for name in known_labels:
+        by_spelling[name.strip().casefold()].add(name)
+    problems, seen = [], dict(known)
+    for path, label, digest in zip(photos, labels, hashes):
+        if digest is None:
+            continue  # its read error is reported by the caller
+        near = by_spelling.get(label.strip().casefold(), set()) - {label}
+        if near:
+            problems.append(f"{path}: label {label!r} differs only by case or spaces from the known "
+                            f"{sorted(near)[0]!r}; use that name, or a clearly different one")
+        if digest in seen:
+            what, other = seen[digest]
+            problems.append(f"{path}: the same file as {what}, " + (f"which is labelled {other!r}: label conflict"
+                            if other != label else "already in the gallery: duplicate"))
+            continue
+        seen[digest] = (f"{path} (in this enrolment)", label)
+    return problems
+
+
+def enroll_photos(run_dir: str | os.PathLike, photos: list[str], labels: list[str], checkpoint: str = "best",
+                  tta: bool = False, device: str = "auto", group: str | None = None) -> pd.DataFrame:
+    """Add photos under their labels to the run's gallery (lib.evaluate.enrolled); returns their new entries.
+
+    group: the encounter they belong to (default: one per label and enrolment, 'enrolled:{label}:{time}').
+    Refused whole (DataError, a line per photo) on any problem of enrolment_problems; nothing is written then.
+    """
+    if len(photos) != len(labels):
+        raise ValueError(f"{len(photos)} photos but {len(labels)} labels")
+    run = load_trained(run_dir, checkpoint)
+    checks = [probe_image(p) for p in photos]
+    problems = [f"{p}: {c.reason}" for p, c in zip(photos, checks) if not c.ok]
+    hashes = [file_sha256(p) if c.ok else None for p, c in zip(photos, checks)]
+    enrolled = load_enrolled(run_dir)
+    sizes = {os.path.getsize(p) for p, c in zip(photos, checks) if c.ok}
+    known_labels = set(run.config["class_to_idx"]) | set(enrolled.table["label"])
+    problems += enrolment_problems(photos, labels, hashes, _known_contents(run, enrolled, sizes), known_labels)
+    if problems:
+        raise DataError(f"nothing enrolled: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+    settings = auto_settings(device=device)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    new = pd.DataFrame({"id": [h[:ID_CHARS] for h in hashes], "path": [str(Path(p).resolve()) for p in photos],
+                        "label": labels, "group": [group or f"enrolled:{lab}:{when}" for lab in labels],
+                        "sha256": hashes, "enrolled_at": when})
+    emb = embed_photos(run, photos, settings, tta)
+    if len(enrolled):
+        emb = np.concatenate([current_embeddings(run, enrolled, settings, tta), emb])
+    save_enrolled(run_dir, Enrolled(pd.concat([enrolled.table, new], ignore_index=True)[list(COLUMNS)], emb,
+                                    embedding_key(run, tta)))
+    return new
+
+
+def remove_enrolled(run_dir: str | os.PathLike, ids: list[str]) -> pd.DataFrame:
+    """Take the entries named by `ids` (an id or its first characters, one entry each) out; returns them."""
+    enrolled = load_enrolled(run_dir)
+    drop = np.zeros(len(enrolled), dtype=bool)
+    for wanted in ids:
+        hits = (enrolled.table["id"].str.startswith(wanted.strip()).to_numpy() if wanted.strip()
+                else np.zeros(len(enrolled), dtype=bool))
+        if hits.sum() != 1:
+            listed = ", ".join(enrolled.table["id"]) or "none"
+            raise DataError(f"{wanted!r} names {int(hits.sum())} enrolled entries of {run_dir}, not one "
+                            f"(enrolled ids: {listed}); nothing removed")
+        drop |= hits
+    save_enrolled(run_dir, Enrolled(enrolled.table[~drop].reset_index(drop=True), enrolled.emb[~drop], enrolled.key))
+    return enrolled.table[drop]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="photo-enroll", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    ap.add_argument("photos", type=Path, metavar="PHOTOS", nargs="?", help="folder, list file or single photo")
+    ap.add_argument("--label", help="the label of every photo (default: each photo's first folder under PHOTOS)")
+    ap.add_argument("--group", help="the encounter the photos belong to (default: one per label and enrolment)")
+    ap.add_argument("--list", action="store_true", help="show what was enrolled")
+    ap.add_argument("--remove", nargs="+", metavar="ID", help="take entries out by id (or its first characters)")
+    ap.add_argument("--checkpoint", default="best", help="best | latest | a .pt file name in RUN_DIR")
+    ap.add_argument("--tta", action="store_true", help="flip test-time augmentation (as photo-predict --tta)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    if sum(map(bool, (args.photos, args.list, args.remove))) != 1:
+        ap.error("give PHOTOS, --list or --remove")
+    try:
+        if not (args.run_dir / "best_model.pt").exists() and not list(args.run_dir.glob("*.pt")):
+            raise DataError(f"{args.run_dir}: not a trained run (no checkpoint in it)")
+        if args.list:
+            table = load_enrolled(args.run_dir).table
+            print(table[["id", "label", "group", "path", "enrolled_at"]].to_string(index=False) if len(table)
+                  else f"nothing enrolled in {args.run_dir}")
+        elif args.remove:
+            gone = remove_enrolled(args.run_dir, args.remove)
+            print("\n".join(f"removed {r.id} ({r.label}) {r.path}" for r in gone.itertuples()))
+        else:
+            photos, labels = labelled_photos(args.photos, args.label)
+            new = enroll_photos(args.run_dir, photos, labels, args.checkpoint, args.tta, args.device, args.group)
+            counts = new["label"].value_counts()
+            print(f"enrolled {len(new)} photos in {args.run_dir}: "
+                  + ", ".join(f"{label} {n}" for label, n in counts.items()))
+    except ValueError as e:  # a DataError: what was refused and why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
