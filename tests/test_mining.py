@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
+from lib.data.samplers import ContextPKSampler
 from lib.train.checkpoint import load_checkpoint
 from lib.train.config import build_config
 from lib.train.mining import context_error, mining_weights
@@ -36,6 +37,10 @@ def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, 
                        sampler="context_pk", p=6, k=2, batches_per_epoch=2, epochs=3, num_workers=0, device="cpu",
                        head_epochs=0, unfreeze="all", lr_decay=1.0)
     monkeypatch.setattr(lib.train.loop, "context_margins", spy)
+    drawn_with = {}  # epoch -> the context weights its batches are drawn by
+    set_epoch = ContextPKSampler.set_epoch
+    monkeypatch.setattr(ContextPKSampler, "set_epoch", lambda self, epoch: drawn_with.__setitem__(
+        epoch, self.context_weights.copy()) or set_epoch(self, epoch))
     history = train_run(str(tmp_path / "whole"), cfg, progress=False)
     assert history["worst_contexts"].iloc[-1]
     ckpt = load_checkpoint(tmp_path / "whole" / "latest_model.pt")
@@ -50,9 +55,12 @@ def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, 
     # killed after the first mined epoch: the resumed run samples by the weights it mined, and ends where the
     # uninterrupted one does (one machine, one code path: equal up to the loop's own resume tolerance)
     whole_margins, seen[:] = list(seen), []
+    whole_draws, drawn_with = dict(drawn_with), {}
+    assert sorted(whole_draws) == [1, 2, 3] and not np.allclose(whole_draws[3], 1.0), "epoch 3 draws by mined weights"
     train_run(str(tmp_path / "cut"), cfg, progress=False, stop_after_epoch=2)
     assert load_checkpoint(tmp_path / "cut" / "latest_model.pt")["context_weights"] != {}
     resumed = train_run(str(tmp_path / "cut"), cfg, progress=False)
+    np.testing.assert_allclose(drawn_with[3], whole_draws[3], rtol=1e-6, err_msg="the resumed epoch 3 draws as before")
     cols = ["epoch", "train_loss", "val_recall@1", "val_mAP"]
     pd.testing.assert_frame_equal(resumed[cols], history[cols], atol=1e-5, rtol=1e-4)
     assert resumed["worst_contexts"].tolist() == history["worst_contexts"].tolist()
