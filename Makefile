@@ -23,8 +23,10 @@ $(STAMP): requirements.txt $(FAISS) pyproject.toml
 demo: setup
 	$(PY) notebooks/run_all.py
 
+# one worker per core (at most 4: each holds its own torch and demo fixtures), an idle worker taking tests from a
+# busy one's queue (the slow tests are few and long); the 15 slowest tests are listed at the end
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal --durations=15 tests
 
 bench: setup
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -1,8 +1,16 @@
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs a worker per core: one intra-op thread each (and in the notebooks and torchrun processes they
+    # start), or two workers of two threads oversubscribe two cores; tests of threading set their own counts
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 LIONS = ROOT.parent / "shared" / "datasets" / "lions"

@@ -249,6 +249,7 @@ def test_a_rank_that_dies_ends_the_run_instead_of_hanging(demo, tmp_path):
     assert ranks, "rank 1 not found among torchrun's processes"
     ranks[0].kill()
     t0 = time.time()
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and time.time() - t0 < 60
+    # ending, not hanging: a hang waits out the 3-hour collective timeout; 180 s leaves room for loaded cores
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - t0 < 180
     assert "FAILED" in out and "rank" in out, out[-2000:]
