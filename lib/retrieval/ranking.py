@@ -103,10 +103,10 @@ def ranking_metrics(order: np.ndarray, gallery_labels, query_labels, loo: bool, 
 
 def evaluate_retrieval(
     gallery_emb, gallery_labels, query_emb, query_labels, ks=(1, 5), exclude_self=False, max_rank=None, device="auto",
-    per_query=False, groups=None,
+    per_query=False, groups=None, keep: int = 0,
 ) -> dict:
     """Recall@k and exact mAP of ranking the gallery by Faiss for each query (RankingTally.metrics; 'ap' only with
-    per_query=True).
+    per_query=True; with `keep`, 'top': each query's first `keep` gallery rows, left-out rows already out).
 
     mAP is exact: every query ranks the whole gallery (k = gallery size), RANK_PAIRS pairs at a time, so memory
     stays bounded whatever the gallery (a million photos: 8 queries a chunk; no queries x gallery matrix), while
@@ -130,7 +130,7 @@ def evaluate_retrieval(
     k = clip_k(max_rank or len(gallery_labels), len(gallery_labels) - int(left_out.min()))
     # faiss ranks k plus the most rows any query leaves out; the tally takes them out and keeps k
     searched = min(k + int(left_out.max()), len(gallery_labels))
-    tally = RankingTally(gallery_labels, query_labels, exclude, ks)
+    tally = RankingTally(gallery_labels, query_labels, exclude, ks, keep)
     index = build_index(gallery_emb, device if searched <= GPU_MAX_K else "cpu")
     q = unit_queries(index, query_emb)
     for rows in query_chunks(len(q), searched):

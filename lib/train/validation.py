@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from lib.core.device import DeviceSettings
 from lib.retrieval.embed import extract_embeddings
-from lib.retrieval.faiss_index import build_index, faiss_device_for, search
+from lib.retrieval.faiss_index import faiss_device_for
 from lib.retrieval.ranking import evaluate_retrieval
 from lib.train.feature_cache import CachedFeatures, PooledFeatures
 
@@ -64,7 +64,8 @@ def retrieval_metrics(gallery: np.ndarray | None, gallery_labels: np.ndarray, qu
     loo = protocol == "loo"
     if loo:
         gallery, gallery_labels = queries, query_labels
-    m = evaluate_retrieval(gallery, gallery_labels, queries, query_labels, ks=(1, 5), exclude_self=loo, device=device)
-    _, top1 = search(build_index(gallery, device), queries, 1, exclude_self=loo)
-    hits = gallery_labels[top1[:, 0]] == query_labels
+    # the top-1 rows come from the ranking the metrics already made: no second index
+    m = evaluate_retrieval(gallery, gallery_labels, queries, query_labels, ks=(1, 5), exclude_self=loo, device=device,
+                           keep=1)
+    hits = gallery_labels[m["top"][:, 0]] == query_labels
     return {f"{prefix}recall@1": m["recall@1"], f"{prefix}recall@5": m["recall@5"], f"{prefix}mAP": m["mAP"]}, hits
