@@ -117,15 +117,33 @@ def test_the_choice_says_engine_layout_batch_and_why():
 
 
 def test_training_choice_probes_divisors_of_the_effective_batch(model, tmp_path):
-    choice = cpu_probe.cpu_train_choice(model, (3, 32, 32), effective_batch=12, min_batch=4, path=tmp_path / "p.json")
+    choice = cpu_probe.cpu_train_choice(model, (3, 32, 32), effective_batch=12, min_chunk=4, path=tmp_path / "p.json")
     entry = next(iter(json.loads((tmp_path / "p.json").read_text()).values()))
     assert entry["train"] and {k.split("/")[1] for k in entry["all"]} == {"4", "6", "12"}
     assert 12 % choice.batch_size == 0
 
 
-def test_cpu_training_settings_accumulate_the_effective_batch_in_the_probes_micro_batches(model, monkeypatch):
+def test_training_choice_without_split_probes_the_whole_batch(model, tmp_path):
+    choice = cpu_probe.cpu_train_choice(model, (3, 32, 32), effective_batch=12, split=False, min_chunk=4,
+                                        path=tmp_path / "p.json")
+    entry = next(iter(json.loads((tmp_path / "p.json").read_text()).values()))
+    assert {k.split("/")[1] for k in entry["all"]} == {"12"} and choice.batch_size == 12
+
+
+def test_cpu_training_settings_take_the_probes_layout_and_pass_and_a_resume_what_it_recorded(model, monkeypatch):
     from lib.core import device
 
-    monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective: ForwardChoice(True, 8, "test"))
-    s = device.cpu_training_settings(auto_settings("cpu"), model, 64, effective_batch=32)
-    assert (s.channels_last, s.accum_steps) == (True, 4)
+    asked = []
+    monkeypatch.setattr(device, "cpu_train_choice",
+                        lambda m, shape, effective, split: asked.append(split) or ForwardChoice(True, 8, "test"))
+    s, line = device.cpu_training_settings(auto_settings("cpu"), model, 64, step_batch=32)
+    assert (s.channels_last, s.backbone_chunk, s.accum_steps) == (True, 8, 1) and asked == [True]
+    assert line == "backbone phase channels_last, passes of 8 images per step of 32 (test)"
+    # a resumed run takes what its checkpoint recorded, whatever the probe would say now
+    recorded = {**auto_settings("cpu").as_dict(), "channels_last": False, "backbone_chunk": 16}
+    s, line = device.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded=recorded)
+    assert (s.channels_last, s.backbone_chunk) == (False, 16) and asked == [True]
+    assert line.startswith("backbone phase NCHW, passes of 16 images per step of 32 (as the run began")
+    # the probe's pick of the whole batch: one pass
+    monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective, split: ForwardChoice(True, 32, "t"))
+    assert device.cpu_training_settings(auto_settings("cpu"), model, 64, 32)[0].backbone_chunk == 0

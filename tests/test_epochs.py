@@ -1,5 +1,7 @@
 """One optimizer step of each phase: gradient accumulation that keeps the recipe's batch, and clipping that bounds
 every parameter the optimizer steps (the loss's class centres included)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -17,13 +19,14 @@ P, K = 6, 4
 LABELS = torch.arange(P).repeat_interleave(K)  # one P x K batch, class by class as the sampler gives it
 
 
-def _state(accum: int = 1, grad_clip: float = 0.0) -> TrainState:
+def _state(accum: int = 1, grad_clip: float = 0.0, chunk: int = 0, ms_weight: float = 0.0) -> TrainState:
     seed_everything(0)
     model = create_model(ModelConfig(backbone="resnet10t", pretrained="", embed_dim=8))
-    criterion = build_loss(LossConfig(k_subcenters=2), 8, P)
+    criterion = build_loss(LossConfig(k_subcenters=2, ms_weight=ms_weight), 8, P)
     criterion.head.margin = 0.3
     cfg = build_config(lr_backbone=1e-3, lr_head=1e-2, grad_clip=grad_clip).train
-    return TrainState.build(model, criterion, cfg, auto_settings(device="cpu", num_workers=0, accum_steps=accum))
+    settings = replace(auto_settings(device="cpu", num_workers=0, accum_steps=accum), backbone_chunk=chunk)
+    return TrainState.build(model, criterion, cfg, settings)
 
 
 def _named(state: TrainState) -> dict:
@@ -69,6 +72,40 @@ def test_accumulation_splits_the_recipes_batch_and_gives_its_loss_and_gradients(
     assert grads.keys() == grads_acc.keys() and "criterion.head.weight" in grads
     for key, g in grads.items():
         torch.testing.assert_close(grads_acc[key], g, rtol=1e-4, atol=1e-6, msg=f"gradient of {key}")
+
+
+def _step_in_train_mode(accum: int = 1, chunk: int = 0):
+    """One step with a Multi-Similarity term, the backbone's BatchNorm frozen (as for pretrained weights) and the
+    head's training on batch statistics: (loss, gradients, forward sizes, the head BatchNorm's running mean)."""
+    state = _state(accum, chunk=chunk, ms_weight=0.5)
+    grads, sizes = _spy(state)
+    state.model.frozen_bn = True
+    state.model.train()
+    x = torch.randn(P * K, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    loss = train_step(state, x, LABELS)
+    return loss, grads, sizes, state.model.head.bn.running_mean.clone()
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 16])
+def test_backbone_passes_in_chunks_give_the_one_pass_steps_loss_and_gradients(chunk):
+    """The CPU's backbone_chunk: the backbone runs `chunk` images at a time, the head's BatchNorm and the miner see
+    the whole batch, so the step is the one-pass step to float rounding (the tolerance of the accumulation test);
+    accumulation, which cuts the step itself, gives another loss here."""
+    loss, grads, _, running = _step_in_train_mode()
+    loss_c, grads_c, sizes_c, running_c = _step_in_train_mode(chunk=chunk)
+    assert sizes_c == [P * K], "one step over the whole batch"
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(running_c, running, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_c.keys() and "backbone.conv1.0.weight" in grads
+    for key, g in grads.items():
+        # the embeddings differ by float rounding (another blocking of the convolutions, ~1e-7), which ArcFace's
+        # s=30 logits and Multi-Similarity's exp(50 x) scale up in the gradients: seen up to 3.4e-5 of a tensor's
+        # largest value at one thread (head.fc), and for GeM's p, one scalar summed over every image and channel,
+        # 1e-6 between sums of order 1 that nearly cancel
+        torch.testing.assert_close(grads_c[key], g, rtol=1e-4, atol=1e-4 * max(g.abs().max().item(), 0.1),
+                                   msg=f"gradient of {key}")
+    loss_acc, *_ = _step_in_train_mode(accum=3)
+    assert abs(loss_acc.item() - loss.item()) > 1e-3
 
 
 def _total_norm(grads: dict) -> torch.Tensor:

@@ -1,4 +1,5 @@
 import ast
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -194,3 +195,55 @@ def test_an_old_checkpoint_resumes_with_the_config_it_stored(demo, tmp_path, cap
     assert "resumed from" in capsys.readouterr().out
     assert list(resumed["phase"]) == ["untrained", "warmup", "warmup"]  # warmup_epochs=5 as stored, no head phase
     assert load_checkpoint(tmp_path / "latest_model.pt")["config"]["loss"]["s"] == 64.0
+
+
+def test_cpu_backbone_phase_trains_at_the_probes_layout_and_pass_and_a_resume_keeps_them(demo, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Pretrained Lite0 (backbone BatchNorm statistics frozen) with a Multi-Similarity term: the probe's
+    channels_last backbone passes of 8 images make up the P x K step of 24, whose head BatchNorm and miner see all
+    24, so the run learns what one NCHW pass learns, to float rounding; a resumed run keeps the choice its checkpoint
+    recorded whatever the probe says when it resumes."""
+    from lib.core import device
+    from lib.core.cpu_probe import ForwardChoice
+
+    asked = []
+
+    def pick(choice):
+        monkeypatch.setattr(device, "cpu_train_choice",
+                            lambda m, shape, effective, split: asked.append((effective, split)) or choice)
+
+    cfg = config(demo, backbone="tf_efficientnet_lite0", pretrained="lite0-imagenet", img_size=64, epochs=2,
+                 batches_per_epoch=2, lr_backbone=1e-4, ms_weight=0.5)
+    pick(ForwardChoice(False, 24, "the old setting"))
+    reference = train_run(str(tmp_path / "ref"), cfg, progress=False)
+    assert "backbone phase NCHW, one pass per step of 24 (the old setting)" in capsys.readouterr().out
+    pick(ForwardChoice(True, 8, "test pick"))
+    train_run(str(tmp_path / "cut"), cfg, progress=False, stop_after_epoch=1)
+    assert "backbone phase channels_last, passes of 8 images per step of 24 (test pick)" in capsys.readouterr().out
+    pick(ForwardChoice(False, 24, "another machine's pick"))
+    resumed = train_run(str(tmp_path / "cut"), cfg, progress=False)
+    assert asked == [(24, True)] * 2
+    assert "passes of 8 images per step of 24 (as the run began" in capsys.readouterr().out
+    resolved = load_checkpoint(tmp_path / "cut" / "latest_model.pt")["config"]["device"]["resolved"]
+    assert (resolved["channels_last"], resolved["backbone_chunk"], resolved["accum_steps"]) == (True, 8, 1)
+    cols = ["epoch", "train_loss", "val_recall@1", "val_mAP"]
+    pd.testing.assert_frame_equal(reference[cols], resumed[cols], atol=1e-4, rtol=1e-3)
+    a = load_checkpoint(tmp_path / "ref" / "latest_model.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "latest_model.pt")["model"]
+    # AdamW moves a weight whose gradient is near zero by about lr a step whatever sign rounding gives that
+    # gradient, so after 4 steps at lr 1e-4 two roundings of the same run may differ by up to 4e-4 (seen: 1.8e-4);
+    # a wrong step (another batch, another loss) moves them by far more
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=4 * 1e-4, rtol=0, msg=key)
+
+
+def test_a_cpu_run_whose_backbone_batchnorm_trains_keeps_one_pass(demo, tmp_path, monkeypatch):
+    from lib.core import device
+    from lib.core.cpu_probe import ForwardChoice
+
+    asked = []
+    monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective, split: asked.append(split)
+                        or ForwardChoice(True, effective, "test"))
+    train_run(str(tmp_path), config(demo, epochs=1, batches_per_epoch=1), progress=False)  # random init: BN trains
+    assert asked == [False]
+    assert load_checkpoint(tmp_path / "latest_model.pt")["config"]["device"]["resolved"]["backbone_chunk"] == 0

@@ -23,9 +23,9 @@ from torch import nn
 # batch sizes the probe tries: 320 px Lite0 is fastest at 8 on 2 cores (1.65x batch 32, issue 29), where a batch's
 # activations stay in cache
 CANDIDATE_BATCHES = (4, 8, 16)
-# the backbone phase's smallest micro-batch: BatchNorm that trains normalises over each one, and pairwise losses mine
-# within it, so it keeps two classes of K=4 images
-MIN_MICRO_BATCH = 8
+# the backbone phase's smallest pass: the training step runs its batch through the backbone in chunks of the
+# probe's size (lib.train.distributed.TrainStep), the head and the loss on the whole batch
+MIN_CHUNK = 4
 # fewer images than this: the probe (2 rounds x 2 layouts x 3 batches, ~220 images) and the ONNX export would cost
 # more than they save; the rule and eager PyTorch are used
 PROBE_MIN_IMAGES = 512
@@ -57,10 +57,11 @@ class ForwardChoice:
 
 def probe_key(model: nn.Module, input_shape: tuple[int, ...], threads: int, train: bool,
               batches: tuple[int, ...]) -> str:
-    """What the answer depends on: the architecture (its repr: layers and their shapes, not the weights), the image's
-    (C, H, W), the intra-op threads, forward or forward + backward, the candidates, and the torch build and the CPU's
-    vector unit."""
-    text = json.dumps([repr(model), list(input_shape), threads, train, list(batches), torch.__version__,
+    """What the answer depends on: the architecture (its repr: layers and their shapes, not the weights), which
+    parameters train (a backward through the last stage alone costs less), the image's (C, H, W), the intra-op
+    threads, forward or forward + backward, the candidates, and the torch build and the CPU's vector unit."""
+    trains = [name for name, p in model.named_parameters() if p.requires_grad] if train else []
+    text = json.dumps([repr(model), trains, list(input_shape), threads, train, list(batches), torch.__version__,
                        torch.backends.cpu.get_cpu_capability()])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -144,10 +145,13 @@ def cpu_forward_choice(model: nn.Module, input_shape: tuple[int, ...], n_images:
     return ForwardChoice(channels_last, batch, f"probe: {rate:.1f} img/s at {threads} threads, best NCHW {nchw:.1f}")
 
 
-def cpu_train_choice(model: nn.Module, input_shape: tuple[int, ...], effective_batch: int,
-                     min_batch: int = MIN_MICRO_BATCH, path: str | os.PathLike | None = None) -> ForwardChoice:
-    """The backbone phase's layout and micro-batch on the CPU: forward + backward probed at the divisors of the
-    effective batch from min_batch to 32 (the loop accumulates effective_batch // batch_size of them), the
-    effective batch itself when none is. The weights take the layout too (the loop's model.to(memory_format))."""
-    divisors = tuple(d for d in range(min_batch, min(effective_batch, 32) + 1) if effective_batch % d == 0)
-    return cpu_forward_choice(model, input_shape, train=True, batches=divisors or (effective_batch,), path=path)
+def cpu_train_choice(model: nn.Module, input_shape: tuple[int, ...], effective_batch: int, split: bool = True,
+                     min_chunk: int = MIN_CHUNK, path: str | os.PathLike | None = None) -> ForwardChoice:
+    """The backbone phase's layout and backbone pass on the CPU: forward + backward of `model` as that phase trains
+    it (its trainable stages, its BatchNorm mode) probed at the divisors of the step's batch from min_chunk to the
+    largest extraction candidate; the whole batch when none divides it or when split=False (the layout alone is
+    chosen). The weights take the layout too (the loop's model.to(memory_format))."""
+    top = min(effective_batch, max(CANDIDATE_BATCHES))
+    divisors = tuple(d for d in range(min_chunk, top + 1) if effective_batch % d == 0)
+    batches = divisors if split and divisors else (effective_batch,)
+    return cpu_forward_choice(model, input_shape, train=True, batches=batches, path=path)

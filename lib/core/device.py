@@ -28,6 +28,9 @@ class DeviceSettings:
     tf32: bool = False
     cudnn_benchmark: bool = False
     gpu: str = ""
+    # images per backbone pass inside a training step (0: the whole micro-batch): on the CPU, smaller passes keep a
+    # pass's activations in cache (lib.core.cpu_probe); the head and the loss still see the whole micro-batch
+    backbone_chunk: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -119,15 +122,25 @@ def auto_settings(device: str = "auto", precision: str = "auto", num_workers: in
         tf32=chosen["tf32"], cudnn_benchmark=dev != "cpu", gpu=gpu)
 
 
-def cpu_training_settings(settings: DeviceSettings, model: torch.nn.Module, img_size: int,
-                          effective_batch: int) -> DeviceSettings:
-    """On the CPU, the backbone phase's layout and accumulation from the probe (lib.core.cpu_probe.cpu_train_choice):
-    channels_last or not, and accum_steps = effective_batch // the fastest micro-batch that divides it. Other
-    devices' settings come back unchanged. For settings the caller left to the machine (accum_steps=0)."""
+def cpu_training_settings(settings: DeviceSettings, model: torch.nn.Module, img_size: int, step_batch: int,
+                          split: bool = True, recorded: dict | None = None) -> tuple[DeviceSettings, str]:
+    """On the CPU, the backbone phase's layout and backbone pass (backbone_chunk), and a line saying what chose
+    them: `recorded` (the resolved settings of the checkpoint a run resumes from, so that it trains on as it
+    began), else the probe of `model` as that phase trains it (lib.core.cpu_probe.cpu_train_choice); split=False
+    keeps the whole batch of step_batch images and chooses the layout alone. Other devices' settings come back
+    unchanged, with an empty line."""
     if settings.device != "cpu":
-        return settings
-    choice = cpu_train_choice(model, (3, img_size, img_size), effective_batch)
-    return replace(settings, channels_last=choice.channels_last, accum_steps=effective_batch // choice.batch_size)
+        return settings, ""
+    if recorded and recorded.get("device") == "cpu":
+        chunk, channels_last = recorded.get("backbone_chunk", 0), recorded["channels_last"]
+        why = "as the run began: its checkpoint's"
+    else:
+        choice = cpu_train_choice(model, (3, img_size, img_size), step_batch, split)
+        chunk = choice.batch_size if choice.batch_size < step_batch else 0
+        channels_last, why = choice.channels_last, choice.why
+    passes = f"passes of {chunk} images" if chunk else "one pass"
+    return (replace(settings, channels_last=channels_last, backbone_chunk=chunk),
+            f"backbone phase {'channels_last' if channels_last else 'NCHW'}, {passes} per step of {step_batch} ({why})")
 
 
 def apply_settings(settings: DeviceSettings) -> None:

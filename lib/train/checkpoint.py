@@ -83,6 +83,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu", trusted:
         raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first})") from e
 
 
+def recorded_device(run_dir: str | os.PathLike) -> dict | None:
+    """What the machine chose for the run in run_dir (device.resolved in its latest_model.pt's config); None for a
+    new run, or one whose latest checkpoint cannot be read (resume_checkpoint then says why and what it takes)."""
+    try:
+        return load_checkpoint(Path(run_dir) / "latest_model.pt")["config"]["device"].get("resolved")
+    except (OSError, DataError, KeyError, TypeError):
+        return None
+
+
 def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Path] | None:
     """(checkpoint, its path) a run in run_dir resumes from: latest_model.pt, or where that is truncated or corrupt
     (a disk that filled, a copy cut short), the newest intact checkpoint_epoch_N.pt, saying so; the broken file is

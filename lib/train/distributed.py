@@ -120,14 +120,22 @@ class TrainStep(nn.Module):
     """The model and the loss as one module: the unit DDP wraps, so the loss's class weights (ArcFace's centres, the
     softmax classifier) are averaged and stay in step across ranks like the model's own."""
 
-    def __init__(self, model: nn.Module, criterion: nn.Module):
+    def __init__(self, model: nn.Module, criterion: nn.Module, chunk: int = 0):
         super().__init__()
-        self.model, self.criterion = model, criterion
+        self.model, self.criterion, self.chunk = model, criterion, chunk
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, margins=None, pooled: bool = False, autocast=nullcontext):
-        """(loss, logits) of a batch of images, or of pooled backbone features with pooled=True."""
+        """(loss, logits) of a batch of images, or of pooled backbone features with pooled=True. With `chunk`, the
+        backbone takes the images `chunk` at a time (autograd then runs each chunk's backward apart too) and the
+        head, its BatchNorm, the miners and the loss the whole batch: the step is the one-pass step, only the
+        backbone's passes are smaller (unless its own BatchNorm trains on batch statistics)."""
         with autocast():
-            emb = self.model.embed_features(x) if pooled else self.model(x)
+            if pooled:
+                emb = self.model.embed_features(x)
+            elif self.chunk and len(x) > self.chunk:
+                emb = self.model.embed_features(torch.cat([self.model.pooled(c) for c in x.split(self.chunk)]))
+            else:
+                emb = self.model(x)
         # The loss runs in fp32: the margin's trigonometry and s=64 logits are where half precision hurts.
         return self.criterion(emb.float(), y, margins)
 

@@ -1,6 +1,7 @@
 """One training run from its config: the split's data, model, loss, sampler and device settings built, then fit."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
@@ -8,17 +9,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lib.core.device import auto_settings
+from lib.core.device import auto_settings, cpu_training_settings
 from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.samplers import ContextPKSampler, PKSampler
 from lib.data.splits import load_split_index
 from lib.data.transforms import batch_mix, build_transforms
 from lib.retrieval.embed import forward_choice
-from lib.train.checkpoint import seed_everything
+from lib.train.checkpoint import recorded_device, seed_everything
 from lib.train.config import SAMPLERS, DataConfig, RunConfig, SamplerConfig, build_config
 from lib.train.distributed import World, join_world, sync_batchnorm
-from lib.train.loop import fit, resolve_backbone_bn
+from lib.train.loop import fit, resolve_backbone_bn, trainable_stages
 from lib.train.losses import build_loss
 from lib.train.model import create_model
 from lib.train.run_lock import run_lock
@@ -71,6 +72,18 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
     device = config.device
     settings = auto_settings(device=device_name, precision=device.precision, num_workers=device.num_workers,
                              accum_steps=device.accum_steps)
+    backbone_line = ""
+    unfrozen = trainable_stages(config.train.unfreeze)
+    if not world.active and unfrozen != 0 and config.train.epochs > 0:
+        # On the CPU, the probe's layout and backbone pass for the backbone phase (not under DDP: processes timing
+        # at once on one machine would measure each other), of the model as that phase trains it. Smaller passes
+        # leave the step as it was only where the backbone's BatchNorm keeps its statistics.
+        phase_model = copy.deepcopy(model)
+        phase_model.frozen_bn = chosen == "frozen"
+        phase_model.set_trainable_stages(unfrozen)
+        settings, backbone_line = cpu_training_settings(
+            settings, phase_model, aug.img_size, -(-s.p * s.k // settings.accum_steps), split=chosen == "frozen",
+            recorded=None if fresh else recorded_device(run_dir))
     stored = config.as_dict()
     full = {**stored, "class_to_idx": class_to_idx, "weights_source": model.weights_source,
             "data_fingerprint": report.get("data_fingerprint"),
@@ -83,7 +96,8 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
               f"workers={settings.num_workers} accum={settings.accum_steps}"
               + (f", {world.size} processes (DDP), {s.p} x {s.k} images each per step" if world.active else "")
               + f"; {len(train_set)} train / {len(query_set)} val images, {len(class_to_idx)} classes"
-              + (f"; extraction {extraction.describe()}" if settings.device == "cpu" else ""))
+              + (f"; extraction {extraction.describe()}" if settings.device == "cpu" else "")
+              + (f"; {backbone_line}" if backbone_line else ""))
     log = MetricsLog(Path(run_dir), mlflow_uri=mlflow_uri, enabled=world.main)
     # one lock per run folder, held by the rank that writes
     with run_lock(run_dir) if world.main else nullcontext():

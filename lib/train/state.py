@@ -85,8 +85,9 @@ class TrainState:
         criterion.to(settings.device)
         optimizer = build_optimizer(model, criterion, cfg, settings.device)
         ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        step = TrainStep(model, criterion, settings.backbone_chunk)
         return cls(model, criterion, optimizer, build_scheduler(optimizer, cfg), LossScaler(settings.grad_scaler()),
-                   ema, StepRunner(TrainStep(model, criterion), world, settings.device), settings, cfg, memory_format,
+                   ema, StepRunner(step, world, settings.device), settings, cfg, memory_format,
                    Selection("ema_val_recall@1" if ema is not None else "val_recall@1"))
 
     @property
