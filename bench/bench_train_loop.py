@@ -1,15 +1,17 @@
 """Benchmark (not a test): training-step throughput of the project's loop vs a bare PyTorch loop, the bare loop at
-the old setting (NCHW, the P x K batch in one pass) and at the best (on the CPU the probe's layout and micro-batch,
-lib.core.cpu_probe.cpu_train_choice, accumulated to the same P x K step).
+the old setting (NCHW, the P x K batch through the backbone in one pass) and at the best (on the CPU the probe's
+layout and backbone pass, lib.core.device.cpu_training_settings as a training run calls it: the backbone takes the
+step's images a pass at a time, the head and the loss the whole step).
 
-Same model, loss, batches, optimizer and precision; all read the same preloaded tensors so the ratios measure the
-layout and micro-batch, and the loop's own overhead (AMP/accumulation plumbing, EMA hook, NaN guard, progress bar),
+Same model (the backbone phase's: its last --unfreeze stages train, BatchNorm statistics frozen for pretrained
+weights), loss, batches, optimizer and precision; all read the same preloaded tensors so the ratios measure the
+layout and pass size, and the loop's own overhead (AMP/accumulation plumbing, EMA hook, NaN guard, progress bar),
 not image decoding. Runs are interleaved and the median of the repeats is reported, because a shared 2-core machine
 is noisy.
 
     python bench/bench_train_loop.py [--backbone resnet10t] [--pretrained ''] [--img-size 96] [--steps 20]
-        [--repeats 3]
-    the issue's setting: --backbone tf_efficientnet_lite0 --pretrained lite0-imagenet --img-size 320 --steps 2
+        [--repeats 3] [--unfreeze all]
+    the recipe's: --backbone tf_efficientnet_lite0 --pretrained lite0-imagenet --img-size 320 --unfreeze 1 --p 16
 """
 from __future__ import annotations
 
@@ -21,30 +23,27 @@ import time
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lib.core.cpu_probe import ForwardChoice, cpu_train_choice  # noqa: E402
-from lib.core.device import auto_settings  # noqa: E402
+from lib.core.device import auto_settings, cpu_training_settings  # noqa: E402
 from lib.data.samplers import PKSampler  # noqa: E402
 from lib.train.config import TrainConfig  # noqa: E402
 from lib.train.epochs import backbone_epoch  # noqa: E402
+from lib.train.loop import trainable_stages  # noqa: E402
 from lib.train.losses import LossConfig, build_loss  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
 from lib.train.state import TrainState  # noqa: E402
 
 
-def bare_loop(model, criterion, optimizer, batches, settings, choice: ForwardChoice | None = None) -> float:
-    """choice: the layout and micro-batch, each step's gradient accumulated over its micro-batches; None: NCHW, the
-    whole step in one pass."""
-    fmt = choice.memory_format if choice else torch.contiguous_format
+def bare_loop(model, criterion, optimizer, batches, settings, channels_last: bool = False, chunk: int = 0) -> float:
+    """One optimizer step per batch; the backbone takes `chunk` images a pass (0: all), the head and loss all."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt).train()
     t0 = time.perf_counter()
     for x, y in batches:
         x, y = x.to(settings.device, memory_format=fmt), y.to(settings.device)
-        micro = choice.batch_size if choice else len(y)
-        for xm, ym in zip(x.split(micro), y.split(micro)):
-            with settings.autocast():
-                emb = model(xm)
-            loss, _ = criterion(emb.float(), ym)
-            (loss * len(ym) / len(y)).backward()
+        with settings.autocast():
+            emb = model.embed_features(torch.cat([model.pooled(c) for c in x.split(chunk or len(x))]))
+        loss, _ = criterion(emb.float(), y)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if settings.device.startswith("cuda"):
@@ -70,6 +69,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--unfreeze", default="all", help="the backbone stages that train: all, or the last N")
     args = ap.parse_args()
 
     settings = auto_settings(device=args.device, num_workers=0, accum_steps=1)
@@ -83,30 +83,31 @@ def main() -> None:
 
     model = create_model(ModelConfig(backbone=args.backbone, pretrained=args.pretrained, embed_dim=128))
     model = model.to(settings.device)
+    model.frozen_bn = not model.random_init  # backbone_bn="auto"
+    model.set_trainable_stages(trainable_stages(args.unfreeze))
     criterion = build_loss(LossConfig(s=30.0), 128, n_classes).to(settings.device)
     criterion.head.margin = 0.3  # as the margin schedule sets it
     cfg = TrainConfig()
     t0 = time.perf_counter()
-    choice = (cpu_train_choice(model, (3, args.img_size, args.img_size), args.p * args.k)
-              if settings.device == "cpu" else ForwardChoice(settings.channels_last, args.p * args.k, "GPU: settings"))
+    # the project's loop at the choice, as a training run (lib.train.run) sets it
+    chosen, line = cpu_training_settings(settings, model, args.img_size, args.p * args.k, split=model.frozen_bn)
     chose_in = time.perf_counter() - t0
-    # the project's loop at the choice, as lib.core.device.cpu_training_settings sets it: the layout, and the P x K
-    # step cut into accum_steps micro-batches
-    state = TrainState.build(model, criterion, cfg, dataclasses.replace(
-        settings, channels_last=choice.channels_last, accum_steps=args.p * args.k // choice.batch_size))
+    state = TrainState.build(model, criterion, cfg, chosen)
     optimizer = state.optimizer
-    for c in (None, choice):  # warm-up: allocator, cudnn autotune, oneDNN's kernels per shape and layout
-        bare_loop(model, criterion, optimizer, batches[:1], settings, c)
+    best = (chosen.channels_last, chosen.backbone_chunk)
+    for c in ((False, 0), best):  # warm-up: allocator, cudnn autotune, oneDNN's kernels per shape and layout
+        bare_loop(model, criterion, optimizer, batches[:1], settings, *c)
 
     runs = {"old": [], "best": [], "ours": []}
     for _ in range(args.repeats):
         runs["old"].append(bare_loop(model, criterion, optimizer, batches, settings))
-        runs["best"].append(bare_loop(model, criterion, optimizer, batches, settings, choice))
+        runs["best"].append(bare_loop(model, criterion, optimizer, batches, settings, *best))
         runs["ours"].append(our_loop(state, loader))
     med = {key: statistics.median(v) for key, v in runs.items()}
     print(f"device {settings.device} precision {settings.precision}; {args.backbone} at {args.img_size} px, "
-          f"batch {args.p}x{args.k}, {args.steps} steps x {args.repeats} repeats, {torch.get_num_threads()} threads")
-    print(f"choice: {choice.describe()}, chosen in {chose_in:.1f} s")
+          f"batch {args.p}x{args.k}, unfreeze {args.unfreeze}, {args.steps} steps x {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads")
+    print(f"choice: {line or 'the device settings'}, chosen in {chose_in:.1f} s")
     labels = {"old": "bare loop, NCHW, P x K in one pass (old)", "best": "bare loop at the choice",
               "ours": "project loop at the choice"}
     for key, label in labels.items():

@@ -147,3 +147,34 @@ def test_cpu_training_settings_take_the_probes_layout_and_pass_and_a_resume_what
     # the probe's pick of the whole batch: one pass
     monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective, split: ForwardChoice(True, 32, "t"))
     assert device.cpu_training_settings(auto_settings("cpu"), model, 64, 32)[0].backbone_chunk == 0
+
+
+def test_onnx_export_is_reused_for_the_same_weights_and_redone_when_they_change(model, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    exports = []
+    real = embed.OnnxForward
+
+    def counting(m, shape):
+        exports.append(shape)
+        return real(m, shape)
+
+    monkeypatch.setattr(embed, "OnnxForward", counting)
+    monkeypatch.setattr(embed, "_exports", {})  # not another test's export
+    monkeypatch.setattr(embed, "forward_choice", lambda *a, **k: ForwardChoice(True, 8, "test", "onnxruntime"))
+    data = [(xi, 0) for xi in images(6)]
+    first = extract_embeddings(model, data, auto_settings("cpu"))
+    again = extract_embeddings(model, data, auto_settings("cpu"))
+    assert len(exports) == 1 and np.array_equal(first, again)
+    weight = model.head.fc.weight
+    with torch.no_grad():
+        weight.mul_(-1)  # in place: the same module, only the hash of its weights can tell
+    try:
+        flipped = extract_embeddings(model, data, auto_settings("cpu"))
+        with torch.inference_mode():
+            expected = model(torch.stack([x for x, _ in data])).numpy()
+    finally:
+        with torch.no_grad():
+            weight.mul_(-1)
+    assert len(exports) == 2
+    np.testing.assert_allclose(flipped, expected, atol=1e-5)
+    assert np.abs(flipped - first).max() > 0.1

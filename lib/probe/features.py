@@ -24,7 +24,8 @@ from lib.data.masks import MaskedDataset, decode_mask, masks_fingerprint, mean_f
 from lib.data.transforms import build_transforms
 from lib.probe.local_match import RANSAC_ITERS, SiftConfig, pair_inliers, shortlist_pairs, sift_features
 from lib.probe.photo_features import PHOTO_FEATURES, SETTINGS, photo_features
-from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint
+from lib.retrieval.embed import (EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint,
+                                 state_sha256)
 from lib.train.config import AugConfig
 from lib.train.model import ModelConfig, create_model
 from lib.train.trained_run import load_trained
@@ -41,16 +42,6 @@ class Backbone:
     mean: tuple           # normalisation mean: masked-out pixels are painted this colour, so they carry no signal
     signature: str        # what the vectors depend on in the model (checkpoint or weights content)
     data_fingerprint: str | None = None  # a trained run's data, to refuse probing it on other splits
-
-
-def state_sha256(module: nn.Module) -> str:
-    """Hash of a module's parameter names and values: identifies pretrained weights from any source (hub, file,
-    package) without trusting a file name."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def load_backbone(spec: dict) -> Backbone:

@@ -72,16 +72,38 @@ def forward_choice(model: torch.nn.Module, settings: DeviceSettings, input_shape
     return choice
 
 
+def state_sha256(module: torch.nn.Module) -> str:
+    """Hash of a module's parameters and buffers (in NCHW order whatever their memory layout): names which weights
+    made a feature."""
+    digest = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# the last ONNX export, by what it was made from: the head phase's feature pass extracts the same frozen backbone
+# once per view, and evaluation the same checkpoint for gallery and queries, so each pays one export (seconds)
+_exports: dict[tuple, OnnxForward] = {}
+
+
 def _forward(model: torch.nn.Module, choice: ForwardChoice, input_shape: tuple[int, ...]):
-    """The callable that runs the choice's engine: the model itself, or its ONNX Runtime export."""
+    """The callable that runs the choice's engine: the model itself, or its ONNX Runtime export (kept for the next
+    extraction of the same module, weights and input size)."""
     if choice.engine != "onnxruntime":
         return model
+    key = (type(model).__qualname__, repr(model), state_sha256(model), input_shape, torch.get_num_threads())
+    if key in _exports:
+        return _exports[key]
     try:
-        return OnnxForward(model, input_shape)
+        net = OnnxForward(model, input_shape)
     except Exception as e:  # noqa: BLE001  (an architecture the exporter cannot trace still extracts, eagerly)
         warnings.warn(f"ONNX export of {type(model).__name__} failed ({type(e).__name__}: {e}); extracting with "
                       "eager PyTorch", stacklevel=3)
         return model
+    _exports.clear()
+    _exports[key] = net
+    return net
 
 
 @torch.inference_mode()

@@ -5,7 +5,6 @@ cache (lib.retrieval.embed), keyed by the backbone's weights, the photos, the tr
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from torch.utils.data import Dataset
 
 from lib.core.device import DeviceSettings
 from lib.data.images import open_image
-from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings
+from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, state_sha256
 
 
 class PooledFeatures(nn.Module):
@@ -45,15 +44,6 @@ class SeededView(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + i)
             return self.transform(open_image(self.paths[i])), self.targets[i]
-
-
-def state_sha256(module: nn.Module) -> str:
-    """Hash of a module's parameters and buffers: names which weights made a feature."""
-    digest = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
