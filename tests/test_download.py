@@ -302,7 +302,16 @@ def test_killed_run_keeps_finished_files_and_resumes(server, tmp_path, six_urls)
     assert len(index) == 6 and problems.empty
 
 
-def test_ctrl_c_writes_the_report_and_leaves_no_temp_files(server, tmp_path, six_urls):
+@pytest.fixture
+def sigint_handled_in_children():
+    """A suite started with SIGINT ignored (nohup, `make test &` without job control) hands that to every child, and
+    Python then never turns Ctrl-C into KeyboardInterrupt; the test models a terminal, whose children get the default."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # exec resets a handled signal to SIG_DFL
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_writes_the_report_and_leaves_no_temp_files(server, tmp_path, six_urls, sigint_handled_in_children):
     proc = run_cli_until_stalled(server, six_urls, tmp_path / "data")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
