@@ -1,7 +1,9 @@
 """The CPU's layout and batch choice (lib.core.cpu_probe) and the extraction that uses it (lib.retrieval.embed)."""
+import dataclasses
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -139,11 +141,20 @@ def test_cpu_training_settings_take_the_probes_layout_and_pass_and_a_resume_what
     s, line = device.cpu_training_settings(auto_settings("cpu"), model, 64, step_batch=32)
     assert (s.channels_last, s.backbone_chunk, s.accum_steps) == (True, 8, 1) and asked == [True]
     assert line == "backbone phase channels_last, passes of 8 images per step of 32 (test)"
+    assert s.backbone_choice == "test"
     # a resumed run takes what its checkpoint recorded, whatever the probe would say now
-    recorded = {**auto_settings("cpu").as_dict(), "channels_last": False, "backbone_chunk": 16}
+    recorded = {**auto_settings("cpu").as_dict(), "channels_last": False, "backbone_chunk": 16,
+                "backbone_choice": "probe: earlier"}
     s, line = device.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded=recorded)
-    assert (s.channels_last, s.backbone_chunk) == (False, 16) and asked == [True]
+    assert (s.channels_last, s.backbone_chunk, s.backbone_choice) == (False, 16, "probe: earlier") and asked == [True]
     assert line.startswith("backbone phase NCHW, passes of 16 images per step of 32 (as the run began")
+    # a checkpoint from before the choice was recorded trained at what it holds: kept too
+    legacy = {k: v for k, v in recorded.items() if k != "backbone_choice"}
+    s, _ = device.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded=legacy)
+    assert (s.channels_last, s.backbone_chunk) == (False, 16) and asked == [True]
+    # one whose run began without a backbone phase recorded no choice: nothing trained at it, so the probe chooses
+    s, _ = device.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded={**recorded, "backbone_choice": ""})
+    assert (s.channels_last, s.backbone_chunk) == (True, 8) and asked == [True, True]
     # the probe's pick of the whole batch: one pass
     monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective, split: ForwardChoice(True, 32, "t"))
     assert device.cpu_training_settings(auto_settings("cpu"), model, 64, 32)[0].backbone_chunk == 0
@@ -178,3 +189,33 @@ def test_onnx_export_is_reused_for_the_same_weights_and_redone_when_they_change(
     assert len(exports) == 2
     np.testing.assert_allclose(flipped, expected, atol=1e-5)
     assert np.abs(flipped - first).max() > 0.1
+
+
+@pytest.mark.parametrize("engine, channels_last, batch", [
+    ("eager", True, 4), ("eager", False, 8), ("onnxruntime", False, 4)])
+def test_the_recipes_backbone_on_real_photos_embeds_alike_at_the_probes_choices(lions, monkeypatch, engine,
+                                                                                channels_last, batch):
+    """The recipe's model (Lite0, packaged ImageNet weights, 320 px, its eval transform) on lion photos: the
+    embeddings of each engine, layout and batch the probe picks from equal the old setting's (eager NCHW, the
+    loader's whole batch in one pass) to 1e-5 in cosine, the bound issue 29 set."""
+    if engine == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    from lib.data.dataset import IndexDataset
+    from lib.data.transforms import build_transforms
+    from lib.train.config import build_config
+
+    cfg = build_config()
+    torch.manual_seed(0)
+    recipe = create_model(dataclasses.replace(cfg.model, pretrained="lite0-imagenet")).eval()
+    dc = recipe.data_config
+    eval_tf = build_transforms(cfg.aug.img_size, dc["mean"], dc["std"], preset="none", resize=cfg.aug.resize)[1]
+    photos = sorted(p.relative_to(lions) for p in (lions / "val").rglob("*.png"))[:8]
+    dataset = IndexDataset(pd.DataFrame({"path": [str(p) for p in photos], "label": "x"}), lions, eval_tf, {"x": 0})
+    with torch.inference_mode():
+        reference = recipe(torch.stack([dataset[i][0] for i in range(len(dataset))])).numpy()
+    monkeypatch.setattr(embed, "forward_choice", lambda *a, **k: ForwardChoice(channels_last, batch, "test", engine))
+    monkeypatch.setattr(embed, "_exports", {})  # this model's own export
+    emb = extract_embeddings(recipe, dataset, auto_settings("cpu"))
+    cosine = (emb * reference).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(reference, axis=1)
+    assert emb.shape == reference.shape == (8, cfg.model.embed_dim)
+    assert np.abs(1 - cosine).max() < 1e-5

@@ -237,6 +237,31 @@ def test_cpu_backbone_phase_trains_at_the_probes_layout_and_pass_and_a_resume_ke
         torch.testing.assert_close(a[key], b[key], atol=4 * 1e-4, rtol=0, msg=key)
 
 
+def test_a_cpu_run_begun_without_a_backbone_phase_chooses_when_a_resume_adds_one(demo, tmp_path, monkeypatch, capsys):
+    """epochs=0 first (the untrained model, or the head phase alone), then resumed with backbone epochs: nothing has
+    trained at a layout yet, so the resume takes the probe's choice instead of the unchosen NCHW one pass its
+    checkpoint holds; a second resume then keeps what the first chose."""
+    from lib.core import device
+    from lib.core.cpu_probe import ForwardChoice
+
+    asked = []
+    monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective, split: asked.append(split)
+                        or ForwardChoice(True, effective, "test pick"))
+
+    def resolved():
+        return load_checkpoint(tmp_path / "latest_model.pt")["config"]["device"]["resolved"]
+
+    train_run(str(tmp_path), config(demo, epochs=0, head_epochs=1, batches_per_epoch=1), progress=False)
+    assert asked == [] and (resolved()["channels_last"], resolved()["backbone_choice"]) == (False, "")
+    capsys.readouterr()
+    train_run(str(tmp_path), config(demo, epochs=1, head_epochs=1, batches_per_epoch=1), progress=False)
+    assert asked == [False] and "backbone phase channels_last, one pass per step of" in capsys.readouterr().out
+    assert (resolved()["channels_last"], resolved()["backbone_choice"]) == (True, "test pick")
+    train_run(str(tmp_path), config(demo, epochs=2, head_epochs=1, batches_per_epoch=1), progress=False)
+    assert asked == [False] and "(as the run began: its checkpoint's)" in capsys.readouterr().out
+    assert (resolved()["channels_last"], resolved()["backbone_choice"]) == (True, "test pick")
+
+
 def test_a_cpu_run_whose_backbone_batchnorm_trains_keeps_one_pass(demo, tmp_path, monkeypatch):
     from lib.core import device
     from lib.core.cpu_probe import ForwardChoice

@@ -31,6 +31,9 @@ class DeviceSettings:
     # images per backbone pass inside a training step (0: the whole micro-batch): on the CPU, smaller passes keep a
     # pass's activations in cache (lib.core.cpu_probe); the head and the loss still see the whole micro-batch
     backbone_chunk: int = 0
+    # what chose channels_last and backbone_chunk for the backbone phase on the CPU ('probe: ...'); '' where nothing
+    # did: a GPU, or a run begun without a backbone phase (epochs=0), whose resume with backbone epochs chooses then
+    backbone_choice: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,15 +134,20 @@ def cpu_training_settings(settings: DeviceSettings, model: torch.nn.Module, img_
     unchanged, with an empty line."""
     if settings.device != "cpu":
         return settings, ""
-    if recorded and recorded.get("device") == "cpu":
+    # a checkpoint that records no choice ('') began without a backbone phase: nothing has trained at its layout, so
+    # the choice is made now; one from before choices were recorded (no key) trained at what it records
+    chose = recorded.get("backbone_choice", "recorded before reasons were") if recorded and recorded.get(
+        "device") == "cpu" else ""
+    if chose:
         chunk, channels_last = recorded.get("backbone_chunk", 0), recorded["channels_last"]
         why = "as the run began: its checkpoint's"
     else:
         choice = cpu_train_choice(model, (3, img_size, img_size), step_batch, split)
         chunk = choice.batch_size if choice.batch_size < step_batch else 0
         channels_last, why = choice.channels_last, choice.why
+        chose = why
     passes = f"passes of {chunk} images" if chunk else "one pass"
-    return (replace(settings, channels_last=channels_last, backbone_chunk=chunk),
+    return (replace(settings, channels_last=channels_last, backbone_chunk=chunk, backbone_choice=chose),
             f"backbone phase {'channels_last' if channels_last else 'NCHW'}, {passes} per step of {step_batch} ({why})")
 
 

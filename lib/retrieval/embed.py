@@ -87,7 +87,7 @@ def state_sha256(module: torch.nn.Module) -> str:
 _exports: dict[tuple, OnnxForward] = {}
 
 
-def _forward(model: torch.nn.Module, choice: ForwardChoice, input_shape: tuple[int, ...]):
+def engine_for(model: torch.nn.Module, choice: ForwardChoice, input_shape: tuple[int, ...]):
     """The callable that runs the choice's engine: the model itself, or its ONNX Runtime export (kept for the next
     extraction of the same module, weights and input size)."""
     if choice.engine != "onnxruntime":
@@ -121,7 +121,7 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, settings: Devic
     for batch, _ in _loaded_batches(tqdm(loader, desc=desc, disable=not progress, leave=False)):
         if choice is None:
             choice = forward_choice(model, settings, tuple(batch.shape[1:]), len(dataset), batch_size)
-            net = _forward(model, choice, tuple(batch.shape[1:]))
+            net = engine_for(model, choice, tuple(batch.shape[1:]))
         for x in batch.split(choice.batch_size):
             # the input's layout alone sets the convolutions' (oneDNN follows the input), so the caller's weights are
             # left as they are

@@ -74,10 +74,13 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
                              accum_steps=device.accum_steps)
     backbone_line = ""
     unfrozen = trainable_stages(config.train.unfreeze)
-    if not world.active and unfrozen != 0 and config.train.epochs > 0:
-        # On the CPU, the probe's layout and backbone pass for the backbone phase (not under DDP: processes timing
-        # at once on one machine would measure each other), of the model as that phase trains it. Smaller passes
-        # leave the step as it was only where the backbone's BatchNorm keeps its statistics.
+    if world.active and unfrozen != 0 and config.train.epochs > 0 and settings.device == "cpu":
+        # processes timing at once on one machine would measure each other; recorded, so that a resume by one
+        # process trains on at what the backbone epochs so far trained at
+        settings = dataclasses.replace(settings, backbone_choice="DDP: the device settings, not probed")
+    elif unfrozen != 0 and config.train.epochs > 0:
+        # On the CPU, the probe's layout and backbone pass for the backbone phase, of the model as that phase trains
+        # it. Smaller passes leave the step as it was only where the backbone's BatchNorm keeps its statistics.
         phase_model = copy.deepcopy(model)
         phase_model.frozen_bn = chosen == "frozen"
         phase_model.set_trainable_stages(unfrozen)
