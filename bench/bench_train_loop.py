@@ -4,14 +4,16 @@ layout and backbone pass, lib.core.device.cpu_training_settings as a training ru
 step's images a pass at a time, the head and the loss the whole step).
 
 Same model (the backbone phase's: its last --unfreeze stages train, BatchNorm statistics frozen for pretrained
-weights), loss, batches, optimizer and precision; all read the same preloaded tensors so the ratios measure the
-layout and pass size, and the loop's own overhead (AMP/accumulation plumbing, EMA hook, NaN guard, progress bar),
-not image decoding. Runs are interleaved and the median of the repeats is reported, because a shared 2-core machine
-is noisy.
+weights), loss, batches, optimizer and precision. The bare loops read preloaded tensors, so their ratio measures the
+layout and pass size alone. The project's loop reads the same preloaded tensors, which adds only its own overhead
+(AMP/accumulation plumbing, EMA hook, NaN guard, progress bar), or with --data a folder of photos end to end:
+decoding, the recipe's augmentation and the loader at the device table's workers (--workers), as a training run
+reads them. Runs are interleaved and the median of the repeats is reported, because a shared 2-core machine is noisy.
 
     python bench/bench_train_loop.py [--backbone resnet10t] [--pretrained ''] [--img-size 96] [--steps 20]
-        [--repeats 3] [--unfreeze all]
+        [--repeats 3] [--unfreeze all] [--data FOLDER] [--workers -1]
     the recipe's: --backbone tf_efficientnet_lite0 --pretrained lite0-imagenet --img-size 320 --unfreeze 1 --p 16
+        --data ../shared/datasets/lions/train
 """
 from __future__ import annotations
 
@@ -21,13 +23,17 @@ import statistics
 import time
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
 
 from lib.core.device import auto_settings, cpu_training_settings  # noqa: E402
+from lib.data.dataset import IndexDataset  # noqa: E402
 from lib.data.samplers import PKSampler  # noqa: E402
-from lib.train.config import TrainConfig  # noqa: E402
+from lib.data.splits import class_to_idx  # noqa: E402
+from lib.data.table import index_from_folder  # noqa: E402
+from lib.data.transforms import build_transforms  # noqa: E402
+from lib.train.config import TrainConfig, build_config  # noqa: E402
 from lib.train.epochs import backbone_epoch  # noqa: E402
-from lib.train.loop import trainable_stages  # noqa: E402
+from lib.train.loop import image_loader, trainable_stages  # noqa: E402
 from lib.train.losses import LossConfig, build_loss  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
 from lib.train.state import TrainState  # noqa: E402
@@ -70,18 +76,32 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--unfreeze", default="all", help="the backbone stages that train: all, or the last N")
+    ap.add_argument("--data", default="", help="a folder of photos ({label}/...) the project loop reads end to end")
+    ap.add_argument("--workers", type=int, default=-1, help="with --data: loader workers (-1: the device table's)")
     args = ap.parse_args()
 
     settings = auto_settings(device=args.device, num_workers=0, accum_steps=1)
     torch.manual_seed(0)
-    n_classes = 4 * args.p
-    images = torch.randn(n_classes * args.k * 2, 3, args.img_size, args.img_size)
-    labels = torch.arange(n_classes).repeat_interleave(args.k * 2)
-    sampler = PKSampler(labels.numpy(), args.p, args.k, batches_per_epoch=args.steps)
-    loader = DataLoader(TensorDataset(images, labels), batch_sampler=sampler, pin_memory=settings.pin_memory)
-    batches = [(images[idx], labels[idx]) for idx in sampler]
-
     model = create_model(ModelConfig(backbone=args.backbone, pretrained=args.pretrained, embed_dim=128))
+    if args.data:  # the photos through the recipe's augmentation, as a training run reads them
+        index = index_from_folder(args.data, group_by="file")[0]
+        aug, dc = build_config().aug, model.data_config
+        train_tf = build_transforms(args.img_size, dc["mean"], dc["std"], preset=aug.augment, hflip=aug.hflip,
+                                    resize=aug.resize)[0]
+        dataset = IndexDataset(index, args.data, train_tf, class_to_idx(index))
+        images, labels = None, dataset.targets
+    else:
+        images = torch.randn(4 * args.p * args.k * 2, 3, args.img_size, args.img_size)
+        labels = torch.arange(4 * args.p).repeat_interleave(args.k * 2)
+        dataset = TensorDataset(images, labels)
+    n_classes = int(labels.max()) + 1
+    sampler = PKSampler(labels.numpy(), args.p, args.k, batches_per_epoch=args.steps)
+    batches = [(torch.stack([dataset[i][0] for i in idx]), labels[idx]) if args.data else (images[idx], labels[idx])
+               for idx in sampler]
+    # the project's loop reads the bare loops' tensors (its own overhead alone), or with --data the photos
+    loading = auto_settings(device=args.device, num_workers=args.workers if args.data else 0, accum_steps=1)
+    loader = image_loader(dataset, sampler, loading) if args.data else batches
+
     model = model.to(settings.device)
     model.frozen_bn = not model.random_init  # backbone_bn="auto"
     model.set_trainable_stages(trainable_stages(args.unfreeze))
@@ -106,10 +126,12 @@ def main() -> None:
     med = {key: statistics.median(v) for key, v in runs.items()}
     print(f"device {settings.device} precision {settings.precision}; {args.backbone} at {args.img_size} px, "
           f"batch {args.p}x{args.k}, unfreeze {args.unfreeze}, {args.steps} steps x {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; "
+          + (f"the project loop reads {len(dataset)} photos of {args.data} with {loading.num_workers} loader workers"
+             if args.data else "random tensors, preloaded"))
     print(f"choice: {line or 'the device settings'}, chosen in {chose_in:.1f} s")
     labels = {"old": "bare loop, NCHW, P x K in one pass (old)", "best": "bare loop at the choice",
-              "ours": "project loop at the choice"}
+              "ours": "project loop at the choice" + (", end to end" if args.data else "")}
     for key, label in labels.items():
         print(f"{label:<42}: {med[key]:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in runs[key])})")
     print(f"ratio best/old    : {med['best'] / med['old']:.3f}")

@@ -53,12 +53,11 @@ from lib.train.trained_run import load_trained
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"  # made by `make demo` (data_prep/make_demo.py)
 MIN_SIZE = 64            # the photos are small by nature (median 130 px): the usual 224 px rule would drop them all
-NUM_WORKERS = 1          # 2 cores: one loader process beside the main process's compute threads
 # Fixed beforehand, not tuned on the scored photos: a moderate margin and scale for ~8 photos per individual; hflip
 # off because a lion's left and right whisker-spot patterns differ.
 BASE = dict(backbone="tf_efficientnet_lite0", pretrained="lite0-imagenet", embed_dim=512, img_size=224,
             augment="light", hflip=False, warmup_epochs=1, margin=0.3, s=30.0, lr_backbone=1e-4, lr_head=1e-3,
-            p=16, k=4, checkpoint_every=0, device="auto", num_workers=NUM_WORKERS, seed=0)
+            p=16, k=4, checkpoint_every=0, device="auto", seed=0)
 HEAD = dict(head_epochs=30, unfreeze="0")
 RECIPES = {
     "frozen": None,
@@ -165,7 +164,10 @@ def main() -> None:
     if args.protocols != "demo" and not ((lions / "train").is_dir() and (lions / "val").is_dir()):
         sys.exit(f"lions photos not found: {lions} needs train/ and val/ folders (pass --lions PATH); nothing run")
     logging.basicConfig(format="%(name)s: %(message)s")
-    settings = auto_settings(device="auto", num_workers=NUM_WORKERS)
+    # loader workers, in training (BASE names none) and here, from the device table as a user's run gets them: none
+    # on 2 cores, where a loader process beside the backbone's 2 threads cost the backbone phase 22% of its images/s
+    # (bench_train_loop.py --data, the lions at 320 px: 14.5 against 18.6)
+    settings = auto_settings(device="auto")
     rows, histories = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for protocol in args.protocols.split(","):

@@ -94,7 +94,7 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     unfrozen = trainable_stages(cfg.unfreeze)
     model.frozen_bn = resolve_backbone_bn(cfg.backbone_bn, model.random_init) == "frozen"
     plan = Plan(schedule, unfrozen, cfg.head_epochs + (cfg.epochs if unfrozen != 0 else 0),  # unfreeze=0: no backbone
-                batch_sampler, _loader(train_set, batch_sampler, settings), train_set.targets, batch_mix,
+                batch_sampler, image_loader(train_set, batch_sampler, settings), train_set.targets, batch_mix,
                 *_contexts(cfg, train_set, query_set, batch_sampler), world, progress and world.main)
     start_epoch = _resume(state, run_dir, config, defaults, batch_sampler, world, say, fresh)
     log.start(config, run_dir.name, state.run_id)
@@ -134,7 +134,8 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
     return pd.DataFrame(state.history)
 
 
-def _loader(train_set: Dataset, batch_sampler, settings: DeviceSettings) -> DataLoader:
+def image_loader(train_set: Dataset, batch_sampler, settings: DeviceSettings) -> DataLoader:
+    """The backbone phase's loader of P x K image batches."""
     return DataLoader(train_set, batch_sampler=batch_sampler, num_workers=settings.num_workers,
                       pin_memory=settings.pin_memory, persistent_workers=settings.num_workers > 0,
                       prefetch_factor=4 if settings.num_workers > 0 else None)
