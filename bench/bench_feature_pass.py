@@ -1,9 +1,9 @@
 """The head phase's feature pass as a training run makes it (benchmark, not a test): every train photo in --views
 versions (the eval transform, then seeded draws of the training augmentation) and every val photo through the frozen
-backbone and pooling (lib.train.feature_cache.cache_features), read from the photos as they are (no resize cache),
-or from a resize cache (--cache-size, as notebook 01's cache_dir makes one), with the device settings and extraction
-choice (probe, engine) a run gets. Beside it, in the same run, the bare
-forward at the old setting (eager, NCHW, batch 64) on a sample of the same images, and the pass's time at that speed.
+backbone and pooling (lib.train.feature_cache.cache_features), read from the photos as they are or through a resize
+cache (--cache-size, as notebook 01's cache_dir makes one), with the device settings and extraction choice (probe,
+engine) a run gets. Beside it, in the same run, the bare forward at the old setting (eager, NCHW, batch 64) on a
+sample of the same images, and the pass's time at that speed.
 
     python bench/bench_feature_pass.py [--n 1294] [--val 0] [--photo-size 640] [--views 4] [--img-size 320]
         [--cache-size 480]  # through a resize cache of that shorter side, built first (its time printed apart)
@@ -30,7 +30,7 @@ from lib.core.device import auto_settings
 from lib.data.dataset import IndexDataset
 from lib.data.resize_cache import build_cache
 from lib.data.splits import class_to_idx
-from lib.data.table import index_from_folder
+from lib.data.table import check_images, index_from_folder
 from lib.data.transforms import build_transforms
 from lib.retrieval.embed import EMBED_BATCH_SIZE, forward_choice
 from lib.train.feature_cache import PooledFeatures, cache_features
@@ -75,7 +75,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else Path(tmp)
         t0 = time.perf_counter()
-        index = index_from_folder(root)[0] if args.data else synthetic(root, args.n + args.val, args.photo_size)
+        if args.data:  # any file names; a photo that cannot be read is left out, as notebook 01 leaves it out
+            index, excluded = check_images(index_from_folder(root, group_by="file")[0], root, min_size=1)
+            if len(excluded):
+                print(f"{len(excluded)} unreadable photo(s) of {root} left out, e.g. {excluded.iloc[0].to_dict()}")
+        else:
+            index = synthetic(root, args.n + args.val, args.photo_size)
         made = time.perf_counter() - t0
         train, val = index.iloc[:len(index) - args.val], index.iloc[len(index) - args.val:]
         classes = class_to_idx(index)
