@@ -15,6 +15,7 @@ size (320 px) and augmentation, 4 views.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,6 @@ from lib.data.dataset import IndexDataset
 from lib.data.resize_cache import build_cache
 from lib.data.splits import class_to_idx
 from lib.data.table import check_images, index_from_folder
-from lib.data.transforms import build_transforms
 from lib.retrieval.embed import EMBED_BATCH_SIZE, forward_choice
 from lib.train.feature_cache import PooledFeatures, cache_features
 from lib.train.config import build_config
@@ -64,14 +64,11 @@ def main() -> None:
     ap.add_argument("--backbone", default=DEFAULTS.model.backbone)
     ap.add_argument("--pretrained", default=DEFAULTS.model.pretrained)
     args = ap.parse_args()
-    aug = DEFAULTS.aug
 
     settings = auto_settings()
     torch.manual_seed(0)
     model = create_model(ModelConfig(backbone=args.backbone, pretrained=args.pretrained)).eval()
-    dc = model.data_config
-    train_tf, eval_tf = build_transforms(args.img_size, dc["mean"], dc["std"], preset=aug.augment, hflip=aug.hflip,
-                                         resize=aug.resize)
+    train_tf, eval_tf = dataclasses.replace(DEFAULTS.aug, img_size=args.img_size).transforms(model.data_config)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else Path(tmp)
         t0 = time.perf_counter()

@@ -30,7 +30,6 @@ from lib.data.dataset import IndexDataset  # noqa: E402
 from lib.data.samplers import PKSampler  # noqa: E402
 from lib.data.splits import class_to_idx  # noqa: E402
 from lib.data.table import index_from_folder  # noqa: E402
-from lib.data.transforms import build_transforms  # noqa: E402
 from lib.train.config import TrainConfig, build_config  # noqa: E402
 from lib.train.epochs import backbone_epoch  # noqa: E402
 from lib.train.loop import image_loader, trainable_stages  # noqa: E402
@@ -85,9 +84,7 @@ def main() -> None:
     model = create_model(ModelConfig(backbone=args.backbone, pretrained=args.pretrained, embed_dim=128))
     if args.data:  # the photos through the recipe's augmentation, as a training run reads them
         index = index_from_folder(args.data, group_by="file")[0]
-        aug, dc = build_config().aug, model.data_config
-        train_tf = build_transforms(args.img_size, dc["mean"], dc["std"], preset=aug.augment, hflip=aug.hflip,
-                                    resize=aug.resize)[0]
+        train_tf = dataclasses.replace(build_config().aug, img_size=args.img_size).transforms(model.data_config)[0]
         dataset = IndexDataset(index, args.data, train_tf, class_to_idx(index))
         images, labels = None, dataset.targets
     else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from lib.data.transforms import build_transforms
 from lib.retrieval.embed import EMBED_BATCH_SIZE
 from lib.train.losses import LossConfig, MarginSchedule
 from lib.train.model import ModelConfig
@@ -78,6 +79,11 @@ class AugConfig:
     # images, so it acts in the backbone phase only (the head phase trains on cached features)
     mixup: float = 0.0
     cutmix: float = 0.0
+
+    def transforms(self, data_config: dict):
+        """(train_tf, eval_tf) of these settings for a model of timm's `data_config` (its mean and std)."""
+        return build_transforms(self.img_size, data_config["mean"], data_config["std"], preset=self.augment,
+                                hflip=self.hflip, resize=self.resize, backend=self.aug_backend)
 
 
 @dataclass

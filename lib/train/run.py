@@ -14,7 +14,7 @@ from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.samplers import ContextPKSampler, PKSampler
 from lib.data.splits import load_split_index
-from lib.data.transforms import batch_mix, build_transforms
+from lib.data.transforms import batch_mix
 from lib.retrieval.embed import forward_choice
 from lib.train.checkpoint import recorded_device, seed_everything
 from lib.train.config import SAMPLERS, DataConfig, RunConfig, SamplerConfig, build_config
@@ -54,10 +54,8 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
     # with like
     chosen = resolve_backbone_bn(config.train.backbone_bn, model.random_init)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, backbone_bn=chosen))
-    data_cfg = model.data_config
     aug = config.aug
-    train_tf, eval_tf = build_transforms(aug.img_size, data_cfg["mean"], data_cfg["std"], preset=aug.augment,
-                                         hflip=aug.hflip, resize=aug.resize, backend=aug.aug_backend)
+    train_tf, eval_tf = aug.transforms(model.data_config)
     if (aug.mixup or aug.cutmix) and config.loss.loss != "ce":
         raise ValueError(f"mixup/cutmix train on mixed labels, which only the softmax head takes: set loss='ce' "
                          f"(loss={config.loss.loss!r})")
