@@ -5,7 +5,7 @@ KERNEL := photo-retrieval
 FAISS  := $(if $(GPU),requirements-gpu.txt,requirements-cpu.txt)
 STAMP  := $(VENV)/.installed-$(if $(GPU),gpu,cpu)
 
-.PHONY: setup demo test bench browse
+.PHONY: setup demo run test bench browse
 setup: $(STAMP)
 
 $(STAMP): requirements.txt $(FAISS) pyproject.toml
@@ -22,6 +22,13 @@ $(STAMP): requirements.txt $(FAISS) pyproject.toml
 # Every numbered notebook, headless, in order, on the demo data (made on first run).
 demo: setup
 	$(PY) notebooks/run_all.py
+
+# Your photos, notebooks 01-05 with their real-photo defaults: make run DATA=<photo folder or metadata CSV>
+# [RUN=name: runs/<name>, splits/<name>; default DATA's folder name] [ARGS="-p epochs 3 -p task reid"].
+# A second call carries on where the first stopped.
+run: setup
+	@test -n "$(DATA)" || { echo 'make run DATA=<photo folder or metadata CSV> [RUN=name] [ARGS="-p epochs 3"]'; exit 2; }
+	$(PY) notebooks/run_photos.py "$(DATA)" $(if $(RUN),--run "$(RUN)") $(ARGS)
 
 # one worker per core (at most 4: each holds its own torch and demo fixtures), an idle worker taking tests from a
 # busy one's queue (the slow tests are few and long); the 15 slowest tests are listed at the end

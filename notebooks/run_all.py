@@ -1,4 +1,6 @@
-"""The demo pipeline: make the demo data if it is missing, then run every numbered notebook headless, in order.
+"""The demo pipeline, and only the demo's: make the demo data if it is missing, then run every numbered notebook
+headless, in order. Your own photos go through notebooks/run_photos.py (`make run DATA=...`), which keeps the
+notebooks' real-photo defaults and writes runs/<name>, never runs/demo.
 
 Each notebook runs with the demo's values (DEMO, DEMO_TRAIN) for the parameters it declares, its own defaults for
 the rest; executed copies, with outputs, go to runs/demo/notebooks/ so the committed notebooks stay clean. Extra
@@ -30,6 +32,7 @@ DEMO_TRAIN = dict(backbone="resnet10t", pretrained="", embed_dim=128, img_size=6
 DEMO_OPEN_SET = {"task": "reid", "metadata_csv": "data/demo/metadata.csv", "split_mode": "open",
                  "splits_dir": "splits/demo-open", "run_dir": "runs/demo-open", "evaluate_test": True}
 OPEN_SET_NOTEBOOKS = ("01_", "02_", "03_")
+USER_DATA = {"data_dir", "metadata_csv"}  # parameters that point the demo's recipe at other photos: refused
 
 
 def demo_parameters(notebook: Path, open_set: bool = False) -> dict:
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if not demo.exists():
         subprocess.run([sys.executable, str(ROOT / "data_prep" / "make_demo.py"), "--out", str(demo)], check=True)
     params = {name: yaml.safe_load(value) for name, value in args.p}
+    if params.keys() & USER_DATA:
+        print("error: run_all.py runs the demo only (a tiny random-init model at 64 px, into runs/demo); for your "
+              "photos use `make run DATA=<photo folder or metadata CSV>` (notebooks/run_photos.py)", file=sys.stderr)
+        return 2
     out_dir = ROOT / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     numbered = notebooks()
