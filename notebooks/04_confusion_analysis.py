@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python (photo-retrieval)
 #     language: python
@@ -169,6 +171,7 @@ if task == "reid":
           f"(plain mAP {m.get('mAP', float('nan')):.3f})")
 ap.to_csv(results / f"04_per_class_ap_{tag}.csv")
 save(P.plot_per_class_ap(ap), figures / f"04_per_class_ap_{tag}.png")
+save(P.plot_class_heatmap(ap, max_classes=top_n), figures / f"04_per_class_heatmap_{tag}.png")
 ap.head(worst_n)
 
 # %% [markdown]

@@ -172,6 +172,9 @@ def test_per_class_ap_against_sklearn(ev):
         assert table.loc[label, "ap"] == pytest.approx(np.mean(aps), abs=1e-6), label
     assert table["ap"].is_monotonic_increasing
     assert table.loc["d", "gallery_photos"] == 1
+    for label in table.index:  # top1: the share of the class's queries decided as the class, counted by hand
+        rows = [p == label for t, p in zip(ev.queries["label"], ev.queries["pred"]) if t == label]
+        assert table.loc[label, "top1"] == pytest.approx(sum(rows) / len(rows)), label
 
 
 def test_worst_queries_and_paths(ev):
@@ -231,6 +234,37 @@ def test_confusion_figure_is_readable(ev, tmp_path, case):
     assert not _overlaps(ax.get_yticklabels()) and not _overlaps(ax.get_xticklabels())
     assert ("most confused of 300" in ax.get_title()) == (case == "300 classes")
     assert_real_png(save(fig, tmp_path / "confusion.png"))
+    plt.close(fig)
+
+
+def test_confusion_heatmap_draws_the_view_and_the_class_heatmap_the_table(ev, tmp_path):
+    view = A.confusion_view(ev.queries, top_n=30)
+    fig = P.plot_confusion(view)
+    mesh = fig.axes[0].collections[0]  # seaborn's QuadMesh; zero cells are masked in small matrices
+    np.testing.assert_allclose(np.ma.filled(mesh.get_array(), 0.0).reshape(view.shape), view.to_numpy())
+    written = {t.get_text() for t in fig.axes[0].texts}
+    assert written == {f"{v:.2f}" for v in view.to_numpy().ravel() if v > 0}
+    plt.close(fig)
+    table = A.per_class_ap(ev)
+    fig = P.plot_class_heatmap(table)
+    drawn = fig.axes[0].collections[0].get_array().reshape(len(table), 2)
+    np.testing.assert_allclose(drawn, table[["ap", "top1"]].to_numpy())
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0].startswith(f"{table.index[0]} (n=")
+    assert_real_png(save(fig, tmp_path / "class_heatmap.png"))
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("n_classes", [5, 300])
+def test_class_heatmap_stays_readable(n_classes):
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"ap": rng.random(n_classes), "top1": rng.random(n_classes),
+                          "queries": rng.integers(1, 9, n_classes)},
+                         index=[f"class_with_a_long_name_{i}" for i in range(n_classes)]).sort_values("ap")
+    fig = P.plot_class_heatmap(table, max_classes=40)
+    fig.canvas.draw()
+    labels = fig.axes[0].get_yticklabels()
+    assert len(labels) == min(n_classes, 40) and not _overlaps(labels)
+    assert ("of 300 classes" in fig.axes[0].get_title()) == (n_classes == 300)
     plt.close(fig)
 
 

@@ -140,7 +140,7 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
     run("04_confusion_analysis", tmp_path, run_dir=str(run_dir), figures_dir=str(figures),
         results_dir=str(tmp_path / "results"))
     for name in ("confusion", "confused_pairs", "margins", "accuracy_by_candidates", "error_shares", "per_class_ap",
-                 "tsne", "worst_queries"):
+                 "per_class_heatmap", "tsne", "worst_queries"):
         assert_real_png(figures / f"04_{name}_run_val.png")
     pairs = pd.read_csv(tmp_path / "results" / "04_confused_pairs_run_val.csv", keep_default_na=False)
     cols = ["class_a", "class_b", "a_as_b", "b_as_a", "errors"]

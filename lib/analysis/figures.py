@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from matplotlib.colors import PowerNorm
 from PIL import Image
 
@@ -189,34 +190,53 @@ def plot_confused_pairs(ev: Evaluation, pairs: pd.DataFrame, n: int = 8) -> plt.
     return fig
 
 
-def plot_confusion(view: pd.DataFrame, n_classes: int | None = None) -> plt.Figure:
-    """Row-normalised confusion matrix; a square-root colour scale so that small confusions stay visible.
+def _label_font(n: int) -> int:
+    """Tick labels that fit: one row of text per class at the figure heights used here."""
+    return 10 if n <= 15 else 8 if n <= 40 else 6
 
-    `view` comes from lib.analysis.tables.confusion_view; `n_classes` (all classes) puts 'top N of M' in the title.
-    Cell size and font follow the number of classes, so labels never overlap; shares are written in the
-    cells while they fit (up to 15 classes).
+
+def plot_confusion(view: pd.DataFrame, n_classes: int | None = None) -> plt.Figure:
+    """Row-normalised confusion matrix (seaborn heatmap); a square-root colour scale so that small confusions stay
+    visible.
+
+    `view` comes from lib.analysis.tables.confusion_view (at most its top_n most confused classes, so 300 classes
+    draw as a readable block); `n_classes` (all classes) puts 'top N of M' in the title. Cell size and font follow
+    the number of classes, so labels never overlap; shares are written in the cells while they fit (up to 15).
     """
     n = len(view)
     cell = 0.5 if n <= 15 else 0.28
     side = max(4.0, cell * n + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    im = ax.imshow(view.to_numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1))
-    font = 10 if n <= 15 else 7
-    ax.set_xticks(range(n), view.columns, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), view.index, fontsize=font)
+    sns.heatmap(view, ax=ax, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), square=True, annot=n <= 15,
+                fmt=".2f", annot_kws={"fontsize": 8}, mask=view.to_numpy() == 0 if n <= 15 else None,
+                xticklabels=True, yticklabels=True, cbar_kws={"label": "share of row", "fraction": 0.046, "pad": 0.04})
+    ax.set_facecolor(plt.get_cmap("Blues")(0.0))  # masked (zero) cells read as zero, not as a hole
+    font = _label_font(n)
+    ax.tick_params(axis="x", labelrotation=90, labelsize=font)
+    ax.tick_params(axis="y", labelrotation=0, labelsize=font)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    if n <= 15:
-        values = view.to_numpy()
-        for (r, c), v in np.ndenumerate(values):
-            if v > 0:
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if v > 0.5 else "black")
     title = "Confusion matrix (share of each true class's queries)"
     if n_classes and n_classes > n:
         title = f"Confusion among the {n} most confused of {n_classes} classes\n(rows: share of the class's queries)"
     ax.set_title(title, fontsize=11)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of row")
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_heatmap(table: pd.DataFrame, columns=("ap", "top1"), max_classes: int = 40) -> plt.Figure:
+    """Per-class scores as a seaborn heatmap (rows: classes, worst first as `table` is ordered; columns: the scores,
+    each 0-1), annotated; with many classes only the first `max_classes` rows, so 300 classes stay readable."""
+    shown = table[[c for c in columns if c in table.columns]].head(max_classes).astype(float)
+    shown.index = [f"{c} (n={n})" for c, n in zip(shown.index, table["queries"].head(max_classes))]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(columns), max(3.0, 0.24 * len(shown) + 1.4)))
+    sns.heatmap(shown, ax=ax, cmap="RdYlGn", vmin=0, vmax=1, annot=True, fmt=".2f",
+                annot_kws={"fontsize": 7 if len(shown) > 20 else 9}, yticklabels=True, cbar_kws={"label": "score"})
+    ax.tick_params(axis="y", labelrotation=0, labelsize=_label_font(len(shown)))
+    title = "Per-class scores, weakest first"
+    if len(table) > max_classes:
+        title += f"\n(weakest {max_classes} of {len(table)} classes)"
+    ax.set_title(title, fontsize=11)
     fig.tight_layout()
     return fig
 

@@ -192,12 +192,16 @@ def query_ap(ev: Evaluation) -> np.ndarray:
 
 def per_class_ap(ev: Evaluation) -> pd.DataFrame:
     """Mean AP of each class's queries (per-identity AP, to spot weak classes; lib.retrieval.metrics.per_identity_ap),
-    lowest first, with the class's gallery photo count.
+    lowest first, with the class's gallery photo count and top1 (the share of its queries decided right, where
+    the record holds decisions).
 
     Classes absent from the gallery have no AP and are left out (see `always_fail` for them).
     """
     table = per_identity_ap(ev.queries["label"].to_numpy(), query_ap(ev)).dropna(subset=["ap"]).rename_axis("label")
     table["gallery_photos"] = ev.gallery["label"].value_counts().reindex(table.index).astype(int)
+    q = ev.queries
+    if "pred" in q.columns:  # a leave-one-out record ranks without deciding
+        table["top1"] = (q["label"] == q["pred"]).groupby(q["label"]).mean().reindex(table.index)
     return table
 
 
