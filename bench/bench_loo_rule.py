@@ -5,8 +5,8 @@ not a test).
 
 Frozen ImageNet EfficientNet-Lite0 pooled features (the packaged weights, no head), squash resize, every photo a query
 of the others (lib.retrieval.ranking.evaluate_retrieval, exclude_self=True), with each rule:
-  lions val (146 photos of 19 individuals; the README's open / open-ids protocol and probe): groups as the README's
-        benches make them (every file its own group, the lions carry no encounter) and, as an assumption to show
+  lions val (146 photos of 19 individuals; the open / open-ids protocol and probe of docs/benchmarks.md): groups as
+        those benches make them (every file its own group, the lions carry no encounter) and, as an assumption to show
         what the rule can do, one group per individual and side (its Left_* crops, its Right_* crops, the rest), as
         if each side's crops were cut from one photo;
   demo: the make-demo photos (6 pattern families x 8 individuals x 5 views) as classification by retrieval, label =

@@ -9,7 +9,7 @@ the eval transform a run with AugConfig.resize = mode uses, and scored leave-one
 lib.retrieval.ranking.evaluate_retrieval(exclude_self=True)). The lions set has no closed protocol: train/ and val/
 hold disjoint individuals, so train photos cannot be a gallery for val queries. Since the features never saw a lion,
 all of it is unseen data, and three open-set protocols are scored:
-  val   - 146 val photos of 19 individuals (the protocol of bench/bench_pretrained_lions.py and the README);
+  val   - 146 val photos of 19 individuals (the protocol of bench/bench_pretrained_lions.py and docs/benchmarks.md);
   train - 594 train photos of 75 individuals (4x the queries: less noise);
   all   - all 740 photos of 94 individuals (every other individual a distractor);
   all, trimmed 3:2 - the same 740 photos, each centre-trimmed to 3:2 landscape or 2:3 portrait (half each, seeded):

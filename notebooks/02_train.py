@@ -39,8 +39,8 @@
 # images, so they act in the backbone phase only (the head phase trains on cached features), and need `loss="ce"`.
 #
 # Defaults are the recipe for real photos on a CPU (packaged ImageNet EfficientNet-Lite0, no network; see the
-# README's recipe benchmark). The demo runner (`run_all.py`) trains a tiny random-init model instead. On a GPU box
-# with hub access: `backbone="tf_efficientnetv2_l"`, `pretrained="hub"`, `img_size=480`.
+# recipe benchmark in docs/benchmarks.md). The demo runner (`run_all.py`) trains a tiny random-init model instead.
+# On a GPU box with hub access: `backbone="tf_efficientnetv2_l"`, `pretrained="hub"`, `img_size=480`.
 
 # %% tags=["parameters"]
 run_dir = "runs/photos"         # checkpoints, metrics.csv; resumed when it holds latest_model.pt
@@ -97,7 +97,7 @@ device = "auto"
 precision = "auto"              # auto | bf16 | fp16 | fp32
 num_workers = -1
 accum_steps = 0
-# several processes (DDP, launched through torchrun; see the README's "Several GPUs")
+# several processes (DDP, launched through torchrun; see docs/gpus.md)
 nproc = 1                       # processes on this machine: > 1 trains with one per GPU (on a CPU: gloo, for tests)
 nnodes = 1                      # machines; > 1: run this notebook on each, node_rank 0 on master_addr
 node_rank = 0

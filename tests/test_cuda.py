@@ -1,8 +1,8 @@
 """The CUDA paths on a real GPU (marker `cuda`; bench/gpu_check.sh runs them): AMP steps against fp32, the device
 table's choices on the card present, faiss-gpu against faiss-cpu, one NCCL DDP step, channels_last with
 cudnn.benchmark, TF32 in the ArcFace cosine. Each skips with a one-line reason where CUDA or faiss-gpu is absent.
-Their tolerances were set before they first ran on a GPU (none was lent when they were written): README, "On a
-GPU box", says what has run where."""
+Their tolerances were set before they first ran on a GPU (none was lent when they were written): docs/gpus.md,
+"What has run on a GPU", says what has run where."""
 import dataclasses
 
 import numpy as np

@@ -61,9 +61,9 @@ def prepare_page(folder: Path, run_dir: str, split: str, runs_root: str, k: int,
 def voila_command(notebook: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--Voila.ip={HOST}", f"--port={port}",
             "--Voila.port_retries=0", "--template=browse", "--theme=light", "--strip_sources=True",
-            # a kernel that has run the page before anyone asks for it: the first render drops from ~4 s to ~2 s
-            # on 2 busy cores; Voilà starts the next one as each page opens (so a page shows the runs on disk as they
-            # were when the previous page opened; the run and split pickers read the disk again)
+            # a kernel that has run the page before anyone asks for it: the first render takes about half as long
+            # (docs/benchmarks.md, "The browse page"); Voilà starts the next one as each page opens (so a page shows
+            # the runs on disk as they were when the previous page opened; the run and split pickers read the disk)
             "--VoilaConfiguration.preheat_kernel=True",
             *(f"--VoilaConfiguration.extension_allowlist={name}" for name in WIDGET_EXTENSIONS)]
 

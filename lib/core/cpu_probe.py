@@ -1,11 +1,12 @@
 """The CPU's memory layout and batch size for a model's forward (and forward + backward), chosen by what is fastest.
 
-On a CPU the backbone's passes are the whole cost, and the layout and batch move them by 2-3x: oneDNN's convolutions
-run channels_last (NHWC) without reordering every activation, and small batches keep a 320 px activation in cache
-(bench/bench_embed.py). Which batch wins depends on the model, the input size and the thread count, so a short probe
-times each candidate once per (model, input shape, threads, mode) and the answer is stored in a JSON file under the
-user's cache folder: the speed is the machine's, not a run's, and predict and the probe extract with no run folder.
-A job too small to repay the probe takes the rule the benchmark supports (RULE).
+On a CPU the backbone's passes are the whole cost, and the layout and batch move them several-fold: oneDNN's
+convolutions run channels_last (NHWC) without reordering every activation, and small batches keep a 320 px activation
+in cache (bench/bench_embed.py; docs/benchmarks.md, "CPU extraction"). Which batch wins depends on the model, the
+input size and the thread count, so a short probe times each candidate once per (model, input shape, threads, mode)
+and the answer is stored in a JSON file under the user's cache folder: the speed is the machine's, not a run's, and
+predict and the probe extract with no run folder. A job too small to repay the probe takes the rule the benchmark
+supports (RULE).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 # batch sizes the probe tries: small batches keep a 320 px activation in cache. Lite0 at 320 px on 2 cores, eager
-# channels_last: 4 won each of the 6 probes of the README's measurements (by 1.2-1.5x over 8), and 2 measured level
-# with 4 (35-40 against 30-39 images/s in three runs), so the list starts at 4
+# channels_last: 4 won every probe of the benchmark, and 2 measured level with 4, so the list starts at 4
+# (docs/benchmarks.md, "Figures behind lib's defaults")
 CANDIDATE_BATCHES = (4, 8, 16)
 # the backbone phase's smallest pass: the training step runs its batch through the backbone in chunks of the
 # probe's size (lib.train.distributed.TrainStep), the head and the loss on the whole batch
@@ -30,7 +31,7 @@ MIN_CHUNK = 4
 # fewer images than this: the probe (2 rounds x 2 layouts x 3 batches, ~220 images) and the ONNX export would cost
 # more than they save; the rule and eager PyTorch are used
 PROBE_MIN_IMAGES = 512
-# what the probe picks for Lite0 at 320 px on 2 cores (README, "CPU extraction"): the choice without a probe
+# what the probe picks for Lite0 at 320 px on 2 cores (docs/benchmarks.md, "CPU extraction"): the choice without a probe
 RULE = {"channels_last": True, "batch_size": 4}
 
 

@@ -162,8 +162,8 @@ def build_transforms(img_size: int, mean, std, preset: str = "light", hflip: boo
         raise ValueError(f"unknown augmentation backend {backend!r}; valid: {list(BACKENDS)}")
     interp = INTERPOLATIONS[interpolation]
     mean_fill = [round(255 * m) for m in mean]
-    # ToImage comes after the geometric and colour steps: on a PIL image they run PIL's C kernels (measured on
-    # 2 CPU cores at 224 px: rotation 2 ms vs 190 ms as a tensor; the whole 'light' pipeline about 2x faster).
+    # ToImage comes after the geometric and colour steps: on a PIL image they run PIL's C kernels, far faster than
+    # the same steps on a tensor (docs/benchmarks.md, "Figures behind lib's defaults").
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     eval_tf = v2.Compose([*_resize(resize, img_size, interp, mean_fill), *to_float])
     if PRESETS[preset] is None:

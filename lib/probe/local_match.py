@@ -16,9 +16,9 @@ from PIL import Image
 GEOMETRIES = ("homography", "affine")
 MIN_MATCHES = {"homography": 4, "affine": 2}  # fewest point pairs each OpenCV estimator accepts
 # RANSAC's cap on samples (OpenCV's default is 2000). A true pair's consensus is found early and ends the search;
-# an unrelated pair runs to the cap, which at 2000 was most of a 640 px pair's time (20 of 28 ms). At 500 the lions
-# probe (Lite0, val leave-one-out, local and fusion) ranked exactly as before, and unrelated synthetic 640 px pairs
-# kept 3-9 chance inliers, most of them one fewer.
+# an unrelated pair runs to the cap, which at 2000 was most of a pair's time. At 500 the lions probe (Lite0, val
+# leave-one-out, local and fusion) ranked exactly as before, and unrelated pairs kept about their chance inliers
+# (docs/benchmarks.md, "Probe methods").
 RANSAC_ITERS = 500
 
 
@@ -79,7 +79,7 @@ def count_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndar
     if len(desc_a) < 2 or len(desc_b) < 2:
         return 0
     # float32 always: OpenCV's brute-force L2 matcher is vectorised for float32 only, and on uint8 (the probe's
-    # compact store, same distances) it took 46 ms instead of 8 for 600 x 600 descriptors.
+    # compact store, same distances) it is several times slower (docs/benchmarks.md, "Figures behind lib's defaults").
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc_a.astype(np.float32, copy=False),
                                                desc_b.astype(np.float32, copy=False), k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < cfg.ratio * p[1].distance]

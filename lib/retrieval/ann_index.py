@@ -32,11 +32,11 @@ from lib.retrieval.faiss_index import (
 )
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "auto")
-# Defaults from bench/bench_index.py (synthetic clustered 512-d unit vectors on 2 CPU cores; README "Large
-# galleries"). Below AUTO_EXACT_BELOW an exact search costs a few ms a query on such a machine (100k: ~300 queries/s)
-# and evaluation ranks the whole gallery for mAP anyway, so exactness costs little; above it IVF's lists pay off.
+# Defaults from bench/bench_index.py (synthetic clustered 512-d unit vectors; docs/benchmarks.md, "Large galleries").
+# Below AUTO_EXACT_BELOW an exact search costs a few ms a query on a small CPU and evaluation ranks the whole gallery
+# for mAP anyway, so exactness costs little; above it IVF's lists pay off.
 AUTO_EXACT_BELOW = 200_000
-NPROBE = 8           # IVF lists a query visits: recall@10 >= 0.99 up to 1M in the benchmark; 2 is ~5x faster, ~0.97
+NPROBE = 8           # IVF lists a query visits: near-exact recall up to 1M in the benchmark; 2 trades recall for speed
 EF_SEARCH = 256      # HNSW candidates a query keeps while walking the graph: more = higher recall, slower
 HNSW_M = 32          # HNSW links per vector: 32 is faiss's usual choice for a few hundred dimensions
 TRAIN_PER_LIST = 64  # k-means training vectors per IVF list: faiss warns below 39, more costs time and gains little

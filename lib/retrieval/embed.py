@@ -46,8 +46,8 @@ def intra_op_threads(n: int):
 def _loaded_batches(loader):
     """The loader's batches, each fetched at one intra-op thread; the caller's forward between them keeps its own.
     Without workers this process decodes and transforms each image, and the transform's tensor ops (~50k values at
-    128 px) lose more to OpenMP's fork and join across cores than they gain: measured on 2 cores, 0.6 ms an image
-    at 1 thread, 0.85 ms at 2 beside one busy process and 5-25 ms beside two. Workers run at one thread already
+    128 px) lose more to OpenMP's fork and join across cores than they gain, most of all beside busy processes
+    (docs/benchmarks.md, "Figures behind lib's defaults"). Workers run at one thread already
     (PyTorch sets it), and the elementwise transform gives the same values at any thread count."""
     batches = iter(loader)
     while True:

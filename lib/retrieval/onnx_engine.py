@@ -2,9 +2,9 @@
 (lib.retrieval.embed keeps the last export; torch.onnx, the TorchScript exporter: no onnxscript needed), run in
 ORT's own thread pool at torch's intra-op thread count.
 
-Measured on 2 idle cores (README, "CPU extraction"): Lite0 at 320 px 1.5-1.8x the images/s of eager PyTorch at its
-best layout and batch, the same embeddings to 1e-7 in cosine. The export (seconds) is paid once per weights, so
-lib.retrieval.embed takes this engine only for jobs large enough to repay it.
+Faster than eager PyTorch at its best layout and batch on a CPU (docs/benchmarks.md, "CPU extraction"), with the same
+embeddings to 1e-7 in cosine. The export (seconds) is paid once per weights, so lib.retrieval.embed takes this engine
+only for jobs large enough to repay it.
 """
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ SAMPLERS = ("pk", "context_pk")
 
 @dataclass
 class TrainConfig:
-    # The defaults are the real-photo recipe the README's benchmark chose (bench/bench_training_recipes.py: packaged
-    # Lite0 at 320 px, 30 head epochs on 4 cached views, then the last backbone stage at lr_decay 0.5); notebook 02's
-    # parameters cell holds the same literals (tests/test_train.py holds them equal).
+    # The defaults are the real-photo recipe the benchmark chose (bench/bench_training_recipes.py, docs/benchmarks.md:
+    # packaged Lite0 at 320 px, 30 head epochs on 4 cached views, then the last backbone stage at lr_decay 0.5);
+    # notebook 02's parameters cell holds the same literals (tests/test_train.py holds them equal).
     epochs: int = 10               # of the backbone phase, after the head phase
     # head phase: the embedding head trained on the frozen backbone's features, computed once per view and cached
     head_epochs: int = 30
@@ -67,7 +67,7 @@ class DataConfig:
 @dataclass
 class AugConfig:
     # above the default backbone's native 224 px: identity lives in fine detail, and 320 px won every trained recipe
-    # of the README's benchmark (lions, both protocols) at twice the backbone cost; EfficientNetV2-L wants 480
+    # of the benchmark (docs/benchmarks.md, "Training recipes") at twice the backbone cost; EfficientNetV2-L wants 480
     img_size: int = 320
     augment: str = "light"     # none | light | strong
     hflip: bool = True         # off where left and right flanks differ (a jaguar's two sides are two patterns)

@@ -148,9 +148,8 @@ class EmbeddingModel(nn.Module):
     def train(self, mode: bool = True) -> "EmbeddingModel":
         """With frozen_bn, training stages' BatchNorm layers normalise by their pretrained running statistics too
         (their scale and shift still learn): a P x K batch of a few individuals has statistics far from the
-        pretraining data's, so batch statistics would shift every feature the head was trained on (lions: the loss
-        of a head-phase model on the same batches rises from 1.6 to 7.4 when the last stage's BatchNorm switches to
-        batch statistics, before any step)."""
+        pretraining data's, so batch statistics would shift every feature the head was trained on (on the lions they
+        undid the head phase's gain before any step: docs/benchmarks.md, "The head phase and BatchNorm")."""
         super().train(mode)
         if mode and self.frozen_bn:
             for module in self.backbone.modules():
