@@ -257,3 +257,12 @@ def test_a_photos_argument_that_is_no_image_and_no_list_is_named(run, tmp_path, 
     source.write_bytes(content)
     assert main([str(run), str(source), "--label", "x", "--device", "cpu"]) == 1
     assert f"error: {source}: not an image, and not a list of photos" in capsys.readouterr().err
+
+
+def test_an_enrolment_file_of_the_previous_format_still_loads(tmp_path):
+    rows = [{"id": "abc", "path": "/x.jpg", "label": "a", "group": "g", "sha256": "abc1", "enrolled_at": "t"}]
+    (tmp_path / "index").mkdir()
+    key = {"checkpoint_sha256": "c", "tta": False, "transform": "T"}
+    np.savez(tmp_path / "index" / "enrolled.npz", table=json.dumps(rows), emb=np.full((1, 4), 0.5, np.float32),
+             key=json.dumps(key))
+    np.testing.assert_array_equal(load_enrolled(tmp_path).embeddings(key)["abc1"], np.full(4, 0.5))

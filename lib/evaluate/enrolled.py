@@ -36,6 +36,7 @@ CACHE_DIR = Path("index") / "enrolled_embeddings"  # inside the run folder: {key
 # absolute path, its label, group (one enrolment of one label = one encounter), file hash and when
 COLUMNS = ("id", "path", "label", "group", "sha256", "enrolled_at")
 ID_CHARS = 12
+CACHE_LOCK_WAIT = 10.0  # seconds a prediction waits to store embeddings; enrolment holds the lock for less
 # what reading a torn or foreign .npz raises
 READ_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError)
 
@@ -154,18 +155,19 @@ def _read_cache(path: Path, key: dict) -> dict[str, np.ndarray]:
 
 def _store_cache(run_dir: Path, key: dict, fresh: dict[str, np.ndarray]) -> None:
     """Add `fresh` to the key's cache, under the run's state lock (merged with what another process stored
-    meanwhile, limited to the photos enrolled now); never fatal: a run folder that cannot be written is said once."""
+    meanwhile, limited to the photos enrolled now); never fatal: a run folder that cannot be written, or a lock held
+    longer than an enrolment holds it, is said once and the embeddings are made again next time."""
     path = cache_path(run_dir, key)
     try:
-        with run_state_lock(run_dir, "storing enrolled embeddings"):
+        with run_state_lock(run_dir, "storing enrolled embeddings", wait=CACHE_LOCK_WAIT):
             enrolled = set(load_enrolled(run_dir).table["sha256"])
             have = {s: e for s, e in {**_read_cache(path, key), **fresh}.items() if s in enrolled}
             if have:
                 save_npz(path, key=json.dumps(key), ids=json.dumps(list(have)),
                          emb=np.stack(list(have.values())).astype(np.float32))
-    except OSError as e:
-        say_once(f"cache:{path.parent}", f"note: {path.parent} cannot be written ({e}); enrolled photos are "
-                                         "embedded again at each prediction with this checkpoint/TTA")
+    except (OSError, DataError) as e:
+        say_once(f"cache:{path.parent}", f"note: {path.parent} not written ({e}); enrolled photos are embedded "
+                                         "again at each prediction with this checkpoint/TTA")
 
 
 def _embed_again(run, table: pd.DataFrame, settings: DeviceSettings, tta: bool,
