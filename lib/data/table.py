@@ -19,6 +19,7 @@ from lib.data.images import looks_like_image, probe_image
 PROBLEM_COLUMNS = ["path", "problem", "action"]
 EXCLUSION_COLUMNS = ["group", "label", "path", "reason"]
 GROUP_BY = ("id", "file")
+MIN_SIZE = 224  # check_images' default floor: EfficientNet's minimum input
 
 
 def _problems(rows: list[dict]) -> pd.DataFrame:
@@ -179,7 +180,7 @@ def _probe(args: tuple[str, int]):
     return probe_image(args[0], min_size=args[1])
 
 
-def check_images(index: pd.DataFrame, data_root: str | os.PathLike, min_size: int = 224,
+def check_images(index: pd.DataFrame, data_root: str | os.PathLike, min_size: int = MIN_SIZE,
                  workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Probe every image; a missing, unreadable, truncated or undersized file excludes its whole group,
     so that no group is split between what is kept and what is not.

@@ -7,15 +7,17 @@
 
 The photos are embedded with the run's checkpoint and stored in RUN_DIR/index/enrolled.npz (lib.evaluate.enrolled),
 which photo-predict adds to the gallery it searches. An enrolment is refused whole, with a line per photo, when a
-photo cannot be read, is already in the gallery (same file content: a train photo or an enrolled one), or carries a
-label that conflicts (the same content under another label, or a label that differs from a known one only by case
-or spaces). `python -m lib.evaluate.enroll` is the same command.
+photo cannot be read or is smaller than the run's min_size, is already in the gallery (same file content: a train
+photo or an enrolled one), or carries a label that conflicts (the same content under another label, or a label that
+differs from a known one only by case or spaces; labels are compared and stored in Unicode NFC). Two enrolments of
+one run queue on its state lock and both land. `python -m lib.evaluate.enroll` is the same command.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import unicodedata
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,17 +27,13 @@ import pandas as pd
 
 from lib.core.device import auto_settings
 from lib.core.errors import DataError
+from lib.core.state_io import run_state_lock
 from lib.data.images import probe_image
-from lib.evaluate.enrolled import (
-    COLUMNS,
-    ID_CHARS,
-    Enrolled,
-    current_embeddings,
-    embedding_key,
-    load_enrolled,
-    save_enrolled,
-)
+from lib.data.splits import read_splits
+from lib.data.table import MIN_SIZE
+from lib.evaluate.enrolled import ID_CHARS, Enrolled, embedding_key, load_enrolled, save_enrolled
 from lib.evaluate.photos import embed_photos, list_photos
+from lib.evaluate.predict import trained_min_size
 from lib.retrieval.embed import file_sha256
 from lib.train.trained_run import TrainedRun, load_trained, rows_in_split, split_rows
 
@@ -68,13 +66,23 @@ def _gallery_files(run: TrainedRun) -> pd.DataFrame:
                          "size": [f.stat().st_size if f.exists() else -1 for f in files]})
 
 
-def _known_contents(run: TrainedRun, enrolled: Enrolled, sizes: set[int]) -> dict[str, tuple[str, str]]:
-    """sha256 -> (what it is, label) for every enrolled photo and every train photo of one of these file sizes."""
-    known = {row.sha256: (f"enrolled photo {row.path} (id {row.id})", row.label) for row in enrolled.table.itertuples()}
+def _train_contents(run: TrainedRun, sizes: set[int]) -> dict[str, tuple[str, str]]:
+    """sha256 -> (what it is, label) for every train photo of one of these file sizes."""
     gallery = _gallery_files(run)
-    for row in gallery[gallery["size"].isin(sizes)].itertuples():
-        known.setdefault(file_sha256(row.file), (f"train photo {row.file}", row.label))
-    return known
+    return {file_sha256(row.file): (f"train photo {row.file}", row.label)
+            for row in gallery[gallery["size"].isin(sizes)].itertuples()}
+
+
+def _spelling(label: str) -> str:
+    return unicodedata.normalize("NFC", label).strip().casefold()
+
+
+def canonical_label(label: str, known_labels: set[str]) -> str:
+    """The label in Unicode NFC; a known label's own spelling when it is the same text in another Unicode form (a
+    folder name from macOS is decomposed, a typed one composed: one individual either way)."""
+    nfc = unicodedata.normalize("NFC", label)
+    same = sorted(k for k in known_labels if unicodedata.normalize("NFC", k) == nfc)
+    return same[0] if same else nfc
 
 
 def enrolment_problems(photos: list[str], labels: list[str], hashes: list[str | None], known: dict,
@@ -84,12 +92,12 @@ def enrolment_problems(photos: list[str], labels: list[str], hashes: list[str | 
     one only by case or surrounding spaces."""
     by_spelling = defaultdict(set)
     for name in known_labels:
-        by_spelling[name.strip().casefold()].add(name)
+        by_spelling[_spelling(name)].add(name)
     problems, seen = [], dict(known)
     for path, label, digest in zip(photos, labels, hashes):
         if digest is None:
             continue  # its read error is reported by the caller
-        near = by_spelling.get(label.strip().casefold(), set()) - {label}
+        near = by_spelling.get(_spelling(label), set()) - {label}
         if near:
             problems.append(f"{path}: label {label!r} differs only by case or spaces from the known "
                             f"{sorted(near)[0]!r}; use that name, or a clearly different one")
@@ -102,51 +110,77 @@ def enrolment_problems(photos: list[str], labels: list[str], hashes: list[str | 
     return problems
 
 
+def enrolment_min_size(run: TrainedRun) -> int:
+    """The shorter side an enrolled photo needs: the run's min_size (notebook 01's floor for its training photos);
+    for a split that did not record it, check_images' default, or the smallest training photo's side where smaller."""
+    try:
+        recorded = read_splits(run.settings.data.splits_dir).report.get("min_size")
+    except DataError:
+        recorded = None
+    return int(recorded) if recorded else min(trained_min_size(run) or MIN_SIZE, MIN_SIZE)
+
+
+def _checked(run: TrainedRun, photos: list[str], labels: list[str], hashes: list[str | None], train: dict,
+             enrolled: Enrolled) -> tuple[list[str], list[str]]:
+    """(the labels as they will be stored, enrolment_problems against this enrolment)."""
+    known_labels = set(run.config["class_to_idx"]) | set(enrolled.table["label"])
+    labels = [canonical_label(label, known_labels) for label in labels]
+    known = {**train, **{row.sha256: (f"enrolled photo {row.path} (id {row.id})", row.label)
+                         for row in enrolled.table.itertuples()}}
+    return labels, enrolment_problems(photos, labels, hashes, known, known_labels)
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise DataError(f"nothing enrolled: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+
+
 def enroll_photos(run_dir: str | os.PathLike, photos: list[str], labels: list[str], checkpoint: str = "best",
                   tta: bool = False, device: str = "auto", group: str | None = None) -> pd.DataFrame:
     """Add photos under their labels to the run's gallery (lib.evaluate.enrolled); returns their new entries.
 
     group: the encounter they belong to (default: one per label and enrolment, 'enrolled:{label}:{time}').
-    Refused whole (DataError, a line per photo) on any problem of enrolment_problems; nothing is written then.
+    Refused whole (DataError, a line per photo) when a photo cannot be read, is smaller than the run's min_size
+    (enrolment_min_size), or on any problem of enrolment_problems; nothing is written then. The photos are embedded
+    first; the run's state lock is held only to re-read the enrolment, check again against it (another enrolment
+    may have landed meanwhile) and write it, so a second enrolment of the same run waits its turn.
     """
     if len(photos) != len(labels):
         raise ValueError(f"{len(photos)} photos but {len(labels)} labels")
     run = load_trained(run_dir, checkpoint)
-    checks = [probe_image(p) for p in photos]
-    problems = [f"{p}: {c.reason}" for p, c in zip(photos, checks) if not c.ok]
+    floor = enrolment_min_size(run)
+    checks = [probe_image(p, min_size=floor) for p in photos]
     hashes = [file_sha256(p) if c.ok else None for p, c in zip(photos, checks)]
-    enrolled = load_enrolled(run_dir)
-    sizes = {os.path.getsize(p) for p, c in zip(photos, checks) if c.ok}
-    known_labels = set(run.config["class_to_idx"]) | set(enrolled.table["label"])
-    problems += enrolment_problems(photos, labels, hashes, _known_contents(run, enrolled, sizes), known_labels)
-    if problems:
-        raise DataError(f"nothing enrolled: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
-    settings = auto_settings(device=device)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    new = pd.DataFrame({"id": [h[:ID_CHARS] for h in hashes], "path": [str(Path(p).resolve()) for p in photos],
-                        "label": labels, "group": [group or f"enrolled:{lab}:{when}" for lab in labels],
-                        "sha256": hashes, "enrolled_at": when})
-    emb = embed_photos(run, photos, settings, tta)
-    if len(enrolled):
-        emb = np.concatenate([current_embeddings(run, enrolled, settings, tta), emb])
-    save_enrolled(run_dir, Enrolled(pd.concat([enrolled.table, new], ignore_index=True)[list(COLUMNS)], emb,
-                                    embedding_key(run, tta)))
+    train = _train_contents(run, {os.path.getsize(p) for p, c in zip(photos, checks) if c.ok})
+    labels, problems = _checked(run, photos, labels, hashes, train, load_enrolled(run_dir))
+    _refuse([f"{p}: {c.reason}" for p, c in zip(photos, checks) if not c.ok] + problems)
+    emb = embed_photos(run, photos, auto_settings(device=device), tta)
+    with run_state_lock(run_dir, f"photo-enroll of {len(photos)} photos"):
+        enrolled = load_enrolled(run_dir)  # as it is now, not as it was before embedding
+        labels, problems = _checked(run, photos, labels, hashes, train, enrolled)
+        _refuse(problems)
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        new = pd.DataFrame({"id": [h[:ID_CHARS] for h in hashes], "path": [str(Path(p).resolve()) for p in photos],
+                            "label": labels, "group": [group or f"enrolled:{lab}:{when}" for lab in labels],
+                            "sha256": hashes, "enrolled_at": when})
+        save_enrolled(run_dir, enrolled.added(new, embedding_key(run, tta), emb))
     return new
 
 
 def remove_enrolled(run_dir: str | os.PathLike, ids: list[str]) -> pd.DataFrame:
     """Take the entries named by `ids` (an id or its first characters, one entry each) out; returns them."""
-    enrolled = load_enrolled(run_dir)
-    drop = np.zeros(len(enrolled), dtype=bool)
-    for wanted in ids:
-        hits = (enrolled.table["id"].str.startswith(wanted.strip()).to_numpy() if wanted.strip()
-                else np.zeros(len(enrolled), dtype=bool))
-        if hits.sum() != 1:
-            listed = ", ".join(enrolled.table["id"]) or "none"
-            raise DataError(f"{wanted!r} names {int(hits.sum())} enrolled entries of {run_dir}, not one "
-                            f"(enrolled ids: {listed}); nothing removed")
-        drop |= hits
-    save_enrolled(run_dir, Enrolled(enrolled.table[~drop].reset_index(drop=True), enrolled.emb[~drop], enrolled.key))
+    with run_state_lock(run_dir, f"photo-enroll --remove {' '.join(ids)}"):
+        enrolled = load_enrolled(run_dir)
+        drop = np.zeros(len(enrolled), dtype=bool)
+        for wanted in ids:
+            hits = (enrolled.table["id"].str.startswith(wanted.strip()).to_numpy() if wanted.strip()
+                    else np.zeros(len(enrolled), dtype=bool))
+            if hits.sum() != 1:
+                listed = ", ".join(enrolled.table["id"]) or "none"
+                raise DataError(f"{wanted!r} names {int(hits.sum())} enrolled entries of {run_dir}, not one "
+                                f"(enrolled ids: {listed}); nothing removed")
+            drop |= hits
+        save_enrolled(run_dir, enrolled.without(drop))
     return enrolled.table[drop]
 
 

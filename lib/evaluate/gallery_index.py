@@ -12,7 +12,7 @@ import pandas as pd
 
 from lib.core.device import DeviceSettings
 from lib.data.dataset import IndexDataset
-from lib.evaluate.enrolled import current_embeddings, gallery_rows, load_enrolled
+from lib.evaluate.enrolled import enrolled_gallery
 from lib.retrieval.ann_index import IndexSpec, build_search_index, resolve_factory, searchable
 from lib.retrieval.embed import files_fingerprint
 from lib.retrieval.faiss_index import faiss_device_for, load_index, save_index, unit_rows
@@ -96,10 +96,10 @@ def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, 
     """
     given = {k: v for k, v in (("index", index), ("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
     found = _train_gallery(run, settings, tta, progress, given)
-    enrolled = load_enrolled(run.run_dir)
-    found.info["n_enrolled"] = len(enrolled)
-    if not len(enrolled):
+    rows, emb = enrolled_gallery(run, settings, tta)
+    found.info["n_enrolled"] = len(rows)
+    if not len(rows):
         return found
-    found.index.add(unit_rows(current_embeddings(run, enrolled, settings, tta), "enrolled embeddings"))
-    metadata = pd.concat([found.metadata.astype(str).assign(enrolled=""), gallery_rows(enrolled)], ignore_index=True)
+    found.index.add(unit_rows(emb, "enrolled embeddings"))
+    metadata = pd.concat([found.metadata.astype(str).assign(enrolled=""), rows], ignore_index=True)
     return GalleryIndex(found.index, metadata.fillna(""), found.info)

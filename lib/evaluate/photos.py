@@ -20,7 +20,8 @@ def list_photos(source: str | os.PathLike) -> list[str]:
     a line (blank lines and '#' comments skipped; relative paths are relative to the list's folder), or one image.
 
     In a folder, a file with an image extension is always listed (so a corrupt one is reported, not lost); any
-    other file is listed when its content is an image.
+    other file is listed when its content is an image. Any other file (binary, or text none of whose lines names a
+    file, as a CSV table) is a DataError naming it.
     """
     source = Path(source)
     if source.is_dir():
@@ -31,8 +32,20 @@ def list_photos(source: str | os.PathLike) -> list[str]:
         raise DataError(f"{source}: no such folder or file of photos")
     if looks_like_image(source):
         return [str(source)]
-    lines = [line.strip() for line in source.read_text().splitlines()]
-    return [str(source.parent / line) for line in lines if line and not line.startswith("#")]
+    what = ("not an image, and not a list of photos (a text file with one photo path a line); PHOTOS is a folder, "
+            "one photo or such a list")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:  # binary
+        raise DataError(f"{source}: {what}")
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    listed = [str(source.parent / line) for line in lines]
+    if listed and not any(os.path.lexists(p) for p in listed):  # a CSV or notes, not a list of photos
+        raise DataError(f"{source}: {what}. None of its {len(listed)} lines names a file (first: {lines[0][:80]!r})")
+    return listed
 
 
 def embed_photos(run, paths: list[str], settings: DeviceSettings, tta: bool = False,

@@ -19,7 +19,7 @@ from lib.core.errors import DataError
 from lib.data.images import probe_image
 from lib.data.splits import load_split_index
 from lib.evaluate.calibrate import check_provenance
-from lib.evaluate.enrolled import current_embeddings, load_enrolled
+from lib.evaluate.enrolled import enrolled_gallery
 from lib.evaluate.gallery_index import GalleryIndex, gallery_index
 from lib.evaluate.photos import embed_photos, list_photos  # noqa: F401  (list_photos: imported from here too)
 from lib.retrieval.ann_index import approximation_recall, describe
@@ -116,7 +116,7 @@ def index_report(run: TrainedRun, gallery: GalleryIndex, emb: np.ndarray, settin
     g_emb, _ = embed_rows(run, rows_in_split(split_rows(run), "train"), settings, cfg.tta, cfg.batch_size, cfg.progress,
                           desc="gallery")
     if gallery.info.get("n_enrolled"):  # the index holds the enrolled photos after the train split
-        g_emb = np.concatenate([g_emb, current_embeddings(run, load_enrolled(run.run_dir), settings, cfg.tta)])
+        g_emb = np.concatenate([g_emb, enrolled_gallery(run, settings, cfg.tta)[1]])
     spec = report["spec"]
     report["recall_vs_exact"] = approximation_recall(gallery.index, g_emb, emb, cfg.k, spec["recall_sample"],
                                                      spec["seed"])
