@@ -36,7 +36,7 @@ def plot_cluster_sheets(paths, labels, clusters, max_clusters: int = 10, max_per
     paths = np.asarray([os.fspath(p) for p in paths], dtype=object)
     labels = np.asarray(labels).astype(str)
     shown = cluster_rows(labels, clusters, max_clusters)
-    width = max([min(len(r["rows"]), max_per_row) for r in shown] + [1])
+    width = max([min(len(r["rows"]), max_per_row) for r in shown] + [4])  # 4: room for the title over singletons
     fig, axes = plt.subplots(max(len(shown), 1), width, figsize=(1.7 * width, 2.1 * max(len(shown), 1)),
                              squeeze=False)
     for ax in axes.ravel():
