@@ -1,5 +1,5 @@
-"""Benchmark (not a test): photos of unknown individuals grouped into individuals (lib.retrieval.clustering), with frozen
-ImageNet EfficientNet-Lite0 features, and the time clustering takes.
+"""Benchmark (not a test): photos of unknown individuals grouped into individuals (lib.retrieval.clustering), with
+frozen ImageNet EfficientNet-Lite0 features, and the time clustering takes.
 
     python bench/bench_clustering.py [--data lions demo] [--seed 42] [--sizes 1000 10000]
 

@@ -90,7 +90,8 @@ from IPython.display import display
 from lib.retrieval.decide import risk_coverage, save_thresholds
 from lib.evaluate.calibrate import (CALIBRATION_COLUMN, Calibration, apply_calibrated, calibrate, provenance,
                                     thresholds_info)
-from lib.evaluate.cluster_eval import add_cluster_metrics, choose_cluster_threshold, cluster_columns, save_cluster_choice
+from lib.evaluate.cluster_eval import (add_cluster_metrics, choose_cluster_threshold, cluster_columns,
+                                       save_cluster_choice)
 from lib.retrieval.clustering import ClusterSettings
 from lib.analysis.cluster_figures import plot_cluster_sheets, plot_threshold_curve
 from lib.evaluate.results_table import append_benchmark_row, benchmark_row

@@ -50,7 +50,8 @@ def choose_cluster_threshold(ev: Evaluation, settings: ClusterSettings | None = 
     what it was chosen on and the score curve; DEFAULT_THRESHOLD, with a note, when that part has under 2 photos."""
     settings = settings or ClusterSettings()
     if CALIBRATION_COLUMN not in ev.queries:
-        raise ValueError("choose the cluster threshold after lib.evaluate.calibrate.calibrate drew the calibration part")
+        raise ValueError("choose the cluster threshold after lib.evaluate.calibrate.calibrate drew the calibration "
+                         "part")
     subsets = cluster_subsets(ev)
     which = "unknown" if "unknown" in subsets else "all"
     part = subsets[which] & ev.queries[CALIBRATION_COLUMN].to_numpy(dtype=bool)
@@ -113,5 +114,6 @@ def load_cluster_choice(run_dir: str | os.PathLike) -> dict | None:
         saved = json.loads(path.read_text())
         float(saved["threshold"]), ClusterSettings(saved["method"], saved["linkage"], saved["min_cluster_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: unreadable cluster threshold ({e}); run notebook 03 again or delete the file") from None
+        raise DataError(f"{path}: unreadable cluster threshold ({e}); run notebook 03 again or delete the "
+                        "file") from None
     return saved

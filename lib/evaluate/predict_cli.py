@@ -6,8 +6,9 @@ saved thresholds in RUN_DIR/eval/val/thresholds.json), an `error` for a photo th
 for one smaller than the run's min_size (--refuse-small: an error and no prediction instead).
 The gallery is searched with the index notebook 03 saved in RUN_DIR/index/ (--index, --nprobe, --ef-search choose
 another: lib.retrieval.ann_index); an approximate index's recall@k against exact search is printed.
---group-new groups the photos called new (verdict 'unclassifiable') into candidate individuals: columns new_cluster
-(one id per candidate individual, -1 for the others), new_cluster_size and new_cluster_tightness (lib.evaluate.new_groups);
+--group-new groups the photos called new (verdict 'unclassifiable') into candidate individuals: columns
+new_cluster (one id per candidate individual, -1 for the others), new_cluster_size and new_cluster_tightness
+(lib.evaluate.new_groups);
 `photo-enroll RUN_DIR --from-predictions CSV --cluster N --label NAME` then enrols one of them.
 Run it from the repository root: the run's config names its data and split folders relative to it.
 `photo-predict` is the console script that `pip install -e .` installs; `python -m lib.evaluate.predict_cli` is the same.
