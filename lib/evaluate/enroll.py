@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     if sum(map(bool, (args.photos, args.list, args.remove, args.from_predictions, args.rename))) != 1:
-        ap.error("give PHOTOS, --list, --remove, --from-predictions or --rename")
+        ap.error("give PHOTOS, --list or --remove (or --from-predictions, --rename)")
     if args.from_predictions and (args.cluster is None) == (not args.all_clusters):
         ap.error("--from-predictions needs --cluster N (with --label) or --all-clusters")
     try:
