@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python (photo-retrieval)
 #     language: python
@@ -71,6 +73,9 @@ results_csv = "results/benchmarks.csv"
 figures_dir = "figures"
 notes = ""                       # free text for the results row
 pos_class = ""                   # two classes: the positive one, for the threshold sweep ("": no sweep)
+cluster_method = "agglomerative"  # grouping photos into individuals: agglomerative | hdbscan
+cluster_linkage = "average"      # agglomerative: average | complete (linkage on cosine distance)
+cluster_score = "ari"            # what the cluster threshold maximises on the calibration part: ari | pair_f1
 
 # %%
 from pathlib import Path
@@ -83,7 +88,12 @@ import pandas as pd
 from IPython.display import display
 
 from lib.retrieval.decide import risk_coverage, save_thresholds
-from lib.evaluate.calibrate import CALIBRATION_COLUMN, Calibration, apply_calibrated, calibrate, thresholds_info
+from lib.evaluate.calibrate import (CALIBRATION_COLUMN, Calibration, apply_calibrated, calibrate, provenance,
+                                    thresholds_info)
+from lib.evaluate.cluster_eval import (add_cluster_metrics, choose_cluster_threshold, cluster_columns,
+                                       save_cluster_choice)
+from lib.retrieval.clustering import ClusterSettings
+from lib.analysis.cluster_figures import plot_cluster_sheets, plot_threshold_curve
 from lib.evaluate.results_table import append_benchmark_row, benchmark_row
 from lib.evaluate.run_eval import evaluate_run
 from lib.evaluate.classification import add_classification_metrics, classification_table
@@ -155,11 +165,15 @@ if evaluate_test:
     print(f"test: {describe(evaluations['test'].metrics['index'])}")
 rows = []
 open_set_threshold = None  # the open-set rule's new-individual threshold: chosen on val, applied to test
+# the threshold that groups photos into individuals: chosen on val's calibration part, saved for photo-predict
+cluster_chosen = choose_cluster_threshold(ev, ClusterSettings(cluster_method, cluster_linkage), cluster_score)
+save_cluster_choice(eval_dir / split / "clustering.json", cluster_chosen, provenance(ev))
 for name, e in evaluations.items():
     add_classification_metrics(e, pos_class)
     open_set_threshold = add_open_set_metrics(e, open_set_threshold).get("new_threshold")
+    add_cluster_metrics(e, cluster_chosen)
     save_evaluation(e, eval_dir / name)
-    row = {**benchmark_row(e, notes=notes), **open_set_columns(e)}
+    row = {**benchmark_row(e, notes=notes), **open_set_columns(e), **cluster_columns(e)}
     append_benchmark_row(results_csv, row, replace_key="evaluation_id")  # a re-run replaces its own row
     rows.append(row)
 pd.DataFrame(rows).set_index("split")
@@ -258,3 +272,36 @@ else:
                             title=f"{Path(run_dir).name}, {name}: {o['n_known_queries']} known and "
                                   f"{o['n_unknown_queries']} unknown queries")
         save(fig, Path(figures_dir) / f"03_open_set_{Path(run_dir).name}_{name}.png")
+
+# %% [markdown]
+# ## New individuals grouped
+# The photos a user would get back as "new" are grouped into candidate individuals (`photo-predict --group-new`):
+# clustered by their embeddings (`cluster_method`; agglomerative with `cluster_linkage` on cosine distance), the
+# photos of one group (encounter) always together. The distance threshold is chosen on the calibration part of val
+# (its unknown queries on an open split, else all of them) for the best `cluster_score` against their true
+# individuals, saved to `run_dir/eval/val/clustering.json` for `photo-predict`, and measured on the held-out part of
+# val and on test: ARI and AMI (chance-corrected agreement with the true individuals; AnimalCLEF ranks by ARI),
+# pairwise and B-cubed F1, and the number of clusters against the number of individuals. Each row of the contact
+# sheet is a cluster; a photo framed red is not the cluster's majority individual.
+
+# %%
+print(f"cluster threshold {cluster_chosen['threshold']:.4f} (cosine distance), chosen for the best "
+      f"{cluster_score} on {cluster_chosen['chosen_on']['n_photos']} calibration photos of "
+      f"{cluster_chosen['chosen_on']['n_individuals']} individuals ({cluster_chosen['chosen_on']['queries']} queries)"
+      + (f"; {cluster_chosen['note']}" if "note" in cluster_chosen else ""))
+scores = {f"{name}, {subset} ({e.metrics['clustering']['measured_on']})": e.metrics["clustering"][subset]
+          for name, e in evaluations.items() for subset in ("unknown", "all") if subset in e.metrics["clustering"]}
+display(pd.DataFrame(scores).T[["n_photos", "n_individuals", "n_clusters", "ari", "ami", "pair_precision",
+                                "pair_recall", "pair_f1", "bcubed_f1"]])
+if cluster_chosen["curve"]:
+    fig = plot_threshold_curve(cluster_chosen["curve"], cluster_chosen["threshold"],
+                               title=f"{Path(run_dir).name}: cluster threshold on val's calibration part")
+    save(fig, Path(figures_dir) / f"03_cluster_threshold_{Path(run_dir).name}.png")
+for name, e in evaluations.items():
+    subset = "unknown" if "unknown" in e.metrics["clustering"] else "all"
+    shown = e.queries[f"cluster_{subset}"] >= 0
+    fig = plot_cluster_sheets([Path(e.data_root) / p for p in e.queries.loc[shown, "path"]],
+                              e.queries.loc[shown, "label"], e.queries.loc[shown, f"cluster_{subset}"],
+                              title=f"{Path(run_dir).name}, {name}: {subset} queries grouped (ARI "
+                                    f"{e.metrics['clustering'][subset]['ari']:.3f}); red: not the cluster's majority")
+    save(fig, Path(figures_dir) / f"03_clusters_{Path(run_dir).name}_{name}.png")

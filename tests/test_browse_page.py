@@ -239,3 +239,18 @@ def test_the_title_says_known_new_or_reshoot_with_the_distance_or_margin_that_de
     said = B.title_html(far, thresholds=Thresholds(max_distance=d[0] / 2))
     assert f"<b>new</b> &mdash; nearest photo d = {d[0]:.3f} &gt; {d[0] / 2:.3f}: nothing like it" in said
     assert "(no distance limit)" in B.title_html(query_result(ev, 0))
+
+
+def test_the_clusters_notebook_03_grouped_the_queries_in_filter_the_list(runs):
+    root, ev = runs
+    assert page(root).cluster.options == (B.ALL,), "an evaluation made before clustering: nothing to filter by"
+    ev.queries["cluster_unknown"] = [0, 0, 1, -1, 1, 0, -1, 2]  # -1: a query not clustered (calibration part)
+    save_evaluation(ev, root / "good" / "eval" / "val")
+    p = page(root)
+    assert p.cluster.options == (B.ALL, 0, 1, 2) and p.count.value == "8 of 8 queries"
+    p.cluster.value = 1
+    assert [v for _, v in p.picker.options] == [2, 4] and p.picker.options[0][0].endswith(", cluster 1)")
+    p.outcome.value = "wrong"
+    assert [v for _, v in p.picker.options] == []
+    p.outcome.value, p.cluster.value = ANY, 0
+    assert [v for _, v in p.picker.options] == [0, 1, 5]

@@ -35,6 +35,16 @@ def test_reid_notebooks_01_to_06_on_the_demo_context_column(demo, tmp_path):
     np.testing.assert_array_equal(real.sum(axis=1), np.minimum(others, 5))
     assert (~real).any() and real.sum(axis=1).max() == 5, "the demo has sites both smaller and larger than k"
     assert metrics["protocol"] == "loo" and 0 < metrics["identity_balanced_mAP"] <= 1
+    # leave-one-out: no query is unknown to its gallery, so all of them are grouped, measured off the calibration part
+    clustering = metrics["clustering"]
+    assert "unknown" not in clustering and clustering["chosen_on"]["queries"] == "all"
+    held_out = int((~ev.queries["calibration"]).sum())
+    assert clustering["all"]["n_photos"] == held_out == (ev.queries["cluster_all"] >= 0).sum()
+    saved = json.loads((run_dir / "eval" / "val" / "clustering.json").read_text())
+    assert saved["threshold"] == clustering["threshold"]
+    assert (figures / "03_clusters_run_val.png").stat().st_size > 0 and (figures / "03_clusters_run_test.png").exists()
+    row = pd.read_csv(results / "benchmarks.csv").set_index("split")
+    assert row.loc["val", "cluster_all_ari"] == pytest.approx(clustering["all"]["ari"])
     test_metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())["metrics"]
     # the demo's val individuals all have several photos: no new ones, no threshold (NaN), and test reuses that
     np.testing.assert_equal(test_metrics["new_individual"]["threshold"], metrics["new_individual"]["threshold"])

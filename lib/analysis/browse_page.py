@@ -71,9 +71,18 @@ def _reported(handler):
 
 
 def option_label(q) -> str:
-    """A query as the list shows it: right or wrong, path, true -> voted class, verdict (known / new / reshoot)."""
+    """A query as the list shows it: right or wrong, path, true -> voted class, verdict (known / new / reshoot), and
+    the cluster notebook 03 grouped it in."""
     mark = "ok " if q["correct"] else "ERR"
-    return f"{mark} {q['path']}  ({q['label']} -> {q['pred']}, {verdict_word(q['verdict'])})"
+    col = cluster_column(q.index)
+    cluster = f", cluster {q[col]}" if col and int(q[col]) >= 0 else ""
+    return f"{mark} {q['path']}  ({q['label']} -> {q['pred']}, {verdict_word(q['verdict'])}{cluster})"
+
+
+def cluster_column(columns) -> str | None:
+    """The queries' cluster ids notebook 03 wrote (lib.evaluate.cluster_eval): the unknown queries' where an open split
+    has them, else all queries'; None for an evaluation made before clustering."""
+    return next((c for c in ("cluster_unknown", "cluster_all") if c in columns), None)
 
 
 def verdict_word(verdict: str) -> str:
@@ -164,6 +173,7 @@ class BrowsePage:
         self.label = dropdown("class", "browse-class")
         self.verdict = dropdown("verdict", "browse-verdict")
         self.outcome = dropdown("vote", "browse-outcome", options=[ANY, *OUTCOMES])
+        self.cluster = dropdown("cluster", "browse-cluster", options=[ALL], value=ALL)
         self.count = w.Label()
         self.count.add_class("browse-count")
         self.picker = w.Select(rows=8, layout=w.Layout(width="100%"))
@@ -180,7 +190,7 @@ class BrowsePage:
 
         self.run.observe(self._on_run, names="value")
         self.split.observe(self._on_split, names="value")
-        for f in (self.label, self.verdict, self.outcome):
+        for f in (self.label, self.verdict, self.outcome, self.cluster):
             f.observe(self._on_filter, names="value")
         self.picker.observe(self._on_pick, names="value")
         self.upload.observe(self._on_upload, names="value")
@@ -190,7 +200,7 @@ class BrowsePage:
                    "to see its nearest gallery photos (green: the query's class, red: another) - or upload a photo "
                    "to see what the run's model answers.</div>"),
             w.HBox([self.run, self.split, self.upload]),
-            w.HBox([self.label, self.verdict, self.outcome, self.count]),
+            w.HBox([self.label, self.verdict, self.outcome, self.cluster, self.count]),
             self.message, self.picker, self.title,
             w.HBox([self.query_card.box, *(c.box for c in self.cards)], layout=w.Layout(flex_flow="row wrap")),
         ])
@@ -247,7 +257,9 @@ class BrowsePage:
             self.label.options = [ALL, *sorted(q["label"].unique())]
             self.verdict.options = [(ANY, ANY), *((verdict_word(v), v) for v in VERDICTS
                                                   if (q["verdict"] == v).any())]
-            self.label.value, self.verdict.value, self.outcome.value = ALL, ANY, ANY
+            col = cluster_column(q.columns)
+            self.cluster.options = [ALL, *(sorted(int(c) for c in q[col].unique() if int(c) >= 0) if col else [])]
+            self.label.value, self.verdict.value, self.outcome.value, self.cluster.value = ALL, ANY, ANY, ALL
         self._refilter()
 
     def _clear(self, reason: str) -> None:
@@ -272,6 +284,8 @@ class BrowsePage:
     def _refilter(self) -> None:
         q = self.ev.queries
         rows = select_queries(q, self.label.value, verdict=self.verdict.value, outcome=self.outcome.value)
+        if self.cluster.value != ALL:
+            rows = rows[q[cluster_column(q.columns)].to_numpy()[rows] == self.cluster.value]
         self.count.value = f"{len(rows)} of {len(q)} queries"
         with self._quietly():
             self.picker.options = [(option_label(q.iloc[i]), int(i)) for i in rows]

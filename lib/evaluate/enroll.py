@@ -4,6 +4,9 @@
     photo-enroll RUN_DIR FOLDER                  FOLDER/{label}/...: each photo's label is its first folder
     photo-enroll RUN_DIR --list                  what was enrolled (id, label, group, path, when)
     photo-enroll RUN_DIR --remove ID [ID ...]    take entries out (an id, or its first characters)
+    photo-enroll RUN_DIR --from-predictions P.CSV --cluster N --label NAME   (or --all-clusters): candidate
+                                                 individuals of photo-predict --group-new (lib.evaluate.enrol_clusters)
+    photo-enroll RUN_DIR --rename OLD NEW        relabel enrolled photos (a generated new_001 given its real name)
 
 The photos are embedded with the run's checkpoint and stored in RUN_DIR/index/enrolled.npz (lib.evaluate.enrolled),
 which photo-predict adds to the gallery it searches. An enrolment is refused whole, with a line per photo, when a
@@ -184,6 +187,21 @@ def remove_enrolled(run_dir: str | os.PathLike, ids: list[str]) -> pd.DataFrame:
     return enrolled.table[drop]
 
 
+def _clusters_command(args) -> None:
+    from lib.evaluate.enrol_clusters import enrol_clusters, rename_enrolled  # it builds on this module
+
+    if args.rename:
+        n = rename_enrolled(args.run_dir, *args.rename)
+        print(f"renamed {n} enrolled photos of {args.run_dir}: {args.rename[0]} -> {args.rename[1]}")
+        return
+    new = enrol_clusters(args.run_dir, args.from_predictions, None if args.all_clusters else args.cluster,
+                         args.label, checkpoint=args.checkpoint, tta=args.tta, device=args.device, group=args.group)
+    counts = new["label"].value_counts(sort=False)
+    print(f"enrolled {len(new)} photos in {args.run_dir}: " + ", ".join(f"{label} {n}" for label, n in counts.items())
+          + (f"\n(rename a generated name: photo-enroll {args.run_dir} --rename {counts.index[0]} NAME)"
+             if args.all_clusters else ""))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="photo-enroll", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -192,12 +210,20 @@ def main(argv=None) -> int:
     ap.add_argument("--group", help="the encounter the photos belong to (default: one per label and enrolment)")
     ap.add_argument("--list", action="store_true", help="show what was enrolled")
     ap.add_argument("--remove", nargs="+", metavar="ID", help="take entries out by id (or its first characters)")
+    ap.add_argument("--from-predictions", type=Path, metavar="CSV",
+                    help="a photo-predict --group-new CSV: enrol its --cluster N under --label, or --all-clusters")
+    ap.add_argument("--cluster", type=int, help="with --from-predictions: the new_cluster id to enrol")
+    ap.add_argument("--all-clusters", action="store_true",
+                    help="with --from-predictions: every cluster, named new_001, new_002... (rename with --rename)")
+    ap.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"), help="relabel the enrolled photos labelled OLD")
     ap.add_argument("--checkpoint", default="best", help="best | latest | a .pt file name in RUN_DIR")
     ap.add_argument("--tta", action="store_true", help="flip test-time augmentation (as photo-predict --tta)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    if sum(map(bool, (args.photos, args.list, args.remove))) != 1:
-        ap.error("give PHOTOS, --list or --remove")
+    if sum(map(bool, (args.photos, args.list, args.remove, args.from_predictions, args.rename))) != 1:
+        ap.error("give PHOTOS, --list or --remove (or --from-predictions, --rename)")
+    if args.from_predictions and (args.cluster is None) == (not args.all_clusters):
+        ap.error("--from-predictions needs --cluster N (with --label) or --all-clusters")
     try:
         if not (args.run_dir / "best_model.pt").exists() and not list(args.run_dir.glob("*.pt")):
             raise DataError(f"{args.run_dir}: not a trained run (no checkpoint in it)")
@@ -205,6 +231,8 @@ def main(argv=None) -> int:
             table = load_enrolled(args.run_dir).table
             print(table[["id", "label", "group", "path", "enrolled_at"]].to_string(index=False) if len(table)
                   else f"nothing enrolled in {args.run_dir}")
+        elif args.from_predictions or args.rename:
+            _clusters_command(args)
         elif args.remove:
             gone = remove_enrolled(args.run_dir, args.remove)
             print("\n".join(f"removed {r.id} ({r.label}) {r.path}" for r in gone.itertuples()))

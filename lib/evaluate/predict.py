@@ -165,6 +165,8 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], settings: Pred
     emb = embed_photos(run, out.loc[ok, "path"].tolist(), device, cfg.tta, cfg.batch_size, cfg.progress)
     distances, neighbours = search(gallery.index, emb, cfg.k)
     out.attrs["index"] = index_report(run, gallery, emb, device, cfg)
+    # the readable photos' embeddings (rows of error == "", in order) and their checkpoint: what --group-new clusters
+    out.attrs.update(embeddings=emb, checkpoint_sha256=run.checkpoint_sha256)
     classes = sorted(set(run.config["class_to_idx"]) | set(gallery.metadata["label"]))
     table, _ = decisions(distances, gallery.metadata["label"].to_numpy()[fill_padding(neighbours)], classes,
                          cfg.weighting, thresholds)

@@ -6,6 +6,10 @@ saved thresholds in RUN_DIR/eval/val/thresholds.json), an `error` for a photo th
 for one smaller than the run's min_size (--refuse-small: an error and no prediction instead).
 The gallery is searched with the index notebook 03 saved in RUN_DIR/index/ (--index, --nprobe, --ef-search choose
 another: lib.retrieval.ann_index); an approximate index's recall@k against exact search is printed.
+--group-new groups the photos called new (verdict 'unclassifiable') into candidate individuals: columns
+new_cluster (one id per candidate individual, -1 for the others), new_cluster_size and new_cluster_tightness
+(lib.evaluate.new_groups);
+`photo-enroll RUN_DIR --from-predictions CSV --cluster N --label NAME` then enrols one of them.
 Run it from the repository root: the run's config names its data and split folders relative to it.
 `photo-predict` is the console script that `pip install -e .` installs; `python -m lib.evaluate.predict_cli` is the same.
 """
@@ -16,6 +20,7 @@ import sys
 from pathlib import Path
 
 from lib.core.errors import DataError
+from lib.evaluate.new_groups import add_new_groups
 from lib.evaluate.photos import list_photos
 from lib.evaluate.predict import PredictSettings, predict_photos
 
@@ -42,6 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--allow-mismatch", action="store_true",
                     help="apply thresholds chosen under other settings (checkpoint, TTA, k, weighting, gallery, "
                          "protocol, context rule), with a warning, instead of refusing")
+    ap.add_argument("--group-new", action="store_true",
+                    help="group the photos called new into candidate individuals (new_cluster columns)")
+    ap.add_argument("--cluster-threshold", type=float, default=None,
+                    help="--group-new's cosine-distance threshold (default: the one notebook 03 chose)")
     args = ap.parse_args(argv)
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -54,6 +63,9 @@ def main(argv=None) -> int:
             k=args.k, tta=args.tta, checkpoint=args.checkpoint, weighting=args.weighting, device=args.device,
             batch_size=args.batch_size, progress=True, small="refuse" if args.refuse_small else "note",
             index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, allow_mismatch=args.allow_mismatch))
+        if args.group_new:
+            table, grouped = add_new_groups(table, args.run_dir, args.tta, args.allow_mismatch, args.cluster_threshold)
+            print(grouped)
     except ValueError as e:  # a DataError, or a setting such as --index the library refused with its reason
         print(f"error: {e}", file=sys.stderr)
         return 1
