@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--allow-mismatch", action="store_true",
                     help="apply thresholds chosen under other settings (checkpoint, TTA, k, weighting, gallery, "
                          "protocol, context rule), with a warning, instead of refusing")
+    ap.add_argument("--strict-thresholds", action="store_true",
+                    help="refuse thresholds calibrated on a gallery with other enrolled photos than it holds now "
+                         "(default: apply them, with a warning)")
     args = ap.parse_args(argv)
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
         table = predict_photos(args.run_dir, photos, PredictSettings(
             k=args.k, tta=args.tta, checkpoint=args.checkpoint, weighting=args.weighting, device=args.device,
             batch_size=args.batch_size, progress=True, small="refuse" if args.refuse_small else "note",
-            index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, allow_mismatch=args.allow_mismatch))
+            index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, allow_mismatch=args.allow_mismatch,
+            strict_thresholds=args.strict_thresholds))
     except ValueError as e:  # a DataError, or a setting such as --index the library refused with its reason
         print(f"error: {e}", file=sys.stderr)
         return 1
