@@ -54,18 +54,14 @@ def build_gallery_index(run: TrainedRun, gallery: pd.DataFrame, emb: np.ndarray,
 
 
 def gallery_files(run: TrainedRun, gallery: pd.DataFrame) -> list[Path]:
-    """The files embed_rows reads for these rows (resize-cache copies where up to date)."""
+    """The files embed_rows reads for these rows (resize-cache copies where up to date): their paths, sizes and
+    times are the data fingerprint of the embeddings."""
     d = run.settings.data
     return IndexDataset(gallery, d.data_dir, None, {}, d.cache_dir or None).paths
 
 
 def missing_files(run: TrainedRun, gallery: pd.DataFrame) -> list[Path]:
     return [p for p in gallery_files(run, gallery) if not p.is_file()]
-
-
-def gallery_fingerprint(run: TrainedRun, gallery: pd.DataFrame) -> str:
-    """The data fingerprint embed_rows gives these rows' embeddings (paths, sizes and times of the files read)."""
-    return files_fingerprint(gallery_files(run, gallery))
 
 
 def stale_reason(run: TrainedRun, tta: bool, gallery: pd.DataFrame, saved: faiss.Index, metadata: pd.DataFrame,
@@ -81,11 +77,12 @@ def stale_reason(run: TrainedRun, tta: bool, gallery: pd.DataFrame, saved: faiss
     if resolve_factory(spec.index, saved.ntotal, saved.d, spec.exact_below)[0] != built["factory"]:
         return f"another index was asked for ({spec.index!r}, it is {built['factory']})"
     if "data_fingerprint" in info:
-        missing = missing_files(run, gallery)
+        files = gallery_files(run, gallery)
+        missing = [p for p in files if not p.is_file()]
         if missing:
             say_once(f"gallery-missing:{run.run_dir}", f"note: {len(missing)} training photos are not on disk "
                      f"(first: {missing[0]}); predicting from the saved index")
-        elif info["data_fingerprint"] != gallery_fingerprint(run, gallery):
+        elif info["data_fingerprint"] != files_fingerprint(files):
             return "a gallery photo changed on disk since it was built (data fingerprint differs)"
     return ""
 
