@@ -45,7 +45,7 @@ from lib.data.table import check_images, index_from_folder
 from lib.data.transforms import build_transforms
 from lib.retrieval.embed import extract_embeddings
 from lib.retrieval.ranking import evaluate_retrieval
-from lib.train.checkpoint import load_checkpoint, seed_everything
+from lib.train.checkpoint import seed_everything
 from lib.train.config import RunConfig, build_config
 from lib.train.model import create_model
 from lib.train.run import train_run
@@ -184,7 +184,7 @@ def main() -> None:
                 else:
                     history = train_for(run_dir, config, args.minutes * 60)
                     run = load_trained(run_dir)
-                    net, epoch, eval_tf = run.model, load_checkpoint(run.checkpoint)["epoch"], run.eval_tf
+                    net, epoch, eval_tf = run.model, run.epoch, run.eval_tf
                     histories[protocol, name] = history
                 queries, gallery = scored_sets(protocol, lions, splits, eval_tf)
                 last = history.iloc[-1] if history is not None else {}

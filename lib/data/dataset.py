@@ -9,11 +9,12 @@ import torch
 from torch.utils.data import Dataset
 
 from lib.data.images import open_image
-from lib.data.resize_cache import cache_path
+from lib.data.resize_cache import fresh_copies
 
 
 class IndexDataset(Dataset):
-    """Rows of the index; images come from the resize cache when it holds them (decode once), else the originals.
+    """Rows of the index; images come from the resize cache where it holds an up-to-date copy (decode once; built from
+    the source as it is now: lib.data.resize_cache.fresh_copies), else the originals.
 
     Labels missing from `class_to_idx` (e.g. open-set queries) get -1.
     """
@@ -21,17 +22,10 @@ class IndexDataset(Dataset):
     def __init__(self, index: pd.DataFrame, data_root: str | os.PathLike, transform, class_to_idx: dict[str, int],
                  cache_dir: str | os.PathLike | None = None):
         self.index = index.reset_index(drop=True)
-        self.paths = [self._source(Path(data_root), cache_dir, p) for p in self.index["path"]]
+        rels = self.index["path"].tolist()
+        self.paths = fresh_copies(data_root, rels, cache_dir) if cache_dir else [Path(data_root) / p for p in rels]
         self.targets = torch.tensor([class_to_idx.get(label, -1) for label in self.index["label"]], dtype=torch.long)
         self.transform = transform
-
-    @staticmethod
-    def _source(root: Path, cache_dir, rel: str) -> Path:
-        if cache_dir:
-            cached = cache_path(cache_dir, rel)
-            if cached.exists():
-                return cached
-        return root / rel
 
     def __len__(self) -> int:
         return len(self.paths)

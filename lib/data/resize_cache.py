@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from lib.core.cpus import usable_cpus
 from lib.core.errors import DataError
+from lib.core.state_io import say_once
 from lib.data.images import UnreadableImage, check_resize, load_resized
 
 MANIFEST = "manifest.json"
@@ -72,6 +73,42 @@ def _load_manifest(cache_dir: Path) -> dict:
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable cache manifest ({e}); delete it to rebuild the cache") from e
     return manifest["entries"] if manifest.get("version") == _MANIFEST_VERSION else {}
+
+
+def _entries_for_reading(cache_dir: Path) -> dict:
+    """The manifest's entries for a reader; an unreadable manifest validates nothing (the originals are read), said
+    once, rather than stopping the job."""
+    try:
+        return _load_manifest(cache_dir)
+    except DataError as e:
+        say_once(f"resize-manifest:{cache_dir}", f"note: {e}; reading the original photos meanwhile")
+        return {}
+
+
+def fresh_copies(data_root, rel_paths, cache_dir) -> list[Path]:
+    """What to read for each of `rel_paths`: its cached copy where the manifest records it was built from the source
+    as it is now (same size and mtime_ns), else the source itself. A photo replaced since the cache was built is so
+    read, and fingerprints over these paths change, instead of the old copy standing in for it unnoticed. A source
+    that is gone leaves its copy unverifiable: the source path is given, and whoever reads it says it is missing."""
+    data_root, cache_dir = Path(data_root), Path(cache_dir)
+    entries, out, changed = _entries_for_reading(cache_dir), [], 0
+    for rel in rel_paths:
+        src, entry = data_root / rel, entries.get(rel)
+        try:
+            st = src.stat() if isinstance(entry, dict) else None
+        except OSError:
+            st = None
+        if st is not None and (entry.get("src_size"), entry.get("src_mtime_ns")) == (st.st_size, st.st_mtime_ns):
+            dst = cache_path(cache_dir, rel)
+            if dst.exists():
+                out.append(dst)
+                continue
+        changed += st is not None
+        out.append(src)
+    if changed:
+        say_once(f"resize-stale:{cache_dir}", f"note: {changed} photo(s) changed since the resize cache {cache_dir} "
+                 "was built; reading their originals (data_prep/resize_cache.py brings the cache up to date)")
+    return out
 
 
 def _save_manifest(cache_dir: Path, entries: dict) -> None:

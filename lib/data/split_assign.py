@@ -4,6 +4,7 @@ open-set holdout of whole individuals. lib.data.splits calls these; they take gr
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 
 import numpy as np
@@ -11,6 +12,16 @@ import pandas as pd
 
 SPLITS = ("train", "val", "test")
 RATIO_AIM = 1 / 3  # once moving, groups that cost no class a split move until within this part of ratio_tol
+
+
+def split_fingerprint(groups: dict[str, list[str]]) -> str:
+    """Hash of which group is in which split (the sorted (group, split) pairs): another seed, ratio or mode gives
+    another one, the same data and settings the same one. A checkpoint records it, so that evaluation can refuse a
+    split whose val or test holds photos the model trained on."""
+    digest = hashlib.sha256()
+    for group, split in sorted((str(g), s) for s, gs in groups.items() for g in gs):
+        digest.update(f"{group}\x1f{split}\n".encode())
+    return digest.hexdigest()
 
 
 def group_table(index: pd.DataFrame) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from lib.data.split_assign import SPLITS, group_table
+from lib.data.split_assign import SPLITS, group_table, split_fingerprint
 
 PER_CLASS_MODES = ("group", "time")  # modes that share out each class's groups over the splits
 
@@ -37,6 +37,7 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg, exclusi
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(cfg),
         "data_fingerprint": fingerprint,
+        "split_fingerprint": split_fingerprint(groups),  # absent in reports written before it was recorded
         "min_size": min_size,  # check_images' floor: prediction flags smaller photos (None: not recorded)
         "n_images": n_images,
         "ratios_asked": dict(zip(SPLITS, cfg.ratios)),
@@ -96,6 +97,7 @@ def report_markdown(report: dict) -> str:
     lines = ["# Split report", "", f"- created: {report['created']}", f"- seed: {report['config']['seed']}",
              f"- ratios (train/val/test): {report['config']['ratios']}", *_ratio_lines(report),
              f"- data fingerprint: {report['data_fingerprint']}",
+             f"- split fingerprint (which group in which split): {report.get('split_fingerprint', 'not recorded')}",
              f"- mode: {report['config']['mode']}", f"- images: {report['n_images']}", f"- groups: {report['n_groups']}",
              f"- classes: {report['n_classes']} (per split: {report['n_labels']})", ""]
     lines += _mode_lines(report) + _unknown_lines(report)

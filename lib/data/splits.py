@@ -33,7 +33,15 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lib.core.errors import DataError
-from lib.data.split_assign import SPLITS, RatioHolder, assign_in_order, group_table, open_set_split, per_class_split
+from lib.data.split_assign import (
+    SPLITS,
+    RatioHolder,
+    assign_in_order,
+    group_table,
+    open_set_split,
+    per_class_split,
+    split_fingerprint,
+)
 from lib.data.split_report import report_markdown, split_report
 
 SPLIT_FILES = {s: f"{s}_ids.json" for s in SPLITS}
@@ -107,6 +115,13 @@ def data_fingerprint(index: pd.DataFrame) -> str:
     for row in rows:
         digest.update(("\x1f".join(row) + "\n").encode())
     return digest.hexdigest()
+
+
+def index_split_fingerprint(index: pd.DataFrame) -> str:
+    """split_fingerprint of a split index (its `split` column, a fold's train/val where load_split_index applied
+    one): what a checkpoint records of the split it trained on."""
+    placed = index.loc[index["split"] != "", ["group", "split"]].drop_duplicates()
+    return split_fingerprint({s: rows["group"].tolist() for s, rows in placed.groupby("split")})
 
 
 def class_to_idx(index: pd.DataFrame) -> dict[str, int]:

@@ -83,7 +83,8 @@ def apply_calibrated(ev: Evaluation, thresholds: Thresholds, info: dict) -> Eval
 
 def provenance(ev: Evaluation) -> dict:
     """The evaluation settings thresholds chosen on `ev` depend on (PROVENANCE_KEYS, plus the checkpoint's name)."""
-    return {"checkpoint": ev.config.get("checkpoint"), **{k: ev.config.get(k) for k in PROVENANCE_KEYS}}
+    return {"checkpoint": ev.config.get("checkpoint"), **{k: ev.config.get(k) for k in PROVENANCE_KEYS},
+            "enrolment": ev.config.get("enrolment")}
 
 
 def check_provenance(saved: dict, actual: dict, source, allow_mismatch: bool = False) -> list[str]:
@@ -103,6 +104,26 @@ def check_provenance(saved: dict, actual: dict, source, allow_mismatch: bool = F
     if differ:
         warnings.warn(f"{source}: applied although " + "; ".join(differ), stacklevel=2)
     return differ
+
+
+def check_enrolment(saved: dict, now: dict, source, strict: bool = False) -> None:
+    """Say when the gallery's enrolled photos (`now`: lib.evaluate.gallery_index.enrolment_stamp) are not those the
+    thresholds in `source` were calibrated with (`saved['enrolment']`): a grown gallery shifts the distances and vote
+    shares they cut. A warning, or with `strict` a DataError; thresholds that predate the record are warned about only
+    when photos are enrolled now."""
+    then = saved.get("enrolment")
+    if then == now or (then is None and not now["n_enrolled"]):
+        return
+    if then is None:
+        warnings.warn(f"{source} predates recorded enrolment: cannot check that the {now['n_enrolled']} enrolled "
+                      "photos of the gallery were there when its thresholds were chosen", stacklevel=2)
+        return
+    change = "grew" if now["n_enrolled"] > then["n_enrolled"] else "changed"
+    said = (f"the gallery {change} since {source} was calibrated: {then['n_enrolled']} enrolled photos then, "
+            f"{now['n_enrolled']} now")
+    if strict:
+        raise DataError(f"{said}; choose the thresholds again (notebook 03), or predict without --strict-thresholds")
+    warnings.warn(f"{said}; its thresholds are applied as they are", stacklevel=2)
 
 
 def thresholds_info(ev: Evaluation, chosen: dict, settings: Calibration) -> dict:

@@ -4,18 +4,22 @@ settings), so prediction reuses what evaluation built and never a stale one; pho
 (lib.evaluate.enrolled) are added to it when it is loaded."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pandas as pd
 
 from lib.core.device import DeviceSettings
+from lib.core.errors import DataError
+from lib.core.state_io import say_once
 from lib.data.dataset import IndexDataset
 from lib.evaluate.enrolled import enrolled_gallery
 from lib.retrieval.ann_index import IndexSpec, build_search_index, resolve_factory, searchable
-from lib.retrieval.embed import files_fingerprint
-from lib.retrieval.faiss_index import faiss_device_for, load_index, save_index, unit_rows
+from lib.retrieval.embed import file_sha256, files_fingerprint
+from lib.retrieval.faiss_index import NO_NEIGHBOUR, faiss_device_for, load_index, save_index, search, unit_rows
 from lib.train.trained_run import TrainedRun, embed_rows, rows_in_split, split_rows
 
 INDEX_DIR = "index"  # inside the run folder
@@ -23,6 +27,9 @@ INDEX_DIR = "index"  # inside the run folder
 MATCH_KEYS = ("checkpoint_sha256", "tta", "transform")
 # what an index saved before index settings existed was: exact
 SAVED_FLAT = {"spec": asdict(IndexSpec(index="flat")), "factory": "Flat", "chosen": "index='flat'", "exact": True}
+# squared L2 (unit vectors) under which an enrolled photo's nearest train photo is hashed, to see whether it is the
+# same file: the two may have been decoded differently (a resize-cache copy), so not only an exact 0
+SAME_PHOTO_SEARCH = 0.1
 
 
 @dataclass
@@ -30,7 +37,8 @@ class GalleryIndex:
     index: faiss.Index
     metadata: pd.DataFrame  # row i describes index row i: the train gallery's rows, then the enrolled photos'
     info: dict              # which index, why, its search parameters and placement (build_search_index's info),
-                            # data_fingerprint of the train gallery, n_enrolled
+                            # data_fingerprint of the train gallery, n_enrolled and enrolment (enrolment_stamp)
+    enrolled_emb: np.ndarray | None = None  # the enrolled rows' embeddings, as added after the train gallery's
 
 
 def build_gallery_index(run: TrainedRun, gallery: pd.DataFrame, emb: np.ndarray, info: dict, device: str,
@@ -45,25 +53,48 @@ def build_gallery_index(run: TrainedRun, gallery: pd.DataFrame, emb: np.ndarray,
     return GalleryIndex(index, gallery, {**index_info, "data_fingerprint": info and info.get("data_fingerprint")})
 
 
-def gallery_fingerprint(run: TrainedRun, gallery: pd.DataFrame) -> str:
-    """The data fingerprint embed_rows gives these rows' embeddings (paths, sizes and times of the files read)."""
+def gallery_files(run: TrainedRun, gallery: pd.DataFrame) -> list[Path]:
+    """The files embed_rows reads for these rows (resize-cache copies where up to date): their paths, sizes and
+    times are the data fingerprint of the embeddings."""
     d = run.settings.data
-    return files_fingerprint(IndexDataset(gallery, d.data_dir, None, {}, d.cache_dir or None).paths)
+    return IndexDataset(gallery, d.data_dir, None, {}, d.cache_dir or None).paths
+
+
+def missing_files(run: TrainedRun, gallery: pd.DataFrame) -> list[Path]:
+    return [p for p in gallery_files(run, gallery) if not p.is_file()]
 
 
 def stale_reason(run: TrainedRun, tta: bool, gallery: pd.DataFrame, saved: faiss.Index, metadata: pd.DataFrame,
                  info: dict, spec: IndexSpec) -> str:
-    """Why the saved index cannot serve this search ('' when it can)."""
+    """Why the saved index cannot serve this search ('' when it can). The train photos are needed only to see that
+    none changed on disk: with some of them gone (a run folder copied without its data) the saved index, matching
+    in everything else, serves, saying so once."""
     if tuple(info.get(k) for k in MATCH_KEYS) != (run.checkpoint_sha256, tta, repr(run.eval_tf)):
         return "it was built with another checkpoint, TTA or transform"
     if metadata["path"].tolist() != gallery["path"].astype(str).tolist():
         return "the train split's photos are not the ones it holds"
-    if "data_fingerprint" in info and info["data_fingerprint"] != gallery_fingerprint(run, gallery):
-        return "a gallery photo changed on disk since it was built (data fingerprint differs)"
     built = info.get("index", SAVED_FLAT)
     if resolve_factory(spec.index, saved.ntotal, saved.d, spec.exact_below)[0] != built["factory"]:
         return f"another index was asked for ({spec.index!r}, it is {built['factory']})"
+    if "data_fingerprint" in info:
+        files = gallery_files(run, gallery)
+        missing = [p for p in files if not p.is_file()]
+        if missing:
+            say_once(f"gallery-missing:{run.run_dir}", f"note: {len(missing)} training photos are not on disk "
+                     f"(first: {missing[0]}); predicting from the saved index")
+        elif info["data_fingerprint"] != files_fingerprint(files):
+            return "a gallery photo changed on disk since it was built (data fingerprint differs)"
     return ""
+
+
+def _needs_photos(run: TrainedRun, gallery: pd.DataFrame, why: str) -> None:
+    """Refuse, naming the first missing photo, to build the train gallery's index without all of its photos."""
+    missing = missing_files(run, gallery)
+    if missing:
+        raise DataError(f"the gallery index must be built ({why}), which reads the train split's photos, but "
+                        f"{len(missing)} are not on disk (first: {missing[0]}); put them back under "
+                        f"{run.settings.data.data_dir}, or predict with the checkpoint and TTA the saved index was "
+                        "built with")
 
 
 def _train_gallery(run: TrainedRun, settings: DeviceSettings, tta: bool, progress: bool, given: dict) -> GalleryIndex:
@@ -81,6 +112,7 @@ def _train_gallery(run: TrainedRun, settings: DeviceSettings, tta: bool, progres
             return GalleryIndex(placed, metadata, {**built, "spec": asdict(spec), **how,
                                                    "data_fingerprint": info.get("data_fingerprint")})
         print(f"note: rebuilding the gallery index in {folder}: {why}")
+    _needs_photos(run, gallery, why if (folder / "index.faiss").exists() else "none is saved")
     emb, info = embed_rows(run, gallery, settings, tta, progress=progress, desc="gallery")
     return build_gallery_index(run, gallery, emb, info, settings.device, spec)
 
@@ -97,9 +129,42 @@ def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, 
     given = {k: v for k, v in (("index", index), ("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
     found = _train_gallery(run, settings, tta, progress, given)
     rows, emb = enrolled_gallery(run, settings, tta)
-    found.info["n_enrolled"] = len(rows)
+    found.info.update(n_enrolled=0, enrolment=enrolment_stamp([]))
     if not len(rows):
         return found
-    found.index.add(unit_rows(emb, "enrolled embeddings"))
-    metadata = pd.concat([found.metadata.astype(str).assign(enrolled=""), rows], ignore_index=True)
-    return GalleryIndex(found.index, metadata.fillna(""), found.info)
+    emb = unit_rows(emb, "enrolled embeddings")
+    keep = ~enrolled_in_train(run, found, rows, emb)
+    found.index.add(emb[keep])
+    found.info.update(n_enrolled=int(keep.sum()), enrolment=enrolment_stamp(rows["enrolled"][keep]))
+    metadata = pd.concat([found.metadata.astype(str).assign(enrolled=""), rows[keep]], ignore_index=True)
+    return GalleryIndex(found.index, metadata.fillna(""), found.info, emb[keep])
+
+
+def enrolment_stamp(ids) -> dict:
+    """What records which enrolled photos a gallery held (thresholds.json, the gallery index's info): their count and
+    a hash of their ids, so that a gallery grown or changed since is noticed."""
+    ids = sorted(str(i) for i in ids)
+    return {"n_enrolled": len(ids), "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
+def enrolled_in_train(run: TrainedRun, train: GalleryIndex, rows: pd.DataFrame, emb: np.ndarray) -> np.ndarray:
+    """True for each enrolled photo that is also a photo of the train gallery (the same absolute path, or the same
+    file content: its nearest train photo, when near, hashed; an enrolled photo's id is the start of its sha256), which
+    the gallery must count once, not twice; said once. `rows`: enrolled_gallery's rows. Enrolment refuses a photo
+    already in train, so this is one added to the training data since."""
+    root = Path(run.settings.data.data_dir).resolve()
+    files = [root / p for p in train.metadata["path"]]
+    at = {str(f) for f in files}
+    distances, nearest = search(train.index, emb, 1)
+    same = np.zeros(len(rows), dtype=bool)
+    for i, row in enumerate(rows.itertuples()):
+        j = int(nearest[i, 0])
+        same[i] = row.path in at or (j != NO_NEIGHBOUR and distances[i, 0] <= SAME_PHOTO_SEARCH and files[j].is_file()
+                                     and file_sha256(files[j]).startswith(row.enrolled))
+    if same.any():
+        first = rows[same].iloc[0]
+        say_once(f"enrolled-in-train:{run.run_dir}:{same.sum()}",
+                 f"note: {same.sum()} enrolled photo(s) are also in the train split (e.g. {first['path']}, id "
+                 f"{first['enrolled']}), counted once; photo-enroll {run.run_dir} --remove {first['enrolled']} takes "
+                 "one out")
+    return same

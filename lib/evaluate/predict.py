@@ -18,9 +18,8 @@ from lib.core.device import DeviceSettings, auto_settings
 from lib.core.errors import DataError
 from lib.data.images import probe_image
 from lib.data.splits import load_split_index
-from lib.evaluate.calibrate import check_provenance
-from lib.evaluate.enrolled import enrolled_gallery
-from lib.evaluate.gallery_index import GalleryIndex, gallery_index
+from lib.evaluate.calibrate import check_enrolment, check_provenance
+from lib.evaluate.gallery_index import GalleryIndex, gallery_index, missing_files
 from lib.evaluate.photos import embed_photos, list_photos  # noqa: F401  (list_photos: imported from here too)
 from lib.retrieval.ann_index import approximation_recall, describe
 from lib.retrieval.decide import DEFAULT_K, DEFAULT_WEIGHTING, Thresholds, decisions, load_thresholds
@@ -42,6 +41,8 @@ class PredictSettings:
     small: what a photo below the run's min_size gets ('note': predicted with a note; 'refuse': an error).
     index, nprobe, ef_search: the gallery's Faiss index (lib.evaluate.gallery_index; None: as notebook 03 saved it).
     allow_mismatch: apply thresholds chosen under other settings (lib.evaluate.calibrate.check_provenance), warning.
+    strict_thresholds: refuse thresholds calibrated on a gallery with other enrolled photos than it holds now
+    (lib.evaluate.calibrate.check_enrolment), instead of warning.
     """
     k: int | None = None
     weighting: str | None = None
@@ -55,6 +56,7 @@ class PredictSettings:
     nprobe: int | None = None
     ef_search: int | None = None
     allow_mismatch: bool = False
+    strict_thresholds: bool = False
 
     def __post_init__(self):
         if self.small not in SMALL:
@@ -113,10 +115,13 @@ def index_report(run: TrainedRun, gallery: GalleryIndex, emb: np.ndarray, settin
     report = dict(gallery.info)
     if report["exact"]:
         return report
-    g_emb, _ = embed_rows(run, rows_in_split(split_rows(run), "train"), settings, cfg.tta, cfg.batch_size, cfg.progress,
-                          desc="gallery")
-    if gallery.info.get("n_enrolled"):  # the index holds the enrolled photos after the train split
-        g_emb = np.concatenate([g_emb, enrolled_gallery(run, settings, cfg.tta)[1]])
+    train = rows_in_split(split_rows(run), "train")
+    if missing_files(run, train):  # predicting from the saved index alone: exact search has nothing to run on
+        print("note: the approximate index's recall against exact search is not measured: training photos are missing")
+        return report
+    g_emb, _ = embed_rows(run, train, settings, cfg.tta, cfg.batch_size, cfg.progress, desc="gallery")
+    if gallery.enrolled_emb is not None:  # the index holds the enrolled photos after the train split
+        g_emb = np.concatenate([g_emb, gallery.enrolled_emb])
     spec = report["spec"]
     report["recall_vs_exact"] = approximation_recall(gallery.index, g_emb, emb, cfg.k, spec["recall_sample"],
                                                      spec["seed"])
@@ -142,8 +147,8 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], settings: Pred
 
     The verdict uses run_dir/eval/val/thresholds.json when notebook 03 wrote it, and only when it was chosen under
     this prediction's settings (lib.evaluate.calibrate.check_provenance: protocol, context rule, TTA, k, weighting,
-    checkpoint hash, train gallery fingerprint; a mismatch is refused unless allow_mismatch); without it the
-    verdict is empty. An approximate index's recall@k against exact search on (a sample of) these photos is
+    checkpoint hash, train gallery fingerprint; a mismatch is refused unless allow_mismatch; a gallery whose enrolled
+    photos changed since is warned about, or refused with strict_thresholds); without it the verdict is empty. An approximate index's recall@k against exact search on (a sample of) these photos is
     printed and kept in the table's attrs['index'].
     """
     thresholds, chosen, cfg = run_thresholds(run_dir, replace(settings or PredictSettings(), **overrides))
@@ -162,6 +167,7 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], settings: Pred
     if thresholds is not None:
         check_provenance(chosen, {"gallery_fingerprint": gallery.info.get("data_fingerprint")}, source,
                          cfg.allow_mismatch)
+        check_enrolment(chosen, gallery.info["enrolment"], source, cfg.strict_thresholds)
     emb = embed_photos(run, out.loc[ok, "path"].tolist(), device, cfg.tta, cfg.batch_size, cfg.progress)
     distances, neighbours = search(gallery.index, emb, cfg.k)
     out.attrs["index"] = index_report(run, gallery, emb, device, cfg)

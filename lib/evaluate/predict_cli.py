@@ -51,6 +51,9 @@ def main(argv=None) -> int:
                     help="group the photos called new into candidate individuals (new_cluster columns)")
     ap.add_argument("--cluster-threshold", type=float, default=None,
                     help="--group-new's cosine-distance threshold (default: the one notebook 03 chose)")
+    ap.add_argument("--strict-thresholds", action="store_true",
+                    help="refuse thresholds calibrated on a gallery with other enrolled photos than it holds now "
+                         "(default: apply them, with a warning)")
     args = ap.parse_args(argv)
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -62,7 +65,8 @@ def main(argv=None) -> int:
         table = predict_photos(args.run_dir, photos, PredictSettings(
             k=args.k, tta=args.tta, checkpoint=args.checkpoint, weighting=args.weighting, device=args.device,
             batch_size=args.batch_size, progress=True, small="refuse" if args.refuse_small else "note",
-            index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, allow_mismatch=args.allow_mismatch))
+            index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, allow_mismatch=args.allow_mismatch,
+            strict_thresholds=args.strict_thresholds))
         if args.group_new:
             table, grouped = add_new_groups(table, args.run_dir, args.tta, args.allow_mismatch, args.cluster_threshold)
             print(grouped)

@@ -2,6 +2,7 @@
 atomically, read back with torch's weights-only unpickler."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -54,20 +55,25 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise DataError(f"could not write checkpoint {path} ({e}); {kept}. Free disk space and re-run to resume") from e
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu", trusted: bool | None = None) -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu", trusted: bool | None = None,
+                    data: bytes | None = None) -> dict:
     """A checkpoint through torch's weights-only unpickler: tensors, plain Python types and numpy arrays load, and a
     file holding any other pickled object (which could run code as it loads) is refused, naming what it holds. Only
     `trusted=True` (or the environment variable PHOTO_RETRIEVAL_TRUST_CHECKPOINTS=1) loads such a file, for one you
-    made yourself. A truncated or unreadable file raises CorruptCheckpoint."""
+    made yourself. A truncated or unreadable file raises CorruptCheckpoint.
+
+    data: the file's bytes, already read (lib.core.state_io.read_bytes_hashed), loaded instead of reading `path`
+    again, so that a hash of them names exactly the weights loaded; `path` then only names the file in messages."""
     path = Path(path)
     trusted = os.environ.get(TRUST_ENV) == "1" if trusted is None else trusted
+    source = (lambda: io.BytesIO(data)) if data is not None else (lambda: path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=not trusted)
+            return torch.load(source(), map_location=map_location, weights_only=not trusted)
     except pickle.UnpicklingError as e:
         # the weights-only unpickler fails alike on a forbidden object and on bytes that are no pickle at all
         try:
-            held = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            held = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(source())
                     if g not in ALLOWED_NAMES]
         except Exception:
             held = []

@@ -13,7 +13,7 @@ from lib.core.device import auto_settings, cpu_training_settings
 from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.samplers import ContextPKSampler, PKSampler
-from lib.data.splits import load_split_index
+from lib.data.splits import index_split_fingerprint, load_split_index
 from lib.data.transforms import batch_mix
 from lib.retrieval.embed import forward_choice
 from lib.train.checkpoint import recorded_device, seed_everything
@@ -87,7 +87,7 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
             recorded=None if fresh else recorded_device(run_dir))
     stored = config.as_dict()
     full = {**stored, "class_to_idx": class_to_idx, "weights_source": model.weights_source,
-            "data_fingerprint": report.get("data_fingerprint"),
+            "data_fingerprint": report.get("data_fingerprint"), "split_fingerprint": index_split_fingerprint(index),
             "device": {**stored["device"], "resolved": {**settings.as_dict(), "world_size": world.size}}}
     if world.main:
         # on the CPU: the probe's layout and batch for extraction (lib.core.cpu_probe), measured here once and cached

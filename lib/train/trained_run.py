@@ -1,5 +1,5 @@
 """A trained run loaded back: its model with the checkpoint's weights and eval transform, its split rows (refused when
-the data changed since training), and their embeddings through the run's cache; a cross-entropy run's classifier too,
+the data or the split assignment changed since training), and their embeddings through the run's cache; a cross-entropy run's classifier too,
 for class probabilities. Evaluation, prediction, the gallery browser and the probe all start here."""
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import torch
 
 from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
+from lib.core.state_io import read_bytes_hashed, say_once
 from lib.data.dataset import IndexDataset
+from lib.data.splits import index_split_fingerprint, read_splits, split_fingerprint
 from lib.data.transforms import build_transforms
-from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings, file_sha256
+from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings
 from lib.train.checkpoint import load_checkpoint
 from lib.train.config import RunConfig
 from lib.train.losses import SoftmaxHead, build_loss
@@ -57,7 +59,10 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best") -> Traine
     """The run's model with the checkpoint's weights (built without fetching any pretrained weights) and its eval
     transform, on the CPU in eval mode."""
     path = checkpoint_file(run_dir, checkpoint)
-    ckpt = load_checkpoint(path)
+    # one read: training may replace the file at any moment, and the hash that keys caches, the index and the
+    # thresholds' provenance must name the weights loaded
+    data, sha256 = read_bytes_hashed(path)
+    ckpt = load_checkpoint(path, data=data)
     settings = RunConfig.from_dict(ckpt["config"])
     model = create_model(dataclasses.replace(settings.model, pretrained=""))
     model.load_state_dict(ckpt["model"])
@@ -71,7 +76,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best") -> Traine
         criterion = build_loss(settings.loss, settings.model.embed_dim, len(ckpt["config"]["class_to_idx"]))
         criterion.load_state_dict(ckpt["criterion"])
         classifier = criterion.head.eval()
-    return TrainedRun(Path(run_dir), path, file_sha256(path), ckpt["config"], ckpt.get("history", []), model, eval_tf,
+    return TrainedRun(Path(run_dir), path, sha256, ckpt["config"], ckpt.get("history", []), model, eval_tf,
                       ckpt.get("epoch"), classifier)
 
 
@@ -87,13 +92,44 @@ def class_probabilities(run: TrainedRun, emb: np.ndarray) -> pd.DataFrame | None
 
 
 def split_rows(run: TrainedRun) -> pd.DataFrame:
-    """The run's split index (with `split`), refused when the data changed since training."""
+    """The run's split index (with `split`), refused when the data changed since training, or when the split files
+    now place photos in other splits than those it trained on (a re-split: its val or test could hold photos the
+    model trained on, and evaluation would report inflated figures)."""
     index, _, report = load_run_data(run.settings.data)
+    splits_dir = run.settings.data.splits_dir
     trained_on = run.config.get("data_fingerprint")
     if trained_on and report.get("data_fingerprint") != trained_on:
-        raise DataError(f"the split in {run.settings.data.splits_dir} describes other data than {run.checkpoint} "
+        raise DataError(f"the split in {splits_dir} describes other data than {run.checkpoint} "
                         "was trained on (data fingerprints differ); evaluate with the splits it was trained with")
+    check_split_assignment(run, index_split_fingerprint(index))
     return index.reset_index(drop=True)
+
+
+def check_split_assignment(run: TrainedRun, now: str) -> None:
+    """Refuse a checkpoint trained on another split assignment than `now` (the split files' index_split_fingerprint),
+    naming both and the fix; a checkpoint from before the assignment was recorded is accepted, said once."""
+    splits_dir = Path(run.settings.data.splits_dir)
+    trained = run.config.get("split_fingerprint")
+    if trained is None:
+        say_once(f"split-unchecked:{run.checkpoint}", f"warning: {run.checkpoint} predates recorded split "
+                 f"assignments: cannot check that {splits_dir} places each photo where it trained (retrain to record it)")
+        return
+    if trained == now:
+        return
+    kept = sorted(str(p) for p in splits_dir.glob("replaced-*") if _assignment_of(p) == trained)
+    raise DataError(f"{run.checkpoint} was trained on another split than {splits_dir} holds now (split fingerprint "
+                    f"{trained[:12]} at training, {now[:12]} now): its val and test may hold photos it trained on. "
+                    "Retrain on the new split (notebook 02), or evaluate on the split it was trained on"
+                    + (f" (kept in {kept[-1]}: move its files back into {splits_dir})" if kept else
+                       " (notebook 01 with its seed and ratios, fresh=True, rewrites it)"))
+
+
+def _assignment_of(splits_dir: Path) -> str | None:
+    """split_fingerprint of the split files in a folder (a re-split's replaced-* backup), None when unreadable."""
+    try:
+        return split_fingerprint(read_splits(splits_dir).groups)
+    except DataError:
+        return None
 
 
 def rows_in_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
