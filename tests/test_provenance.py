@@ -165,7 +165,7 @@ def test_a_photo_enrolled_and_later_in_the_training_gallery_counts_once(run_dir,
     table = pd.DataFrame({"id": [d[:12] for d in digests], "path": photos, "label": ["a", "b", "newcomer"],
                           "group": "enrolled:x", "sha256": digests, "enrolled_at": "now"})[list(COLUMNS)]
     settings = auto_settings(device="cpu")
-    save_enrolled(run, Enrolled(table, embed_photos(trained, photos, settings), embedding_key(trained, False)))
+    save_enrolled(run, Enrolled().added(table, embedding_key(trained, False), embed_photos(trained, photos, settings)))
     capsys.readouterr()
     found = gallery_index(trained, settings)
     assert found.index.ntotal == len(train) + 1 == len(found.metadata)
