@@ -48,6 +48,11 @@ def test_batched_matches_equal_pair_by_pair_brute_force(ratio):
         assert {tuple(map(int, m)) for m in got[k]} == brute_force_matches(query, photo, ratio), f"photo {k}"
     assert min(len(got[k]) for k in (3, 4, 5)) >= 5  # the planted copies were found
     assert shortlist_matches(query[:0], gallery, ratio)[3].shape == (0, 2)
+    # a shortlist too large for one step is matched a few photos at a time, to the same matches
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local_match, "MAX_SIMS", len(query) * 80 * 2)
+        for a, b in zip(shortlist_matches(query, gallery, ratio), got):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_synthetic_warp_inliers_are_the_known_homography():

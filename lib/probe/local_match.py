@@ -26,14 +26,17 @@ MIN_MATCHES = {"homography": 4, "affine": 2}  # fewest point pairs each OpenCV e
 # pair that would otherwise run long rather than setting every unrelated pair's cost as plain RANSAC's cap did.
 RANSAC_ITERS = 500
 RANSAC_CONFIDENCE = 0.999
+# Similarities one matching step holds (128 MiB of float32): a shortlist of photos with many keypoints each (say
+# n_features=0) is matched a few photos at a time, with the same result.
+MAX_SIMS = 2**25
 MATCHER = "rootsift mutual-nn usac-magsac"  # names these counts in the inlier cache, apart from older matchers'
 
 
 @dataclass(frozen=True)
 class SiftConfig:
     # Images scaled (never up) so their longer side is at most this before detection. SIFT's cost grows with the
-    # pixels and matching's with the keypoints (every query keypoint against every shortlisted one); docs/ holds
-    # what smaller and larger settings cost and how they rank (README, "local re-ranking").
+    # pixels and matching's with the keypoints (every query keypoint against every shortlisted one); what larger
+    # settings cost and how they rank is in the README's local re-ranking benchmark (bench/bench_probe.py --sizes).
     max_side: int = 320
     n_features: int = 500  # cv2.SIFT_create(nfeatures=...), the strongest kept; 0 keeps every keypoint
     ratio: float = 0.8  # Lowe's ratio test on the two nearest descriptors
@@ -95,6 +98,9 @@ def shortlist_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float
     counts = np.array([len(g) for g in gallery])
     if len(query) == 0 or not len(gallery) or counts.max() < 2:
         return [np.zeros((0, 2), np.intp) for _ in gallery]
+    step = max(1, MAX_SIMS // (len(query) * int(counts.max())))
+    if step < len(gallery):
+        return [m for s in range(0, len(gallery), step) for m in shortlist_matches(query, gallery[s: s + step], ratio)]
     # each photo's descriptors padded to the longest, so per-photo neighbours are reductions over one axis; the
     # padding is a negative vector, whose product with any RootSIFT descriptor (non-negative, unit length) is
     # below every real one's, so it is never a neighbour in either direction
