@@ -2,7 +2,8 @@
 ensemble of two backbones (rank averaging, score averaging, learned weights) and the boosted hybrid scorer,
 identity-balanced mAP and the time each costs per query, in one run.
 
-    python bench/bench_probe.py [--data demo|lions] [--masks] [--run-dir runs/demo] [--cost-only]
+    python bench/bench_probe.py [--data demo|lions] [--masks] [--run-dir runs/demo]
+    python bench/bench_probe.py --cost-only [--data lions|demo|FOLDER] [--size 640] [--old] [--sizes 256,512]
 
 demo: a demo collection made in a temporary folder (8 pattern families x 12 individuals x 6 photos), split by
 individual (open set): the probed val split (60 % of the individuals) queries itself leave-one-out. --masks adds the
@@ -14,12 +15,15 @@ share one feature cache, made fresh in a temporary folder, and every row reports
 (the ensemble's: every member's). 'x global' is the ratio to the backbone's global row; the last table sets the
 ensemble and the hybrid against the best single method (global, qe, kreciprocal, local, fusion; any backbone).
 
-Last (alone with --cost-only), what local re-ranking and fusion cost per query on real photos at a gallery's scale:
-the lions split closed-set (every fifth photo of each individual a query, the rest the gallery it searches), Lite0,
-the fusion pipeline (global shortlist of 20, SIFT of the queries and shortlisted photos, inliers, fusion) timed in
-three parts: SIFT extraction, pair matching, and the rest (the query's embedding at its extraction cost, global
-search, shortlist, fusion); against global search's own cost per query (embedding + search), with a cold cache and
-again warm (every feature and inlier count cached). Skipped, with a line saying so, where the lions are absent.
+Last (alone with --cost-only), what local re-ranking and fusion cost per query against global search, cold (an
+empty feature cache) and warm (every feature and inlier count cached), with their Recall@1 and mAP; Lite0, a global
+shortlist of 20. The photos: the lions upscaled to --size px (640; 0 keeps them as they are) split closed set (every
+fifth photo of each individual a query, the rest the gallery it searches), any FOLDER of {individual}/{photo} split
+so too, or the demo made at --size px (val leave-one-out). 'ms' is the probe's own figure, as global's: the query
+photo's features at their extraction cost, then the shortlist, matching and fusion; 'all-in' charges every SIFT
+extraction of the run, the gallery's included, to the queries. --old adds the matcher before the batched one (SIFT
+at 512 px and 1000 keypoints extracted one photo at a time, BFMatcher and RANSAC pair by pair, kept in this file)
+in the same run, so both share the machine's load; --sizes adds the batched matcher with SIFT at other sizes.
 """
 from __future__ import annotations
 
@@ -62,21 +66,23 @@ def demo_splits(tmp: Path, size: int = 256) -> tuple[Path, Path]:
     return data, tmp / "splits"
 
 
-def lions_splits(tmp: Path, closed: bool = False) -> tuple[Path, Path]:
-    """The lions as published (val individuals unseen in train) or, closed, every fifth photo of each individual
-    (from its second) in val and the rest in train, so val queries search a gallery that holds their individuals."""
+def given_splits(table: pd.DataFrame, data: Path, tmp: Path) -> tuple[Path, Path]:
+    """Splits as the table's 'split' column gives them, of photos (its 'path', 'label') under data."""
+    table.to_csv(tmp / "photos.csv", index=False)
+    index, _ = index_from_csv(tmp / "photos.csv", data_root=data, split_col="split")
+    kept, excluded = check_images(index, data, min_size=64)  # lions: median 130 px, the 224 px rule drops them all
+    prepare_splits(kept, tmp / "splits", SplitConfig(mode="given"), excluded)
+    return data, tmp / "splits"
+
+
+def lions_splits(tmp: Path) -> tuple[Path, Path]:
+    """The lions as published (val individuals unseen in train)."""
     if not (LIONS / "val").is_dir():
         sys.exit(f"lions photos not found at {LIONS}; nothing run")
     paths = sorted(p.relative_to(LIONS).as_posix() for p in LIONS.glob("*/*/*.png"))
     table = pd.DataFrame({"path": paths, "label": [p.split("/")[1] for p in paths],
                           "split": [p.split("/")[0] for p in paths]})
-    if closed:
-        table["split"] = table.groupby("label").cumcount().mod(5).eq(1).map({True: "val", False: "train"})
-    table.to_csv(tmp / "lions.csv", index=False)
-    index, _ = index_from_csv(tmp / "lions.csv", data_root=LIONS, split_col="split")
-    kept, excluded = check_images(index, LIONS, min_size=64)  # median 130 px: the 224 px rule would drop them all
-    prepare_splits(kept, tmp / "splits", SplitConfig(mode="given"), excluded)
-    return LIONS, tmp / "splits"
+    return given_splits(table, LIONS, tmp)
 
 
 def main() -> None:
@@ -242,11 +248,7 @@ def folder_splits(data: Path, tmp: Path) -> tuple[Path, Path]:
                    if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
     table = pd.DataFrame({"path": paths, "label": [p.split("/")[-2] for p in paths]})
     table["split"] = table.groupby("label").cumcount().mod(5).eq(1).map({True: "val", False: "train"})
-    table.to_csv(tmp / "photos.csv", index=False)
-    index, _ = index_from_csv(tmp / "photos.csv", data_root=data, split_col="split")
-    kept, excluded = check_images(index, data, min_size=64)
-    prepare_splits(kept, tmp / "splits", SplitConfig(mode="given"), excluded)
-    return data, tmp / "splits"
+    return given_splits(table, data, tmp)
 
 
 def cost_sets(args, tmp: Path):
