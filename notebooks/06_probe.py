@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python (photo-retrieval)
 #     language: python
@@ -46,7 +48,7 @@ qe_alpha = 3.0
 k1 = 20                         # k-reciprocal re-ranking (Zhong et al. 2017)
 k2 = 6
 lambda_value = 0.3
-sift = {"max_side": 512, "n_features": 1000, "ratio": 0.8, "ransac_px": 5.0, "geometry": "homography"}
+sift = {"max_side": 320, "n_features": 500, "ratio": 0.8, "ransac_px": 5.0, "geometry": "homography"}
 sift_photos = "shortlisted"     # gallery photos given SIFT: shortlisted (same rankings, less work) | all (fill cache)
 calibrate_on = "val"            # split whose pairs fit fusion, ensemble weights, hybrid (cross-fitted if it is `split`)
 ensemble_members = []           # backbone names the ensemble combines; []: all of them (it needs two or more)

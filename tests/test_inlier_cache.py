@@ -16,9 +16,11 @@ def feats():
 
 
 def counting(monkeypatch):
-    """Replaces count_inliers (what every match goes through) by a wrapper that records each call."""
-    calls, real = [], local_match.count_inliers
-    monkeypatch.setattr(local_match, "count_inliers", lambda *a: calls.append(1) or real(*a))
+    """Replaces query_inliers (what every match goes through: a query against the photos it is matched with) by a
+    wrapper that records a 1 per pair matched."""
+    calls, real = [], local_match.query_inliers
+    monkeypatch.setattr(local_match, "query_inliers", lambda q, gallery, *a: calls.extend([1] * len(gallery))
+                        or real(q, gallery, *a))
     return calls
 
 

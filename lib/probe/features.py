@@ -22,7 +22,8 @@ from lib.data.dataset import IndexDataset
 from lib.data.images import open_image
 from lib.data.masks import MaskedDataset, decode_mask, masks_fingerprint, mean_fill
 from lib.data.transforms import build_transforms
-from lib.probe.local_match import RANSAC_ITERS, SiftConfig, pair_inliers, shortlist_pairs, sift_features
+from lib.probe.local_match import (MATCHER, RANSAC_ITERS, SiftConfig, in_threads, pair_inliers, shortlist_pairs,
+                                   sift_features)
 from lib.probe.photo_features import PHOTO_FEATURES, SETTINGS, photo_features
 from lib.retrieval.embed import (EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint,
                                  state_sha256)
@@ -93,13 +94,18 @@ def embeddings(backbone: Backbone, rows: pd.DataFrame, data_dir: str | os.PathLi
     return emb, {"cached": False, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
 
 
+def _photo_and_mask(i: int, row: pd.Series, data_dir: Path, mask_col: str):
+    """(photo, its foreground mask or None) of row i of a table."""
+    image = open_image(data_dir / row["path"])
+    where = f"index row {i} ({row['path']})"
+    return image, decode_mask(row[mask_col], image.size, data_dir, where=where) if mask_col else None
+
+
 def _photos_and_masks(rows: pd.DataFrame, data_dir: Path, mask_col: str, desc: str, progress: bool):
     """(photo, its foreground mask or None) of each row in turn, one photo in memory at a time."""
     for i, row in tqdm(rows.reset_index(drop=True).iterrows(), total=len(rows), desc=desc, disable=not progress,
                        leave=False):
-        image = open_image(data_dir / row["path"])
-        where = f"index row {i} ({row['path']})"
-        yield image, decode_mask(row[mask_col], image.size, data_dir, where=where) if mask_col else None
+        yield _photo_and_mask(i, row, data_dir, mask_col)
 
 
 def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig, mask_col: str = "",
@@ -127,8 +133,16 @@ def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig,
                 feats[i], ms[i] = (f["keypoints"], f["descriptors"]), float(f["ms"])
     missing = [i for i, f in enumerate(feats) if f is None]
     t0 = time.perf_counter()
-    made = [sift_features(image, cfg, mask)
-            for image, mask in _photos_and_masks(rows.iloc[missing], data_dir, mask_col, "sift", progress)]
+    bar = tqdm(total=len(missing), desc="sift", disable=not progress, leave=False)
+
+    def extract(i: int):  # each worker reads and decodes its own photos: the decoding is spread over the cores too
+        image, mask = _photo_and_mask(i, rows.iloc[i], data_dir, mask_col)
+        features = sift_features(image, cfg, mask)
+        bar.update()
+        return features
+
+    made = in_threads(extract, missing)
+    bar.close()
     ms[missing] = 1000 * (time.perf_counter() - t0) / max(len(missing), 1)
     desc = np.concatenate([d for _, d in made]) if made else np.zeros((0, 128), np.float32)
     if len(desc) and (desc.min() < 0 or desc.max() > 255 or not np.array_equal(desc, np.round(desc))):
@@ -166,7 +180,7 @@ def inlier_table(query_features: list, gallery_features: list, candidates: np.nd
     g_keys = {g: sift_key(gallery_features[g]) for g in {g for _, g in rows}}
     wanted = [(q_keys[i], g_keys[g]) for i, g in rows]
     key = {"method": "sift_inliers", "ratio": cfg.ratio, "ransac_px": cfg.ransac_px, "geometry": cfg.geometry,
-           "ransac_iters": RANSAC_ITERS}
+           "ransac_iters": RANSAC_ITERS, "matcher": MATCHER}
     file = Path(cache_dir) / "sift_inliers" / f"{_key_name(key)}.npz" if cache_dir else None
     known = {}
     if file is not None and file.exists():

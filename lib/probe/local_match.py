@@ -1,31 +1,44 @@
-"""Local-feature matching to re-rank a global retrieval shortlist: SIFT, Lowe's ratio test, RANSAC inliers.
+"""Local-feature matching to re-rank a global retrieval shortlist: RootSIFT, mutual nearest neighbours with Lowe's
+ratio test, USAC inliers.
 
-A global embedding ranks the gallery; the few top candidates per query are then re-scored by how many
-keypoint matches agree with one geometric transform. Plain OpenCV SIFT, so nothing is downloaded.
+A global embedding ranks the gallery; the few top candidates per query are then re-scored by how many keypoint
+matches agree with one geometric transform. Plain OpenCV SIFT, so nothing is downloaded. A query is matched against
+its whole shortlist in one step: one matrix product of its descriptors with every candidate's, the nearest and
+second-nearest neighbour within each candidate read off it; only the geometric check runs pair by pair.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 GEOMETRIES = ("homography", "affine")
 MIN_MATCHES = {"homography": 4, "affine": 2}  # fewest point pairs each OpenCV estimator accepts
-# RANSAC's cap on samples (OpenCV's default is 2000). A true pair's consensus is found early and ends the search;
-# an unrelated pair runs to the cap, which at 2000 was most of a pair's time. At 500 the lions probe (Lite0, val
-# leave-one-out, local and fusion) ranked exactly as before, and unrelated pairs kept about their chance inliers
-# (docs/benchmarks.md, "Probe methods").
+# The cap on USAC's samples. USAC (MAGSAC++ scoring, SPRT verification) ends a true pair's search as soon as its
+# consensus is found and rejects an unrelated pair's models after a few points each, so the cap bounds the rare
+# pair that would otherwise run long rather than setting every unrelated pair's cost as plain RANSAC's cap did.
 RANSAC_ITERS = 500
+RANSAC_CONFIDENCE = 0.999
+# Similarities one matching step holds (128 MiB of float32): a shortlist of photos with many keypoints each (say
+# n_features=0) is matched a few photos at a time, with the same result.
+MAX_SIMS = 2**25
+MATCHER = "rootsift mutual-nn usac-magsac"  # names these counts in the inlier cache, apart from older matchers'
 
 
 @dataclass(frozen=True)
 class SiftConfig:
-    max_side: int = 512  # images scaled (never up) so their longer side is at most this before detection
-    n_features: int = 1000  # cv2.SIFT_create(nfeatures=...); 0 keeps every keypoint
+    # Images scaled (never up) so their longer side is at most this before detection. SIFT's cost grows with the
+    # pixels and matching's with the keypoints (every query keypoint against every shortlisted one); what larger
+    # settings cost and how they rank is in the README's local re-ranking benchmark (bench/bench_probe.py --sizes).
+    max_side: int = 320
+    n_features: int = 500  # cv2.SIFT_create(nfeatures=...), the strongest kept; 0 keeps every keypoint
     ratio: float = 0.8  # Lowe's ratio test on the two nearest descriptors
     ransac_px: float = 5.0  # RANSAC reprojection threshold, pixels of the scaled image
     geometry: str = "homography"  # "homography" (cv2.findHomography) | "affine" (cv2.estimateAffinePartial2D)
@@ -68,62 +81,129 @@ def sift_features(image: Image.Image, cfg: SiftConfig = SiftConfig(),
     return np.array([k.pt for k in keypoints], np.float32), descriptors.astype(np.float32)
 
 
+def root_sift(descriptors: np.ndarray) -> np.ndarray:
+    """(n, 128) float32 RootSIFT (Arandjelovic & Zisserman 2012): each SIFT descriptor L1-normalised and square-rooted.
+    The rows come out unit-length, so one matrix product gives every pair's squared distance (2 - 2 x dot), and
+    Euclidean distance between them is the Hellinger distance of the SIFT histograms, which matches better."""
+    d = np.asarray(descriptors, np.float32)
+    total = d.sum(axis=1, keepdims=True)
+    return np.sqrt(np.divide(d, total, out=np.zeros_like(d), where=total > 0))
+
+
+def shortlist_matches(query: np.ndarray, gallery: list[np.ndarray], ratio: float) -> list[np.ndarray]:
+    """Per gallery photo, the (m, 2) rows (query keypoint, gallery keypoint) that are mutual nearest neighbours and
+    pass Lowe's ratio test (nearest distance < ratio x second nearest, both within that photo); descriptors as
+    sift_features gives them. One matrix product of the query's descriptors with all the gallery photos' at once; a
+    photo with fewer than 2 descriptors (no second neighbour) and an empty query match nothing."""
+    counts = np.array([len(g) for g in gallery])
+    if len(query) == 0 or not len(gallery) or counts.max() < 2:
+        return [np.zeros((0, 2), np.intp) for _ in gallery]
+    step = max(1, MAX_SIMS // (len(query) * int(counts.max())))
+    if step < len(gallery):
+        return [m for s in range(0, len(gallery), step) for m in shortlist_matches(query, gallery[s: s + step], ratio)]
+    # each photo's descriptors padded to the longest, so per-photo neighbours are reductions over one axis; the
+    # padding is a negative vector, whose product with any RootSIFT descriptor (non-negative, unit length) is
+    # below every real one's, so it is never a neighbour in either direction
+    width, q = int(counts.max()), root_sift(query)
+    padded = np.full((len(gallery), width, q.shape[1]), -1.0, np.float32)
+    for k, g in enumerate(gallery):
+        padded[k, : len(g)] = root_sift(g)
+    sims = (q @ padded.reshape(-1, q.shape[1]).T).reshape(len(q), len(gallery), width)
+    closest = sims.max(axis=0)  # (photos, width): each gallery keypoint's similarity to its nearest query keypoint
+    best = sims.argmax(axis=2)  # (queries, photos): each query keypoint's nearest keypoint in each photo
+    nearest = np.take_along_axis(sims, best[..., None], axis=2)[..., 0]
+    mutual = nearest >= closest[np.arange(len(gallery)), best]
+    np.put_along_axis(sims, best[..., None], -np.inf, axis=2)
+    distance = np.sqrt(np.maximum(2 - 2 * np.stack([nearest, sims.max(axis=2)]), 0))
+    keep = mutual & (distance[0] < ratio * distance[1])
+    keep[:, counts < 2] = False
+    return [_first_per_target(np.flatnonzero(keep[:, k]), best[keep[:, k], k]) for k in range(len(gallery))]
+
+
+def _first_per_target(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(m, 2) (source, target) rows with each target once, taken by its first source: two query keypoints with
+    the very same descriptor both reach a gallery keypoint's nearest similarity, and only one can be its neighbour."""
+    _, first = np.unique(target, return_index=True)
+    return np.stack([source[first], target[first]], axis=1).astype(np.intp)
+
+
+def consensus(src: np.ndarray, dst: np.ndarray, cfg: SiftConfig) -> int:
+    """Matched points (src (m, 2) -> dst (m, 2)) that agree with one transform of cfg.geometry: USAC with MAGSAC++
+    for a homography, OpenCV's RANSAC for a partial affine (its estimator takes no USAC method); 0 below the fewest
+    points the estimator accepts."""
+    if len(src) < MIN_MATCHES[cfg.geometry]:
+        return 0
+    src, dst = src.reshape(-1, 1, 2).astype(np.float32), dst.reshape(-1, 1, 2).astype(np.float32)
+    if cfg.geometry == "homography":
+        # USAC draws its samples from a generator it seeds itself, so the counts repeat run to run
+        _, status = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, cfg.ransac_px, maxIters=RANSAC_ITERS,
+                                       confidence=RANSAC_CONFIDENCE)
+    else:
+        # plain RANSAC samples from OpenCV's per-thread generator: seeded here, in the thread that matches, so the
+        # counts do not depend on the number of workers
+        cv2.setRNGSeed(0)
+        _, status = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_px,
+                                                maxIters=RANSAC_ITERS, confidence=RANSAC_CONFIDENCE)
+    return 0 if status is None else int(status.sum())
+
+
+def query_inliers(query: tuple[np.ndarray, np.ndarray], gallery: list, cfg: SiftConfig = SiftConfig()) -> np.ndarray:
+    """(len(gallery),) float32 inliers of one query's (keypoints, descriptors) against each gallery photo's: the
+    mutual, ratio-tested matches of shortlist_matches, then the consensus of each pair's matches."""
+    pts, desc = query
+    matches = shortlist_matches(desc, [d for _, d in gallery], cfg.ratio)
+    return np.array([consensus(pts[m[:, 0]], g_pts[m[:, 1]], cfg) for m, (g_pts, _) in zip(matches, gallery)],
+                    np.float32)
+
+
 def count_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
                   cfg: SiftConfig = SiftConfig()) -> int:
-    """Matches of a's descriptors to b's that pass the ratio test, are one-to-one, and agree with one RANSAC geometry.
-
-    0 when either side has fewer than 2 descriptors (the ratio test needs two neighbours) or fewer matches
-    survive than the geometry needs (4 for a homography, 2 for a partial affine).
-    """
-    (pts_a, desc_a), (pts_b, desc_b) = a, b
-    if len(desc_a) < 2 or len(desc_b) < 2:
-        return 0
-    # float32 always: OpenCV's brute-force L2 matcher is vectorised for float32 only, and on uint8 (the probe's
-    # compact store, same distances) it is several times slower (docs/benchmarks.md, "Figures behind lib's defaults").
-    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc_a.astype(np.float32, copy=False),
-                                               desc_b.astype(np.float32, copy=False), k=2)
-    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < cfg.ratio * p[1].distance]
-    # One match per keypoint of b (the nearest): otherwise many of a's keypoints can pile onto one of b's and
-    # a degenerate transform that collapses them to that point counts them all (unrelated images got ~25).
-    one_to_one: dict[int, cv2.DMatch] = {}
-    for m in sorted(good, key=lambda m: m.distance):
-        one_to_one.setdefault(m.trainIdx, m)
-    good = list(one_to_one.values())
-    if len(good) < MIN_MATCHES[cfg.geometry]:
-        return 0
-    src = pts_a[[m.queryIdx for m in good]].reshape(-1, 1, 2)
-    dst = pts_b[[m.trainIdx for m in good]].reshape(-1, 1, 2)
-    # RANSAC samples at random: a fixed seed keeps re-ranked lists identical run to run, and since OpenCV's RNG is
-    # per thread, seeding it here, in the thread that matches, keeps them identical for any number of workers.
-    cv2.setRNGSeed(0)
-    if cfg.geometry == "homography":
-        _, status = cv2.findHomography(src, dst, cv2.RANSAC, cfg.ransac_px, maxIters=RANSAC_ITERS)
-    else:
-        _, status = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=cfg.ransac_px,
-                                                maxIters=RANSAC_ITERS)
-    return 0 if status is None else int(status.sum())
+    """Inliers of one pair: a's features matched against b's alone (query_inliers with a one-photo shortlist)."""
+    return int(query_inliers(a, [b], cfg)[0])
 
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def pair_inliers(pairs: list, cfg: SiftConfig = SiftConfig(), workers: int | None = None) -> np.ndarray:
-    """(n,) float32 count_inliers of each (a, b) feature pair, `workers` pairs at a time (default: one per usable
-    core). Threads suffice because OpenCV releases the GIL while matching; each pair is still matched alone, with
-    its own RANSAC seed, so the counts do not depend on the number of workers."""
-    workers = min(workers or default_workers(), max(len(pairs), 1))
-    if workers == 1:
-        return np.array([count_inliers(a, b, cfg) for a, b in pairs], np.float32)
+@contextmanager
+def one_thread_each():
+    """OpenCV and BLAS limited to one thread while a pool of workers keeps every core busy: their own threads on top
+    of the pool's would only contend for the cores."""
     threads = cv2.getNumThreads()
-    # One OpenCV thread per worker: the pool already keeps every core busy, and OpenCV's own threads on top of it
-    # would only contend for them.
     cv2.setNumThreads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            return np.fromiter(pool.map(lambda pair: count_inliers(*pair, cfg), pairs), np.float32, len(pairs))
+        with threadpool_limits(1):
+            yield
     finally:
         cv2.setNumThreads(threads)
+
+
+def in_threads(work: Callable, items: Iterable, workers: int | None = None) -> list:
+    """[work(item) for item in items], `workers` items at a time (default: one per usable core). Threads suffice:
+    OpenCV, PIL's decoders and BLAS release the GIL while they work."""
+    items = list(items)
+    workers = min(workers or default_workers(), max(len(items), 1))
+    if workers == 1:
+        return [work(item) for item in items]
+    with one_thread_each(), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(work, items))
+
+
+def pair_inliers(pairs: list, cfg: SiftConfig = SiftConfig(), workers: int | None = None) -> np.ndarray:
+    """(n,) float32 inliers of each (a, b) feature pair: the pairs that share a query (the same `a` object) are
+    matched in one query_inliers step, the queries `workers` at a time. A pair's count depends only on its two
+    photos (up to the float rounding of the matrix product), not on the other photos of its step nor on the number
+    of workers."""
+    groups: dict[int, list[int]] = {}
+    for n, (a, _) in enumerate(pairs):
+        groups.setdefault(id(a), []).append(n)
+    counts = np.zeros(len(pairs), np.float32)
+    per_query = in_threads(lambda rows: query_inliers(pairs[rows[0]][0], [pairs[n][1] for n in rows], cfg),
+                           groups.values(), workers)
+    for rows, got in zip(groups.values(), per_query):
+        counts[rows] = got
+    return counts
 
 
 def shortlist_pairs(n_queries: int, candidates: np.ndarray) -> list[tuple[int, int]]:
