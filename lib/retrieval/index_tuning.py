@@ -106,8 +106,8 @@ def ladders(index: faiss.Index, k: int) -> list[list[dict]]:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         probes = [{"nprobe": 2 ** i} for i in range(int(np.log2(ivf.nlist)) + 1)]
-        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
-            return [[{**p, "k_factor_rf": f} for p in probes] for f in K_FACTORS]
+        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):  # the most candidates first: see tune()
+            return [[{**p, "k_factor_rf": f} for p in probes] for f in sorted(K_FACTORS, reverse=True)]
         return [probes]
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
         top = int(np.ceil(np.log2(min(max(index.ntotal, k, EF_FLOOR), EF_CEILING))))
@@ -143,9 +143,11 @@ def climb(index: faiss.Index, s: TuningSample, ladder: list[dict], target: float
 def tune(index: faiss.Index, s: TuningSample, target: float) -> OperatingPoint:
     """The fastest setting of `index` whose recall@k on the sample reaches `target` (where none does, the one with
     the highest recall), set on the index."""
-    best = None
+    best, floor = None, 1
     for ladder in ladders(index, s.k):
-        point = climb(index, s, ladder, target)
+        # fewer refine candidates need at least the lists that more needed: each ladder starts where the last met
+        point = climb(index, s, [p for p in ladder if p.get("nprobe", floor) >= floor] or ladder[-1:], target)
+        floor = point.params.get("nprobe", 1) if point.met else floor
         if point.better_than(best):
             best = point
     set_params(index, best.params)
