@@ -184,8 +184,8 @@ def place(index: faiss.Index, device="auto") -> tuple[faiss.Index, str]:
     return placed, f"{len(gpus)} GPUs, sharded" if len(gpus) > 1 else f"cuda:{gpus[0]}"
 
 
-def _filled(factory: str, x: np.ndarray, spec: IndexSpec) -> tuple[faiss.Index, int]:
-    """(CPU index `factory` trained on a sample of the unit rows x and holding them all, rows trained on)."""
+def _filled(factory: str, x: np.ndarray, spec: IndexSpec) -> tuple[faiss.Index, np.ndarray]:
+    """(CPU index `factory` trained on a sample of the unit rows x and holding them all, the rows trained on)."""
     cpu = new_index(factory, x.shape[1])
     if spec.index.strip().lower() == "hnsw":
         faiss.downcast_index(cpu).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -197,7 +197,7 @@ def _filled(factory: str, x: np.ndarray, spec: IndexSpec) -> tuple[faiss.Index, 
     except RuntimeError as e:
         raise ValueError(f"index={spec.index!r} ({factory}) could not be built over {len(x):,} vectors: "
                          f"{_faiss_reason(e)}") from None
-    return cpu, len(rows)
+    return cpu, rows
 
 
 def _tuned(x: np.ndarray, spec: IndexSpec, factories: list[str]) -> tuple[faiss.Index, str, int, dict | None]:
@@ -207,7 +207,7 @@ def _tuned(x: np.ndarray, spec: IndexSpec, factories: list[str]) -> tuple[faiss.
     if set_params(cpu, spec.explicit()):
         return cpu, factories[0], rows, None
     t0 = time.perf_counter()
-    sample = tuning_sample(x, spec.k, spec.recall_sample, spec.seed)
+    sample = tuning_sample(x, spec.k, spec.recall_sample, spec.seed, avoid=rows)
     best, tried = None, []
     for factory in factories:
         if tried:  # the previous candidate is dropped before the next is built: at most two in memory
@@ -264,7 +264,7 @@ def build_search_index(embeddings, spec: IndexSpec = IndexSpec(), device="auto")
                        "build_seconds": time.perf_counter() - t0}
     params = set_params(cpu, spec.explicit() if tuning is None else tuning["params"])
     index, where = place(cpu, device)
-    return index, {**info, "exact": False, "search_params": params, "train_rows": rows, "placement": where,
+    return index, {**info, "exact": False, "search_params": params, "train_rows": len(rows), "placement": where,
                    "build_seconds": time.perf_counter() - t0}
 
 
@@ -306,12 +306,14 @@ def describe(report: dict) -> str:
     return line
 
 
-def retune(index: faiss.Index, spec: IndexSpec) -> dict:
+def retune(index: faiss.Index, spec: IndexSpec, train_rows: int = 0) -> dict:
     """Tunes the search parameters of a built CPU `index` to spec.recall, without rebuilding it: the tuning sample's
     exact answers come from the vectors the index holds (exact for IVF-Flat, HNSW and refined indexes; a PQ index
-    gives back its codes' approximations). Returns the tuning record."""
+    gives back its codes' approximations); train_rows: how many it was trained on (with spec.seed, which). Returns
+    the tuning record."""
     t0 = time.perf_counter()
-    sample = tuning_sample(index.reconstruct_n(0, index.ntotal), spec.k, spec.recall_sample, spec.seed)
+    trained = sample_rows(index.ntotal, train_rows, spec.seed) if train_rows else None
+    sample = tuning_sample(index.reconstruct_n(0, index.ntotal), spec.k, spec.recall_sample, spec.seed, trained)
     point = tune(index, sample, spec.recall)
     return tuning_record(point, sample, spec.recall, time.perf_counter() - t0)
 
@@ -329,7 +331,7 @@ def searchable(index: faiss.Index, spec: IndexSpec, device="auto", built: dict |
         if (saved.get("target"), saved.get("k")) == (spec.recall, clip_k(spec.k, index.ntotal - 1)):
             params = set_params(index, saved["params"])
         else:
-            tuning = retune(index, spec)
+            tuning = retune(index, spec, (built or {}).get("train_rows", 0))
             params = tuning["params"]
     index, where = place(index, device)
     return index, {"search_params": params, "placement": where, **({"tuning": tuning} if tuning else {})}

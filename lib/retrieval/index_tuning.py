@@ -23,6 +23,7 @@ TIME_ROUNDS = 3      # the fastest of these rounds: the one least slowed by othe
 K_FACTORS = (1, 2, 4)  # a refined index re-ranks k x this many candidates by their full vectors
 EF_FLOOR = 16        # HNSW's smallest efSearch tried (faiss searches with max(efSearch, k) anyway)
 EF_CEILING = 4096    # and its largest: a graph that needs more is the wrong index for the gallery
+LOWER_BOUND_Z = 1.645  # one-sided 95 %: the tuning sample's recall must reach the target by this many errors
 
 
 def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
@@ -46,12 +47,17 @@ def set_params(index: faiss.Index, params: dict) -> dict:
     return applied
 
 
-def overlap(exact: np.ndarray, found: np.ndarray, n: int) -> float:
-    """Share of each row's `exact` gallery rows (ids < n) that `found`'s row also holds, averaged: recall@k."""
+def row_recalls(exact: np.ndarray, found: np.ndarray, n: int) -> np.ndarray:
+    """Share of each row's `exact` gallery rows (ids < n) that `found`'s row also holds: per-query recall@k."""
     # each row gets its own id range (n + 1 wide), so one isin call compares all rows, and padding (-1) falls in
     # the gap between two ranges where no exact result is
     offset = np.arange(len(exact))[:, None] * (n + 1)
-    return float(np.isin(exact + offset, found + offset).mean())
+    return np.isin(exact + offset, found + offset).mean(axis=1)
+
+
+def overlap(exact: np.ndarray, found: np.ndarray, n: int) -> float:
+    """recall@k of `found` against `exact`, averaged over the rows."""
+    return float(row_recalls(exact, found, n).mean())
 
 
 def ms_per_query(search, q: np.ndarray) -> float:
@@ -78,10 +84,13 @@ class TuningSample:
     flat_ms: float
 
 
-def tuning_sample(x: np.ndarray, k: int, size: int, seed: int) -> TuningSample:
-    """The tuning queries of the unit gallery rows `x` (size of them, drawn with seed) and their exact answers."""
+def tuning_sample(x: np.ndarray, k: int, size: int, seed: int, avoid: np.ndarray | None = None) -> TuningSample:
+    """The tuning queries of the unit gallery rows `x` (size of them, drawn with seed, outside `avoid`, the rows the
+    index was trained on, where enough are left: a training vector sits nearer its list's centre than a new photo
+    would, and overstates the recall) and their exact answers."""
     n = len(x)
-    rows = sample_rows(n, size, seed)
+    pool = np.setdiff1d(np.arange(n), np.arange(0) if avoid is None else avoid)
+    rows = pool[sample_rows(len(pool), size, seed)] if len(pool) >= min(size, n) else sample_rows(n, size, seed)
     k = clip_k(k, n - 1)
     exclude = leave_one_out(n).of(rows)
 
@@ -93,11 +102,15 @@ def tuning_sample(x: np.ndarray, k: int, size: int, seed: int) -> TuningSample:
     return TuningSample(rows, x[rows], exclude.drop(found, width=k), k, n, exclude, flat_ms)
 
 
-def recall_at(index: faiss.Index, s: TuningSample, params: dict) -> float:
-    """recall@k of `index` with `params` on the sample's queries against their exact answers."""
+def recall_at(index: faiss.Index, s: TuningSample, params: dict) -> tuple[float, float]:
+    """(recall@k, its one-sided 95 % lower bound) of `index` with `params` on the sample's queries against their
+    exact answers; the bound (normal approximation over the queries) is what must reach a target, so that a
+    setting that meets it by the luck of the sample is not chosen."""
     set_params(index, params)
     _, found = knn(index, s.q, s.k, s.exclude)
-    return overlap(s.exact, found, s.n)
+    per_query = row_recalls(s.exact, found, s.n)
+    spread = per_query.std(ddof=1) / np.sqrt(len(per_query)) if len(per_query) > 1 else 0.0
+    return float(per_query.mean()), float(per_query.mean() - LOWER_BOUND_Z * spread)
 
 
 def ladders(index: faiss.Index, k: int) -> list[list[dict]]:
@@ -120,6 +133,7 @@ class OperatingPoint:
     """A setting of an index and what it gave on the tuning sample."""
     params: dict
     recall: float
+    recall_low: float  # its one-sided 95 % lower bound, which must reach the target
     ms_per_query: float
     met: bool
 
@@ -131,18 +145,19 @@ class OperatingPoint:
 
 
 def climb(index: faiss.Index, s: TuningSample, ladder: list[dict], target: float) -> OperatingPoint:
-    """The first setting of `ladder` whose recall reaches `target` (else its last: the highest recall), timed."""
+    """The first setting of `ladder` whose recall's lower bound reaches `target` (else its last: the highest
+    recall), timed."""
     for params in ladder:
-        recall = recall_at(index, s, params)
-        if recall >= target:
+        recall, low = recall_at(index, s, params)
+        if low >= target:
             break
     set_params(index, params)
-    return OperatingPoint(params, recall, ms_per_query(lambda q: knn(index, q, s.k, None), s.q), recall >= target)
+    return OperatingPoint(params, recall, low, ms_per_query(lambda q: knn(index, q, s.k, None), s.q), low >= target)
 
 
 def tune(index: faiss.Index, s: TuningSample, target: float) -> OperatingPoint:
-    """The fastest setting of `index` whose recall@k on the sample reaches `target` (where none does, the one with
-    the highest recall), set on the index."""
+    """The fastest setting of `index` whose recall@k on the sample reaches `target` (its lower bound does; where
+    none does, the one with the highest recall), set on the index."""
     best, floor = None, 1
     for ladder in ladders(index, s.k):
         # fewer refine candidates need at least the lists that more needed: each ladder starts where the last met
