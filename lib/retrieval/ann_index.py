@@ -212,7 +212,7 @@ def _tuned(x: np.ndarray, spec: IndexSpec, factories: list[str]) -> tuple[faiss.
     for factory in factories:
         if tried:  # the previous candidate is dropped before the next is built: at most two in memory
             cpu, rows = _filled(factory, x, spec)
-        point = tune(cpu, sample, spec.recall)
+        point = tune(cpu, sample, spec.recall, best and best[3])
         tried.append({"factory": factory, **asdict(point)})
         if point.better_than(best and best[3]):
             best = (cpu, factory, rows, point)

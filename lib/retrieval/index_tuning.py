@@ -23,6 +23,7 @@ TIME_ROUNDS = 3      # the fastest of these rounds: the one least slowed by othe
 K_FACTORS = (1, 2, 4)  # a refined index re-ranks k x this many candidates by their full vectors
 EF_FLOOR = 16        # HNSW's smallest efSearch tried (faiss searches with max(efSearch, k) anyway)
 EF_CEILING = 4096    # and its largest: a graph that needs more is the wrong index for the gallery
+ABANDON_AT = 2.0     # a ladder is left once a setting's search costs this many times the best setting found so far
 LOWER_BOUND_Z = 1.645  # one-sided 95 %: the tuning sample's recall must reach the target by this many errors
 
 
@@ -144,24 +145,31 @@ class OperatingPoint:
         return self.ms_per_query < other.ms_per_query if self.met else self.recall > other.recall
 
 
-def climb(index: faiss.Index, s: TuningSample, ladder: list[dict], target: float) -> OperatingPoint:
+def climb(index: faiss.Index, s: TuningSample, ladder: list[dict], target: float,
+          beat: OperatingPoint | None = None) -> OperatingPoint:
     """The first setting of `ladder` whose recall's lower bound reaches `target` (else its last: the highest
-    recall), timed."""
+    recall), timed. With `beat` (a setting that met the target), the climb stops, unmet, once a setting's recall
+    search takes ABANDON_AT times its time a query: the settings above cost more still."""
+    limit = ABANDON_AT * beat.ms_per_query if beat is not None and beat.met else float("inf")
     for params in ladder:
+        t0 = time.perf_counter()
         recall, low = recall_at(index, s, params)
-        if low >= target:
+        if low >= target or 1000 * (time.perf_counter() - t0) / len(s.q) > limit:
             break
     set_params(index, params)
     return OperatingPoint(params, recall, low, ms_per_query(lambda q: knn(index, q, s.k, None), s.q), low >= target)
 
 
-def tune(index: faiss.Index, s: TuningSample, target: float) -> OperatingPoint:
+def tune(index: faiss.Index, s: TuningSample, target: float, beat: OperatingPoint | None = None) -> OperatingPoint:
     """The fastest setting of `index` whose recall@k on the sample reaches `target` (its lower bound does; where
-    none does, the one with the highest recall), set on the index."""
+    none does, the one with the highest recall), set on the index; `beat`: the best setting of another index, which
+    bounds how far each ladder is climbed (climb)."""
     best, floor = None, 1
     for ladder in ladders(index, s.k):
         # fewer refine candidates need at least the lists that more needed: each ladder starts where the last met
-        point = climb(index, s, [p for p in ladder if p.get("nprobe", floor) >= floor] or ladder[-1:], target)
+        rungs = [p for p in ladder if p.get("nprobe", floor) >= floor] or ladder[-1:]
+        point = climb(index, s, rungs, target, min((p for p in (beat, best) if p is not None and p.met),
+                                                   key=lambda p: p.ms_per_query, default=None))
         floor = point.params.get("nprobe", 1) if point.met else floor
         if point.better_than(best):
             best = point
