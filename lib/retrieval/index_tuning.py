@@ -20,7 +20,8 @@ from lib.retrieval.faiss_index import clip_k, knn
 
 TIME_QUERIES = 256   # tuning queries whose search is timed: enough for faiss's batched kernels, cheap to repeat
 TIME_ROUNDS = 3      # the fastest of these rounds: the one least slowed by other work on a shared machine
-K_FACTORS = (1, 2, 4)  # a refined index re-ranks k x this many candidates by their full vectors
+K_FACTORS = (4, 16)  # a refined index re-ranks k x this many candidates by their full vectors (cheap: k x 16
+#                      full distances beside the lists scanned), which lifts the recall a PCA projection caps
 EF_FLOOR = 16        # HNSW's smallest efSearch tried (faiss searches with max(efSearch, k) anyway)
 EF_CEILING = 4096    # and its largest: a graph that needs more is the wrong index for the gallery
 ABANDON_AT = 2.0     # a ladder is left once a setting's search costs this many times the best setting found so far
