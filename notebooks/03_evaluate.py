@@ -40,8 +40,10 @@
 # gallery, and notebook 04 breaks the accuracy down by the number of candidates in the context.
 #
 # Large galleries: `index` chooses the Faiss index that finds the voting neighbours (`auto`: exact below
-# `index_exact_below` gallery photos, IVF above; or `flat`, `ivf`, `hnsw`, `ivfpq`, or a faiss factory string such as
-# "IVF1024,PQ64"). An approximate index reports its recall@k against exact search on a sample of the queries;
+# `index_exact_below` gallery photos; above, the fastest index at `index_recall` measured on the gallery, or exact
+# where none is clearly faster; or `flat`, `ivf`, `hnsw`, `ivfpq`, or a faiss factory string such as
+# "IVF1024,PQ64"), its search parameters tuned to `index_recall` unless `nprobe` / `ef_search` are given. An
+# approximate index reports its tuning and its recall@k against exact search on a sample of the queries;
 # Recall@k and mAP are always exact, the whole gallery ranked a chunk of queries at a time. The index is saved in
 # `run_dir/index/`, where `photo-predict` finds it.
 
@@ -64,9 +66,10 @@ min_support = 30                 # a pair of thresholds must accept at least thi
 confidence = 0.95                # one-sided Clopper-Pearson bound on accuracy that must reach the target
 evaluate_test = False            # True: also evaluate the test split (final numbers), with the val thresholds
 index = "auto"                   # flat | ivf | hnsw | ivfpq | auto | a faiss factory string, e.g. "IVF1024,PQ64"
-index_exact_below = 200000       # auto: exact search for a gallery smaller than this, IVF from there on
-nprobe = 8                       # IVF: lists visited per query (higher: better recall, slower)
-ef_search = 256                  # HNSW: candidates kept per query (the same trade)
+index_exact_below = 10000        # auto: exact search without measuring for a gallery smaller than this
+index_recall = 0.95              # recall@k against exact search the approximate index is tuned to reach
+nprobe = None                    # IVF: lists visited per query (None: tuned; higher: better recall, slower)
+ef_search = None                 # HNSW: candidates kept per query (the same trade)
 pairs_top = 0                    # reid pairs table: keep each query's best N gallery photos (0: every pair)
 device = "auto"
 results_csv = "results/benchmarks.csv"
@@ -109,7 +112,8 @@ from lib.retrieval.pairwise import pairwise_scores
 if split in ("train", "test"):
     raise ValueError(f"split={split!r}: thresholds are chosen on validation; use evaluate_test=True for the test split")
 eval_dir = Path(run_dir) / "eval"
-index_spec = IndexSpec(index=index, nprobe=nprobe, ef_search=ef_search, exact_below=index_exact_below)
+index_spec = IndexSpec(index=index, recall=index_recall, k=k, nprobe=nprobe, ef_search=ef_search,
+                       exact_below=index_exact_below)
 
 # %%
 ev = evaluate_run(run_dir, split=split, checkpoint=checkpoint, k=k, weighting=weighting, tta=tta, device=device,

@@ -74,7 +74,8 @@ def stale_reason(run: TrainedRun, tta: bool, gallery: pd.DataFrame, saved: faiss
     if metadata["path"].tolist() != gallery["path"].astype(str).tolist():
         return "the train split's photos are not the ones it holds"
     built = info.get("index", SAVED_FLAT)
-    if resolve_factory(spec.index, saved.ntotal, saved.d, spec.exact_below)[0] != built["factory"]:
+    same_setting = spec.index.strip().lower() == str(built["spec"]["index"]).strip().lower()  # 'auto' measured it
+    if not same_setting and resolve_factory(spec.index, saved.ntotal, saved.d, spec.exact_below)[0] != built["factory"]:
         return f"another index was asked for ({spec.index!r}, it is {built['factory']})"
     if "data_fingerprint" in info:
         files = gallery_files(run, gallery)
@@ -108,7 +109,7 @@ def _train_gallery(run: TrainedRun, settings: DeviceSettings, tta: bool, progres
         spec = replace(IndexSpec(**built["spec"]), **given)
         why = stale_reason(run, tta, gallery, saved, metadata, info, spec)
         if not why:
-            placed, how = searchable(saved, spec, faiss_device_for(settings.device))
+            placed, how = searchable(saved, spec, faiss_device_for(settings.device), built)
             return GalleryIndex(placed, metadata, {**built, "spec": asdict(spec), **how,
                                                    "data_fingerprint": info.get("data_fingerprint")})
         print(f"note: rebuilding the gallery index in {folder}: {why}")
@@ -118,15 +119,20 @@ def _train_gallery(run: TrainedRun, settings: DeviceSettings, tta: bool, progres
 
 
 def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, progress: bool = False,
-                  index: str | None = None, nprobe: int | None = None, ef_search: int | None = None) -> GalleryIndex:
+                  index: str | None = None, nprobe: int | None = None, ef_search: int | None = None,
+                  recall: float | None = None, k: int | None = None) -> GalleryIndex:
     """The run's gallery index: run_dir/index/ when it was saved for this checkpoint, TTA, transform and gallery
     (same photos, unchanged on disk) and is the index asked for (notebook 03 saves it), else the train split
     embedded through the cache, indexed and saved there; then the enrolled photos added (lib.evaluate.enrolled).
 
-    index, nprobe, ef_search (lib.retrieval.ann_index.IndexSpec): None takes the saved index's settings (IndexSpec's
-    defaults when none is saved). Other search parameters than the saved ones need no rebuild; another index does.
+    index, nprobe, ef_search, recall (lib.retrieval.ann_index.IndexSpec): None takes the saved index's settings
+    (IndexSpec's defaults when none is saved). A recall target re-tunes the saved index's search parameters for k
+    neighbours (those given stay). Other search parameters than the saved ones need no rebuild; another index does.
     """
-    given = {k: v for k, v in (("index", index), ("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+    given = {key: v for key, v in (("index", index), ("nprobe", nprobe), ("ef_search", ef_search), ("recall", recall))
+             if v is not None}
+    if recall is not None:  # tuned, where not given: the saved ones were for another target
+        given = {"nprobe": None, "ef_search": None, **({"k": k} if k else {}), **given}
     found = _train_gallery(run, settings, tta, progress, given)
     rows, emb = enrolled_gallery(run, settings, tta)
     found.info.update(n_enrolled=0, enrolment=enrolment_stamp([]))

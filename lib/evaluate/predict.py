@@ -39,7 +39,8 @@ class PredictSettings:
 
     k, weighting: None takes the values the thresholds were chosen with, else DEFAULT_K / DEFAULT_WEIGHTING.
     small: what a photo below the run's min_size gets ('note': predicted with a note; 'refuse': an error).
-    index, nprobe, ef_search: the gallery's Faiss index (lib.evaluate.gallery_index; None: as notebook 03 saved it).
+    index, nprobe, ef_search, recall: the gallery's Faiss index (lib.evaluate.gallery_index; None: as notebook 03
+    saved it; a recall re-tunes the saved index's search parameters for k neighbours without rebuilding it).
     allow_mismatch: apply thresholds chosen under other settings (lib.evaluate.calibrate.check_provenance), warning.
     strict_thresholds: refuse thresholds calibrated on a gallery with other enrolled photos than it holds now
     (lib.evaluate.calibrate.check_enrolment), instead of warning.
@@ -55,6 +56,7 @@ class PredictSettings:
     index: str | None = None
     nprobe: int | None = None
     ef_search: int | None = None
+    recall: float | None = None
     allow_mismatch: bool = False
     strict_thresholds: bool = False
 
@@ -163,7 +165,8 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], settings: Pred
         check_provenance(chosen, {"protocol": "gallery", "restrict_to_context": False, "tta": cfg.tta, "k": cfg.k,
                                   "weighting": cfg.weighting, "checkpoint_sha256": run.checkpoint_sha256},
                          source, cfg.allow_mismatch)
-    gallery = gallery_index(run, device, cfg.tta, cfg.progress, cfg.index, cfg.nprobe, cfg.ef_search)
+    gallery = gallery_index(run, device, cfg.tta, cfg.progress, cfg.index, cfg.nprobe, cfg.ef_search, cfg.recall,
+                            cfg.k)
     if thresholds is not None:
         check_provenance(chosen, {"gallery_fingerprint": gallery.info.get("data_fingerprint")}, source,
                          cfg.allow_mismatch)

@@ -5,7 +5,8 @@ one row per photo: predicted class, score, margin, top-K neighbours (JSON lists)
 saved thresholds in RUN_DIR/eval/val/thresholds.json), an `error` for a photo that could not be read and a `note`
 for one smaller than the run's min_size (--refuse-small: an error and no prediction instead).
 The gallery is searched with the index notebook 03 saved in RUN_DIR/index/ (--index, --nprobe, --ef-search choose
-another: lib.retrieval.ann_index); an approximate index's recall@k against exact search is printed.
+another, --recall 0.99 re-tunes its search parameters without rebuilding it: lib.retrieval.ann_index); an
+approximate index's recall@k against exact search is printed.
 --group-new groups the photos called new (verdict 'unclassifiable') into candidate individuals: columns
 new_cluster (one id per candidate individual, -1 for the others), new_cluster_size and new_cluster_tightness
 (lib.evaluate.new_groups);
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
                          "(default: the index notebook 03 saved)")
     ap.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per photo (default: as saved)")
     ap.add_argument("--ef-search", type=int, default=None, help="HNSW candidates per photo (default: as saved)")
+    ap.add_argument("--recall", type=float, default=None,
+                    help="re-tune the saved index's search parameters to this recall@k against exact search, "
+                         "without rebuilding it (default: as tuned when it was built)")
     ap.add_argument("--refuse-small", action="store_true",
                     help="no prediction for a photo below the run's min_size (default: predict it, with a note)")
     ap.add_argument("--allow-mismatch", action="store_true",
@@ -65,8 +69,8 @@ def main(argv=None) -> int:
         table = predict_photos(args.run_dir, photos, PredictSettings(
             k=args.k, tta=args.tta, checkpoint=args.checkpoint, weighting=args.weighting, device=args.device,
             batch_size=args.batch_size, progress=True, small="refuse" if args.refuse_small else "note",
-            index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, allow_mismatch=args.allow_mismatch,
-            strict_thresholds=args.strict_thresholds))
+            index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, recall=args.recall,
+            allow_mismatch=args.allow_mismatch, strict_thresholds=args.strict_thresholds))
         if args.group_new:
             table, grouped = add_new_groups(table, args.run_dir, args.tta, args.allow_mismatch, args.cluster_threshold)
             print(grouped)

@@ -45,7 +45,8 @@ class EvalSettings:
     itself, 'auto' is 'group' where the groups are finer than the individuals. The record's config['loo_rule'] says
     which (None for the gallery protocol; a record without the key used 'photo').
     index: the Faiss index that finds each query's k neighbours (lib.retrieval.ann_index.IndexSpec; None: its
-    defaults, exact below AUTO_EXACT_BELOW gallery photos, IVF above).
+    defaults, exact below AUTO_EXACT_BELOW gallery photos, above the fastest index tuned to its recall, measured);
+    its k is set to this k, the neighbours whose recall the tuning keeps.
     """
     split: str = "val"
     checkpoint: str = "best"
@@ -135,6 +136,8 @@ def _search(e: _Embedded, cfg: EvalSettings) -> tuple[np.ndarray, np.ndarray, di
                                        "chosen": "restrict_to_context: each context searched exactly"}
     distances, neighbours = search(built.index, e.q_emb, cfg.k, exclude_self=e.loo, groups=e.groups)
     report = {key: built.info[key] for key in ("factory", "chosen", "exact", "search_params", "placement")}
+    if built.info.get("tuning"):
+        report["tuning"] = built.info["tuning"]
     if not built.info["exact"]:
         report["recall_vs_exact"] = approximation_recall(built.index, e.g_emb, e.q_emb, cfg.k, cfg.index.recall_sample,
                                                          cfg.index.seed, exclude_self=e.loo)
@@ -195,7 +198,7 @@ def evaluate_run(run_dir: str | os.PathLike, settings: EvalSettings | None = Non
     of the queries; recall@k and mAP are always exact (the whole gallery ranked a chunk of queries at a time).
     """
     cfg = replace(settings or EvalSettings(), **overrides)
-    cfg = replace(cfg, index=cfg.index or IndexSpec())
+    cfg = replace(cfg, index=replace(cfg.index or IndexSpec(), k=cfg.k))  # tuned for the neighbours that vote
     e = _embedded(run_dir, cfg)
     distances, neighbours, index_report = _search(e, cfg)
     queries, class_shares = _decided(e, cfg, distances, neighbours, thresholds)
