@@ -32,11 +32,11 @@ class ProbeConfig:
     backbones: list = field(default_factory=lambda: [
         {"name": "imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}])
     shortlist_k: int = 20              # global candidates re-scored by local matching and fusion
-    # the shortlist's search (notebook 03's `index`): flat | ivf | hnsw | ivfpq | auto (exact below 200,000 gallery
-    # photos) | a faiss factory string; an approximate one says its recall against exact search
+    # the shortlist's search (notebook 03's `index`): flat | ivf | hnsw | ivfpq | auto (exact for small galleries, else
+    # the fastest index tuned to recall@k 0.95) | a faiss factory string; an approximate one says its recall
     index: str = "auto"
-    nprobe: int = NPROBE
-    ef_search: int = EF_SEARCH
+    nprobe: int | None = NPROBE        # None: tuned to the recall target
+    ef_search: int | None = EF_SEARCH
     qe_n: int = 3
     qe_alpha: float = 3.0
     k1: int = 20
