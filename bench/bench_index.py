@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from lib.core.state_io import write_csv
 from lib.retrieval.ann_index import IndexSpec, build_search_index, set_search_params
 from lib.retrieval.faiss_index import build_index
 
@@ -115,8 +116,7 @@ def main() -> None:
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} CPUs (load average "
           f"{os.getloadavg()[0]:.1f}); d={args.dim}, {args.queries} queries, k={K}")
     table = pd.DataFrame([row for n in map(int, args.sizes.split(",")) for row in bench_size(n, args)])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    write_csv(args.out, table)
     print("\n".join(["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
                     + ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]))
     largest = table[table["gallery"] == table["gallery"].max()]

@@ -18,6 +18,7 @@ import pandas as pd
 
 from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
+from lib.core.state_io import READ_ERRORS, save_npz
 from lib.evaluate.photos import embed_photos
 from lib.retrieval.embed import file_sha256
 
@@ -52,22 +53,18 @@ def load_enrolled(run_dir: str | os.PathLike) -> Enrolled:
         with np.load(path) as f:
             table = pd.DataFrame(json.loads(str(f["table"])), columns=list(COLUMNS)).astype(str)
             emb, key = f["emb"], json.loads(str(f["key"]))
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: the enrolment file cannot be read ({e})") from None
+    except READ_ERRORS as e:  # a cut-short copy: np.load raises BadZipFile or EOFError
+        raise DataError(f"{path}: the enrolment file cannot be read ({type(e).__name__}: {e}); restore it from a "
+                        "backup, or move it aside and enrol the photos again") from None
     if len(emb) != len(table):
         raise DataError(f"{path}: {len(table)} enrolled photos but {len(emb)} embeddings")
     return Enrolled(table, emb, key)
 
 
 def save_enrolled(run_dir: str | os.PathLike, enrolled: Enrolled) -> Path:
-    path = Path(run_dir) / ENROLLED_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:  # a file object, so np.savez does not append a second .npz to the temp name
-        np.savez(f, table=json.dumps(enrolled.table[list(COLUMNS)].to_dict(orient="records")),
-                 emb=np.asarray(enrolled.emb, dtype=np.float32), key=json.dumps(enrolled.key))
-    os.replace(tmp, path)
-    return path
+    return save_npz(Path(run_dir) / ENROLLED_FILE,
+                    table=json.dumps(enrolled.table[list(COLUMNS)].to_dict(orient="records")),
+                    emb=np.asarray(enrolled.emb, dtype=np.float32), key=json.dumps(enrolled.key))
 
 
 def current_embeddings(run, enrolled: Enrolled, settings: DeviceSettings, tta: bool = False,
