@@ -160,7 +160,7 @@ def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_run(demo
         child = train(cut)
         deadline = time.time() + 300
         if attempt % 2:  # the moment a checkpoint is being written
-            while child.poll() is None and time.time() < deadline and not list(cut.glob("*.pt.tmp")):
+            while child.poll() is None and time.time() < deadline and not list(cut.glob(".*.pt.*.tmp")):
                 time.sleep(0.001)
         else:  # at a random moment of a random epoch still to come
             target = epochs_done() + int(rng.integers(0, 2))
@@ -168,7 +168,7 @@ def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_run(demo
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 1.5))
         if child.poll() is None:
-            writing = bool(list(cut.glob("*.pt.tmp")))
+            writing = bool(list(cut.glob(".*.pt.*.tmp")))
             child.kill()
             kills, write_kills = kills + 1, write_kills + writing
         child.wait()

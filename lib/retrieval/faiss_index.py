@@ -84,7 +84,7 @@ def build_index(embeddings, device="auto") -> faiss.Index:
     """Exact IndexFlatL2 over the L2-normalised rows of `embeddings` (n, d); on the GPU when faiss has one.
 
     device: 'auto' (GPU if faiss sees one), 'cpu', 'cuda' or 'cuda:N'. Index row i is embeddings row i.
-    A GPU index must go through faiss.index_gpu_to_cpu before faiss.write_index.
+    A GPU index must go through faiss.index_gpu_to_cpu before it is serialised (save_index does).
     """
     x = unit_rows(embeddings, "embeddings")
     index = on_device(faiss.IndexFlatL2(x.shape[1]), device)
@@ -233,7 +233,7 @@ def save_index(index: faiss.Index, metadata: pd.DataFrame, folder: str | os.Path
         raise ValueError(f"the index holds {index.ntotal} vectors but the metadata {len(metadata)} rows")
     folder = Path(folder)
     if type(index).__name__.startswith("Gpu") or isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)):
-        index = faiss.index_gpu_to_cpu(index)  # write_index serialises CPU indexes only (shards are merged back)
+        index = faiss.index_gpu_to_cpu(index)  # faiss serialises CPU indexes only (shards are merged back)
     with atomic_file(folder / "index.faiss") as f:
         f.write(faiss.serialize_index(index))
     write_csv(folder / "metadata.csv", metadata.reset_index(drop=True))
