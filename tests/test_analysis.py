@@ -288,7 +288,7 @@ def test_an_evaluation_save_stopped_half_way_is_refused_not_read_mixed(ev, tmp_p
     with pytest.raises(KeyboardInterrupt):
         save_evaluation(dataclasses.replace(ev, split="again"), folder)
     monkeypatch.undo()
-    with pytest.raises(DataError, match=r"the evaluation record in .*eval is incomplete: .*run notebook 03"):
+    with pytest.raises(DataError, match=r"the evaluation record in .*eval cannot be read: .*run notebook 03"):
         load_evaluation(folder)
     assert load_evaluation(save_evaluation(ev, folder)).split == ev.split
 

@@ -8,7 +8,6 @@ a softmax classifier (loss="ce").
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import DataError
-from lib.core.state_io import manifest_problem, read_manifest, save_npz, write_csv, write_manifest
+from lib.core.state_io import READ_ERRORS, manifest_problem, read_manifest, save_npz, write_csv, write_manifest
 from lib.retrieval.exclusion import OLD_LOO_RULE
 
 # Columns every `queries` table carries besides the index columns (path, label, group, [context]).
@@ -72,11 +71,11 @@ def load_evaluation(folder: str | os.PathLike) -> Evaluation:
     # a record written before manifests names no files: read as it is
     problem = manifest_problem(d, meta) if meta is None or "files" in meta else ""
     if problem:
-        raise DataError(f"the evaluation record in {d} is incomplete: {problem} (a save stopped half way?); run "
+        raise DataError(f"the evaluation record in {d} cannot be read: {problem} (a save stopped half way?); run "
                         "notebook 03 for this split again")
     try:
         return _read_record(d, meta)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except READ_ERRORS as e:  # a file cut short or edited: np.load raises BadZipFile or EOFError
         raise DataError(f"the evaluation record in {d} cannot be read ({type(e).__name__}: {e}); run notebook 03 "
                         "for this split again") from None
 
