@@ -36,6 +36,7 @@ import pandas as pd
 import lib.core.device  # noqa: E402,F401  (first: sets the OpenMP switch before torch and faiss load)
 
 # isort: split
+from lib.core.state_io import write_csv  # noqa: E402
 from lib.retrieval.ann_index import IndexSpec, build_search_index  # noqa: E402
 from lib.retrieval.faiss_index import build_index  # noqa: E402
 from lib.retrieval.index_tuning import set_params  # noqa: E402
@@ -253,8 +254,7 @@ def main() -> None:
             ap.error(f"--vectors {vectors!r}: clustered or embeddings")
         rows += [row for n in map(int, args.sizes.split(",")) for row in bench_size(n, vectors, make, args)]
     table = pd.DataFrame(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    write_csv(args.out, table)
     print("\n".join(["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
                     + ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]))
     print("\n".join(goal_lines(table)))

@@ -35,6 +35,7 @@ from bench_training_recipes import markdown, read  # noqa: E402  (a sibling scri
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
 from lib.core.device import auto_settings  # noqa: E402
+from lib.core.state_io import write_text  # noqa: E402
 from lib.data.dataset import IndexDataset  # noqa: E402
 from lib.data.images import open_image  # noqa: E402
 from lib.data.splits import class_to_idx  # noqa: E402
@@ -150,7 +151,7 @@ def main() -> None:
             markdown(diffs), "",
             (f"{BACKBONE}, device {settings.device}; {len(index)} photos, aspect w/h median {np.median(aspect):.2f}, "
              f"{off_square:.0%} more than 1.2x off square."), ""]
-    Path(args.out).write_text("\n".join(text))
+    write_text(args.out, "\n".join(text))
     print(f"\nwrote {args.out}")
 
 

@@ -39,6 +39,7 @@ import pandas as pd
 from torch import nn
 
 from lib.core.device import auto_settings
+from lib.core.state_io import write_text
 from lib.data.dataset import IndexDataset
 from lib.data.splits import SplitConfig, class_to_idx, load_split_index, prepare_splits
 from lib.data.table import check_images, index_from_folder
@@ -202,7 +203,7 @@ def main() -> None:
     for (protocol, name), history in histories.items():
         text += [f"## {protocol} / {name}: per-epoch history (val = the selection photos)", "",
                  markdown(history[[c for c in cols if c in history]]), ""]
-    Path(args.out).write_text("\n".join(text))
+    write_text(args.out, "\n".join(text))
     print(f"\nwrote {args.out}")
 
 

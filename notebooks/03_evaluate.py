@@ -90,6 +90,7 @@ work_from_repo_root()  # relative paths from the repository root, lib from its c
 import pandas as pd
 from IPython.display import display
 
+from lib.core.state_io import run_state_lock
 from lib.retrieval.decide import risk_coverage, save_thresholds
 from lib.evaluate.calibrate import (CALIBRATION_COLUMN, Calibration, apply_calibrated, calibrate, provenance,
                                     thresholds_info)
@@ -139,7 +140,8 @@ calibration = Calibration(target_accuracy=None if target_coverage > 0 else targe
                           min_support=min_support, confidence=confidence)
 thresholds, chosen = calibrate(ev, calibration)
 apply_calibrated(ev, thresholds, chosen)  # val's coverage and accuracy_at_coverage: those of the held-out part
-save_thresholds(eval_dir / split / "thresholds.json", thresholds, thresholds_info(ev, chosen, calibration))
+with run_state_lock(run_dir, "saving thresholds"):  # one writer of the run's decision state at a time
+    save_thresholds(eval_dir / split / "thresholds.json", thresholds, thresholds_info(ev, chosen, calibration))
 held = chosen["held_out"]
 print(f"thresholds: max top-1 distance {thresholds.max_distance:.4f}, min margin {thresholds.min_margin:.4f}\n"
       f"  calibration part ({chosen['n']} queries): coverage {chosen['coverage']:.3f}, accuracy "

@@ -1,4 +1,5 @@
 """Error-analysis tables and figures on a constructed Evaluation whose every answer is known by hand."""
+import dataclasses
 from collections import Counter
 
 import matplotlib
@@ -15,6 +16,7 @@ from sklearn.metrics import average_precision_score  # noqa: E402
 from lib.analysis import figures as P  # noqa: E402
 from lib.analysis import tables as A  # noqa: E402
 from lib.analysis.figures import save  # noqa: E402
+from lib.core.errors import DataError  # noqa: E402
 from lib.evaluate.record import Evaluation, load_evaluation, save_evaluation  # noqa: E402
 from lib.retrieval.decide import class_scores, vote  # noqa: E402
 from lib.retrieval.faiss_index import build_index, search  # noqa: E402
@@ -308,6 +310,21 @@ def test_evaluation_round_trip_keeps_the_tables(ev, tmp_path):
     back = load_evaluation(save_evaluation(ev, tmp_path / "eval"))
     pd.testing.assert_frame_equal(A.worst(back.queries, "context"), A.worst(ev.queries, "context"))
     pd.testing.assert_frame_equal(A.confused_pairs(back), A.confused_pairs(ev))
+
+
+def test_an_evaluation_save_stopped_half_way_is_refused_not_read_mixed(ev, tmp_path, monkeypatch):
+    folder = save_evaluation(ev, tmp_path / "eval")
+
+    def killed(*args, **kwargs):  # the process dies after the tables of the new record, before its arrays
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_evaluation(dataclasses.replace(ev, split="again"), folder)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=r"the evaluation record in .*eval cannot be read: .*run notebook 03"):
+        load_evaluation(folder)
+    assert load_evaluation(save_evaluation(ev, folder)).split == ev.split
 
 
 def test_per_context_counts_accuracy_ap_and_always_failing_individuals():

@@ -170,3 +170,19 @@ def test_cli_as_script(tmp_path):
     (tmp_path / "bad.csv").write_text("file\nlion/a.jpg\n")
     out = subprocess.run(run + ["--index", str(tmp_path / "bad.csv")], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and "bad.csv: no 'path' column" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_unwritable_cache_folder_stops_nothing_and_a_torn_manifest_is_rebuilt(tmp_path, capsys):
+    rels = make_root(tmp_path / "data", ["a/1.jpg", "a/2.jpg"])
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    report = build_cache(tmp_path / "data", rels, blocked, size=48, workers=1)
+    assert report.written == 0 and report.unwritable and report.failed == []
+    assert capsys.readouterr().out.count(f"note: resize cache {blocked} cannot be written") == 1
+    cache = tmp_path / "cache"
+    build_cache(tmp_path / "data", rels, cache, size=48, workers=1)
+    (cache / MANIFEST).write_text('{"version": 1, "entr')  # cut short
+    again = build_cache(tmp_path / "data", rels, cache, size=48, workers=1)
+    assert (again.written, again.reused) == (2, 0)
+    assert f"note: cache file {cache / MANIFEST} cannot be read" in capsys.readouterr().out
+    assert json.loads((cache / MANIFEST).read_text())["entries"].keys() == set(rels)

@@ -82,13 +82,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     save_checkpoint(path, {"epoch": 1})
 
     def dies_mid_write(obj, f, *a, **k):
-        open(f, "wb").write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"epoch": 2})
     assert load_checkpoint(path)["epoch"] == 1
+    assert list(tmp_path.iterdir()) == [path]  # the half-written temp file is gone
 
 
 def test_packaged_imagenet_weights_train_offline(demo, tmp_path):

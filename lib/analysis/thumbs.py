@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from lib.core.state_io import try_write_cache, write_bytes
 from lib.data.images import UnreadableImage, load_resized
 
 THUMB_PX = 192   # longer side: a pattern is visible, and a query with 10 neighbours is ~100 KB to send
@@ -49,9 +49,6 @@ def thumbnail(path: str | os.PathLike, cache_dir: str | os.PathLike, size: int =
     if cached.exists():
         return cached.read_bytes()
     data = jpeg_bytes(load_resized(path, size, "longer"), size)  # draft decoding: big JPEGs decode at reduced scale
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    # temp file + rename: a page open in two tabs never reads half a thumbnail
-    with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".tmp", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, cached)
+    # atomic: a page open in two tabs never reads half a thumbnail; never fatal: an unwritable cache is said once
+    try_write_cache(cached, write_bytes, data)
     return data

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lib.core.state_io import read_cache, try_write_cache, write_json
+
 # batch sizes the probe tries: small batches keep a 320 px activation in cache. Lite0 at 320 px on 2 cores, eager
 # channels_last: 4 won every probe of the benchmark, and 2 measured level with 4, so the list starts at 4
 # (docs/benchmarks.md, "Figures behind lib's defaults")
@@ -108,18 +110,14 @@ def probe(model: nn.Module, input_shape: tuple[int, ...], train: bool = False,
 
 
 def _load(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # no cache yet, or one cut short: probe again
+    table = read_cache(path, lambda p: json.loads(p.read_text(encoding="utf-8")))  # none yet, or cut short: probe again
+    return table if isinstance(table, dict) else {}
 
 
 def _store(path: Path, key: str, entry: dict) -> None:
-    table = {**_load(path), key: entry}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Never fatal: a cache folder that cannot be written (a ~/.cache that is a file, a read-only home) is said once
+    and the probe's answer is used without being kept."""
+    try_write_cache(path, write_json, {**_load(path), key: entry}, indent=1)
 
 
 def cpu_forward_choice(model: nn.Module, input_shape: tuple[int, ...], n_images: int | None = None,

@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import time
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -206,6 +207,24 @@ def say_once(key: str, message: str) -> None:
     if key not in _SAID:
         _SAID.add(key)
         print(message)
+
+
+# what reading a torn, truncated or foreign file raises (np.load of a cut-short .npz: BadZipFile or EOFError)
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
+
+
+def read_cache(path: str | os.PathLike, read):
+    """`read(path)` of a cache file; None when there is none, or when it cannot be read (torn by a kill, cut short,
+    written by another version), said in one line, so that the caller computes it again and rewrites it."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return None
+        return read(path)
+    except READ_ERRORS as e:
+        say_once(f"torn:{path}:{e}", f"note: cache file {path} cannot be read ({type(e).__name__}: {e}); computing "
+                                     "it again")
+        return None
 
 
 def try_write_cache(path: str | os.PathLike, write, *args, **kwargs) -> bool:

@@ -17,6 +17,7 @@ from scipy.fft import dctn
 
 from lib.core.cpus import map_files
 from lib.core.errors import DataError
+from lib.core.state_io import write_csv, write_text
 from lib.data.images import load_resized
 
 PAIR_COLUMNS = ["path_a", "path_b", "group_a", "group_b", "label_a", "label_b", "hamming"]
@@ -206,7 +207,7 @@ def write_near_duplicates(splits_dir: str | os.PathLike, pairs: pd.DataFrame, ma
     Call it after prepare_splits: with fresh=True that moves every file of the folder aside, this one included.
     """
     d = Path(splits_dir)
-    pair_actions(pairs, merged).to_csv(d / "near_duplicates.csv", index=False)
+    write_csv(d / "near_duplicates.csv", pair_actions(pairs, merged))
     section = report_markdown(pairs, max_distance, merged)
     report = d / "split_report.md"
     if report.exists():
@@ -215,5 +216,5 @@ def write_near_duplicates(splits_dir: str | os.PathLike, pairs: pd.DataFrame, ma
         if found:  # drop the old section up to the next one, if any
             after = rest.find("\n## ")
             text = head + (rest[after + 1:] if after >= 0 else "")
-        report.write_text(text.rstrip("\n") + "\n\n" + section)
+        write_text(report, text.rstrip("\n") + "\n\n" + section)
     return section

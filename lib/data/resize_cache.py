@@ -8,8 +8,6 @@ with, and a file whose source or settings changed is rebuilt in place. Keep cach
 """
 
 import json
-import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -19,7 +17,7 @@ from tqdm import tqdm
 
 from lib.core.cpus import usable_cpus
 from lib.core.errors import DataError
-from lib.core.state_io import say_once
+from lib.core.state_io import atomic_file, read_cache, say_once, try_write_cache, write_text
 from lib.data.images import UnreadableImage, check_resize, load_resized
 
 MANIFEST = "manifest.json"
@@ -33,6 +31,7 @@ class CacheReport:
     written: int = 0
     reused: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel path, reason)
+    unwritable: str = ""  # why the cache folder could not be written (the build stopped there), else ""
 
 
 @dataclass(frozen=True)
@@ -51,38 +50,12 @@ def cache_path(cache_dir, rel_path) -> Path:
     return Path(cache_dir) / rel.with_suffix(".jpg")
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write via a hidden temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with f:
-            write(f)
-        os.replace(f.name, path)
-    except BaseException:
-        os.unlink(f.name)
-        raise
-
-
 def _load_manifest(cache_dir: Path) -> dict:
-    path = cache_dir / MANIFEST
-    if not path.exists():
+    """The manifest's entries; none (every file rebuilt, said once) when it is missing, torn or of another version."""
+    manifest = read_cache(cache_dir / MANIFEST, lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if not isinstance(manifest, dict) or manifest.get("version") != _MANIFEST_VERSION:
         return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable cache manifest ({e}); delete it to rebuild the cache") from e
-    return manifest["entries"] if manifest.get("version") == _MANIFEST_VERSION else {}
-
-
-def _entries_for_reading(cache_dir: Path) -> dict:
-    """The manifest's entries for a reader; an unreadable manifest validates nothing (the originals are read), said
-    once, rather than stopping the job."""
-    try:
-        return _load_manifest(cache_dir)
-    except DataError as e:
-        say_once(f"resize-manifest:{cache_dir}", f"note: {e}; reading the original photos meanwhile")
-        return {}
+    return manifest.get("entries") or {}
 
 
 def fresh_copies(data_root, rel_paths, cache_dir) -> list[Path]:
@@ -91,7 +64,7 @@ def fresh_copies(data_root, rel_paths, cache_dir) -> list[Path]:
     read, and fingerprints over these paths change, instead of the old copy standing in for it unnoticed. A source
     that is gone leaves its copy unverifiable: the source path is given, and whoever reads it says it is missing."""
     data_root, cache_dir = Path(data_root), Path(cache_dir)
-    entries, out, changed = _entries_for_reading(cache_dir), [], 0
+    entries, out, changed = _load_manifest(cache_dir), [], 0
     for rel in rel_paths:
         src, entry = data_root / rel, entries.get(rel)
         try:
@@ -113,7 +86,7 @@ def fresh_copies(data_root, rel_paths, cache_dir) -> list[Path]:
 
 def _save_manifest(cache_dir: Path, entries: dict) -> None:
     text = json.dumps({"version": _MANIFEST_VERSION, "entries": entries}, indent=0, sort_keys=True)
-    _write_atomic(cache_dir / MANIFEST, lambda f: f.write(text.encode()))
+    try_write_cache(cache_dir / MANIFEST, write_text, text)
 
 
 def _check_collisions(rel_paths: list[str], cache_dir: Path) -> dict[str, Path]:
@@ -133,7 +106,8 @@ def _resize_one(task) -> tuple[str, str | None]:
         im = load_resized(src, s.size, s.mode, s.draft)
     except UnreadableImage as e:
         return rel, e.reason
-    _write_atomic(dst, lambda f: im.save(f, "JPEG", quality=s.quality))
+    with atomic_file(dst) as f:  # an OSError here (the cache cannot be written) ends build_cache's loop
+        im.save(f, "JPEG", quality=s.quality)
     return rel, None
 
 
@@ -190,6 +164,10 @@ def build_cache(
             if time.monotonic() - last_flush > _FLUSH_SECONDS:
                 _save_manifest(cache_dir, entries)
                 last_flush = time.monotonic()
+    except OSError as e:  # never fatal: the photos missing from the cache are read from the data root
+        say_once(f"cache:{cache_dir}", f"note: resize cache {cache_dir} cannot be written ({e}); the photos it "
+                                       "lacks are read from the data root")
+        report.unwritable = str(e)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)

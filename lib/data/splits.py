@@ -33,6 +33,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lib.core.errors import DataError
+from lib.core.state_io import write_csv, write_json, write_text
 from lib.data.split_assign import (
     SPLITS,
     RatioHolder,
@@ -193,27 +194,21 @@ def kfold_groups(index: pd.DataFrame, test_groups: list[str], n_folds: int, seed
     return folds
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_splits(splits_dir: str | os.PathLike, splits: Splits, index: pd.DataFrame, exclusions: pd.DataFrame | None) -> None:
     d = Path(splits_dir)
     (d / "folds").mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
-        _write_json(d / SPLIT_FILES[s], splits.groups[s])
-    _write_json(d / "class_to_idx.json", splits.class_to_idx)
-    _write_json(d / "split_report.json", splits.report)
-    _write_json(d / UNKNOWN_FILE, splits.unknown)
-    (d / "split_report.md").write_text(report_markdown(splits.report))
+        write_json(d / SPLIT_FILES[s], splits.groups[s])
+    write_json(d / "class_to_idx.json", splits.class_to_idx)
+    write_json(d / "split_report.json", splits.report)
+    write_json(d / UNKNOWN_FILE, splits.unknown)
+    write_text(d / "split_report.md", report_markdown(splits.report))
     for i, fold in enumerate(splits.folds):
         for s in ("train", "val"):
-            _write_json(d / "folds" / f"fold{i}_{s}_ids.json", fold[s])
-    assign_splits(index, splits.groups).to_csv(d / "index.csv", index=False)
-    (exclusions if exclusions is not None else pd.DataFrame(columns=["group", "label", "path", "reason"])).to_csv(
-        d / "exclusions.csv", index=False)
+            write_json(d / "folds" / f"fold{i}_{s}_ids.json", fold[s])
+    write_csv(d / "index.csv", assign_splits(index, splits.groups))
+    write_csv(d / "exclusions.csv",
+              exclusions if exclusions is not None else pd.DataFrame(columns=["group", "label", "path", "reason"]))
 
 
 def read_splits(splits_dir: str | os.PathLike) -> Splits:

@@ -27,6 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from lib.core.errors import DataError
+from lib.core.state_io import write_csv
 from lib.data.images import probe_image
 from lib.data.url_list import REPORT_COLUMNS, UrlJob, conflicts, job_row, read_url_csv, safe_name
 
@@ -206,13 +207,7 @@ def _check_apart(dest: Path, target: Path) -> None:
 
 
 def _write_report(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = _part_path(path)
-    try:
-        pd.DataFrame(rows, columns=REPORT_COLUMNS).to_csv(part, index=False)
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    write_csv(path, pd.DataFrame(rows, columns=REPORT_COLUMNS))
 
 
 def _to_fetch(jobs: list[UrlJob], have: _Folder, dest: Path, source: str, report: dict) -> list[UrlJob]:

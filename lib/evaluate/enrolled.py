@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pandas as pd
 
 from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
-from lib.core.state_io import run_state_lock, save_npz, say_once, write_bytes
+from lib.core.state_io import READ_ERRORS, run_state_lock, save_npz, say_once, write_bytes
 from lib.evaluate.photos import embed_photos
 from lib.retrieval.embed import file_sha256
 
@@ -37,8 +36,6 @@ CACHE_DIR = Path("index") / "enrolled_embeddings"  # inside the run folder: {key
 COLUMNS = ("id", "path", "label", "group", "sha256", "enrolled_at")
 ID_CHARS = 12
 CACHE_LOCK_WAIT = 10.0  # seconds a prediction waits to store embeddings; enrolment holds the lock for less
-# what reading a torn or foreign .npz raises
-READ_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError)
 
 
 @dataclass

@@ -14,12 +14,13 @@ import pandas as pd
 
 from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
-from lib.core.state_io import say_once
+from lib.core.state_io import read_manifest, run_state_lock, say_once
 from lib.data.dataset import IndexDataset
 from lib.evaluate.enrolled import enrolled_gallery
 from lib.retrieval.ann_index import IndexSpec, build_search_index, resolve_factory, searchable
 from lib.retrieval.embed import file_sha256, files_fingerprint
-from lib.retrieval.faiss_index import NO_NEIGHBOUR, faiss_device_for, load_index, save_index, search, unit_rows
+from lib.retrieval.faiss_index import (INDEX_MANIFEST, NO_NEIGHBOUR, faiss_device_for, load_index, save_index, search,
+                                        unit_rows)
 from lib.train.trained_run import TrainedRun, embed_rows, rows_in_split, split_rows
 
 INDEX_DIR = "index"  # inside the run folder
@@ -49,7 +50,8 @@ def build_gallery_index(run: TrainedRun, gallery: pd.DataFrame, emb: np.ndarray,
     if save:
         meta = {**{k: info[k] for k in (*MATCH_KEYS, "data_fingerprint")}, "checkpoint": run.checkpoint.name,
                 "index": index_info}
-        save_index(index, gallery, run.run_dir / INDEX_DIR, meta)
+        with run_state_lock(run.run_dir, "saving the gallery index"):
+            save_index(index, gallery, run.run_dir / INDEX_DIR, meta)
     return GalleryIndex(index, gallery, {**index_info, "data_fingerprint": info and info.get("data_fingerprint")})
 
 
@@ -104,18 +106,32 @@ def _train_gallery(run: TrainedRun, settings: DeviceSettings, tta: bool, progres
     folder = run.run_dir / INDEX_DIR
     spec = replace(IndexSpec(), **given)
     if (folder / "index.faiss").exists():
-        saved, metadata, info = load_index(folder, "cpu")
-        built = info.get("index", SAVED_FLAT)
-        spec = replace(IndexSpec(**built["spec"]), **given)
-        why = stale_reason(run, tta, gallery, saved, metadata, info, spec)
-        if not why:
-            placed, how = searchable(saved, spec, faiss_device_for(settings.device), built)
-            return GalleryIndex(placed, metadata, {**built, "spec": asdict(spec), **how,
-                                                   "data_fingerprint": info.get("data_fingerprint")})
+        found, spec, why = _saved_gallery(run, tta, gallery, folder, settings, given)
+        if found is not None:
+            return found
         print(f"note: rebuilding the gallery index in {folder}: {why}")
     _needs_photos(run, gallery, why if (folder / "index.faiss").exists() else "none is saved")
     emb, info = embed_rows(run, gallery, settings, tta, progress=progress, desc="gallery")
     return build_gallery_index(run, gallery, emb, info, settings.device, spec)
+
+
+def _saved_gallery(run: TrainedRun, tta: bool, gallery: pd.DataFrame, folder, settings: DeviceSettings,
+                   given: dict) -> tuple[GalleryIndex | None, IndexSpec, str]:
+    """(the saved index placed for search, or None; the settings to search or rebuild with: the saved ones unless
+    given; why the saved index cannot serve)."""
+    try:
+        saved, metadata, info = load_index(folder, "cpu")
+    except DataError as e:  # a save stopped half way, a torn or mismatched file: rebuilt with the settings it had
+        info = read_manifest(folder, INDEX_MANIFEST) or {}
+        return None, replace(IndexSpec(**info.get("index", SAVED_FLAT)["spec"]), **given), str(e)
+    built = info.get("index", SAVED_FLAT)
+    spec = replace(IndexSpec(**built["spec"]), **given)
+    why = stale_reason(run, tta, gallery, saved, metadata, info, spec)
+    if why:
+        return None, spec, why
+    placed, how = searchable(saved, spec, faiss_device_for(settings.device), built)
+    return GalleryIndex(placed, metadata, {**built, "spec": asdict(spec), **how,
+                                           "data_fingerprint": info.get("data_fingerprint")}), spec, ""
 
 
 def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, progress: bool = False,

@@ -16,11 +16,11 @@ Run it from the repository root: the run's config names its data and split folde
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from lib.core.errors import DataError
+from lib.core.state_io import write_bytes
 from lib.evaluate.new_groups import add_new_groups
 from lib.evaluate.photos import list_photos
 from lib.evaluate.predict import PredictSettings, predict_photos
@@ -77,10 +77,8 @@ def main(argv=None) -> int:
     except ValueError as e:  # a DataError, or a setting such as --index the library refused with its reason
         print(f"error: {e}", file=sys.stderr)
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    table.to_csv(tmp, index=False, errors="backslashreplace")  # a file name that is not UTF-8 stays readable
-    os.replace(tmp, args.out)
+    # a file name that is not UTF-8 stays readable
+    write_bytes(args.out, table.to_csv(index=False).encode("utf-8", errors="backslashreplace"))
     bad, noted = (table["error"] != "").sum(), (table["note"] != "").sum()
     print(f"{len(table)} photos -> {args.out}" + (f"; {bad} could not be read (see the error column)" if bad else "")
           + (f"; {noted} below the run's min_size (see the note column)" if noted else ""))

@@ -7,7 +7,6 @@ a softmax classifier (loss="ce").
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import DataError
+from lib.core.state_io import READ_ERRORS, manifest_problem, read_manifest, save_npz, write_csv, write_manifest
 from lib.retrieval.exclusion import OLD_LOO_RULE
 
 # Columns every `queries` table carries besides the index columns (path, label, group, [context]).
@@ -40,18 +40,26 @@ class Evaluation:
     class_probs: pd.DataFrame | None = None      # (n_q, n_classes) softmax of a loss="ce" run's classifier; else None
 
 
+RECORD_FILE = "metrics.json"  # written last, naming the sha256 of the record's other files (state_io manifest)
+
+
 def save_evaluation(ev: Evaluation, folder: str | os.PathLike) -> Path:
+    """The record's files, each written atomically, metrics.json last as their manifest: a save stopped half way
+    leaves no metrics.json (or one that no longer matches), which load_evaluation refuses instead of mixing two
+    evaluations."""
     d = Path(folder)
-    d.mkdir(parents=True, exist_ok=True)
-    ev.queries.to_csv(d / "queries.csv", index=False)
-    ev.gallery.to_csv(d / "gallery.csv", index=False)
-    ev.class_scores.to_csv(d / "class_scores.csv", index=False)
+    (d / RECORD_FILE).unlink(missing_ok=True)
+    tables = {"queries.csv": ev.queries, "gallery.csv": ev.gallery, "class_scores.csv": ev.class_scores}
     if ev.class_probs is not None:
-        ev.class_probs.to_csv(d / "class_probs.csv", index=False)
-    np.savez(d / "arrays.npz", neighbours=ev.neighbours, distances=ev.distances, gallery_emb=ev.gallery_emb,
+        tables["class_probs.csv"] = ev.class_probs
+    else:
+        (d / "class_probs.csv").unlink(missing_ok=True)  # another evaluation's, which this one would be read with
+    for name, table in tables.items():
+        write_csv(d / name, table)
+    save_npz(d / "arrays.npz", neighbours=ev.neighbours, distances=ev.distances, gallery_emb=ev.gallery_emb,
              query_emb=ev.query_emb)
-    (d / "metrics.json").write_text(json.dumps({"split": ev.split, "data_root": ev.data_root, "metrics": ev.metrics,
-                                                "config": ev.config}, indent=2, default=str) + "\n")
+    write_manifest(d, RECORD_FILE, [*tables, "arrays.npz"],
+                   {"split": ev.split, "data_root": ev.data_root, "metrics": ev.metrics, "config": ev.config})
     return d
 
 
@@ -59,13 +67,27 @@ def load_evaluation(folder: str | os.PathLike) -> Evaluation:
     d = Path(folder)
     if not (d / "queries.csv").exists():
         raise DataError(f"no evaluation in {d}: run notebook 03 for this run and split first")
+    meta = read_manifest(d, RECORD_FILE)
+    # a record written before manifests names no files: read as it is
+    problem = manifest_problem(d, meta) if meta is None or "files" in meta else ""
+    if problem:
+        raise DataError(f"the evaluation record in {d} cannot be read: {problem} (a save stopped half way?); run "
+                        "notebook 03 for this split again")
+    try:
+        return _read_record(d, meta)
+    except READ_ERRORS as e:  # a file cut short or edited: np.load raises BadZipFile or EOFError
+        raise DataError(f"the evaluation record in {d} cannot be read ({type(e).__name__}: {e}); run notebook 03 "
+                        "for this split again") from None
+
+
+def _read_record(d: Path, meta: dict) -> Evaluation:
     read = lambda name: pd.read_csv(d / name, keep_default_na=False,  # noqa: E731
                                     dtype={"path": str, "label": str, "group": str, "pred": str})
     queries = read("queries.csv")
     if "ap" in queries:  # kept as text by keep_default_na=False, where NaN was written as ''
         queries["ap"] = pd.to_numeric(queries["ap"], errors="coerce")
-    arrays = np.load(d / "arrays.npz")
-    meta = json.loads((d / "metrics.json").read_text())
+    with np.load(d / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in ("neighbours", "distances", "gallery_emb", "query_emb")}
     return Evaluation(split=meta["split"], data_root=meta["data_root"], gallery=read("gallery.csv"),
                       queries=queries, neighbours=arrays["neighbours"], distances=arrays["distances"],
                       class_scores=pd.read_csv(d / "class_scores.csv"), gallery_emb=arrays["gallery_emb"],

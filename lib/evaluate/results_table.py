@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
 import pandas as pd
 
+from lib.core.state_io import state_lock, write_text
 from lib.evaluate.record import Evaluation, loo_rule
 from lib.train.config import RunConfig
 from lib.train.losses import LossConfig
@@ -70,29 +72,33 @@ def append_benchmark_row(results_csv: str | os.PathLike, row: dict, columns=BENC
     An existing file with other columns is rewritten with the union of both (its columns first), never cut.
     replace_key: a row of the file with the same value in this column is replaced by `row` (the same evaluation
     run again), in its place; other rows are kept as they are.
+    The whole new table is written atomically under a lock beside the file, so two runs adding rows at once both
+    land and a reader never sees half a row.
     """
     path = Path(results_csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.stat().st_size == 0:
-        header = list(columns) + [c for c in row if c not in columns]
-        pd.DataFrame([row], columns=header).to_csv(path, index=False)
-        return path
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        at = header.index(replace_key) if replace_key in header else None
-        same = at is not None and any(len(r) > at and r[at] == str(row[replace_key]) for r in reader)
-    if set(row) <= set(header) and not same:
-        pd.DataFrame([row], columns=header).to_csv(path, mode="a", header=False, index=False)
-        return path
-    old = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if same:
-        hit = old[replace_key] == str(row[replace_key])
-        after_first = hit.cumsum().astype(bool)
-        table = pd.concat([old[~after_first], pd.DataFrame([row]), old[after_first & ~hit]], ignore_index=True)
-    else:
-        table = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with state_lock(path.with_name(f".{path.name}.lock"), f"adding a row to {path.name}"):
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        write_text(path, _with_row(old, row, columns, replace_key))
     return path
+
+
+def _with_row(old: str, row: dict, columns, replace_key: str | None) -> str:
+    """The CSV text `old` with `row` added as append_benchmark_row says; old rows keep their text where they can."""
+    if not old.strip():
+        header = list(columns) + [c for c in row if c not in columns]
+        return pd.DataFrame([row], columns=header).to_csv(index=False)
+    reader = csv.reader(io.StringIO(old))
+    header = next(reader, [])
+    at = header.index(replace_key) if replace_key in header else None
+    same = at is not None and any(len(r) > at and r[at] == str(row[replace_key]) for r in reader)
+    if set(row) <= set(header) and not same:
+        return old + ("" if old.endswith("\n") else "\n") + pd.DataFrame([row], columns=header).to_csv(
+            header=False, index=False)
+    table = pd.read_csv(io.StringIO(old), dtype=str, keep_default_na=False)
+    if same:
+        hit = table[replace_key] == str(row[replace_key])
+        after_first = hit.cumsum().astype(bool)
+        table = pd.concat([table[~after_first], pd.DataFrame([row]), table[after_first & ~hit]], ignore_index=True)
+    else:
+        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    return table.to_csv(index=False)

@@ -31,6 +31,7 @@ import pandas as pd
 
 from lib.core.device import auto_settings
 from lib.core.errors import DataError
+from lib.core.state_io import write_csv, write_json
 from lib.data.splits import load_split_index
 from lib.evaluate.results_table import append_benchmark_row
 from lib.probe.config import LEARNED, ProbeConfig
@@ -100,12 +101,11 @@ def save_probe(table: pd.DataFrame, cfg: ProbeConfig, results_dir: str | os.Path
         append_benchmark_row(results_dir / "probe.csv", row, PROBE_COLUMNS)
     run_id = table["run_id"].iloc[0]
     snapshot = results_dir / "probe" / f"{run_id}.json"
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.write_text(json.dumps({"config": asdict(cfg), "rows": table.to_dict("records")}, indent=2, default=str))
+    write_json(snapshot, {"config": asdict(cfg), "rows": table.to_dict("records")})
     if rankings:
         queries = pd.concat([r.assign(backbone=b, method=m, top1_identity=r["top_identities"].str[0],
                                       top1_path=r["top_paths"].str[0]).drop(columns=["top_paths", "top_identities"])
                              for (b, m), r in rankings.items()], ignore_index=True)
         cols = ["backbone", "method", "path", "identity", "ap", "top1_identity", "top1_path"]
-        queries[cols].to_csv(snapshot.with_name(f"{run_id}_queries.csv"), index=False)
+        write_csv(snapshot.with_name(f"{run_id}_queries.csv"), queries[cols])
     return snapshot

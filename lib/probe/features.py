@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
+from lib.core.state_io import read_cache, save_npz, try_write_cache
 from lib.data.dataset import IndexDataset
 from lib.data.images import open_image
 from lib.data.masks import MaskedDataset, decode_mask, masks_fingerprint, mean_fill
@@ -128,9 +129,9 @@ def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig,
     files = [file_of(i) for i in range(len(rows))] if folder else [None] * len(rows)
     feats, ms = [None] * len(rows), np.zeros(len(rows))
     for i, file in enumerate(files):
-        if file is not None and file.exists():
-            with np.load(file) as f:
-                feats[i], ms[i] = (f["keypoints"], f["descriptors"]), float(f["ms"])
+        stored = read_cache(file, _read_sift) if file is not None else None
+        if stored is not None:
+            feats[i], ms[i] = stored
     missing = [i for i, f in enumerate(feats) if f is None]
     t0 = time.perf_counter()
     bar = tqdm(total=len(missing), desc="sift", disable=not progress, leave=False)
@@ -154,7 +155,7 @@ def sift_table(rows: pd.DataFrame, data_dir: str | os.PathLike, cfg: SiftConfig,
     for i, (k, d) in zip(missing, made):
         feats[i] = k, d
         if folder is not None:
-            _save_npz(files[i], keypoints=k, descriptors=d, ms=ms[i])
+            try_write_cache(files[i], save_npz, keypoints=k, descriptors=d, ms=ms[i])
     return feats, {"method": "sift", **asdict(cfg), "cached": not missing, "computed": len(missing),
                    "ms_per_photo": ms, "ms_per_image": float(ms.mean()) if len(ms) else 0.0}
 
@@ -182,10 +183,7 @@ def inlier_table(query_features: list, gallery_features: list, candidates: np.nd
     key = {"method": "sift_inliers", "ratio": cfg.ratio, "ransac_px": cfg.ransac_px, "geometry": cfg.geometry,
            "ransac_iters": RANSAC_ITERS, "matcher": MATCHER}
     file = Path(cache_dir) / "sift_inliers" / f"{_key_name(key)}.npz" if cache_dir else None
-    known = {}
-    if file is not None and file.exists():
-        with np.load(file) as f:
-            known = dict(zip(zip(f["query"].tolist(), f["gallery"].tolist()), f["inliers"].tolist()))
+    known = (read_cache(file, _read_inliers) if file is not None else None) or {}
     missing = list({p: row for p, row in zip(wanted, rows) if p not in known}.items())  # each new pair once
     t0 = time.perf_counter()
     counts = pair_inliers([(query_features[i], gallery_features[g]) for _, (i, g) in missing], cfg, workers)
@@ -193,20 +191,26 @@ def inlier_table(query_features: list, gallery_features: list, candidates: np.nd
     known.update(zip([p for p, _ in missing], counts.tolist()))
     if file is not None and missing:
         pairs = list(known)
-        _save_npz(file, query=np.array([q for q, _ in pairs]), gallery=np.array([g for _, g in pairs]),
+        try_write_cache(file, save_npz, query=np.array([q for q, _ in pairs]), gallery=np.array([g for _, g in pairs]),
                   inliers=np.array([known[p] for p in pairs], np.float32))
     inliers = np.array([known[p] for p in wanted], np.float32).reshape(np.shape(candidates))
     return inliers, {**key, "pairs": len(wanted), "matched": len(missing),
                      "ms_per_pair": 1000 * seconds / max(len(missing), 1)}
 
 
-def _save_npz(file: Path, **arrays) -> None:
-    """Written to a temporary name, then renamed: a killed probe never leaves a half-written cache entry."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, file)
+def _read_sift(file: Path) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    with np.load(file, allow_pickle=False) as f:
+        return (f["keypoints"], f["descriptors"]), float(f["ms"])
+
+
+def _read_inliers(file: Path) -> dict:
+    with np.load(file, allow_pickle=False) as f:
+        return dict(zip(zip(f["query"].tolist(), f["gallery"].tolist()), f["inliers"].tolist()))
+
+
+def _read_photo_features(file: Path) -> tuple[dict, dict]:
+    with np.load(file, allow_pickle=False) as f:
+        return {n: f[n] for n in PHOTO_FEATURES}, json.loads(str(f["info"]))
 
 
 def photo_table(rows: pd.DataFrame, data_dir: str | os.PathLike, mask_col: str = "",
@@ -218,9 +222,9 @@ def photo_table(rows: pd.DataFrame, data_dir: str | os.PathLike, mask_col: str =
     key = {"method": "photo_features", **SETTINGS, "data_fingerprint": files_fingerprint(paths),
            **mask_key(rows, mask_col, data_dir)}
     file = Path(cache_dir) / "photo_features" / f"{_key_name(key)}.npz" if cache_dir else None
-    if file is not None and file.exists():
-        with np.load(file) as f:
-            return {n: f[n] for n in PHOTO_FEATURES}, {**json.loads(str(f["info"])), "cached": True, "file": str(file)}
+    stored = read_cache(file, _read_photo_features) if file is not None else None
+    if stored is not None:
+        return stored[0], {**stored[1], "cached": True, "file": str(file)}
     t0 = time.perf_counter()
     per_photo = [photo_features(image, mask)
                  for image, mask in _photos_and_masks(rows, data_dir, mask_col, "photo features", progress)]
@@ -228,5 +232,5 @@ def photo_table(rows: pd.DataFrame, data_dir: str | os.PathLike, mask_col: str =
              for n in PHOTO_FEATURES}
     info = {**key, "ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(rows), 1)}
     if file is not None:
-        _save_npz(file, **table, info=json.dumps(info, default=str))
+        try_write_cache(file, save_npz, **table, info=json.dumps(info, default=str))
     return table, {**info, "cached": False, **({"file": str(file)} if file else {})}

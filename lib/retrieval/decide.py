@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.core.errors import DataError
+from lib.core.state_io import write_json
+
 WEIGHTINGS = ("inverse", "uniform", "softmax")
 # The vote's defaults wherever one is taken (evaluation, prediction, the gallery's uploaded photos): 20 neighbours
 # weighted by inverse distance, so a close match counts more than a crowd of far ones
@@ -245,20 +248,21 @@ def risk_coverage(correct, confidence) -> pd.DataFrame:
 
 def save_thresholds(path: str | os.PathLike, thresholds: Thresholds, info: dict) -> Path:
     """JSON with the thresholds and how they were chosen (k, weighting, targets, what they achieved, provenance:
-    lib.evaluate.calibrate.thresholds_info), written to a temp file and renamed."""
+    lib.evaluate.calibrate.thresholds_info), written atomically: photo-predict may read it while notebook 03 writes
+    it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {**asdict(thresholds), **info}
     if np.isinf(thresholds.max_distance):
         data["max_distance"] = None  # JSON has no infinity; null = no distance limit
-    tmp = path.with_name(f".{path.name}.tmp")  # photo-predict may read it while notebook 03 writes it
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, data)
 
 
 def load_thresholds(path: str | os.PathLike) -> tuple[Thresholds, dict]:
-    data = json.loads(Path(path).read_text())
-    max_distance = data.pop("max_distance")
-    t = Thresholds(float("inf") if max_distance is None else float(max_distance), float(data.pop("min_margin")))
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        max_distance = data.pop("max_distance")
+        t = Thresholds(float("inf") if max_distance is None else float(max_distance), float(data.pop("min_margin")))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a file edited by hand or cut short by a copy
+        raise DataError(f"{path} cannot be read as thresholds ({type(e).__name__}: {e}); run notebook 03 again to "
+                        "write it") from None
     return t, data

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lib.core import cpu_probe
 from lib.core.cpu_probe import ForwardChoice, cpu_forward_choice
 from lib.core.device import DeviceSettings
+from lib.core.state_io import file_sha256, read_cache, save_npz, try_write_cache  # noqa: F401  (file_sha256: imported from here too)
 from lib.retrieval.onnx_engine import OnnxForward, onnx_available
 
 # images per loaded batch when embedding (validation, evaluation, prediction, probe), and per forward pass on a GPU:
@@ -135,14 +136,6 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, settings: Devic
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 2**22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def files_fingerprint(paths) -> str:
     """Hash of the files in this order by path, size and mtime: any edited, replaced or reordered image changes it."""
     digest = hashlib.sha256()
@@ -171,16 +164,18 @@ def cached_embeddings(model: torch.nn.Module, dataset: Dataset, settings: Device
                         settings.precision, extra)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{name}.npz"
-    if path.exists():
-        with np.load(path) as f:
-            return f["embeddings"], {**key, **json.loads(str(f["info"])), "file": str(path), "cached": True}
+    cached = read_cache(path, _read_embeddings)
+    if cached is not None:
+        emb, stored = cached
+        return emb, {**key, **stored, "file": str(path), "cached": True}
     t0 = time.perf_counter()
     emb = extract_embeddings(model, dataset, settings, batch_size, progress=progress, desc=desc, tta=tta)
     info = {"ms_per_image": 1000 * (time.perf_counter() - t0) / max(len(dataset), 1), "n": len(emb)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:  # a file object, so np.savez does not append a second .npz to the temp name
-        np.savez(f, embeddings=emb, paths=np.asarray([str(p) for p in dataset.paths]),
-                 info=json.dumps({**key, **info}))
-    os.replace(tmp, path)
+    try_write_cache(path, save_npz, embeddings=emb, paths=np.asarray([str(p) for p in dataset.paths]),
+                    info=json.dumps({**key, **info}))
     return emb, {**key, **info, "file": str(path), "cached": False}
+
+
+def _read_embeddings(path: Path) -> tuple[np.ndarray, dict]:
+    with np.load(path, allow_pickle=False) as f:
+        return f["embeddings"], json.loads(str(f["info"]))

@@ -7,7 +7,7 @@ squared L2 as faiss returns them; for unit vectors d² = 2 − 2·cos, so neares
 lies in [0, 4].
 """
 
-import json
+import io
 import os
 import re
 import warnings
@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import DataError
+from lib.core.state_io import (atomic_file, manifest_problem, read_bytes_hashed, read_manifest, write_csv,
+                                write_manifest)
 from lib.retrieval.exclusion import NO_NEIGHBOUR, Exclusion, loo_exclusion
 
 SEARCH_BATCH = 4096  # queries per faiss call in search(): bounds its (batch, k) result buffers
@@ -82,7 +84,7 @@ def build_index(embeddings, device="auto") -> faiss.Index:
     """Exact IndexFlatL2 over the L2-normalised rows of `embeddings` (n, d); on the GPU when faiss has one.
 
     device: 'auto' (GPU if faiss sees one), 'cpu', 'cuda' or 'cuda:N'. Index row i is embeddings row i.
-    A GPU index must go through faiss.index_gpu_to_cpu before faiss.write_index.
+    A GPU index must go through faiss.index_gpu_to_cpu before it is serialised (save_index does).
     """
     x = unit_rows(embeddings, "embeddings")
     index = on_device(faiss.IndexFlatL2(x.shape[1]), device)
@@ -214,37 +216,61 @@ def fill_padding(neighbours: np.ndarray) -> np.ndarray:
 
 
 METADATA_COLUMNS = ("path", "label", "group", "context")  # what a search result says about each gallery row
+INDEX_FILES = ("index.faiss", "metadata.csv")  # what save_index writes before its manifest
+INDEX_MANIFEST = "index.json"  # written last: what made the index, and the sha256 and size of INDEX_FILES
+
+
+class StaleIndex(DataError):
+    """A saved index whose files are not those its manifest names (a save stopped half way, a torn or replaced
+    file, an index saved before manifests): never searched; its users rebuild it."""
 
 
 def save_index(index: faiss.Index, metadata: pd.DataFrame, folder: str | os.PathLike, info: dict | None = None) -> Path:
-    """index.faiss + metadata.csv (row i describes index row i) + index.json (`info`: what made it) in `folder`."""
+    """index.faiss + metadata.csv (row i describes index row i), each written atomically, then index.json (`info`:
+    what made it, and each file's sha256) last: a kill between the files leaves a manifest that no longer matches,
+    which load_index refuses as stale rather than serve one file of this save beside one of the last."""
     if index.ntotal != len(metadata):
         raise ValueError(f"the index holds {index.ntotal} vectors but the metadata {len(metadata)} rows")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     if type(index).__name__.startswith("Gpu") or isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)):
-        index = faiss.index_gpu_to_cpu(index)  # write_index serialises CPU indexes only (shards are merged back)
-    tmp = folder / ".index.faiss.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, folder / "index.faiss")
-    metadata.reset_index(drop=True).to_csv(folder / "metadata.csv", index=False)
-    (folder / "index.json").write_text(json.dumps(info or {}, indent=2, default=str) + "\n")
+        index = faiss.index_gpu_to_cpu(index)  # faiss serialises CPU indexes only (shards are merged back)
+    with atomic_file(folder / "index.faiss") as f:
+        f.write(faiss.serialize_index(index))
+    write_csv(folder / "metadata.csv", metadata.reset_index(drop=True))
+    write_manifest(folder, INDEX_MANIFEST, list(INDEX_FILES), info or {})
     return folder
 
 
 def load_index(folder: str | os.PathLike, device="cpu") -> tuple[faiss.Index, pd.DataFrame, dict]:
-    """(index, metadata, info) as save_index wrote them; device as in build_index."""
+    """(index, metadata, info) as save_index wrote them; device as in build_index. StaleIndex (a DataError) when the
+    files are not those the manifest names, or cannot be read."""
     folder = Path(folder)
     if not (folder / "index.faiss").exists():
         raise DataError(f"no saved index in {folder} (index.faiss missing)")
-    index = faiss.read_index(str(folder / "index.faiss"))
-    metadata = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
+    manifest = read_manifest(folder, INDEX_MANIFEST)
+    index, metadata = _read_checked(folder, manifest)
     if index.ntotal != len(metadata):
         raise DataError(f"{folder}: index.faiss holds {index.ntotal} vectors but metadata.csv {len(metadata)} rows; "
                         "the two files come from different saves")
-    index = on_device(index, device)
-    info = json.loads((folder / "index.json").read_text()) if (folder / "index.json").exists() else {}
-    return index, metadata, info
+    return on_device(index, device), metadata, {k: v for k, v in manifest.items() if k != "files"}
+
+
+def _read_checked(folder: Path, manifest: dict | None) -> tuple[faiss.Index, pd.DataFrame]:
+    """index.faiss and metadata.csv, each read once and checked against the sha256 the manifest records (hashed from
+    the bytes read, so a save landing meanwhile cannot slip in unchecked); else StaleIndex saying why."""
+    problem = manifest_problem(folder, manifest, check_hash=False)
+    try:
+        if not problem:
+            data = {name: read_bytes_hashed(folder / name) for name in INDEX_FILES}
+            problem = next((f"{name} does not match the sha256 its manifest records" for name, (_, sha) in data.items()
+                            if sha != manifest["files"].get(name, {}).get("sha256")), "")
+        if not problem:
+            return (faiss.deserialize_index(np.frombuffer(data["index.faiss"][0], dtype=np.uint8)),
+                    pd.read_csv(io.BytesIO(data["metadata.csv"][0]), dtype=str, keep_default_na=False))
+    except (OSError, RuntimeError, ValueError, pd.errors.ParserError) as e:  # faiss raises RuntimeError
+        problem = f"it cannot be read ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
+    raise StaleIndex(f"the saved index in {folder} is stale: {problem} (a save stopped half way, or files from "
+                     "different saves); it is rebuilt where it is used, or delete the folder")
 
 
 def search_table(index: faiss.Index, metadata: pd.DataFrame, queries, k: int) -> pd.DataFrame:

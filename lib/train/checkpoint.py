@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lib.core.errors import DataError
+from lib.core.state_io import atomic_file
 
 # Set to 1 to load a checkpoint that holds other pickled objects: only for a file you made yourself.
 TRUST_ENV = "PHOTO_RETRIEVAL_TRUST_CHECKPOINTS"
@@ -41,16 +42,13 @@ def fp32_state_dict(module: torch.nn.Module) -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save to a temp file in the same folder, then rename: a kill mid-write never leaves a broken file, and a
-    failed write (a full disk) leaves the previous file as it was and stops the run with a message naming it."""
+    """torch.save through lib.core.state_io.atomic_file: a kill mid-write never leaves a broken file, and a failed
+    write (a full disk) leaves the previous file as it was and stops the run with a message naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            torch.save(state, f)
     except (OSError, RuntimeError) as e:  # torch reports a failed write inside its zip writer as a RuntimeError
-        tmp.unlink(missing_ok=True)
         kept = "the previous one is intact" if path.exists() else "there was no previous one"
         raise DataError(f"could not write checkpoint {path} ({e}); {kept}. Free disk space and re-run to resume") from e
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import safetensors.torch
 
 from lib.core.errors import DataError
+from lib.core.state_io import write_bytes, write_json
 from lib.train.config import RunConfig
 from lib.train.model import EmbeddingModel, create_model
 from lib.train.trained_run import load_trained
@@ -33,10 +34,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
     run = load_trained(run_dir, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
-    safetensors.torch.save_file(state, str(out / WEIGHTS))
+    write_bytes(out / WEIGHTS, safetensors.torch.save(state))
     meta = {**run.config, "epoch": run.epoch, "checkpoint": run.checkpoint.name,
             "checkpoint_sha256": run.checkpoint_sha256}
-    (out / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+    write_json(out / CONFIG, meta)
     return out
 
 

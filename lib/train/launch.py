@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from lib.core.state_io import write_json
 from lib.train.config import RunConfig
 from lib.train.distributed import join_world, leave_world
 from lib.train.run import train_run
@@ -26,10 +27,7 @@ CONFIG_FILE = "run_config.json"
 
 
 def write_config(run_dir: str | os.PathLike, config: RunConfig) -> Path:
-    path = Path(run_dir) / CONFIG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config.as_dict(), indent=1))
-    return path
+    return write_json(Path(run_dir) / CONFIG_FILE, config.as_dict(), indent=1)
 
 
 def torchrun_command(config_file: Path, nproc: int, nnodes: int = 1, node_rank: int = 0,

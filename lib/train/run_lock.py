@@ -1,58 +1,38 @@
 """One writer per run folder: a second training started on a run_dir that one is already writing would interleave
-their checkpoints, so it refuses, naming the first one's process and start time. A lock left by a killed process
-(its process is gone) is taken over."""
+their checkpoints, so it refuses, naming the first one's process and start time. The lock is an `fcntl.flock` on
+run_dir/train.lock (lib.core.state_io.state_lock): the kernel drops it when its process ends however it ends, so a
+killed training's lock is free at once, with no take-over to race and no file to delete."""
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import socket
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from lib.core.errors import DataError
+from lib.core.state_io import state_lock
 
 LOCK_FILE = "train.lock"
 
 
-def _alive(holder: dict) -> bool:
-    """Whether the lock's process still runs; a lock from another machine counts as held (there is no asking it)."""
-    if holder.get("host") != socket.gethostname():
-        return True
+def _holder(path: Path) -> dict:
     try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
+        holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 @contextmanager
 def run_lock(run_dir: str | os.PathLike):
-    """Hold run_dir/train.lock for the duration of the block."""
+    """Hold run_dir/train.lock for the duration of the block; refuse at once, naming the holder, when it is held."""
     path = Path(run_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _dt.datetime.now().isoformat(timespec="seconds")}
-    while True:
+    with ExitStack() as held:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):  # written half by a process killed between open and write
-                holder = {"pid": -1, "host": socket.gethostname(), "started": "?"}
-            if holder.get("pid", -1) > 0 and _alive(holder):
-                raise DataError(f"{run_dir} is being trained by process {holder['pid']} on {holder.get('host')} since "
-                                f"{holder.get('started')} ({path}); wait for it to finish or use another run_dir. If "
-                                "that process is gone (another machine's cannot be checked), delete the lock file")
-            print(f"taking over {path}: its process {holder.get('pid')} (started {holder.get('started')}) is gone")
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
+            held.enter_context(state_lock(path, "training", wait=0))
+        except DataError:
+            h = _holder(path)  # may be empty: the holder writes its name just after it takes the lock
+            raise DataError(f"{run_dir} is being trained by process {h.get('pid', '?')} on {h.get('host', '?')} "
+                            f"since {h.get('since', '?')} ({path}); wait for it to finish or use another run_dir "
+                            "(the lock goes when that process ends, however it ends)") from None
         yield
-    finally:
-        path.unlink(missing_ok=True)

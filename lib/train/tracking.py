@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from lib.core.errors import DataError
+from lib.core.state_io import write_csv
 
 
 def mlflow_for(uri: str, experiment: str):
@@ -75,9 +76,7 @@ class MetricsLog:
     def write(self, history: list[dict]) -> None:
         if not self.enabled:
             return
-        tmp = self.path.with_suffix(".tmp")
-        pd.DataFrame(history).to_csv(tmp, index=False)
-        os.replace(tmp, self.path)
+        write_csv(self.path, pd.DataFrame(history))
         if self.mlflow_run_id:
             import mlflow
 
