@@ -112,15 +112,12 @@ def test_re_tuning_a_saved_index_changes_its_search_parameters_without_rebuildin
     assert _recall(search(placed, queries, 10)[1], _exact_topk(gallery, queries, 10)) >= 0.99 - 0.02
 
 
-def test_auto_is_exact_for_a_tiny_gallery_without_measuring_and_measures_from_its_floor():
+def test_auto_is_exact_for_a_tiny_gallery_without_measuring():
+    # (whether a measured index beats exact search is timing: the rule is tested with the timing faked, below)
     gallery, _ = _gallery(3, n=600, n_query=1)
     index, info = build_search_index(gallery, IndexSpec(), device="cpu")
     assert is_exact(index) and info["exact"] and "600 gallery vectors < 10,000" in info["chosen"]
     assert "tuning" not in info
-    index, info = build_search_index(gallery, IndexSpec(exact_below=0), device="cpu")
-    # a flat search of 600 vectors is as fast as any index over them: measured, and exact kept
-    assert is_exact(index) and info["exact"] and "auto: exact search" in info["chosen"] and "measured" in info["chosen"]
-    assert info["tuning"]["speedup_vs_flat"] < 1.5 and info["factory"] == "Flat"
 
 
 @pytest.mark.parametrize("flat_ms, index_ms, exact", [(1.0, 0.9, True), (10.0, 1.0, False)])
