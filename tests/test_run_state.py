@@ -98,7 +98,8 @@ def test_a_torn_or_old_saved_index_is_rebuilt_saying_why(run, tear, capsys):
     capsys.readouterr()
     again = gallery_index(trained, settings)
     assert f"rebuilding the gallery index in {folder}: the saved index in {folder} is stale" in capsys.readouterr().out
-    pd.testing.assert_frame_equal(again.metadata, first.metadata)
+    # the same rows (a rebuilt index's metadata is the split table itself; a loaded one's, its CSV read as text)
+    pd.testing.assert_frame_equal(again.metadata.astype(str), first.metadata.astype(str))
     assert again.index.ntotal == first.index.ntotal
     load_index(folder)  # whole again
 
