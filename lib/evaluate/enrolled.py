@@ -24,7 +24,7 @@ import pandas as pd
 
 from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
-from lib.core.state_io import READ_ERRORS, run_state_lock, save_npz, say_once, write_bytes
+from lib.core.state_io import READ_ERRORS, read_cache, run_state_lock, save_npz, say_once, write_bytes
 from lib.evaluate.photos import embed_photos
 from lib.retrieval.embed import file_sha256
 
@@ -135,19 +135,16 @@ def cache_path(run_dir: str | os.PathLike, key: dict) -> Path:
 def _read_cache(path: Path, key: dict) -> dict[str, np.ndarray]:
     """sha256 -> embedding stored under `key`; {} when there is none, or when it cannot be read (said: it is made
     again)."""
-    if not path.exists():
-        return {}
-    try:
-        with np.load(path) as f:
+    def read(p: Path) -> dict[str, np.ndarray]:
+        with np.load(p) as f:
             if json.loads(str(f["key"])) != key:
                 return {}
             ids, emb = json.loads(str(f["ids"])), f["emb"]
         if len(ids) != len(emb):
             raise ValueError(f"{len(ids)} photo ids but {len(emb)} embeddings")
-    except READ_ERRORS as e:
-        print(f"note: {path} cannot be read ({type(e).__name__}: {e}); the embeddings it held are made again")
-        return {}
-    return dict(zip(ids, emb))
+        return dict(zip(ids, emb))
+
+    return read_cache(path, read) or {}
 
 
 def _store_cache(run_dir: Path, key: dict, fresh: dict[str, np.ndarray]) -> None:

@@ -62,8 +62,9 @@ def gallery_files(run: TrainedRun, gallery: pd.DataFrame) -> list[Path]:
     return IndexDataset(gallery, d.data_dir, None, {}, d.cache_dir or None).paths
 
 
-def missing_files(run: TrainedRun, gallery: pd.DataFrame) -> list[Path]:
-    return [p for p in gallery_files(run, gallery) if not p.is_file()]
+def missing_files(run: TrainedRun, gallery: pd.DataFrame, files: list[Path] | None = None) -> list[Path]:
+    """The gallery's files (`files`, when the caller has them: gallery_files) that are not on disk."""
+    return [p for p in (gallery_files(run, gallery) if files is None else files) if not p.is_file()]
 
 
 def stale_reason(run: TrainedRun, tta: bool, gallery: pd.DataFrame, saved: faiss.Index, metadata: pd.DataFrame,
@@ -81,7 +82,7 @@ def stale_reason(run: TrainedRun, tta: bool, gallery: pd.DataFrame, saved: faiss
         return f"another index was asked for ({spec.index!r}, it is {built['factory']})"
     if "data_fingerprint" in info:
         files = gallery_files(run, gallery)
-        missing = [p for p in files if not p.is_file()]
+        missing = missing_files(run, gallery, files)
         if missing:
             say_once(f"gallery-missing:{run.run_dir}", f"note: {len(missing)} training photos are not on disk "
                      f"(first: {missing[0]}); predicting from the saved index")
