@@ -149,10 +149,19 @@ def manifest_problem(folder: str | os.PathLike, manifest: dict | None, check_has
 
 # ---- locks ------------------------------------------------------------------------------------------------------
 
-def _holder_text(path: Path) -> str:
+def lock_holder(path: str | os.PathLike) -> dict | None:
+    """What the holder of the lock file at `path` wrote of itself (pid, host, what, since); {} when it has not written
+    yet (it does so just after taking the lock), None when the file cannot be read."""
     try:
-        holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+        holder = json.loads(Path(path).read_text(encoding="utf-8") or "{}")
     except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _holder_text(path: Path) -> str:
+    holder = lock_holder(path)
+    if holder is None:
         return "another process"
     return (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} ({holder.get('what', '?')}, since "
             f"{holder.get('since', '?')})")

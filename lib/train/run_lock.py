@@ -4,23 +4,14 @@ run_dir/train.lock (lib.core.state_io.state_lock): the kernel drops it when its 
 killed training's lock is free at once, with no take-over to race and no file to delete."""
 from __future__ import annotations
 
-import json
 import os
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from lib.core.errors import DataError
-from lib.core.state_io import state_lock
+from lib.core.state_io import lock_holder, state_lock
 
 LOCK_FILE = "train.lock"
-
-
-def _holder(path: Path) -> dict:
-    try:
-        holder = json.loads(path.read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
 
 
 @contextmanager
@@ -31,7 +22,7 @@ def run_lock(run_dir: str | os.PathLike):
         try:
             held.enter_context(state_lock(path, "training", wait=0))
         except DataError:
-            h = _holder(path)  # may be empty: the holder writes its name just after it takes the lock
+            h = lock_holder(path) or {}  # may be empty: the holder writes its name just after it takes the lock
             raise DataError(f"{run_dir} is being trained by process {h.get('pid', '?')} on {h.get('host', '?')} "
                             f"since {h.get('since', '?')} ({path}); wait for it to finish or use another run_dir "
                             "(the lock goes when that process ends, however it ends)") from None
