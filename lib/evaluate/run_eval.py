@@ -179,7 +179,7 @@ def _record_config(run_dir, e: _Embedded, cfg: EvalSettings, thresholds: Thresho
             "protocol": e.protocol, "loo_rule": e.loo_rule, "restrict_to_context": cfg.restrict_to_context, "k": cfg.k,
             "weighting": cfg.weighting, "tta": cfg.tta, "thresholds": asdict(thresholds or Thresholds()),
             "index": asdict(cfg.index), "gallery_fingerprint": e.gallery_fingerprint, "device": e.device.device,
-            # the gallery searched is the split's alone: enrolled photos (lib.evaluate.enroll) are never in it
+            # the gallery searched is the split's alone: enrolled photos (lib.evaluate.enroll_cli) are never in it
             "enrolment": enrolment_stamp([]),
             "run": run.config, "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60,
             "checkpoint_epoch": run.epoch}
