@@ -57,6 +57,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from lib.data.table import check_images, index_from_csv, index_from_folder
+from lib.data.tasks import task_columns
 from lib.analysis.figures import plot_split_distribution, save
 from lib.data.splits import SplitConfig, assign_splits, open_set_modes, prepare_splits
 import lib.data.near_duplicates as near_dup
@@ -67,7 +68,7 @@ pd.set_option("display.max_colwidth", 120)
 # ## Index
 
 # %%
-label_col = label_col or ("individual" if task == "reid" else "label")
+label_col = label_col or task_columns(task).label_col
 if metadata_csv:
     index, problems = index_from_csv(metadata_csv, data_dir, path_col=path_col, label_col=label_col,
                                      group_col=group_col or None, context_col=context_col or None,
