@@ -31,7 +31,7 @@ from lib.data.table import check_images, index_from_csv  # noqa: E402
 from lib.probe.features import embeddings, load_backbone  # noqa: E402
 from lib.retrieval.decide import decisions  # noqa: E402
 from lib.retrieval.faiss_index import build_index, fill_padding, search  # noqa: E402
-from lib.retrieval.open_set import choose_new_threshold, open_set_report  # noqa: E402
+from lib.retrieval.open_set import balanced_new_threshold, open_set_report  # noqa: E402
 
 LIONS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lions"
 LITE0 = {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}
@@ -80,7 +80,7 @@ def main() -> None:
         queries = pd.concat([rows.loc[part, ["label"]].reset_index(drop=True), table], axis=1)
         if new_threshold is None:  # chosen on val, applied to test
             unknown = set(queries.loc[~queries["label"].isin(g_labels), "label"])
-            new_threshold = choose_new_threshold(queries["label"], queries["pred"], queries["top1_distance"], unknown)
+            new_threshold = balanced_new_threshold(queries["label"], queries["pred"], queries["top1_distance"], unknown)
         reports[split] = open_set_report(queries, g_labels, emb[gallery], emb[part], new_threshold)
     keys = ["n_known_individuals", "n_unknown_individuals", "n_known_queries", "n_unknown_queries", "BAKS", "BAUS",
             "harmonic_mean", "auroc_top1_distance", "auroc_margin", "new_threshold"]

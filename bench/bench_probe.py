@@ -47,13 +47,13 @@ from lib.probe import features as probe_features  # noqa: E402
 from lib.probe import local_match  # noqa: E402
 from lib.probe import methods as probe_methods  # noqa: E402
 from lib.probe.compare import run_probe  # noqa: E402
-from lib.probe.config import METHODS, ProbeConfig  # noqa: E402
+from lib.probe.config import ProbeConfig  # noqa: E402
 from lib.probe.ensemble import COMBINERS  # noqa: E402
 
 LIONS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lions"
 LITE0 = {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}
 LITE1 = {"name": "lite1-imagenet", "backbone": "tf_efficientnet_lite1", "pretrained": "lite1-imagenet", "img_size": 240}
-SINGLE = [m for m in METHODS if m not in ("ensemble", "hybrid")]  # what the ensemble and the hybrid are set against
+SINGLE = [m for m in probe_methods.PROBE_METHODS if m not in ("ensemble", "hybrid")]  # what the ensemble and the hybrid are set against
 
 
 def demo_splits(tmp: Path, size: int = 256) -> tuple[Path, Path]:

@@ -57,8 +57,9 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from lib.data.table import check_images, index_from_csv, index_from_folder
+from lib.data.tasks import task_columns
 from lib.analysis.figures import plot_split_distribution, save
-from lib.data.splits import OPEN_SET_MODES, SplitConfig, assign_splits, prepare_splits
+from lib.data.splits import SplitConfig, assign_splits, open_set_modes, prepare_splits
 import lib.data.near_duplicates as near_dup
 
 pd.set_option("display.max_colwidth", 120)
@@ -67,7 +68,7 @@ pd.set_option("display.max_colwidth", 120)
 # ## Index
 
 # %%
-label_col = label_col or ("individual" if task == "reid" else "label")
+label_col = label_col or task_columns(task).label_col
 if metadata_csv:
     index, problems = index_from_csv(metadata_csv, data_dir, path_col=path_col, label_col=label_col,
                                      group_col=group_col or None, context_col=context_col or None,
@@ -118,7 +119,7 @@ if near_duplicate_distance:
 
 # %%
 split_config = SplitConfig(ratios=tuple(ratios), seed=seed, n_folds=n_folds, mode=split_mode, time_col=time_col,
-                           unknown_share=unknown_share if split_mode in OPEN_SET_MODES else None)
+                           unknown_share=unknown_share if split_mode in open_set_modes() else None)
 splits = prepare_splits(kept, splits_dir, split_config, exclusions=exclusions, fresh=fresh, min_size=min_size)
 if near_pairs is not None:  # after prepare_splits: fresh=True moves every file of the split folder aside
     near_dup.write_near_duplicates(splits_dir, near_pairs, near_duplicate_distance, merge_near_duplicates)

@@ -106,7 +106,7 @@ from lib.evaluate.record import save_evaluation
 from lib.retrieval.metrics import per_identity_ap
 from lib.analysis.figures import plot_risk_coverage, save
 from lib.analysis.open_set_figures import plot_open_set
-from lib.retrieval.open_set import threshold_sweep
+from lib.retrieval.open_set import baks_baus_by_threshold
 from lib.retrieval.ann_index import IndexSpec, describe
 from lib.retrieval.pairwise import pairwise_scores
 
@@ -273,7 +273,7 @@ else:
         if "skipped" in o or not (o["n_known_queries"] and o["n_unknown_queries"]):
             continue
         unknown = set(o["unknown_individuals"])
-        sweep = threshold_sweep(e.queries["label"], e.queries["pred"], e.queries["top1_distance"], unknown)
+        sweep = baks_baus_by_threshold(e.queries["label"], e.queries["pred"], e.queries["top1_distance"], unknown)
         fig = plot_open_set(e.queries["label"].isin(unknown), e.queries["top1_distance"], e.queries["margin"], sweep, o,
                             title=f"{Path(run_dir).name}, {name}: {o['n_known_queries']} known and "
                                   f"{o['n_unknown_queries']} unknown queries")

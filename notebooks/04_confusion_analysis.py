@@ -32,8 +32,8 @@ top_n = 30                      # confusion matrix: all classes up to this many,
 top_pairs = 20                  # rows of the most-confused-pairs table
 worst_n = 10                    # worst classes / contexts shown
 n_worst_queries = 8             # retrieval grids: the most confidently wrong queries
-k_show = 5                      # neighbours per query in the grids
-k_candidates = 0                # candidate classes are counted among this many neighbours (0: all of them)
+shown = 5                       # neighbours shown per query in the grids (was `k_show`)
+candidates = 0                  # candidate classes are counted among this many neighbours (0: all; was `k_candidates`)
 tiny_margin = 0.005             # margin below which a vote is a coin toss
 embedding_maps = ["tsne", "umap"]   # umap only when umap-learn is installed
 max_map_points = 5000           # t-SNE is quadratic: subsample beyond this
@@ -45,6 +45,10 @@ from pathlib import Path
 from lib.core.start import work_from_repo_root
 
 work_from_repo_root()  # relative paths from the repository root, lib from its checkout
+
+from lib.core.notebook_params import renamed_parameters
+
+renamed_parameters(globals(), {"k_show": "shown", "k_candidates": "candidates"})  # the old names, for one release
 
 import pandas as pd
 from IPython.display import display
@@ -59,7 +63,7 @@ tag = f"{Path(run_dir).name}_{split}"
 figures, results = Path(figures_dir), Path(results_dir)
 results.mkdir(parents=True, exist_ok=True)
 q = ev.queries
-k = k_candidates or None
+among = candidates or None  # neighbours the candidate classes are counted among
 print(f"{split}: {len(q)} queries, {int(A.errors(q).sum())} wrong; gallery {len(ev.gallery)} photos, "
       f"{ev.gallery['label'].nunique()} classes; {ev.neighbours.shape[1]} neighbours stored per query")
 
@@ -67,7 +71,7 @@ print(f"{split}: {len(q)} queries, {int(A.errors(q).sum())} wrong; gallery {len(
 # ## Key findings
 
 # %%
-findings = A.key_findings(ev, k=k, tiny_margin=tiny_margin, worst_n=worst_n)
+findings = A.key_findings(ev, k=among, tiny_margin=tiny_margin, worst_n=worst_n)
 pd.Series(findings).to_frame("value").to_csv(results / f"04_key_findings_{tag}.csv")
 pd.Series(findings).to_frame("value")
 
@@ -108,9 +112,9 @@ margins
 # data has a `context` (a street address, a camera site), the gallery classes sharing the query's context.
 
 # %%
-by_candidates = A.accuracy_by(q, A.candidate_counts(ev, k), "candidates")
+by_candidates = A.accuracy_by(q, A.candidate_counts(ev, among), "candidates")
 by_candidates.to_csv(results / f"04_accuracy_by_candidates_{tag}.csv")
-n_shown = k or ev.neighbours.shape[1]
+n_shown = among or ev.neighbours.shape[1]
 save(P.plot_accuracy_by(by_candidates, f"distinct classes among the {n_shown} nearest gallery photos",
                         "Accuracy by number of candidate classes"), figures / f"04_accuracy_by_candidates_{tag}.png")
 in_context = A.context_candidates(ev)
@@ -192,5 +196,5 @@ for method in embedding_maps:
 
 # %%
 rows = A.worst_queries(q, n_worst_queries)
-fig = P.plot_retrieval_grid(ev, rows, k=k_show, title=f"Worst {len(rows)} queries of {split}")
+fig = P.plot_retrieval_grid(ev, rows, k=shown, title=f"Worst {len(rows)} queries of {split}")
 save(fig, figures / f"04_worst_queries_{tag}.png")

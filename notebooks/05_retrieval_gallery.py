@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python (photo-retrieval)
 #     language: python
@@ -29,7 +31,7 @@ run_dir = "runs/photos"         # a run evaluated by notebook 03
 split = "val"                   # which saved evaluation to show
 queries = []                    # paths for the static gallery; []: the n_queries worst (most confidently wrong first)
 n_queries = 6
-k = 5                           # gallery photos shown per query
+shown = 5                       # gallery photos shown per query (was `k`)
 upload = True                   # the browser embeds uploaded photos with the run's model (loaded at the first upload)
 browser = True                  # show the browser; headless runs pass False (a widget output can hang papermill's
                                 # client: jupyter/nbclient#312), the static gallery is their output
@@ -45,6 +47,10 @@ from pathlib import Path
 from lib.core.start import work_from_repo_root
 
 work_from_repo_root()  # relative paths from the repository root, lib from its checkout
+
+from lib.core.notebook_params import renamed_parameters
+
+renamed_parameters(globals(), {"k": "shown"})  # the old name, for one release
 
 from IPython.display import display
 
@@ -68,7 +74,7 @@ if report:
     print(f"{split}: {len(ev.queries)} queries, gallery {len(ev.gallery)} photos; thresholds {run_thresholds(ev)}")
     rows = rows_for_paths(ev.queries, queries) if queries else worst_queries(ev.queries, n_queries)
     what = "chosen queries" if queries else f"{len(rows)} worst queries"
-    fig = plot_retrieval_grid(ev, rows, k=k, with_group=True, title=f"{Path(run_dir).name}, {split}: {what}")
+    fig = plot_retrieval_grid(ev, rows, k=shown, with_group=True, title=f"{Path(run_dir).name}, {split}: {what}")
     save(fig, Path(figures_dir) / f"05_gallery_{tag}.png")
 
 # %% [markdown]
@@ -97,4 +103,4 @@ if report and upload:
 
 # %%
 if browser:
-    display(browse_page(runs_root, run_dir, split, k, thumbs_dir, upload))
+    display(browse_page(runs_root, run_dir, split, shown, thumbs_dir, upload))

@@ -75,12 +75,13 @@ work_from_repo_root()  # relative paths from the repository root, lib from its c
 from dataclasses import asdict
 
 from lib.analysis.figures import save
+from lib.data.tasks import task_columns
 from lib.probe.compare import run_probe, save_probe
 from lib.probe.config import probe_config
 from lib.probe.figures import most_changed, plot_importances, plot_probe, plot_rankings
 from lib.train.tracking import log_table
 
-identity = identity_col or ("label" if task == "reid" else "group")
+identity = identity_col or task_columns(task).identity_col
 runs = [{"name": Path(run_dir).name, "run_dir": run_dir}] if run_dir else []
 cfg = probe_config(data_dir=data_dir, splits_dir=splits_dir, split=split, identity_col=identity,
                    protocol=protocol, methods=methods, ranks=ranks, backbones=backbones + runs,

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.evaluate.classification import classification_metrics, classification_table, threshold_sweep
+from lib.evaluate.classification import classification_metrics, best_f1_threshold, classification_table
 
 
 def _scores(n: int, classes: list[str], seed: int) -> tuple[np.ndarray, pd.DataFrame]:
@@ -63,8 +63,8 @@ def test_threshold_sweep_finds_the_best_f1_of_every_threshold():
 def test_a_score_ranking_the_classes_the_wrong_way_round_is_flipped():
     labels, scores = _scores(80, ["neg", "pos"], seed=4)
     positive, score = labels == "pos", scores["pos"].to_numpy()
-    right = threshold_sweep(positive, score)
-    wrong = threshold_sweep(positive, 1.0 - score)
+    right = best_f1_threshold(positive, score)
+    wrong = best_f1_threshold(positive, 1.0 - score)
     assert wrong["flipped"] and not right["flipped"]
     assert wrong["auroc"] == pytest.approx(right["auroc"]) and wrong["auroc"] > 0.5
     assert wrong["f1"] == pytest.approx(right["f1"])
@@ -78,7 +78,7 @@ def test_bad_pos_class_and_one_sided_sweeps_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="two classes"):
         classification_metrics(labels3, scores3, pos_class="a")
     with pytest.raises(ValueError, match="both classes"):
-        threshold_sweep(np.ones(5, bool), np.linspace(0, 1, 5))
+        best_f1_threshold(np.ones(5, bool), np.linspace(0, 1, 5))
     with pytest.raises(ValueError, match="labels but"):
         classification_metrics(labels[:3], scores)
 

@@ -158,20 +158,36 @@ def test_thresholds_file_round_trip_keeps_infinity(tmp_path):
     assert "Infinity" not in (tmp_path / "t.json").read_text()  # strict JSON for other tools
 
 
-def test_new_individual_threshold_on_constructed_distances():
-    from lib.retrieval.decide import new_individual_threshold
+def test_best_f1_new_threshold_on_constructed_distances():
+    from lib.retrieval.decide import best_f1_new_threshold
 
     # known individuals sit close to a gallery photo, new ones far; one new one hides among the known
     d = np.array([0.1, 0.2, 0.3, 0.35, 0.9, 1.1, 1.2])
     new = np.array([False, False, False, True, False, True, True])
-    got = new_individual_threshold(d, new)
+    got = best_f1_new_threshold(d, new)
     called = d > got["threshold"]
     tp = (called & new).sum()
     assert got["precision"] == pytest.approx(tp / called.sum()) and got["recall"] == pytest.approx(tp / new.sum())
     # the best F1 here: call d >= 1.1 new (precision 1, recall 2/3, F1 0.8) over d >= 0.35 (4 called, 3 new: 0.857)
     assert got["f1"] == pytest.approx(max(2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * 0.75 * 1 / 1.75))
     assert (got["n_new"], got["n_known"]) == (3, 4)
-    assert np.isnan(new_individual_threshold(d, np.zeros(7, bool))["threshold"])
+    assert np.isnan(best_f1_new_threshold(d, np.zeros(7, bool))["threshold"])
+
+
+def test_each_new_individual_rule_says_what_it_optimises():
+    """Two thresholds for calling a query new live in one evaluation record: each entry names the rule that chose it
+    (best F1 of the 'new' call; best balance of known and unknown accuracy), so neither reads as the other."""
+    import pandas as pd
+
+    from lib.retrieval.decide import BEST_F1_RULE, best_f1_new_threshold, new_individual_calls
+    from lib.retrieval.open_set import BALANCED_RULE, open_set_report
+
+    d = np.array([0.1, 0.2, 0.3, 0.35, 0.9, 1.1, 1.2])
+    new = np.array([False, False, False, True, False, True, True])
+    assert best_f1_new_threshold(d, new)["rule"] == new_individual_calls(d, new, 0.5)["rule"] == BEST_F1_RULE
+    queries = pd.DataFrame({"label": list("abcxdyz"), "pred": list("abcaddd"), "top1_distance": d, "margin": 1.0})
+    report = open_set_report(queries, np.array(list("abcd")), new_threshold=0.5)
+    assert report["new_threshold_rule"] == BALANCED_RULE != BEST_F1_RULE
 
 
 def test_new_individual_calls_at_a_threshold_chosen_elsewhere():

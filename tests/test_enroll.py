@@ -1,5 +1,5 @@
-"""Enrolment without retraining (lib.evaluate.enroll, lib.evaluate.enrolled): photos added to a run's gallery are
-found by prediction, refused when they duplicate or contradict the gallery, and taken out again."""
+"""Enrolment without retraining (lib.evaluate.enroll_cli, lib.evaluate.enrolled_store): photos added to a run's gallery
+are found by prediction, refused when they duplicate or contradict the gallery, and taken out again."""
 import json
 import os
 import shutil
@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from conftest import ROOT, write_image
 
-import lib.evaluate.enrolled
+import lib.evaluate.enrolled_store
 from lib.core.errors import DataError
 from lib.core.device import auto_settings
-from lib.evaluate.enroll import enroll_photos, labelled_photos, main
-from lib.evaluate.enrolled import Enrolled, enrolled_gallery, key_text, load_enrolled, save_enrolled
+from lib.evaluate.enroll_cli import enroll_photos, labelled_photos, main
+from lib.evaluate.enrolled_store import Enrolled, enrolled_gallery, key_text, load_enrolled, save_enrolled
 from lib.evaluate.photos import embed_photos
 from lib.evaluate.predict import predict_photos
 from lib.train.trained_run import load_trained
@@ -103,7 +103,7 @@ def test_a_failed_write_leaves_the_previous_enrolment(tmp_path, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process died while writing
 
-    monkeypatch.setattr(lib.evaluate.enrolled.np, "savez", killed)
+    monkeypatch.setattr(lib.evaluate.enrolled_store.np, "savez", killed)
     with pytest.raises(KeyboardInterrupt):
         save_enrolled(tmp_path, Enrolled(table.iloc[:0]))
     after = load_enrolled(tmp_path)
@@ -122,7 +122,7 @@ def test_the_command_refuses_a_folder_that_is_not_a_run_and_wants_one_action(tmp
 CHILD = """
 import sys, time
 from pathlib import Path
-import lib.evaluate.enroll as enroll
+import lib.evaluate.enroll_cli as enroll
 
 real_embed, real_save = enroll.embed_photos, enroll.save_enrolled
 
@@ -190,15 +190,15 @@ def test_a_torn_enrolment_file_is_named_with_what_to_do(run, tmp_path, capsys):
 
 
 def count_embeddings(monkeypatch) -> list[str]:
-    """The photo paths lib.evaluate.enrolled embeds (again) from now on."""
+    """The photo paths lib.evaluate.enrolled_store embeds (again) from now on."""
     seen = []
-    real = lib.evaluate.enrolled.embed_photos
+    real = lib.evaluate.enrolled_store.embed_photos
 
     def counting(run, paths, *args, **kwargs):
         seen.extend(paths)
         return real(run, paths, *args, **kwargs)
 
-    monkeypatch.setattr(lib.evaluate.enrolled, "embed_photos", counting)
+    monkeypatch.setattr(lib.evaluate.enrolled_store, "embed_photos", counting)
     return seen
 
 

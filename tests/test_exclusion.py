@@ -153,7 +153,7 @@ def test_the_probe_ranks_under_the_group_rule_by_default():
     import pandas as pd
 
     from lib.probe.config import ProbeConfig
-    from lib.probe.methods import _Method, rank_method
+    from lib.probe.methods import MethodRun, rank_method
     from lib.probe.probe_set import probe_set, ranking_table
     from lib.probe.scores import cosine, kreciprocal_scores, order
 
@@ -167,7 +167,7 @@ def test_the_probe_ranks_under_the_group_rule_by_default():
     assert probe_set(index, "val", "label", "auto", loo_rule="photo").loo_rule == "photo"
     cfg = ProbeConfig(methods=["global"], k1=4, k2=2)
     q = _unit(emb).astype(np.float32)
-    m, _, _, _ = rank_method(s, cfg, len(q), _Method(0.0, lambda rows, _: order(cosine(q[rows], q, s.excluding(rows)))))
+    m, _, _, _ = rank_method(s, cfg, len(q), MethodRun(0.0, lambda rows, _: order(cosine(q[rows], q, s.excluding(rows)))))
     want = _brute_force(emb, labels, groups, (1, 5))
     np.testing.assert_allclose(m["ap"], want["ap"], atol=1e-6)
     assert m["recall@1"] == pytest.approx(want["recall@1"])

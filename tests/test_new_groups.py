@@ -11,8 +11,8 @@ from PIL import Image
 
 from lib.core.errors import DataError
 from lib.evaluate.cluster_eval import CLUSTER_FILE, save_cluster_choice
-from lib.evaluate.enroll import main as enroll_main
-from lib.evaluate.enrolled import load_enrolled
+from lib.evaluate.enroll_cli import main as enroll_main
+from lib.evaluate.enrolled_store import load_enrolled
 from lib.evaluate.predict import THRESHOLDS_FILE
 from lib.evaluate.predict_cli import main as predict_main
 from lib.retrieval.clustering import DEFAULT_THRESHOLD

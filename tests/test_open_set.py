@@ -6,17 +6,18 @@ import pandas as pd
 import pytest
 
 from lib.retrieval.open_set import (
+    BALANCED_RULE,
     NEW,
     RESHOOT,
     baks,
+    baks_baus_by_threshold,
+    balanced_new_threshold,
     baus,
-    choose_new_threshold,
     decision_scores,
     harmonic_mean,
     new_vs_known_auroc,
     open_set_answers,
     open_set_report,
-    threshold_sweep,
 )
 
 # individuals a (3 queries), b (1), c (2) are in the gallery; x (2) and y (1) are not
@@ -85,7 +86,7 @@ def test_decision_rule_answers_and_its_coverage_and_accuracy():
 
 def test_sweep_ends_call_everybody_or_nobody_new():
     d = np.array([0.1, 0.2, 0.7, 0.9])
-    sweep = threshold_sweep(["a", "b", "x", "y"], ["a", "a", "a", "b"], d, {"x", "y"})
+    sweep = baks_baus_by_threshold(["a", "b", "x", "y"], ["a", "a", "a", "b"], d, {"x", "y"})
     low, high = sweep.iloc[0], sweep.iloc[-1]
     assert low["threshold"] == 0.1 and low["BAUS"] == 1.0 and low["BAKS"] == 0.5  # a kept (right), b called new
     assert high["BAUS"] == 0.0 and high["BAKS"] == 0.5                            # nobody new; b voted a
@@ -156,11 +157,11 @@ def test_chosen_threshold_is_the_sweeps_best_harmonic_mean():
     unknown = {f"u{i}" for i in range(4)}
     d = rng.random(50) + np.isin(labels, list(unknown)) * 0.3
     pred = np.where(rng.random(50) < 0.7, labels, "k0")
-    t = choose_new_threshold(labels, pred, d, unknown)
+    t = balanced_new_threshold(labels, pred, d, unknown)
     # brute force: a cut at every observed distance; the sweep's 101 quantile cuts fall in every gap between the 50
     # distances, so they meet every distinct set of answers too
     best = max(harmonic_mean(baks(labels, a, unknown), baus(labels, a, unknown))
                for a in (open_set_answers(pred, d, np.ones(50), c) for c in np.unique(d)))
     got = decision_scores(labels, open_set_answers(pred, d, np.ones(50), t), unknown)["harmonic_mean"]
     assert got == pytest.approx(best, rel=1e-12)
-    assert np.isnan(choose_new_threshold(labels[:30], pred[:30], d[:30], unknown))
+    assert np.isnan(balanced_new_threshold(labels[:30], pred[:30], d[:30], unknown))

@@ -13,7 +13,8 @@ import lib.retrieval.embed
 from lib.core.errors import DataError
 from lib.data.splits import load_split_index
 from lib.probe.compare import run_probe, save_probe
-from lib.probe.config import METHODS, ProbeConfig, probe_config
+from lib.probe.config import ProbeConfig, probe_config
+from lib.probe.methods import PROBE_METHODS
 from lib.probe.fusion import ScoreFusion
 from lib.probe.probe_set import with_masks
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
@@ -68,7 +69,7 @@ def test_every_method_runs_then_the_cache_serves_a_second_run(demo, run_dir, tmp
     cfg = config(demo, run_dir, tmp_path / "cache")
     with pytest.warns(UserWarning, match="ensemble left out"):  # one backbone; test_ensemble.py probes two
         first, rankings = run_probe(cfg)
-    per_backbone = [m for m in METHODS if m != "ensemble"]
+    per_backbone = [m for m in PROBE_METHODS if m != "ensemble"]
     assert first["method"].tolist() == per_backbone and not first["features_cached"].any()
     assert (first["protocol"] == "loo").all(), "val individuals are not in train: leave-one-out"
     assert first[METRICS].apply(lambda c: c.between(0, 1)).all().all()
@@ -205,7 +206,7 @@ def test_shortlisted_sift_computes_only_matched_photos_and_ranks_as_all(demo, ru
 
     def probe(**kw):
         """(table, rankings, paths given SIFT, paths shortlisted, inlier tables, photos SIFT was computed for)"""
-        asked = recording(lib.probe.methods, "sift_table", lambda args, out: set(args[0]["path"]))
+        asked = recording(lib.probe.features, "sift_table", lambda args, out: set(args[0]["path"]))
         shortlists = recording(lib.probe.methods, "_shortlist",
                                lambda args, out: set(args[0].gallery["path"].to_numpy()[out[0]].ravel()))
         inliers = recording(lib.probe.methods, "inlier_table", lambda args, out: out[0])
@@ -251,3 +252,27 @@ def test_an_approximate_shortlist_says_what_it_costs_and_visiting_every_list_equ
     out = capsys.readouterr().out
     recall = float(out.split("shortlist index: IVF4,Flat")[1].split("recall@5 ")[1].split()[0])
     assert 0 < recall < 1, "one list of four misses some of the exact nearest"
+
+
+def test_a_probe_method_is_one_record(demo, run_dir, tmp_path, monkeypatch):
+    """A method registered in PROBE_METHODS alone is a valid `methods` name, runs after the global ones with the
+    cost its MethodRun states, and, being learned, makes the probe prepare the calibrate_on split."""
+    from lib.probe.methods import MethodRun, ProbeMethod
+    from lib.probe.scores import cosine, order
+
+    built = []
+
+    def farthest_first(b):
+        built.append(b.calibration_set)
+        return MethodRun(b.q_ms + 1.0, lambda rows, _: order(-cosine(b.q[rows], b.g, b.s.excluding(rows))))
+
+    monkeypatch.setitem(PROBE_METHODS, "farthest", ProbeMethod("farthest", "embeddings", True, farthest_first))
+    table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="label", split="val",
+                                calibrate_on="train", methods=["farthest", "global"]))
+    assert table["method"].tolist() == ["global", "farthest"]  # registry order
+    rows = table.set_index("method")
+    assert rows.loc["farthest", "feature_ms_per_image"] == pytest.approx(rows.loc["global", "feature_ms_per_image"] + 1)
+    assert rows.loc["farthest", "recall@1"] < rows.loc["global", "recall@1"]
+    assert built[0] is not None, "a learned method gets the calibrate_on split"
+    with pytest.raises(ValueError, match="choose from global, qe"):
+        ProbeConfig(methods=["farthset"])

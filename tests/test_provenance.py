@@ -23,8 +23,8 @@ from lib.data.resize_cache import build_cache
 from lib.data.splits import SplitConfig, load_split_index, prepare_splits, read_splits
 from lib.data.transforms import build_transforms
 from lib.evaluate.calibrate import Calibration, calibrate, thresholds_info
-from lib.evaluate.enroll import enroll_photos
-from lib.evaluate.enrolled import COLUMNS, Enrolled, embedding_key, save_enrolled
+from lib.evaluate.enroll_cli import enroll_photos
+from lib.evaluate.enrolled_store import COLUMNS, Enrolled, embedding_key, save_enrolled
 from lib.evaluate.gallery_index import gallery_index
 from lib.evaluate.photos import embed_photos
 from lib.evaluate.predict import THRESHOLDS_FILE, predict_photos

@@ -86,6 +86,6 @@ def test_a_folder_to_an_evaluated_run_and_a_second_call_carries_on(demo, tmp_pat
     run_photos.run(data, "photos", TINY, root=tmp_path)
     assert capsys.readouterr().out.count("skipped") == 5
     # a notebook's parameter changed: it and every later one run again, the earlier ones are kept
-    run_photos.run(data, "photos", {**TINY, "k_show": 3}, root=tmp_path)
+    run_photos.run(data, "photos", {**TINY, "shown": 3}, root=tmp_path)
     out = capsys.readouterr().out
     assert out.count("skipped") == 3 and "[4/5] 04_confusion_analysis: running" in out

@@ -360,3 +360,25 @@ def test_given_mode_carves_an_open_set_val_and_reports_the_csv_unknowns(tmp_path
     assert set(sorted(index["label"].unique())[:10]) <= set(splits.unknown["test"])
     n_val = assign_splits(index, splits.groups).query("split == 'val'")["label"].nunique()
     assert abs(len(splits.unknown["val"]) / n_val - 0.2) <= 2 / n_val  # measured 15 of 68
+
+
+def test_a_split_mode_is_one_record(monkeypatch, tmp_path):
+    """A mode registered in lib.data.split_modes.MODES alone is accepted by SplitConfig, places the groups, and says
+    in the report what it is; its open_set flag decides whether it takes unknown_share."""
+    from lib.data import split_modes
+
+    def everything_in_train(index, table, cfg, rng):
+        return {g: "train" for g in table["group"]}
+
+    mode = split_modes.SplitMode("all-train", everything_in_train, per_class=False, open_set=False,
+                                 describe=lambda report: ["Every group in train."])
+    monkeypatch.setitem(split_modes.MODES, mode.name, mode)
+    index = synthetic_index(n_classes=3, rare=False)
+    splits = prepare_splits(index, tmp_path, SplitConfig(mode="all-train"))
+    assert splits.groups["train"] == sorted(index["group"].unique()) and not splits.groups["val"]
+    assert "Every group in train." in (tmp_path / "split_report.md").read_text()
+    assert splits.report["train_only_classes"] == []  # not a per-class mode: no few-groups report
+    with pytest.raises(ValueError, match="unknown_share applies to split modes"):
+        SplitConfig(mode="all-train", unknown_share=0.3)
+    with pytest.raises(ValueError, match="valid: group, time, open, given, all-train"):
+        SplitConfig(mode="al-train")

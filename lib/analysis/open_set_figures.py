@@ -9,7 +9,7 @@ from sklearn.metrics import roc_curve
 
 def plot_open_set(is_unknown, top1_distance, margin, sweep: pd.DataFrame, report: dict, title: str = "") -> plt.Figure:
     """Left: ROC of calling a query new by its top-1 distance and by its (negative) vote margin. Right: BAKS, BAUS
-    and their harmonic mean against the new-individual threshold (lib.retrieval.open_set.threshold_sweep), with the
+    and their harmonic mean against the new-individual threshold (lib.retrieval.open_set.baks_baus_by_threshold), with the
     threshold chosen on val."""
     fig, (roc, trade) = plt.subplots(1, 2, figsize=(11, 4.5))
     d = np.asarray(top1_distance, dtype=np.float64)

@@ -111,6 +111,8 @@ def _resize_one(task) -> tuple[str, str | None]:
     return rel, None
 
 
+# 9 parameters: what to cache (3) beside the cache's settings (6), each one flag of data_prep/resize_cache.py and
+# keyword-only in practice; a settings object would only repack that command's namespace.
 def build_cache(
     data_root,
     rel_paths,

@@ -106,14 +106,15 @@ class RatioHolder:
         for g, s in self.at.items():
             self.filled[s] += self.sizes[g]
 
-    def off(self) -> np.ndarray:
+    def share_error(self) -> np.ndarray:
+        """Per split: its share of the images minus the asked ratio (positive: over-full)."""
         return self.filled / self.total - self.asked
 
     def hold(self, tol: float) -> dict[str, str]:
-        if self.total and np.abs(self.off()).max() > tol:
+        if self.total and np.abs(self.share_error()).max() > tol:
             for stage, limit in ((1, RATIO_AIM * tol), (2, tol)):
-                while np.abs(self.off()).max() > limit:
-                    d = self.off()
+                while np.abs(self.share_error()).max() > limit:
+                    d = self.share_error()
                     pairs = sorted(((s, t) for s in range(3) for t in range(3) if d[s] > 0 > d[t]),
                                    key=lambda p: (d[p[1]] - d[p[0]], p))
                     if not any(self.move_pair(stage, src, dst, limit) for src, dst in pairs):
@@ -153,8 +154,8 @@ class RatioHolder:
         heap = [(c[0], label) for label in self.members if (c := self.candidate(label, stage, src, dst))]
         heapq.heapify(heap)
         moved = 0
-        while heap and np.abs(self.off()).max() > limit:
-            d = self.off()
+        while heap and np.abs(self.share_error()).max() > limit:
+            d = self.share_error()
             if not d[src] > 0 > d[dst]:
                 break
             key, label = heapq.heappop(heap)

@@ -9,8 +9,7 @@ from dataclasses import asdict
 import pandas as pd
 
 from lib.data.split_assign import SPLITS, group_table, split_fingerprint
-
-PER_CLASS_MODES = ("group", "time")  # modes that share out each class's groups over the splits
+from lib.data.split_modes import split_mode
 
 
 def unknown_individuals(index: pd.DataFrame, groups: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -33,6 +32,7 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg, exclusi
     # where the classes landed: the few-groups rule, and any val/test group moved to hold the ratios
     unevaluated = per_class[(per_class["val"] == 0) & (per_class["test"] == 0)].index
     untested = per_class[(per_class["val"] > 0) & (per_class["test"] == 0)].index if cfg.ratios[2] > 0 else []
+    per_class_mode = split_mode(cfg.mode).per_class
     return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(cfg),
@@ -47,8 +47,8 @@ def split_report(index: pd.DataFrame, groups: dict[str, list[str]], cfg, exclusi
         "n_labels": {s: int(labelled.loc[labelled["split"] == s, "label"].nunique()) for s in SPLITS},
         "per_class": {label: {s: int(v) for s, v in row.items()} for label, row in per_class.iterrows()},
         # the few-groups rule shares out each class's groups; open and given modes place whole labels or follow the CSV
-        "train_only_classes": sorted(unevaluated) if cfg.mode in PER_CLASS_MODES else [],
-        "no_test_classes": sorted(untested) if cfg.mode in PER_CLASS_MODES else [],
+        "train_only_classes": sorted(unevaluated) if per_class_mode else [],
+        "no_test_classes": sorted(untested) if per_class_mode else [],
         # absent in reports written before the open-set holdout: no individual was marked unknown
         "unknown_individuals": unknown_individuals(index, groups),
         "multi_label_groups": multi,
@@ -77,22 +77,6 @@ def _unknown_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
-def _mode_lines(report: dict) -> list[str]:
-    mode = report["config"]["mode"]
-    if mode in PER_CLASS_MODES:
-        return ["## Classes too small for every split", "",
-                f"- train only (in the gallery, never evaluated): {report['train_only_classes'] or 'none'}",
-                f"- no test images (train + val): {report['no_test_classes'] or 'none'}", ""]
-    share = report["config"].get("unknown_share", 1.0 if mode == "open" else 0.0)
-    if mode == "open" and share >= 1:
-        return ["Open set, identity-disjoint (unknown_share 1): each label lies in one split only, so val and test "
-                "labels are never seen in training and are evaluated among themselves (leave-one-out).", ""]
-    if mode == "open":
-        return [f"Open set: {share:.2f} of the val/test individuals are held out whole (unknown: no photo in "
-                "train); the others' groups are shared out as in group mode, so their queries have gallery photos.", ""]
-    return ["Splits as the metadata CSV gives them.", ""]
-
-
 def report_markdown(report: dict) -> str:
     lines = ["# Split report", "", f"- created: {report['created']}", f"- seed: {report['config']['seed']}",
              f"- ratios (train/val/test): {report['config']['ratios']}", *_ratio_lines(report),
@@ -100,7 +84,7 @@ def report_markdown(report: dict) -> str:
              f"- split fingerprint (which group in which split): {report.get('split_fingerprint', 'not recorded')}",
              f"- mode: {report['config']['mode']}", f"- images: {report['n_images']}", f"- groups: {report['n_groups']}",
              f"- classes: {report['n_classes']} (per split: {report['n_labels']})", ""]
-    lines += _mode_lines(report) + _unknown_lines(report)
+    lines += split_mode(report["config"]["mode"]).describe(report) + _unknown_lines(report)
     if report["multi_label_groups"]:
         lines += [f"Groups holding several labels (kept whole, placed by their most common label): "
                   f"{report['multi_label_groups']}", ""]

@@ -34,26 +34,12 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from lib.core.errors import DataError
 from lib.core.state_io import write_csv, write_json, write_text
-from lib.data.split_assign import (
-    SPLITS,
-    RatioHolder,
-    assign_in_order,
-    group_table,
-    open_set_split,
-    per_class_split,
-    split_fingerprint,
-)
+from lib.data.split_assign import SPLITS, group_table, split_fingerprint
+from lib.data.split_modes import DEFAULT_UNKNOWN_SHARE, MODES, assign_groups, split_mode
 from lib.data.split_report import report_markdown, split_report
 
 SPLIT_FILES = {s: f"{s}_ids.json" for s in SPLITS}
 UNKNOWN_FILE = "unknown_individuals.json"
-
-
-SPLIT_MODES = ("group", "time", "open", "given")
-OPEN_SET_MODES = ("open", "given")  # the modes that can hold individuals out of train
-DEFAULT_UNKNOWN_SHARE = 0.2
-GIVEN_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test", "query": "test"}
 
 
 @dataclass
@@ -61,41 +47,34 @@ class SplitConfig:
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 42
     n_folds: int = 0  # >1: also write K train/val folds around the fixed test split (k-fold cross-validation)
-    # group: groups shared out per label (classification; closed-set re-ID when label = individual)
-    # time:  the same, but each label's groups in time order: earliest to train, latest to test (closed-set re-ID)
-    # open:  unknown_share of the val/test individuals held out whole, the others by groups (open-set re-ID)
-    # given: the CSV's own split column (`given_split`); val carved from train (open-set rule) when the CSV has none
-    mode: str = "group"
+    mode: str = "group"  # a name in lib.data.split_modes.MODES: group | time | open | given
     time_col: str = ""  # mode='time': the index column to order groups by (a date or any sortable value)
     # group/time: how far each split's share of images may stray from `ratios` before groups are moved to hold it
     ratio_tol: float = 0.03
-    # open/given: share of the val/test individuals with no photo in train (1: identity-disjoint, every individual
-    # in one split); None: DEFAULT_UNKNOWN_SHARE there, 0 in group/time
+    # open-set modes (open/given): share of the val/test individuals with no photo in train (1: identity-disjoint,
+    # every individual in one split); None: DEFAULT_UNKNOWN_SHARE there, 0 in the others
     unknown_share: float | None = None
 
     def __post_init__(self):
-        if self.mode not in SPLIT_MODES:
-            raise ValueError(f"split mode {self.mode!r}; valid: {', '.join(SPLIT_MODES)}")
-        if self.mode == "time" and not self.time_col:
-            raise ValueError("mode='time' needs time_col: the index column holding each photo's date or order")
+        mode = split_mode(self.mode)
+        mode.check(self)
         self.ratios = tuple(float(r) for r in self.ratios)
         if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6 or self.ratios[0] == 0:
             raise ValueError(f"ratios must be three non-negative numbers summing to 1 with train > 0, got {self.ratios}")
         if not 0 <= self.ratio_tol < 1:
             raise ValueError(f"ratio_tol must be in [0, 1), got {self.ratio_tol}")
         if self.unknown_share is None:
-            self.unknown_share = DEFAULT_UNKNOWN_SHARE if self.mode in OPEN_SET_MODES else 0.0
+            self.unknown_share = DEFAULT_UNKNOWN_SHARE if mode.open_set else 0.0
         self.unknown_share = float(self.unknown_share)
         if not 0 <= self.unknown_share <= 1:
             raise ValueError(f"unknown_share must be in [0, 1], got {self.unknown_share}")
-        if self.unknown_share and self.mode not in OPEN_SET_MODES:
-            raise ValueError(f"unknown_share applies to split modes {OPEN_SET_MODES}, not {self.mode!r}")
+        if self.unknown_share and not mode.open_set:
+            raise ValueError(f"unknown_share applies to split modes {open_set_modes()}, not {self.mode!r}")
 
 
-def legacy_unknown_share(mode: str) -> float:
-    """What split files written before unknown_share existed did: open was identity-disjoint, the rest kept every
-    individual in train."""
-    return 1.0 if mode == "open" else 0.0
+def open_set_modes() -> tuple[str, ...]:
+    """The split modes that can hold individuals out of train (and so take unknown_share)."""
+    return tuple(name for name, mode in MODES.items() if mode.open_set)
 
 
 @dataclass
@@ -129,48 +108,9 @@ def class_to_idx(index: pd.DataFrame) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted(index["label"].unique()))}
 
 
-def _given_split(index: pd.DataFrame, cfg: SplitConfig) -> dict[str, str]:
-    if "given_split" not in index.columns:
-        raise DataError("mode='given' needs the CSV's split column: name it with split_col in notebook 01")
-    values = index["given_split"].astype(str).str.strip().str.lower()
-    unknown = sorted(set(values) - set(GIVEN_NAMES))
-    if unknown:
-        rows = index.loc[values.isin(unknown), "path"].head(3).tolist()
-        raise DataError(f"split column holds {unknown} (e.g. {rows}); valid values: {sorted(GIVEN_NAMES)}")
-    per_group = pd.DataFrame({"group": index["group"], "split": values.map(GIVEN_NAMES)}).drop_duplicates()
-    torn = per_group["group"][per_group["group"].duplicated()].unique()
-    if len(torn):
-        raise DataError(f"the CSV's split column puts group(s) {list(torn[:5])} in more than one split")
-    where = dict(zip(per_group["group"], per_group["split"]))
-    if "val" not in where.values():
-        # The CSV has no val: carve one from its train groups, group-aware, at val's share of train + val, holding
-        # unknown_share of its individuals out of train (as a CSV's open-set test does).
-        train = index[index["group"].map(where) == "train"]
-        share = cfg.ratios[1] / (cfg.ratios[0] + cfg.ratios[1])
-        carve = SplitConfig(ratios=(1 - share, share, 0.0), seed=cfg.seed, mode="open", unknown_share=cfg.unknown_share)
-        carved = split_groups(train, carve)
-        where.update({g: "val" for g in carved["val"]})
-    return where
-
-
 def split_groups(index: pd.DataFrame, cfg: SplitConfig) -> dict[str, list[str]]:
-    rng = np.random.default_rng(cfg.seed)
-    table = group_table(index)
-    where: dict[str, str] = {}
-    if cfg.mode == "given":
-        where = _given_split(index, cfg)
-    elif cfg.mode == "open":
-        where = open_set_split(index, table, cfg.ratios, cfg.unknown_share, cfg.ratio_tol, rng)
-    elif cfg.mode == "time":
-        first_seen = index.groupby("group")[cfg.time_col].min() if cfg.time_col in index.columns else None
-        if first_seen is None:
-            raise DataError(f"mode='time': the index has no column '{cfg.time_col}'; columns: {list(index.columns)}")
-        table = table.assign(t=table["group"].map(first_seen)).sort_values(["label", "t", "group"])
-        for _, groups in table.groupby("label", sort=True):
-            where.update(assign_in_order(groups, cfg.ratios))
-        where = RatioHolder(table, where, cfg.ratios, rng, ordered=True).hold(cfg.ratio_tol)
-    else:
-        where = per_class_split(table, cfg.ratios, cfg.ratio_tol, rng)
+    """Split name -> sorted group IDs, each group placed by cfg.mode's record (lib.data.split_modes)."""
+    where = assign_groups(index, cfg)
     return {s: sorted(g for g, w in where.items() if w == s) for s in SPLITS}
 
 
@@ -250,7 +190,7 @@ def _stored_config(report: dict) -> dict:
     unknown_share with what the mode did before it existed)."""
     stored = report.get("config", {})
     mode = stored.get("mode", SplitConfig.mode)
-    defaults = {**json.loads(json.dumps(asdict(SplitConfig()))), "unknown_share": legacy_unknown_share(mode)}
+    defaults = {**json.loads(json.dumps(asdict(SplitConfig()))), "unknown_share": split_mode(mode).unknown_share_before}
     return {**defaults, **stored}
 
 

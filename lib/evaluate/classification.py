@@ -23,7 +23,7 @@ def one_vs_rest_auroc(labels, scores: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def threshold_sweep(positive, score) -> dict:
+def best_f1_threshold(positive, score) -> dict:
     """The threshold on `score` with the best F1 for calling `positive`, its precision and recall, and AUROC. When the
     score ranks the negatives higher (AUROC < 0.5) it is turned round (1 - score, the other class's share) first, and
     `flipped` says so: the marmoset pipeline's orientation correction, so a classifier that learnt the classes the
@@ -45,7 +45,7 @@ def threshold_sweep(positive, score) -> dict:
 
 def classification_metrics(labels, scores: pd.DataFrame, pos_class: str = "") -> dict:
     """accuracy and macro-F1 of the top-scored class, per-class and macro (mean of the defined ones) one-vs-rest
-    AUROC; with `pos_class` (two score columns only) also its threshold sweep (threshold_sweep)."""
+    AUROC; with `pos_class` (two score columns only) also its best-F1 threshold (best_f1_threshold)."""
     labels = np.asarray(labels, dtype=str)
     if len(labels) != len(scores):
         raise ValueError(f"{len(labels)} labels but {len(scores)} score rows")
@@ -63,7 +63,7 @@ def classification_metrics(labels, scores: pd.DataFrame, pos_class: str = "") ->
             raise ValueError(f"pos_class names the positive of two classes; these scores have {len(columns)}: "
                              f"{sorted(columns)[:10]} (set pos_class='')")
         out["sweep"] = {"pos_class": pos_class,
-                        **threshold_sweep(labels == pos_class, scores.iloc[:, list(columns).index(pos_class)])}
+                        **best_f1_threshold(labels == pos_class, scores.iloc[:, list(columns).index(pos_class)])}
     return out
 
 

@@ -18,8 +18,8 @@ import pandas as pd
 
 from lib.core.errors import DataError
 from lib.core.state_io import run_state_lock
-from lib.evaluate.enroll import canonical_label, enroll_photos
-from lib.evaluate.enrolled import load_enrolled, save_enrolled
+from lib.evaluate.enroll_cli import canonical_label, enroll_photos
+from lib.evaluate.enrolled_store import load_enrolled, save_enrolled
 from lib.evaluate.new_groups import NOT_GROUPED
 from lib.train.trained_run import load_trained
 
@@ -58,7 +58,7 @@ def generated_names(n: int, taken, prefix: str = NAME_PREFIX) -> list[str]:
 def enrol_clusters(run_dir: str | os.PathLike, predictions_csv: str | os.PathLike, cluster: int | None = None,
                    label: str | None = None, prefix: str = NAME_PREFIX, **enrol) -> pd.DataFrame:
     """Enrol one cluster of the predictions under `label`, or (cluster None) every cluster under generated_names,
-    in one enrolment refused whole on any problem (lib.evaluate.enroll.enroll_photos, given `enrol`'s options)."""
+    in one enrolment refused whole on any problem (lib.evaluate.enroll_cli.enroll_photos, given `enrol`'s options)."""
     grouped = predicted_clusters(predictions_csv)
     if cluster is not None:
         if label is None or not label.strip():

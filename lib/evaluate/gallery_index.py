@@ -1,7 +1,7 @@
 """A trained run's gallery index: its train split embedded and put in a Faiss index (exact, or approximate for a large
 gallery: lib.retrieval.ann_index), saved in run_dir/index/ with what made it (checkpoint, TTA, transform, data, index
 settings), so prediction reuses what evaluation built and never a stale one; photos enrolled since
-(lib.evaluate.enrolled) are added to it when it is loaded."""
+(lib.evaluate.enrolled_store) are added to it when it is loaded."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +16,7 @@ from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
 from lib.core.state_io import read_manifest, run_state_lock, say_once
 from lib.data.dataset import IndexDataset
-from lib.evaluate.enrolled import enrolled_gallery
+from lib.evaluate.enrolled_store import enrolled_gallery
 from lib.retrieval.ann_index import IndexSpec, build_search_index, resolve_factory, searchable
 from lib.retrieval.embed import file_sha256, files_fingerprint
 from lib.retrieval.faiss_index import (INDEX_MANIFEST, NO_NEIGHBOUR, faiss_device_for, load_index, save_index, search,
@@ -140,7 +140,7 @@ def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, 
                   recall: float | None = None, k: int | None = None) -> GalleryIndex:
     """The run's gallery index: run_dir/index/ when it was saved for this checkpoint, TTA, transform and gallery
     (same photos, unchanged on disk) and is the index asked for (notebook 03 saves it), else the train split
-    embedded through the cache, indexed and saved there; then the enrolled photos added (lib.evaluate.enrolled).
+    embedded through the cache, indexed and saved there; then the enrolled photos added (lib.evaluate.enrolled_store).
 
     index, nprobe, ef_search, recall (lib.retrieval.ann_index.IndexSpec): None takes the saved index's settings
     (IndexSpec's defaults when none is saved). A recall target re-tunes the saved index's search parameters for k

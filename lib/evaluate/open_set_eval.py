@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.evaluate.record import Evaluation
-from lib.retrieval.open_set import choose_new_threshold, open_set_report
+from lib.retrieval.open_set import balanced_new_threshold, open_set_report
 
 RESULT_COLUMNS = ("BAKS", "BAUS", "harmonic_mean", "auroc_top1_distance", "auroc_margin")
 
@@ -15,7 +15,7 @@ def add_open_set_metrics(ev: Evaluation, new_threshold: float | None = None, min
     otherwise (leave-one-out: the split queries itself; a closed set) the entry says why it was skipped.
 
     new_threshold: the rule's top-1 distance threshold; None chooses it on this evaluation's queries (val) for the best
-    harmonic mean of BAKS and BAUS (lib.retrieval.open_set.choose_new_threshold); pass val's to a test evaluation.
+    harmonic mean of BAKS and BAUS (lib.retrieval.open_set.balanced_new_threshold); pass val's to a test evaluation.
     min_margin: None takes the vote-margin threshold the evaluation applied.
     """
     if ev.config["protocol"] != "gallery":
@@ -29,8 +29,8 @@ def add_open_set_metrics(ev: Evaluation, new_threshold: float | None = None, min
         return ev.metrics["open_set"]
     chosen_here = new_threshold is None
     if chosen_here:
-        new_threshold = choose_new_threshold(ev.queries["label"], ev.queries["pred"], ev.queries["top1_distance"],
-                                             set(ev.queries.loc[is_unknown, "label"]))
+        new_threshold = balanced_new_threshold(ev.queries["label"], ev.queries["pred"], ev.queries["top1_distance"],
+                                               set(ev.queries.loc[is_unknown, "label"]))
     if min_margin is None:
         min_margin = ev.config["thresholds"]["min_margin"]
     ev.metrics["open_set"] = open_set_report(ev.queries, ev.gallery["label"].to_numpy(), ev.gallery_emb, ev.query_emb,

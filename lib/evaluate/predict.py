@@ -2,7 +2,7 @@
 
 A photo that cannot be read gets a row with its `error` and no prediction; the others go on. A photo smaller than
 the run's training photos could be (notebook 01's min_size) is predicted with a `note` saying so, or refused.
-The gallery is the run's train split plus the photos enrolled since (lib.evaluate.enroll).
+The gallery is the run's train split plus the photos enrolled since (lib.evaluate.enroll_cli).
 """
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from lib.retrieval.decide import (
     DEFAULT_K,
     DEFAULT_WEIGHTING,
     Thresholds,
+    best_f1_new_threshold,
     decisions,
     new_individual_calls,
-    new_individual_threshold,
     verdicts,
 )
 from lib.retrieval.embed import EMBED_BATCH_SIZE
@@ -164,7 +164,7 @@ def _metrics(e: _Embedded, queries: pd.DataFrame, new_threshold: float | None) -
                                  groups=e.groups)
     queries["ap"] = metrics.pop("ap")
     is_new = queries["ap"].isna()
-    metrics["new_individual"] = (new_individual_threshold(queries["top1_distance"], is_new) if new_threshold is None
+    metrics["new_individual"] = (best_f1_new_threshold(queries["top1_distance"], is_new) if new_threshold is None
                                  else new_individual_calls(queries["top1_distance"], is_new, new_threshold))
     metrics.update(protocol=e.protocol, vote_accuracy=vote_accuracy(q_labels, queries["pred"]),
                    macro_f1=macro_f1(q_labels, queries["pred"]), **_coverage_metrics(queries),
@@ -179,7 +179,7 @@ def _record_config(run_dir, e: _Embedded, cfg: EvalSettings, thresholds: Thresho
             "protocol": e.protocol, "loo_rule": e.loo_rule, "restrict_to_context": cfg.restrict_to_context, "k": cfg.k,
             "weighting": cfg.weighting, "tta": cfg.tta, "thresholds": asdict(thresholds or Thresholds()),
             "index": asdict(cfg.index), "gallery_fingerprint": e.gallery_fingerprint, "device": e.device.device,
-            # the gallery searched is the split's alone: enrolled photos (lib.evaluate.enroll) are never in it
+            # the gallery searched is the split's alone: enrolled photos (lib.evaluate.enroll_cli) are never in it
             "enrolment": enrolment_stamp([]),
             "run": run.config, "train_time_min": sum(r.get("train_seconds") or 0 for r in run.history) / 60,
             "checkpoint_epoch": run.epoch}

@@ -34,9 +34,9 @@ from lib.core.errors import DataError
 from lib.core.state_io import write_csv, write_json
 from lib.data.splits import load_split_index
 from lib.evaluate.results_table import append_benchmark_row
-from lib.probe.config import LEARNED, ProbeConfig
-from lib.probe.features import load_backbone
-from lib.probe.methods import ProbeFeatures, ensemble_members, probe_backbone, probe_ensemble
+from lib.probe.config import ProbeConfig, learns
+from lib.probe.features import ProbeFeatures, load_backbone
+from lib.probe.methods import probe_backbone, probe_backbones
 from lib.probe.probe_set import probe_set, ranking_table, with_masks
 
 ENSEMBLE_JOIN = " and "  # the ensemble row's backbone: its members' names joined so (MLflow refuses '+' in names)
@@ -52,11 +52,10 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
     index = with_masks(index, cfg.masks_csv, cfg.mask_col)
     s = probe_set(index, cfg.split, cfg.identity_col, cfg.protocol, cfg.loo_rule)
     calibration_set = None
-    if set(LEARNED) & set(cfg.methods) and cfg.calibrate_on != cfg.split:
+    if learns(cfg) and cfg.calibrate_on != cfg.split:
         calibration_set = probe_set(index, cfg.calibrate_on, cfg.identity_col, cfg.protocol, cfg.loo_rule)
     settings = auto_settings(device=cfg.device)
     feats = ProbeFeatures(cfg, settings, progress)
-    members = ensemble_members(cfg)
     results = {}  # (backbone, method) -> (metrics, feature ms, method ms, importance, features_cached)
     stamp = datetime.now(timezone.utc)
     run_id = stamp.strftime("%Y%m%d-%H%M%S-%f")
@@ -67,14 +66,11 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
             raise DataError(f"backbone {backbone.name!r} was trained on other data than {cfg.splits_dir} describes "
                             "(data fingerprints differ): its training photos could be among the probed ones")
         feats.cached = []
-        if backbone.name in members and calibration_set is not None and cfg.ensemble_combine == "logistic":
-            feats.vectors(backbone, calibration_set)  # while the backbone is loaded: the ensemble's weights need them
         for method, result in probe_backbone(backbone, s, calibration_set, feats, cfg).items():
             results[backbone.name, method] = (*result, all(feats.cached))
-    if members:
-        feats.cached = []
-        ensemble = probe_ensemble(members, s, calibration_set, feats, cfg)
-        results[ENSEMBLE_JOIN.join(members), "ensemble"] = (*ensemble, all(feats.cached))
+    feats.cached = []
+    for method, (members, result) in probe_backbones(s, calibration_set, feats, cfg).items():
+        results[ENSEMBLE_JOIN.join(members), method] = (*result, all(feats.cached))
     rows, rankings = [], {}
     for (name, method), (m, feature_ms, method_ms, importance, cached) in results.items():
         rows.append({"run_id": run_id, "time": stamp.isoformat(timespec="seconds"), "splits_dir": cfg.splits_dir,

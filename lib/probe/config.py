@@ -1,4 +1,4 @@
-"""The probe's knobs (ProbeConfig, checked when made) and the method names they choose from."""
+"""The probe's knobs (ProbeConfig, checked when made); the methods they choose from are lib.probe.methods.PROBE_METHODS."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,13 +7,12 @@ from dataclasses import dataclass, field
 from lib.probe.ensemble import COMBINERS
 from lib.probe.hybrid import gbm_params
 from lib.probe.local_match import SiftConfig
+from lib.probe.methods import PROBE_METHODS
 from lib.probe.pair_features import HYBRID_FEATURES
 from lib.retrieval.ann_index import EF_SEARCH, NPROBE
 from lib.retrieval.embed import EMBED_BATCH_SIZE
 
-METHODS = ("global", "qe", "kreciprocal", "local", "fusion", "ensemble", "hybrid")
 SIFT_PHOTOS = ("shortlisted", "all")  # gallery photos whose SIFT features the probe computes
-LEARNED = ("fusion", "ensemble", "hybrid")  # methods fitted on pairs with known answers (calibrate_on)
 
 
 @dataclass
@@ -27,7 +26,7 @@ class ProbeConfig:
     # its group: encounter, sighting, photo) | photo (itself only) | auto (group where the groups are finer than
     # the individuals)
     loo_rule: str = "auto"
-    methods: list = field(default_factory=lambda: list(METHODS))
+    methods: list = field(default_factory=lambda: list(PROBE_METHODS))
     ranks: list = field(default_factory=lambda: [1, 5])  # CMC ranks, reported as recall@k
     backbones: list = field(default_factory=lambda: [
         {"name": "imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}])
@@ -47,7 +46,7 @@ class ProbeConfig:
     # so the rankings are the same as with 'all' (every gallery photo) at a cost that grows with queries x
     # shortlist_k, not with the gallery; 'all' fills the cache for a whole gallery ahead of later probes.
     sift_photos: str = "shortlisted"
-    calibrate_on: str = "val"          # split whose pairs fit fusion, the ensemble's weights and the hybrid's trees
+    calibrate_on: str = "val"          # split whose pairs fit the learned methods (fusion, ensemble weights, hybrid)
     ensemble_members: list = field(default_factory=list)  # backbone names the ensemble combines; []: all probed
     ensemble_combine: str = "logistic"  # rank | score | logistic (weights learned on calibrate_on pairs)
     hybrid_features: list = field(default_factory=lambda: list(HYBRID_FEATURES))  # pair feature groups
@@ -59,9 +58,9 @@ class ProbeConfig:
     batch_size: int = EMBED_BATCH_SIZE
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in PROBE_METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"methods {unknown or self.methods}: choose from {', '.join(METHODS)}")
+            raise ValueError(f"methods {unknown or self.methods}: choose from {', '.join(PROBE_METHODS)}")
         if not self.ranks or min(self.ranks) < 1:
             raise ValueError(f"ranks must be CMC ranks >= 1, got {self.ranks}")
         if self.shortlist_k < 1:
@@ -92,3 +91,8 @@ def probe_config(**params) -> ProbeConfig:
     if unknown:
         raise ValueError(f"unknown probe parameter(s) {unknown}; valid: {sorted(valid)}")
     return ProbeConfig(**params)
+
+
+def learns(cfg: ProbeConfig) -> bool:
+    """Whether a method cfg.methods names is fitted on pairs with known answers (of the calibrate_on split)."""
+    return any(PROBE_METHODS[m].learned for m in cfg.methods)

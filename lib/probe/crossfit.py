@@ -39,8 +39,8 @@ class QueryModels:
                 out[mine] = part
         return out
 
-    def each(self) -> list:
-        """The models that score some query."""
+    def in_use(self) -> list:
+        """The models that score some query (a half with no query has none)."""
         return [m for h, m in enumerate(self.models) if (self.half == h).any()]
 
 

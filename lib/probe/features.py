@@ -1,7 +1,7 @@
 """What the probe compares retrieval methods on: each photo's global embedding (per backbone), its SIFT features and
 its engineered colour / texture features, computed once and cached under a key of method, model state (or feature
 settings), dataset signature and mask setting (SIFT: per photo, so a probe computes only the photos it matches); and
-the SIFT inlier counts of shortlisted pairs, cached per pair."""
+the SIFT inlier counts of shortlisted pairs, cached per pair; ProbeFeatures holds them for the rest of a probe."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,11 +27,16 @@ from lib.data.transforms import build_transforms
 from lib.probe.local_match import (MATCHER, RANSAC_ITERS, SiftConfig, in_threads, pair_inliers, shortlist_pairs,
                                    sift_features)
 from lib.probe.photo_features import PHOTO_FEATURES, SETTINGS, photo_features
+from lib.probe.probe_set import ProbeSet
 from lib.retrieval.embed import (EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint,
                                  state_sha256)
+from lib.retrieval.faiss_index import unit_rows
 from lib.train.config import AugConfig
 from lib.train.model import ModelConfig, create_model
 from lib.train.trained_run import load_trained
+
+if TYPE_CHECKING:  # the config imports the method registry, which imports this module
+    from lib.probe.config import ProbeConfig
 
 RUN_KEYS = {"name", "run_dir", "checkpoint"}
 PRETRAINED_KEYS = {"name", "backbone", "pretrained", "img_size", "resize"}
@@ -234,3 +240,65 @@ def photo_table(rows: pd.DataFrame, data_dir: str | os.PathLike, mask_col: str =
     if file is not None:
         try_write_cache(file, save_npz, **table, info=json.dumps(info, default=str))
     return table, {**info, "cached": False, **({"file": str(file)} if file else {})}
+
+
+class ProbeFeatures:
+    """Each backbone's embeddings and the engineered photo features, per row set, and the SIFT features, per photo,
+    computed on first use (through the cache) and kept for the rest of the probe: the ensemble reuses every
+    member's. `cached` collects, per lookup, whether the cache had it (the probe resets it per row of its table)."""
+
+    def __init__(self, cfg: ProbeConfig, settings, progress: bool):
+        self.cfg, self.settings, self.progress = cfg, settings, progress
+        self.cache_dir = cfg.cache_dir or None
+        self.cached, self._embedded, self._sift, self._photos = [], {}, {}, {}
+
+    def embed(self, backbone, rows: pd.DataFrame):
+        """(unit vectors, ms per image of their extraction) of the rows' photos by `backbone`."""
+        key = backbone.name, tuple(rows["path"])
+        if key not in self._embedded:
+            emb, info = embeddings(backbone, rows, self.cfg.data_dir, self.settings, self.cfg.mask_col,
+                                   self.cache_dir, self.cfg.batch_size, self.progress)
+            self._embedded[key] = (unit_rows(emb, f"{backbone.name} embeddings"), info["ms_per_image"],
+                                   bool(info.get("cached")))
+        return self.embedded(backbone.name, rows)
+
+    def embedded(self, name: str, rows: pd.DataFrame):
+        """(unit vectors, ms per image) that embed() made of the rows' photos by the backbone called `name`."""
+        vectors, ms, cached = self._embedded[name, tuple(rows["path"])]
+        self.cached.append(cached)
+        return vectors, ms
+
+    def vectors(self, backbone, s: ProbeSet):
+        """(query vectors, gallery vectors) of a probe set."""
+        q, _ = self.embed(backbone, s.queries)
+        return q, q if s.loo else self.embed(backbone, s.gallery)[0]
+
+    def sift(self, rows: pd.DataFrame, shortlists: np.ndarray | None = None):
+        """([(keypoints, descriptors)] per row, mean ms per image of their extraction) of the rows' photos; given
+        shortlists (row numbers of `rows`) and sift_photos 'shortlisted', of those rows only, the others None.
+        Kept per photo: another backbone's or split's shortlist computes only the photos not held yet."""
+        paths = rows["path"].tolist()
+        wanted = set(range(len(paths)))
+        if shortlists is not None and self.cfg.sift_photos == "shortlisted":
+            wanted = set(np.ravel(shortlists).tolist())
+        new = sorted(i for i in wanted if paths[i] not in self._sift)
+        if new:
+            feats, info = sift_table(rows.iloc[new], self.cfg.data_dir, SiftConfig(**self.cfg.sift),
+                                     self.cfg.mask_col, self.cache_dir, self.progress)
+            self.cached.append(info["cached"])
+            self._sift.update(zip([paths[i] for i in new], zip(feats, info["ms_per_photo"])))
+        held = [self._sift[p] if i in wanted else (None, np.nan) for i, p in enumerate(paths)]
+        return [f for f, _ in held], float(np.nanmean([ms for _, ms in held])) if wanted else 0.0
+
+    def keypoints(self, rows: pd.DataFrame, shortlists: np.ndarray | None = None) -> np.ndarray:
+        """Keypoint counts of the rows' photos as sift() gives them: NaN where it computed none."""
+        return np.array([np.nan if f is None else len(f[0]) for f in self.sift(rows, shortlists)[0]])
+
+    def photos(self, rows: pd.DataFrame):
+        """({'colour', 'lbp', 'hog'}: (n, d) engineered features, ms per image) of the rows' photos."""
+        key = tuple(rows["path"])
+        if key not in self._photos:
+            table, info = photo_table(rows, self.cfg.data_dir, self.cfg.mask_col, self.cache_dir, self.progress)
+            self.cached.append(bool(info.get("cached")))
+            self._photos[key] = table, info["ms_per_image"]
+        return self._photos[key]

@@ -1,10 +1,11 @@
-"""Each method's ranking of one probe set by one backbone, and the ensemble's across backbones; the features they
-share (embeddings, SIFT, engineered photo features), computed once per probe.
+"""The probe's methods, one ProbeMethod record each in PROBE_METHODS (its name, whether it is learned, what shared
+work it needs, which is its cost, and how it ranks), and the runs of one probe set by one backbone, and the
+ensemble's across backbones.
 
-A method is what it costs and how it orders the gallery (_Method); rank_method ranks every query with it, a chunk
-of queries at a time, into the one ranking-metrics engine (lib.retrieval.ranking). Its time is what its own work
-takes (shortlists and fitting on calibration pairs included), not the scoring; every photo's features are made
-before, and charged per image.
+A method's build(context) gives a MethodRun: what it costs per image and how it orders the gallery; rank_method ranks
+every query with it, a chunk of queries at a time, into the one ranking-metrics engine (lib.retrieval.ranking). Its
+time is what its own work takes (shortlists and fitting on calibration pairs included), not the scoring; every
+photo's features are made before, and charged per image.
 """
 from __future__ import annotations
 
@@ -12,96 +13,36 @@ import functools
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import pandas as pd
 
-from lib.probe.config import ProbeConfig
 from lib.probe.crossfit import cross_fit, fitted_once
 from lib.probe.ensemble import combine, fit_weights, training_pairs
-from lib.probe.features import embeddings, inlier_table, photo_table, sift_table
+from lib.probe.features import ProbeFeatures, inlier_table
 from lib.probe.local_match import SiftConfig
 from lib.probe.pair_features import SIFT_GROUPS, pair_features
 from lib.probe.photo_features import PHOTO_FEATURES
 from lib.probe.probe_set import ProbeSet
 from lib.probe.rerank import query_expansion, rerank_shortlist
 from lib.probe.scores import approximate_top, cosine, exact_top, fusion_scores, hybrid_scores, kreciprocal_scores, order
-from lib.retrieval.faiss_index import unit_rows
 from lib.retrieval.ranking import RankingTally, query_chunks
+
+if TYPE_CHECKING:  # the config checks method names against PROBE_METHODS, so it imports this module
+    from lib.probe.config import ProbeConfig
 
 TOP_KEPT = 5  # first gallery photos of each query kept for the per-query table and figures
 MAX_PAIRS = 40_000_000  # k-reciprocal's dense (items x items) matrices beyond this take GBs: it is left out
-
-
-class ProbeFeatures:
-    """Each backbone's embeddings and the engineered photo features, per row set, and the SIFT features, per photo,
-    computed on first use (through the cache) and kept for the rest of the probe: the ensemble reuses every
-    member's. `cached` collects, per lookup, whether the cache had it (the probe resets it per row of its table)."""
-
-    def __init__(self, cfg: ProbeConfig, settings, progress: bool):
-        self.cfg, self.settings, self.progress = cfg, settings, progress
-        self.cache_dir = cfg.cache_dir or None
-        self.cached, self._embedded, self._sift, self._photos = [], {}, {}, {}
-
-    def embed(self, backbone, rows: pd.DataFrame):
-        """(unit vectors, ms per image of their extraction) of the rows' photos by `backbone`."""
-        key = backbone.name, tuple(rows["path"])
-        if key not in self._embedded:
-            emb, info = embeddings(backbone, rows, self.cfg.data_dir, self.settings, self.cfg.mask_col,
-                                   self.cache_dir, self.cfg.batch_size, self.progress)
-            self._embedded[key] = (unit_rows(emb, f"{backbone.name} embeddings"), info["ms_per_image"],
-                                   bool(info.get("cached")))
-        return self.kept(backbone.name, rows)
-
-    def kept(self, name: str, rows: pd.DataFrame):
-        """(unit vectors, ms per image) that embed() made of the rows' photos by the backbone called `name`."""
-        vectors, ms, cached = self._embedded[name, tuple(rows["path"])]
-        self.cached.append(cached)
-        return vectors, ms
-
-    def vectors(self, backbone, s: ProbeSet):
-        """(query vectors, gallery vectors) of a probe set."""
-        q, _ = self.embed(backbone, s.queries)
-        return q, q if s.loo else self.embed(backbone, s.gallery)[0]
-
-    def sift(self, rows: pd.DataFrame, shortlists: np.ndarray | None = None):
-        """([(keypoints, descriptors)] per row, mean ms per image of their extraction) of the rows' photos; given
-        shortlists (row numbers of `rows`) and sift_photos 'shortlisted', of those rows only, the others None.
-        Kept per photo: another backbone's or split's shortlist computes only the photos not held yet."""
-        paths = rows["path"].tolist()
-        wanted = set(range(len(paths)))
-        if shortlists is not None and self.cfg.sift_photos == "shortlisted":
-            wanted = set(np.ravel(shortlists).tolist())
-        new = sorted(i for i in wanted if paths[i] not in self._sift)
-        if new:
-            feats, info = sift_table(rows.iloc[new], self.cfg.data_dir, SiftConfig(**self.cfg.sift),
-                                     self.cfg.mask_col, self.cache_dir, self.progress)
-            self.cached.append(info["cached"])
-            self._sift.update(zip([paths[i] for i in new], zip(feats, info["ms_per_photo"])))
-        held = [self._sift[p] if i in wanted else (None, np.nan) for i, p in enumerate(paths)]
-        return [f for f, _ in held], float(np.nanmean([ms for _, ms in held])) if wanted else 0.0
-
-    def keypoints(self, rows: pd.DataFrame, shortlists: np.ndarray | None = None) -> np.ndarray:
-        """Keypoint counts of the rows' photos as sift() gives them: NaN where it computed none."""
-        return np.array([np.nan if f is None else len(f[0]) for f in self.sift(rows, shortlists)[0]])
-
-    def photos(self, rows: pd.DataFrame):
-        """({'colour', 'lbp', 'hog'}: (n, d) engineered features, ms per image) of the rows' photos."""
-        key = tuple(rows["path"])
-        if key not in self._photos:
-            table, info = photo_table(rows, self.cfg.data_dir, self.cfg.mask_col, self.cache_dir, self.progress)
-            self.cached.append(bool(info.get("cached")))
-            self._photos[key] = table, info["ms_per_image"]
-        return self._photos[key]
+SHARED_WORK = ("sift", "inliers", "photos")  # what shortlist methods may ask to be computed once, before them
 
 
 @dataclass
-class _Method:
-    """One method as rank_method runs it: order_of(query rows, prepared) ranks the whole gallery for those queries;
-    prepare() runs once before, timed with it; shared_s: seconds of work it shares with another method (the
-    shortlist); feature_ms: its features' extraction per image; importance(prepared): its feature weights or None."""
+class MethodRun:
+    """One method as rank_method runs it on one probe set: order_of(query rows, prepared) ranks the whole gallery for
+    those queries; prepare() runs once before, timed with it; shared_s: seconds of work it shares with another
+    method (the shortlist); feature_ms: its features' extraction per image; importance(prepared): its feature weights
+    or None."""
     feature_ms: float
     order_of: Callable
     prepare: Callable = lambda: None
@@ -109,7 +50,28 @@ class _Method:
     importance: Callable = lambda prepared: None
 
 
-def rank_method(s: ProbeSet, cfg: ProbeConfig, n_gallery: int, method: _Method):
+@dataclass(frozen=True)
+class ProbeMethod:
+    """One probe method.
+
+    ranks: 'embeddings' (the embeddings alone rank the gallery), 'shortlist' (re-sorts each query's global
+    shortlist by its own score, the cosine order after it) or 'backbones' (combines several backbones' cosines).
+    learned: fitted on pairs with known answers, of the calibrate_on split (cross-fitted by identity when that is the
+    probed split; fit through scores._fitted).
+    needs(cfg): the shared work of SHARED_WORK it uses, computed once per backbone and charged to it (its cost).
+    build(context): its MethodRun for one probe set (_Backbone, or _Backbones for 'backbones'), or None when it
+    cannot run there (after a warning). Its knobs are ProbeConfig fields and notebook 06 parameters.
+    """
+    name: str
+    ranks: str
+    learned: bool
+    build: Callable
+    needs: Callable = field(default=lambda cfg: frozenset())
+    # (backbone, calibration set, features, cfg): work while each backbone is loaded, before its own methods run
+    while_loaded: Callable | None = None
+
+
+def rank_method(s: ProbeSet, cfg: ProbeConfig, n_gallery: int, method: MethodRun):
     """(metrics with 'ap' and 'top', feature ms per image, method ms per query, importance or None) of one method."""
     t0 = time.perf_counter()
     prepared = method.prepare()
@@ -133,18 +95,38 @@ def _kreciprocal_fits(s: ProbeSet) -> bool:
     return False
 
 
-def _global_methods(s: ProbeSet, q, g, q_ms: float, cfg: ProbeConfig) -> dict[str, _Method]:
-    """Those of global, qe and kreciprocal that cfg.methods names: the embeddings alone rank the gallery."""
-    methods, out = set(cfg.methods), {}
-    if "global" in methods:
-        out["global"] = _Method(q_ms, lambda rows, _: order(cosine(q[rows], g, s.excluding(rows))))
-    if "qe" in methods:
-        out["qe"] = _Method(q_ms, lambda rows, _: order(cosine(
-            query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, exclude=s.excluding(rows)), g, s.excluding(rows))))
-    if "kreciprocal" in methods and _kreciprocal_fits(s):
-        out["kreciprocal"] = _Method(q_ms, lambda rows, scores: order(scores[rows]),
-                                     lambda: kreciprocal_scores(q, g, s, cfg))
-    return out
+@dataclass
+class _Backbone:
+    """What every method of one backbone on one probe set starts from: unit query and gallery vectors, the queries'
+    embedding ms per image, and (shortlist methods) the shared shortlist work, made on first use."""
+    backbone: object
+    s: ProbeSet
+    calibration_set: ProbeSet | None
+    feats: ProbeFeatures
+    cfg: ProbeConfig
+    q: np.ndarray
+    g: np.ndarray
+    q_ms: float
+    work: _ShortlistWork | None = None
+
+    def shortlisted(self) -> _ShortlistWork:
+        if self.work is None:
+            self.work = _shortlist_work(self)
+        return self.work
+
+    def reranked(self, rows, scores):
+        """The cosine order of the query rows with each one's shortlist re-sorted by its scores first."""
+        s, q, g = self.s, self.q, self.g
+        return rerank_shortlist(order(cosine(q[rows], g, s.excluding(rows))), scores[rows])
+
+    def shortlist_run(self, needs: frozenset, order_of: Callable, prepare: Callable, importance=None) -> MethodRun:
+        """A shortlist method's run, charged the shared work it needs: SIFT per image where it uses SIFT, the
+        engineered features per image where it uses them, the shortlist's and the inliers' seconds."""
+        w = self.shortlisted()
+        feature_ms = (self.q_ms + w.sift_ms * bool(needs & {"sift", "inliers"})
+                      + w.photo_ms * ("photos" in needs))
+        shared_s = w.shortlist_s + w.inliers_s * ("inliers" in needs)
+        return MethodRun(feature_ms, order_of, prepare, shared_s, importance or (lambda prepared: None))
 
 
 def _shortlist(s: ProbeSet, q_unit, g_unit, cfg: ProbeConfig):
@@ -175,6 +157,46 @@ class _Shortlists(NamedTuple):
     cos: np.ndarray
     same: np.ndarray
     inliers: np.ndarray | None
+
+
+class _ShortlistWork(NamedTuple):
+    """The shortlist methods' shared work on one probe set: the shortlists, the calibration split's (made on first
+    use, inside the timed prepare() of the first learned method, and shared), and the seconds and ms per image of
+    each part."""
+    short: _Shortlists
+    calibration: Callable
+    shortlist_s: float
+    inliers_s: float
+    sift_ms: float
+    photo_ms: float
+
+
+def _needed(cfg: ProbeConfig) -> frozenset:
+    """The shared work the shortlist methods cfg.methods names need, together."""
+    return frozenset().union(*(PROBE_METHODS[m].needs(cfg) for m in cfg.methods if PROBE_METHODS[m].ranks == "shortlist"))
+
+
+def _shortlist_work(b: _Backbone) -> _ShortlistWork:
+    s, feats, cfg = b.s, b.feats, b.cfg
+    needs = _needed(cfg)
+    sift_ms = photo_ms = inliers_s = 0.0
+    t0 = time.perf_counter()
+    top, cos, same = _shortlist(s, b.q, b.g, cfg)
+    shortlist_s = time.perf_counter() - t0
+    if needs & {"sift", "inliers"}:  # before the timed matching, charged per image like the rest
+        sift_ms = feats.sift(s.queries)[1]
+        feats.sift(s.gallery, top)
+    if "photos" in needs:
+        photo_ms = feats.photos(s.queries)[1]
+        feats.photos(s.gallery)
+    inliers = None
+    if "inliers" in needs:
+        t0 = time.perf_counter()
+        inliers = _inliers(s, top, feats, cfg)
+        inliers_s = time.perf_counter() - t0
+    calibration = functools.cache(lambda: None if b.calibration_set is None else _calibration_shortlists(
+        b.backbone, b.calibration_set, feats, cfg, "inliers" in needs))
+    return _ShortlistWork(_Shortlists(top, cos, same, inliers), calibration, shortlist_s, inliers_s, sift_ms, photo_ms)
 
 
 def _inliers(s: ProbeSet, top: np.ndarray, feats: ProbeFeatures, cfg: ProbeConfig) -> np.ndarray:
@@ -209,72 +231,60 @@ def _boosted(s: ProbeSet, short: _Shortlists, calibration_set: ProbeSet | None, 
     return hybrid_scores(s, _hybrid_features(s, short, feats, cfg), short.same, c, cfg)
 
 
-def _shortlist_methods(backbone, s: ProbeSet, calibration_set: ProbeSet | None, q, g, q_ms: float,
-                       feats: ProbeFeatures, cfg: ProbeConfig) -> dict[str, _Method]:
-    """Those of local, fusion and hybrid that cfg.methods names: each re-sorts every query's global shortlist by
-    its own score (inliers, fused P(same), the hybrid's P(same)) and keeps the cosine order after it."""
-    methods = set(cfg.methods)
-    hybrid_groups = set(cfg.hybrid_features) if "hybrid" in methods else set()
-    with_inliers = bool({"local", "fusion"} & methods) or "inliers" in hybrid_groups
-    sift_ms = photo_ms = inliers_s = 0.0
-    t0 = time.perf_counter()
-    top, cos, same = _shortlist(s, q, g, cfg)
-    shortlist_s = time.perf_counter() - t0
-    if with_inliers or hybrid_groups & SIFT_GROUPS:  # before the timed matching, charged per image like the rest
-        sift_ms = feats.sift(s.queries)[1]
-        feats.sift(s.gallery, top)
-    if hybrid_groups & set(PHOTO_FEATURES):
-        photo_ms = feats.photos(s.queries)[1]
-        feats.photos(s.gallery)
-    inliers = None
-    if with_inliers:
-        t0 = time.perf_counter()
-        inliers = _inliers(s, top, feats, cfg)
-        inliers_s = time.perf_counter() - t0
-    short = _Shortlists(top, cos, same, inliers)
-    # made on first use, inside the timed prepare() of fusion or the hybrid, and shared by both
-    calibration = functools.cache(lambda: None if calibration_set is None else _calibration_shortlists(
-        backbone, calibration_set, feats, cfg, with_inliers))
-
-    def reranked(rows, scores):
-        return rerank_shortlist(order(cosine(q[rows], g, s.excluding(rows))), scores[rows])
-
-    out, shared_s = {}, shortlist_s + inliers_s
-    if "local" in methods:
-        out["local"] = _Method(q_ms + sift_ms, reranked, lambda: inliers, shared_s)
-    if "fusion" in methods:
-        out["fusion"] = _Method(q_ms + sift_ms, reranked, lambda: _fused(s, short, calibration(), cfg), shared_s)
-    if "hybrid" in methods:
-        out["hybrid"] = _Method(q_ms + photo_ms + sift_ms * bool(hybrid_groups & SIFT_GROUPS),
-                                lambda rows, p: reranked(rows, p[0]),
-                                lambda: _boosted(s, short, calibration_set, calibration(), feats, cfg),
-                                shortlist_s + inliers_s * ("inliers" in hybrid_groups), lambda p: p[1])
-    return out
+def _global(b: _Backbone) -> MethodRun:
+    s, q, g = b.s, b.q, b.g
+    return MethodRun(b.q_ms, lambda rows, _: order(cosine(q[rows], g, s.excluding(rows))))
 
 
-def probe_backbone(backbone, s: ProbeSet, calibration_set: ProbeSet | None, feats: ProbeFeatures,
-                   cfg: ProbeConfig) -> dict:
-    """{method: (metrics with 'ap' and 'top', feature ms per image, method ms per query, importance or None)} for one
-    backbone; calibration_set: the split whose pairs fit the learned methods, None to cross-fit on s."""
-    q, q_ms = feats.embed(backbone, s.queries)
-    g = q if s.loo else feats.embed(backbone, s.gallery)[0]
-    out = {name: rank_method(s, cfg, len(g), m) for name, m in _global_methods(s, q, g, q_ms, cfg).items()}
-    if {"local", "fusion", "hybrid"} & set(cfg.methods):  # after the global ones: their timings stay their own
-        shortlisted = _shortlist_methods(backbone, s, calibration_set, q, g, q_ms, feats, cfg)
-        out |= {name: rank_method(s, cfg, len(g), m) for name, m in shortlisted.items()}
-    return out
+def _qe(b: _Backbone) -> MethodRun:
+    s, q, g, cfg = b.s, b.q, b.g, b.cfg
+    return MethodRun(b.q_ms, lambda rows, _: order(cosine(
+        query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, exclude=s.excluding(rows)), g, s.excluding(rows))))
+
+
+def _kreciprocal(b: _Backbone) -> MethodRun | None:
+    if not _kreciprocal_fits(b.s):
+        return None
+    return MethodRun(b.q_ms, lambda rows, scores: order(scores[rows]), lambda: kreciprocal_scores(b.q, b.g, b.s, b.cfg))
+
+
+def _local(b: _Backbone) -> MethodRun:
+    return b.shortlist_run(frozenset({"inliers"}), b.reranked, lambda: b.shortlisted().short.inliers)
+
+
+def _fusion(b: _Backbone) -> MethodRun:
+    w = b.shortlisted()
+    return b.shortlist_run(frozenset({"inliers"}), b.reranked, lambda: _fused(b.s, w.short, w.calibration(), b.cfg))
+
+
+def _hybrid_needs(cfg: ProbeConfig) -> frozenset:
+    groups = set(cfg.hybrid_features)
+    wanted = {"sift": bool(groups & SIFT_GROUPS), "inliers": "inliers" in groups,
+              "photos": bool(groups & set(PHOTO_FEATURES))}
+    return frozenset(work for work, yes in wanted.items() if yes)
+
+
+def _hybrid(b: _Backbone) -> MethodRun:
+    w = b.shortlisted()
+    return b.shortlist_run(_hybrid_needs(b.cfg), lambda rows, p: b.reranked(rows, p[0]),
+                           lambda: _boosted(b.s, w.short, b.calibration_set, w.calibration(), b.feats, b.cfg),
+                           lambda p: p[1])
+
+
+def _member_names(cfg: ProbeConfig) -> list[str]:
+    return list(cfg.ensemble_members or [b["name"] for b in cfg.backbones])
 
 
 def ensemble_members(cfg: ProbeConfig) -> list[str]:
     """The backbones the ensemble combines; none (with a warning) when the probe has fewer than two."""
     if "ensemble" not in cfg.methods:
         return []
-    members = cfg.ensemble_members or [b["name"] for b in cfg.backbones]
+    members = _member_names(cfg)
     if len(members) < 2:
         warnings.warn("ensemble left out: it combines two or more backbones and the probe has one; add backbones or "
                       "runs to include it")
         return []
-    return list(members)
+    return members
 
 
 def _member_cosines(vectors: list, s: ProbeSet, rows: np.ndarray) -> list[np.ndarray]:
@@ -289,15 +299,25 @@ def _ensemble_weights(vectors: list, s: ProbeSet, query_rows: np.ndarray, cfg: P
     return fit_weights(np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]))
 
 
-def probe_ensemble(members: list[str], s: ProbeSet, calibration_set: ProbeSet | None, feats: ProbeFeatures,
-                   cfg: ProbeConfig):
-    """(metrics, feature ms per image, method ms per query, {member: weight} or None) of the ensemble of the
-    members' global cosines; their vectors are the ones their own probes made."""
+@dataclass
+class _Backbones:
+    """What a method across backbones starts from: the backbones it combines, whose own probes embedded the photos."""
+    members: list[str]
+    s: ProbeSet
+    calibration_set: ProbeSet | None
+    feats: ProbeFeatures
+    cfg: ProbeConfig
+
+
+def _ensemble(b: _Backbones) -> MethodRun:
+    """The members' global cosines combined (rank, score, or logistic weights: {member: weight} its importance)."""
+    members, s, calibration_set, feats, cfg = b.members, b.s, b.calibration_set, b.feats, b.cfg
+
     def set_vectors(p: ProbeSet):
-        return [(feats.kept(m, p.queries)[0], feats.kept(m, p.gallery)[0]) for m in members]
+        return [(feats.embedded(m, p.queries)[0], feats.embedded(m, p.gallery)[0]) for m in members]
 
     vectors = set_vectors(s)
-    feature_ms = sum(feats.kept(m, s.queries)[1] for m in members)  # every member embeds each query photo
+    feature_ms = sum(feats.embedded(m, s.queries)[1] for m in members)  # every member embeds each query photo
 
     def prepare():
         n_q = len(s.queries)
@@ -310,10 +330,59 @@ def probe_ensemble(members: list[str], s: ProbeSet, calibration_set: ProbeSet | 
         else:
             models = cross_fit(s.queries[cfg.identity_col].to_numpy(),
                                lambda rows: _ensemble_weights(vectors, s, np.flatnonzero(rows), cfg))
-        return models, dict(zip(members, np.mean(models.each(), axis=0).round(4).tolist()))
+        return models, dict(zip(members, np.mean(models.in_use(), axis=0).round(4).tolist()))
 
     def order_of(rows, prepared):
         return order(prepared[0].apply(rows, lambda weights, sub: combine(
             _member_cosines(vectors, s, sub), cfg.ensemble_combine, weights)))
 
-    return rank_method(s, cfg, len(vectors[0][1]), _Method(feature_ms, order_of, prepare, importance=lambda p: p[1]))
+    return MethodRun(feature_ms, order_of, prepare, importance=lambda p: p[1])
+
+
+def _ensemble_while_loaded(backbone, calibration_set: ProbeSet | None, feats: ProbeFeatures, cfg: ProbeConfig):
+    """A member's vectors of the calibration split, while it is loaded: the ensemble's logistic weights need them."""
+    if backbone.name in _member_names(cfg) and calibration_set is not None and cfg.ensemble_combine == "logistic":
+        feats.vectors(backbone, calibration_set)
+
+
+PROBE_METHODS: dict[str, ProbeMethod] = {m.name: m for m in (
+    ProbeMethod("global", "embeddings", False, _global),
+    ProbeMethod("qe", "embeddings", False, _qe),
+    ProbeMethod("kreciprocal", "embeddings", False, _kreciprocal),
+    ProbeMethod("local", "shortlist", False, _local, needs=lambda cfg: frozenset({"inliers"})),
+    ProbeMethod("fusion", "shortlist", True, _fusion, needs=lambda cfg: frozenset({"inliers"})),
+    ProbeMethod("ensemble", "backbones", True, _ensemble, while_loaded=_ensemble_while_loaded),
+    ProbeMethod("hybrid", "shortlist", True, _hybrid, needs=_hybrid_needs),
+)}
+
+
+def _chosen(cfg: ProbeConfig, ranks: str) -> list[ProbeMethod]:
+    return [m for m in PROBE_METHODS.values() if m.name in cfg.methods and m.ranks == ranks]
+
+
+def probe_backbone(backbone, s: ProbeSet, calibration_set: ProbeSet | None, feats: ProbeFeatures,
+                   cfg: ProbeConfig) -> dict:
+    """{method: (metrics with 'ap' and 'top', feature ms per image, method ms per query, importance or None)} for one
+    backbone; calibration_set: the split whose pairs fit the learned methods, None to cross-fit on s."""
+    for method in PROBE_METHODS.values():
+        if method.name in cfg.methods and method.while_loaded is not None:
+            method.while_loaded(backbone, calibration_set, feats, cfg)
+    q, q_ms = feats.embed(backbone, s.queries)
+    g = q if s.loo else feats.embed(backbone, s.gallery)[0]
+    b = _Backbone(backbone, s, calibration_set, feats, cfg, q, g, q_ms)
+    out = {}
+    for ranks in ("embeddings", "shortlist"):  # the shortlist ones after: the global ones' timings stay their own
+        for method in _chosen(cfg, ranks):
+            if (run := method.build(b)) is not None:
+                out[method.name] = rank_method(s, cfg, len(g), run)
+    return out
+
+
+def probe_backbones(s: ProbeSet, calibration_set: ProbeSet | None, feats: ProbeFeatures, cfg: ProbeConfig) -> dict:
+    """{method: (its members, (metrics, feature ms per image, method ms per query, importance or None))} of the
+    methods that combine backbones (the ensemble), after every backbone's own probe embedded its photos."""
+    members = ensemble_members(cfg)
+    if not members:
+        return {}
+    b = _Backbones(members, s, calibration_set, feats, cfg)
+    return {m.name: (members, rank_method(s, cfg, len(s.gallery), m.build(b))) for m in _chosen(cfg, "backbones")}

@@ -3,10 +3,11 @@ or through an approximate Faiss index), k-reciprocal scores, and the fused and b
 methods (fitted on another split's pairs, or cross-fitted by identity on the probed one)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
-from lib.probe.config import ProbeConfig
 from lib.probe.crossfit import QueryModels, cross_fit, fitted_once
 from lib.probe.fusion import ScoreFusion
 from lib.probe.hybrid import HybridScorer
@@ -24,6 +25,9 @@ from lib.retrieval.ann_index import (
 from lib.retrieval.exclusion import Exclusion
 from lib.retrieval.faiss_index import knn
 from lib.retrieval.ranking import query_chunks
+
+if TYPE_CHECKING:  # the config imports the method registry, which imports this module
+    from lib.probe.config import ProbeConfig
 
 
 def order(scores: np.ndarray) -> np.ndarray:
@@ -100,6 +104,6 @@ def hybrid_scores(s: ProbeSet, features: dict, same, calibration, cfg: ProbeConf
 
     models = _fitted(s, cfg, lambda rows: HybridScorer(cfg.hybrid_params).fit(rows_of(rows), same[rows]),
                      None if calibration is None else lambda: HybridScorer(cfg.hybrid_params).fit(*calibration))
-    importance = pd.concat([m.importances() for m in models.each()], axis=1).mean(axis=1)
+    importance = pd.concat([m.importances() for m in models.in_use()], axis=1).mean(axis=1)
     scores = models.apply(np.arange(len(same)), lambda model, rows: model.score(rows_of(rows)))
     return scores, importance.sort_values(ascending=False).round(4).to_dict()

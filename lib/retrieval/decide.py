@@ -198,9 +198,13 @@ def choose_thresholds(correct, top1_distance, margin, target_accuracy: float | N
     return t, info
 
 
+BEST_F1_RULE = "best F1 of calling a query new"  # what best_f1_new_threshold optimises, as the record names it
+
+
 def new_individual_calls(top1_distance, is_new, threshold: float) -> dict:
     """Open-set re-ID: precision, recall and F1 of calling a query a new individual when its nearest gallery photo is
-    farther than `threshold` (one chosen on val, measured on test), with the numbers of new and known queries."""
+    farther than `threshold` (one best_f1_new_threshold chose on val, measured on test), with the numbers of new and
+    known queries and the rule that chose the threshold."""
     d, is_new = np.asarray(top1_distance, dtype=np.float64), np.asarray(is_new, dtype=bool)
     called = d > threshold
     hits = np.nan if np.isnan(threshold) else np.float64((called & is_new).sum())  # no threshold: nothing to measure
@@ -208,13 +212,14 @@ def new_individual_calls(top1_distance, is_new, threshold: float) -> dict:
         precision, recall = hits / called.sum(), hits / is_new.sum()
         f1 = 2 * precision * recall / (precision + recall)
     return {"n_new": int(is_new.sum()), "n_known": int((~is_new).sum()), "threshold": float(threshold),
-            "precision": float(precision), "recall": float(recall), "f1": float(f1)}
+            "rule": BEST_F1_RULE, "precision": float(precision), "recall": float(recall), "f1": float(f1)}
 
 
-def new_individual_threshold(top1_distance, is_new) -> dict:
-    """The threshold of new_individual_calls with the best F1 over the observed distances (scikit-learn's
-    precision-recall curve), with its calls' precision, recall and F1. The threshold is NaN when the queries hold no
-    new or no known individual (nothing to choose between)."""
+def best_f1_new_threshold(top1_distance, is_new) -> dict:
+    """The threshold of new_individual_calls with the best F1 of calling a query new over the observed distances
+    (scikit-learn's precision-recall curve), with its calls' precision, recall and F1. The threshold is NaN when the
+    queries hold no new or no known individual (nothing to choose between). The other rule, the best balance of known
+    and unknown accuracy, is lib.retrieval.open_set.balanced_new_threshold."""
     from sklearn.metrics import precision_recall_curve
 
     d, is_new = np.asarray(top1_distance, dtype=np.float64), np.asarray(is_new, dtype=bool)

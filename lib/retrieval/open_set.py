@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from lib.retrieval.ranking import evaluate_retrieval
 
 NEW = "<new individual>"  # the answer that says: not in the gallery (angle brackets: no label looks like it)
+BALANCED_RULE = "best harmonic mean of BAKS and BAUS"  # what balanced_new_threshold optimises, as the record says
 RESHOOT = "<reshoot>"     # the answer that says: two individuals about equally likely, take another photo
 
 
@@ -81,7 +82,7 @@ def decision_scores(labels, answers, unknown) -> dict:
             "accuracy_answered": float(right[answered].mean()) if answered.any() else float("nan")}
 
 
-def threshold_sweep(labels, pred, top1_distance, unknown, n: int = 101) -> pd.DataFrame:
+def baks_baus_by_threshold(labels, pred, top1_distance, unknown, n: int = 101) -> pd.DataFrame:
     """BAKS, BAUS and their harmonic mean as the new-individual threshold sweeps the observed top-1 distances
     (quantiles; no reshoot), for the trade-off figure."""
     d = np.asarray(top1_distance, dtype=np.float64)
@@ -92,15 +93,15 @@ def threshold_sweep(labels, pred, top1_distance, unknown, n: int = 101) -> pd.Da
     return pd.DataFrame(rows, columns=["threshold", "BAKS", "BAUS", "harmonic_mean", "coverage", "accuracy_answered"])
 
 
-def choose_new_threshold(labels, pred, top1_distance, unknown) -> float:
-    """The new-individual threshold of threshold_sweep with the best harmonic mean of BAKS and BAUS (ties: the
+def balanced_new_threshold(labels, pred, top1_distance, unknown) -> float:
+    """The new-individual threshold of baks_baus_by_threshold with the best harmonic mean of BAKS and BAUS (ties: the
     lowest); NaN when the queries lack known or unknown individuals. Not F1 of the "new" call, which a majority of
     unknown queries pulls towards calling everybody new."""
     labels = np.asarray(labels, dtype=object)
     is_unknown = np.isin(labels, np.asarray(list(unknown), dtype=object))
     if is_unknown.all() or not is_unknown.any():
         return float("nan")
-    sweep = threshold_sweep(labels, pred, top1_distance, unknown)
+    sweep = baks_baus_by_threshold(labels, pred, top1_distance, unknown)
     return float(sweep["threshold"].iloc[int(sweep["harmonic_mean"].fillna(-1).to_numpy().argmax())])
 
 
@@ -119,7 +120,8 @@ def open_set_report(queries: pd.DataFrame, gallery_labels, gallery_emb=None, que
     answers = open_set_answers(queries["pred"], queries["top1_distance"], queries["margin"], new_threshold, min_margin)
     report = {"n_known_queries": int((~is_unknown).sum()), "n_unknown_queries": int(is_unknown.sum()),
               "n_known_individuals": len(set(labels[~is_unknown])), "n_unknown_individuals": len(unknown),
-              "unknown_individuals": unknown, "new_threshold": float(new_threshold), "min_margin": float(min_margin),
+              "unknown_individuals": unknown, "new_threshold": float(new_threshold), "new_threshold_rule": BALANCED_RULE,
+              "min_margin": float(min_margin),
               "auroc_top1_distance": new_vs_known_auroc(is_unknown, queries["top1_distance"]),
               "auroc_margin": new_vs_known_auroc(is_unknown, -queries["margin"].to_numpy(dtype=np.float64)),
               **decision_scores(labels, answers, unknown)}

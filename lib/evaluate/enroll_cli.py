@@ -8,12 +8,12 @@
                                                  individuals of photo-predict --group-new (lib.evaluate.enrol_clusters)
     photo-enroll RUN_DIR --rename OLD NEW        relabel enrolled photos (a generated new_001 given its real name)
 
-The photos are embedded with the run's checkpoint and stored in RUN_DIR/index/enrolled.npz (lib.evaluate.enrolled),
-which photo-predict adds to the gallery it searches. An enrolment is refused whole, with a line per photo, when a
-photo cannot be read or is smaller than the run's min_size, is already in the gallery (same file content: a train
-photo or an enrolled one), or carries a label that conflicts (the same content under another label, or a label that
-differs from a known one only by case or spaces; labels are compared and stored in Unicode NFC). Two enrolments of
-one run queue on its state lock and both land. `python -m lib.evaluate.enroll` is the same command.
+The photos are embedded with the run's checkpoint and stored in RUN_DIR/index/enrolled.npz
+(lib.evaluate.enrolled_store), which photo-predict adds to the gallery it searches. An enrolment is refused whole,
+with a line per photo, when a photo cannot be read or is smaller than the run's min_size, is already in the gallery
+(same file content: a train photo or an enrolled one), or carries a label that conflicts (the same content under
+another label, or a label that differs from a known one only by case or spaces; labels are compared and stored in
+Unicode NFC). Two enrolments of one run queue on its state lock and both land. `python -m lib.evaluate.enroll_cli` is the same command.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from lib.core.state_io import run_state_lock
 from lib.data.images import probe_image
 from lib.data.splits import read_splits
 from lib.data.table import MIN_SIZE
-from lib.evaluate.enrolled import ID_CHARS, Enrolled, embedding_key, load_enrolled, save_enrolled
+from lib.evaluate.enrolled_store import ID_CHARS, Enrolled, embedding_key, load_enrolled, save_enrolled
 from lib.evaluate.photos import embed_photos, list_photos
 from lib.evaluate.predict import trained_min_size
 from lib.retrieval.embed import file_sha256
@@ -140,7 +140,7 @@ def _refuse(problems: list[str]) -> None:
 
 def enroll_photos(run_dir: str | os.PathLike, photos: list[str], labels: list[str], checkpoint: str = "best",
                   tta: bool = False, device: str = "auto", group: str | None = None) -> pd.DataFrame:
-    """Add photos under their labels to the run's gallery (lib.evaluate.enrolled); returns their new entries.
+    """Add photos under their labels to the run's gallery (lib.evaluate.enrolled_store); returns their new entries.
 
     group: the encounter they belong to (default: one per label and enrolment, 'enrolled:{label}:{time}').
     Refused whole (DataError, a line per photo) when a photo cannot be read, is smaller than the run's min_size

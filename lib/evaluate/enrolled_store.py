@@ -1,4 +1,4 @@
-"""Photos enrolled into a run's gallery after training (lib.evaluate.enroll, `photo-enroll`): one file,
+"""Photos enrolled into a run's gallery after training (lib.evaluate.enroll_cli, `photo-enroll`): one file,
 run_dir/index/enrolled.npz, holding their table and each photo's embedding as made when it was enrolled (with what
 made it: checkpoint, TTA, transform), replaced whole (lib.core.state_io) at every change, under the run's state lock,
 with the version before the change kept beside it as enrolled.npz.bak.

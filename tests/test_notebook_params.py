@@ -1,0 +1,22 @@
+"""Renamed notebook parameters still accepted for one release, and one task -> columns table for notebooks 01 and 06."""
+import pytest
+
+from lib.core.notebook_params import renamed_parameters
+from lib.data.tasks import task_columns
+
+
+def test_an_old_parameter_name_lands_on_the_new_one_with_one_line(capsys):
+    namespace = {"shown": 5, "k": 8}  # the parameters cell's default, then papermill's injected `-p k 8`
+    renamed_parameters(namespace, {"k": "shown"})
+    assert namespace == {"shown": 8}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'k' is now 'shown'" in err
+    renamed_parameters(namespace, {"k": "shown"})  # not given: silent, nothing changes
+    assert namespace == {"shown": 8} and capsys.readouterr().err == ""
+
+
+def test_task_columns_for_notebooks_01_and_06():
+    assert task_columns("classification") == ("label", "group")
+    assert task_columns("reid").label_col == "individual" and task_columns("reid").identity_col == "label"
+    with pytest.raises(ValueError, match="valid: classification, reid"):
+        task_columns("re-id")
