@@ -16,6 +16,7 @@ from lib.probe.compare import run_probe, save_probe
 from lib.probe.config import METHODS, ProbeConfig, probe_config
 from lib.probe.fusion import ScoreFusion
 from lib.probe.probe_set import with_masks
+from lib.retrieval.exclusion import leave_one_out
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
 
 METRICS = ["recall@1", "recall@5", "mAP", "identity_balanced_mAP"]
@@ -57,8 +58,9 @@ def test_ranking_metrics_equal_an_independent_computation(loo):
     assert gaps.min() > 1e-5
     want = brute_force_metrics(scores, g_labels, q_labels, loo)
     order = np.argsort(-np.where(np.eye(*scores.shape, dtype=bool) & loo, -np.inf, scores), axis=1)
-    probe = ranking_metrics(order, g_labels, q_labels, loo)  # how the probe tallies its methods' rankings
-    evaluation = evaluate_retrieval(g, g_labels, q, q_labels, exclude_self=loo, device="cpu")
+    exclude = leave_one_out(len(g)) if loo else None
+    probe = ranking_metrics(order, g_labels, q_labels, exclude)  # how the probe tallies its methods' rankings
+    evaluation = evaluate_retrieval(g, g_labels, q, q_labels, exclude, device="cpu")
     for key in METRICS:
         assert probe[key] == pytest.approx(want[key], rel=1e-12), key
         assert evaluation[key] == pytest.approx(want[key], rel=1e-12), key

@@ -137,10 +137,11 @@ def _global_methods(s: ProbeSet, q, g, q_ms: float, cfg: ProbeConfig) -> dict[st
     """Those of global, qe and kreciprocal that cfg.methods names: the embeddings alone rank the gallery."""
     methods, out = set(cfg.methods), {}
     if "global" in methods:
-        out["global"] = _Method(q_ms, lambda rows, _: order(cosine(q[rows], g, s.excluding(rows))))
+        out["global"] = _Method(q_ms, lambda rows, _: order(cosine(q[rows], g, s.exclusion_for(rows))))
     if "qe" in methods:
         out["qe"] = _Method(q_ms, lambda rows, _: order(cosine(
-            query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, exclude=s.excluding(rows)), g, s.excluding(rows))))
+            query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, exclude=s.exclusion_for(rows)), g,
+            s.exclusion_for(rows))))
     if "kreciprocal" in methods and _kreciprocal_fits(s):
         out["kreciprocal"] = _Method(q_ms, lambda rows, scores: order(scores[rows]),
                                      lambda: kreciprocal_scores(q, g, s, cfg))
@@ -237,7 +238,7 @@ def _shortlist_methods(backbone, s: ProbeSet, calibration_set: ProbeSet | None, 
         backbone, calibration_set, feats, cfg, with_inliers))
 
     def reranked(rows, scores):
-        return rerank_shortlist(order(cosine(q[rows], g, s.excluding(rows))), scores[rows])
+        return rerank_shortlist(order(cosine(q[rows], g, s.exclusion_for(rows))), scores[rows])
 
     out, shared_s = {}, shortlist_s + inliers_s
     if "local" in methods:
@@ -278,7 +279,7 @@ def ensemble_members(cfg: ProbeConfig) -> list[str]:
 
 
 def _member_cosines(vectors: list, s: ProbeSet, rows: np.ndarray) -> list[np.ndarray]:
-    return [cosine(q[rows], g, s.excluding(rows)) for q, g in vectors]
+    return [cosine(q[rows], g, s.exclusion_for(rows)) for q, g in vectors]
 
 
 def _ensemble_weights(vectors: list, s: ProbeSet, query_rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
