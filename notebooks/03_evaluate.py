@@ -102,7 +102,7 @@ from lib.evaluate.results_table import append_benchmark_row, benchmark_row
 from lib.evaluate.run_eval import evaluate_run
 from lib.evaluate.classification import add_classification_metrics, classification_table
 from lib.evaluate.open_set_eval import add_open_set_metrics, open_set_columns
-from lib.evaluate.record import save_evaluation
+from lib.evaluate.record import record_split, save_evaluation
 from lib.retrieval.metrics import per_identity_ap
 from lib.analysis.figures import plot_risk_coverage, save
 from lib.analysis.open_set_figures import plot_open_set
@@ -240,8 +240,7 @@ if task == "reid":
     per_identity.to_csv(results / f"03_per_identity_ap_{tag}.csv")
     display(pd.concat({"worst": per_identity.head(5), "best": per_identity.dropna().tail(5)}))
     pairs = pairwise_scores(ev.query_emb, ev.queries["path"], ev.gallery_emb, ev.gallery["path"],
-                            exclude_self=ev.config["protocol"] == "loo", top=pairs_top or None,
-                            groups=ev.queries["group"].to_numpy() if ev.config["loo_rule"] == "group" else None)
+                            record_split(ev).exclude, top=pairs_top or None)
     pairs.to_csv(results / f"03_pairs_{tag}.csv", index=False)
     print(f"{len(pairs)} pairs -> {results / f'03_pairs_{tag}.csv'}")
 
