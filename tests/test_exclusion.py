@@ -172,3 +172,23 @@ def test_the_probe_ranks_under_the_group_rule_by_default():
     assert all(not (set(paths) & mine) for paths, mine in zip(top, own)), "no query's top-5 holds its group"
     scores = kreciprocal_scores(q, q, s, cfg)
     assert np.isneginf(scores[s.exclude.matrix()]).all() and np.isfinite(scores[~s.exclude.matrix()]).all()
+
+
+def test_an_approximate_index_recall_leaves_each_querys_group_out_of_both_rankings():
+    from lib.retrieval.ann_index import IndexSpec, approximation_recall, build_search_index, sample_rows
+
+    emb, labels, groups = _encounters(8, n_labels=30, dim=16)
+    index, _ = build_search_index(emb, IndexSpec(index="ivf", nprobe=1), device="cpu")
+    k, sample = 5, 40
+    report = approximation_recall(index, emb, emb, k, sample=sample, seed=1, exclude=leave_one_out(len(emb), groups))
+    rows = sample_rows(len(emb), sample, seed=1)
+    d2 = ((_unit(emb)[:, None] - _unit(emb)[None]) ** 2).sum(-1)
+    d2[groups[:, None] == groups[None]] = np.inf  # the group rule, by hand
+    _, found = index.search(_unit(emb)[rows].astype(np.float32), len(emb))  # every row the index finds, in order
+    hits = 0
+    for row, ranked in zip(rows, found):
+        exact = set(np.argsort(d2[row], kind="stable")[:k].tolist())
+        approx = [g for g in ranked if g >= 0 and groups[g] != groups[row]][:k]
+        hits += len(exact & set(approx))
+    assert report["recall"] == pytest.approx(hits / (len(rows) * k), abs=1e-12)
+    assert report["recall"] < 1, "an index this coarse must lose something, or the test shows nothing"
