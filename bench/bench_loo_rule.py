@@ -4,7 +4,7 @@ not a test).
     python bench/bench_loo_rule.py [--lions ../shared/datasets/lions] [--sizes 224 320]
 
 Frozen ImageNet EfficientNet-Lite0 pooled features (the packaged weights, no head), squash resize, every photo a query
-of the others (lib.retrieval.ranking.evaluate_retrieval, exclude_self=True), with each rule:
+of the others (lib.retrieval.ranking.evaluate_retrieval, exclude=leave_one_out(n, groups)), with each rule:
   lions val (146 photos of 19 individuals; the open / open-ids protocol and probe of docs/benchmarks.md): groups as
         those benches make them (every file its own group, the lions carry no encounter) and, as an assumption to show
         what the rule can do, one group per individual and side (its Left_* crops, its Right_* crops, the rest), as
@@ -33,6 +33,7 @@ from lib.data.splits import class_to_idx  # noqa: E402
 from lib.data.table import check_images, index_from_folder  # noqa: E402
 from lib.data.transforms import build_transforms  # noqa: E402
 from lib.retrieval.embed import extract_embeddings  # noqa: E402
+from lib.retrieval.exclusion import leave_one_out  # noqa: E402
 from lib.retrieval.ranking import evaluate_retrieval  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
 
@@ -47,7 +48,7 @@ def side_groups(index: pd.DataFrame) -> np.ndarray:
 
 
 def scores(emb, labels, groups=None) -> dict:
-    m = evaluate_retrieval(emb, labels, emb, labels, ks=(1, 5), exclude_self=True, groups=groups)
+    m = evaluate_retrieval(emb, labels, emb, labels, leave_one_out(len(emb), groups), ks=(1, 5))
     return {k: m[k] for k in ("recall@1", "recall@5", "mAP", "identity_balanced_mAP", "n_queries_without_relevant")}
 
 

@@ -6,7 +6,7 @@ Frozen tf_efficientnet_lite0 ImageNet weights ('lite0-imagenet'), its plain GeM-
 embedding head: an untrained head is a random projection). Every photo of ../shared/datasets/lions is embedded once
 per (resize mode, img_size) through lib.data.transforms.build_transforms(preset='none', resize=mode), i.e. exactly
 the eval transform a run with AugConfig.resize = mode uses, and scored leave-one-out (each photo queries all others,
-lib.retrieval.ranking.evaluate_retrieval(exclude_self=True)). The lions set has no closed protocol: train/ and val/
+lib.retrieval.ranking.evaluate_retrieval with exclude=leave_one_out(n)). The lions set has no closed protocol: train/ and val/
 hold disjoint individuals, so train photos cannot be a gallery for val queries. Since the features never saw a lion,
 all of it is unseen data, and three open-set protocols are scored:
   val   - 146 val photos of 19 individuals (the protocol of bench/bench_pretrained_lions.py and docs/benchmarks.md);
@@ -41,6 +41,7 @@ from lib.data.images import open_image  # noqa: E402
 from lib.data.splits import class_to_idx  # noqa: E402
 from lib.data.transforms import RESIZES, build_transforms  # noqa: E402
 from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings  # noqa: E402
+from lib.retrieval.exclusion import leave_one_out  # noqa: E402
 from lib.retrieval.ranking import evaluate_retrieval  # noqa: E402
 from lib.train.checkpoint import seed_everything  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
@@ -65,7 +66,7 @@ class Trimmed(IndexDataset):
 
 
 def loo(emb: np.ndarray, labels: np.ndarray) -> dict:
-    return evaluate_retrieval(emb, labels, emb, labels, ks=(1, 5), exclude_self=True, per_query=True)
+    return evaluate_retrieval(emb, labels, emb, labels, leave_one_out(len(emb)), ks=(1, 5))
 
 
 def top1_hits(emb: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ from lib.data.splits import SplitConfig, class_to_idx, load_split_index, prepare
 from lib.data.table import check_images, index_from_folder
 from lib.data.transforms import build_transforms
 from lib.retrieval.embed import extract_embeddings
+from lib.retrieval.exclusion import leave_one_out
 from lib.retrieval.ranking import evaluate_retrieval
 from lib.train.checkpoint import seed_everything
 from lib.train.config import RunConfig, build_config
@@ -113,7 +114,7 @@ def score(net: nn.Module, queries: IndexDataset, gallery: IndexDataset | None, s
     q = extract_embeddings(net, queries, settings)
     g = q if gallery is None else extract_embeddings(net, gallery, settings)
     m = evaluate_retrieval(g, (queries if gallery is None else gallery).targets.numpy(), q, queries.targets.numpy(),
-                           exclude_self=gallery is None)
+                           leave_one_out(len(q)) if gallery is None else None)
     return {k: m[k] for k in ("recall@1", "recall@5", "mAP", "identity_balanced_mAP")}
 
 

@@ -90,40 +90,22 @@ work_from_repo_root()  # relative paths from the repository root, lib from its c
 import pandas as pd
 from IPython.display import display
 
-from lib.core.state_io import run_state_lock
-from lib.retrieval.decide import risk_coverage, save_thresholds
-from lib.evaluate.calibrate import (CALIBRATION_COLUMN, Calibration, apply_calibrated, calibrate, provenance,
-                                    thresholds_info)
-from lib.evaluate.cluster_eval import (add_cluster_metrics, choose_cluster_threshold, cluster_columns,
-                                       save_cluster_choice)
-from lib.retrieval.clustering import ClusterSettings
 from lib.analysis.cluster_figures import plot_cluster_sheets, plot_threshold_curve
-from lib.evaluate.results_table import append_benchmark_row, benchmark_row
-from lib.evaluate.run_eval import evaluate_run
-from lib.evaluate.classification import add_classification_metrics, classification_table
-from lib.evaluate.open_set_eval import add_open_set_metrics, open_set_columns
-from lib.evaluate.record import save_evaluation
-from lib.retrieval.metrics import per_identity_ap
 from lib.analysis.figures import plot_risk_coverage, save
 from lib.analysis.open_set_figures import plot_open_set
+from lib.evaluate.chain import chain_parameters, evaluate_chain
+from lib.evaluate.classification import classification_table
+from lib.retrieval.metrics import per_identity_ap
 from lib.retrieval.open_set import baks_baus_by_threshold
-from lib.retrieval.ann_index import IndexSpec, describe
-from lib.retrieval.pairwise import pairwise_scores
 
-if split in ("train", "test"):
-    raise ValueError(f"split={split!r}: thresholds are chosen on validation; use evaluate_test=True for the test split")
-eval_dir = Path(run_dir) / "eval"
-index_spec = IndexSpec(index=index, recall=index_recall, k=k, nprobe=nprobe, ef_search=ef_search,
-                       exact_below=index_exact_below)
+# every parameter above that evaluate_run or the chain reads, by its name (lib.evaluate.chain)
+settings, chain = chain_parameters(globals())
+name = Path(run_dir).name
 
 # %%
-ev = evaluate_run(run_dir, split=split, checkpoint=checkpoint, k=k, weighting=weighting, tta=tta, device=device,
-                  progress=True, protocol=protocol, restrict_to_context=restrict_to_context, index=index_spec,
-                  loo_rule=loo_rule)
-rule = f", leaving out each query's own {ev.config['loo_rule']}" if ev.config["loo_rule"] else ""
-print(f"{split}: {len(ev.queries)} queries against {len(ev.gallery)} gallery photos ({ev.config['protocol']}{rule}); "
-      f"checkpoint {ev.config['checkpoint']}")
-print(describe(ev.metrics["index"]))
+result = evaluate_chain(run_dir, settings, chain)
+ev, evaluations, chosen = result.ev, result.evaluations, result.chosen
+print(result.summary())
 
 # %% [markdown]
 # ## Thresholds and the risk–coverage curve
@@ -135,24 +117,8 @@ print(describe(ev.metrics["index"]))
 # is the pair chosen (both signals together).
 
 # %%
-calibration = Calibration(target_accuracy=None if target_coverage > 0 else target_accuracy,
-                          target_coverage=target_coverage or None, share=calibration_share, seed=calibration_seed,
-                          min_support=min_support, confidence=confidence)
-thresholds, chosen = calibrate(ev, calibration)
-apply_calibrated(ev, thresholds, chosen)  # val's coverage and accuracy_at_coverage: those of the held-out part
-with run_state_lock(run_dir, "saving thresholds"):  # one writer of the run's decision state at a time
-    save_thresholds(eval_dir / split / "thresholds.json", thresholds, thresholds_info(ev, chosen, calibration))
-held = chosen["held_out"]
-print(f"thresholds: max top-1 distance {thresholds.max_distance:.4f}, min margin {thresholds.min_margin:.4f}\n"
-      f"  calibration part ({chosen['n']} queries): coverage {chosen['coverage']:.3f}, accuracy "
-      f"{chosen['accuracy']:.3f} (lower bound {chosen['accuracy_lower']:.3f})"
-      + ("" if chosen["met"] else "  (target NOT reached: the highest bound taken)")
-      + f"\n  held-out part ({held['n']} queries): coverage {held['coverage']:.3f}, accuracy {held['accuracy']:.3f}")
-q = ev.queries[ev.queries[CALIBRATION_COLUMN]]
-curves = {"margin": risk_coverage(q["correct"], q["margin"]),
-          "top-1 distance": risk_coverage(q["correct"], -q["top1_distance"])}
-fig = plot_risk_coverage(curves, chosen, calibration.target_accuracy)
-save(fig, Path(figures_dir) / f"03_risk_coverage_{Path(run_dir).name}.png")
+fig = plot_risk_coverage(result.risk_coverage_curves(), chosen, result.calibration.target_accuracy)
+save(fig, Path(figures_dir) / f"03_risk_coverage_{name}.png")
 ev.queries["verdict"].value_counts()
 
 # %% [markdown]
@@ -161,42 +127,14 @@ ev.queries["verdict"].value_counts()
 # macro-F1 judge the voted class; coverage and accuracy at coverage follow the thresholds above.
 
 # %%
-evaluations = {split: ev}
-if evaluate_test:
-    evaluations["test"] = evaluate_run(run_dir, split="test", checkpoint=checkpoint, k=k, weighting=weighting,
-                                       tta=tta, thresholds=thresholds, device=device, progress=True,
-                                       protocol=protocol, restrict_to_context=restrict_to_context,
-                                       new_threshold=ev.metrics["new_individual"]["threshold"], index=index_spec,
-                                       loo_rule=loo_rule)
-    print(f"test: {describe(evaluations['test'].metrics['index'])}")
-rows = []
-open_set_threshold = None  # the open-set rule's new-individual threshold: chosen on val, applied to test
-# the threshold that groups photos into individuals: chosen on val's calibration part, saved for photo-predict
-cluster_chosen = choose_cluster_threshold(ev, ClusterSettings(cluster_method, cluster_linkage), cluster_score)
-save_cluster_choice(eval_dir / split / "clustering.json", cluster_chosen, provenance(ev))
-for name, e in evaluations.items():
-    add_classification_metrics(e, pos_class)
-    open_set_threshold = add_open_set_metrics(e, open_set_threshold).get("new_threshold")
-    add_cluster_metrics(e, cluster_chosen)
-    save_evaluation(e, eval_dir / name)
-    row = {**benchmark_row(e, notes=notes), **open_set_columns(e), **cluster_columns(e)}
-    append_benchmark_row(results_csv, row, replace_key="evaluation_id")  # a re-run replaces its own row
-    rows.append(row)
-pd.DataFrame(rows).set_index("split")
+result.rows
 
 # %% [markdown]
 # Where the thresholds hold: coverage and accuracy of the accepted queries on the part they were chosen on, on the
 # held-out part of val, and on test when it was evaluated.
 
 # %%
-held_up = {"calibration part (chosen here)": {"queries": chosen["n"], "coverage": chosen["coverage"],
-                                              "accuracy": chosen["accuracy"]},
-           "held-out part of val": {"queries": held["n"], "coverage": held["coverage"], "accuracy": held["accuracy"]}}
-if "test" in evaluations:
-    m = evaluations["test"].metrics
-    held_up["test"] = {"queries": len(evaluations["test"].queries), "coverage": m["coverage"],
-                       "accuracy": m["accuracy_at_coverage"]}
-pd.DataFrame(held_up).T
+result.held_up()
 
 # %% [markdown]
 # ## Classification metrics
@@ -222,28 +160,20 @@ pd.DataFrame(ev.metrics["per_class"]).T.sort_values("f1")
 # nearest photo is far; the threshold with the best F1 of that call is chosen on this split (val) and the test
 # split is measured at it. In leave-one-out only an individual with a single photo (under the group rule: a single
 # group) in the split is new.
-# Per-identity AP, worst first, and the all-vs-all similarity table (query, gallery, cosine) go to `results/`.
+# Per-identity AP, worst first, and the all-vs-all similarity table (query, gallery, cosine) go to `results/` (lib.evaluate.chain).
 
 # %%
 if task == "reid":
-    results = Path(results_csv).parent
-    tag = f"{Path(run_dir).name}_{split}"
-    m = ev.metrics
+    m, new = ev.metrics, ev.metrics["new_individual"]
     display(pd.Series({"identity-balanced mAP": m["identity_balanced_mAP"], "mAP": m["mAP"],
                        "CMC rank-1": m["recall@1"], "CMC rank-5": m["recall@5"],
                        "identities": ev.queries["label"].nunique(), "queries": len(ev.queries)}).to_frame(split))
-    new = m["new_individual"]
     print(f"new individuals (no other photo of theirs in the gallery): {new['n_new']} of {len(ev.queries)} queries"
           + (f"; called new above top-1 distance {new['threshold']:.3f}: precision {new['precision']:.2f}, "
              f"recall {new['recall']:.2f}" if new["n_new"] and new["n_known"] else ""))
     per_identity = per_identity_ap(ev.queries["label"], ev.queries["ap"])
-    per_identity.to_csv(results / f"03_per_identity_ap_{tag}.csv")
     display(pd.concat({"worst": per_identity.head(5), "best": per_identity.dropna().tail(5)}))
-    pairs = pairwise_scores(ev.query_emb, ev.queries["path"], ev.gallery_emb, ev.gallery["path"],
-                            exclude_self=ev.config["protocol"] == "loo", top=pairs_top or None,
-                            groups=ev.queries["group"].to_numpy() if ev.config["loo_rule"] == "group" else None)
-    pairs.to_csv(results / f"03_pairs_{tag}.csv", index=False)
-    print(f"{len(pairs)} pairs -> {results / f'03_pairs_{tag}.csv'}")
+    print("\n".join(f"{what} -> {path}" for what, path in result.exports.items()))
 
 # %% [markdown]
 # ## Open set: a known individual, a new one, or a photo to take again
@@ -257,27 +187,21 @@ if task == "reid":
 # Recall@k and mAP of the known queries alone sit beside them (the main metrics count every unknown query as a miss).
 
 # %%
-open_sets = {name: e.metrics["open_set"] for name, e in evaluations.items()}
-if all("skipped" in o for o in open_sets.values()):
-    print(f"open set: skipped ({next(iter(open_sets.values()))['skipped']})")
+table = result.open_set_table()
+if table is None:
+    print(f"open set: skipped ({ev.metrics['open_set']['skipped']})")
 else:
-    table = {name: {"known individuals": o["n_known_individuals"], "unknown individuals": o["n_unknown_individuals"],
-                    "known queries": o["n_known_queries"], "unknown queries": o["n_unknown_queries"],
-                    **{key: o[key] for key in ("BAKS", "BAUS", "harmonic_mean", "auroc_top1_distance", "auroc_margin",
-                                               "coverage", "accuracy_answered", "new_threshold", "min_margin")},
-                    **{f"{key} (known)": v for key, v in o.get("known_queries", {}).items()}}
-             for name, o in open_sets.items() if "skipped" not in o}
-    display(pd.DataFrame(table))
-    for name, e in evaluations.items():
-        o = open_sets[name]
+    display(table)
+    for split_name, e in evaluations.items():
+        o = e.metrics["open_set"]
         if "skipped" in o or not (o["n_known_queries"] and o["n_unknown_queries"]):
             continue
         unknown = set(o["unknown_individuals"])
         sweep = baks_baus_by_threshold(e.queries["label"], e.queries["pred"], e.queries["top1_distance"], unknown)
         fig = plot_open_set(e.queries["label"].isin(unknown), e.queries["top1_distance"], e.queries["margin"], sweep, o,
-                            title=f"{Path(run_dir).name}, {name}: {o['n_known_queries']} known and "
+                            title=f"{name}, {split_name}: {o['n_known_queries']} known and "
                                   f"{o['n_unknown_queries']} unknown queries")
-        save(fig, Path(figures_dir) / f"03_open_set_{Path(run_dir).name}_{name}.png")
+        save(fig, Path(figures_dir) / f"03_open_set_{name}_{split_name}.png")
 
 # %% [markdown]
 # ## New individuals grouped
@@ -291,23 +215,19 @@ else:
 # sheet is a cluster; a photo framed red is not the cluster's majority individual.
 
 # %%
-print(f"cluster threshold {cluster_chosen['threshold']:.4f} (cosine distance), chosen for the best "
-      f"{cluster_score} on {cluster_chosen['chosen_on']['n_photos']} calibration photos of "
-      f"{cluster_chosen['chosen_on']['n_individuals']} individuals ({cluster_chosen['chosen_on']['queries']} queries)"
-      + (f"; {cluster_chosen['note']}" if "note" in cluster_chosen else ""))
-scores = {f"{name}, {subset} ({e.metrics['clustering']['measured_on']})": e.metrics["clustering"][subset]
-          for name, e in evaluations.items() for subset in ("unknown", "all") if subset in e.metrics["clustering"]}
-display(pd.DataFrame(scores).T[["n_photos", "n_individuals", "n_clusters", "ari", "ami", "pair_precision",
-                                "pair_recall", "pair_f1", "bcubed_f1"]])
+cluster_chosen = result.cluster_chosen
+line, scores = result.cluster_summary()
+print(line)
+display(scores)
 if cluster_chosen["curve"]:
     fig = plot_threshold_curve(cluster_chosen["curve"], cluster_chosen["threshold"],
-                               title=f"{Path(run_dir).name}: cluster threshold on val's calibration part")
-    save(fig, Path(figures_dir) / f"03_cluster_threshold_{Path(run_dir).name}.png")
-for name, e in evaluations.items():
+                               title=f"{name}: cluster threshold on val's calibration part")
+    save(fig, Path(figures_dir) / f"03_cluster_threshold_{name}.png")
+for split_name, e in evaluations.items():
     subset = "unknown" if "unknown" in e.metrics["clustering"] else "all"
     shown = e.queries[f"cluster_{subset}"] >= 0
     fig = plot_cluster_sheets([Path(e.data_root) / p for p in e.queries.loc[shown, "path"]],
                               e.queries.loc[shown, "label"], e.queries.loc[shown, f"cluster_{subset}"],
-                              title=f"{Path(run_dir).name}, {name}: {subset} queries grouped (ARI "
+                              title=f"{name}, {split_name}: {subset} queries grouped (ARI "
                                     f"{e.metrics['clustering'][subset]['ari']:.3f}); red: not the cluster's majority")
-    save(fig, Path(figures_dir) / f"03_clusters_{Path(run_dir).name}_{name}.png")
+    save(fig, Path(figures_dir) / f"03_clusters_{name}_{split_name}.png")

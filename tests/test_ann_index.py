@@ -16,6 +16,7 @@ from lib.retrieval.ann_index import (
     sample_rows,
     searchable,
 )
+from lib.retrieval.exclusion import leave_one_out
 from lib.retrieval.faiss_index import NO_NEIGHBOUR, knn, load_index, save_index, search
 from lib.retrieval.pairwise import pairwise_scores
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
@@ -90,7 +91,8 @@ def test_recall_report_equals_an_independent_recomputation(exclude_self):
     queries = gallery if exclude_self else query
     index, _ = build_search_index(gallery, IndexSpec(index="ivfpq", nprobe=2), device="cpu")
     k, sample = 10, 25
-    report = approximation_recall(index, gallery, queries, k, sample=sample, seed=3, exclude_self=exclude_self)
+    report = approximation_recall(index, gallery, queries, k, sample=sample, seed=3,
+                                  exclude=leave_one_out(len(gallery)) if exclude_self else None)
     rows = sample_rows(len(queries), sample, seed=3)
     assert len(rows) == sample == report["queries_sampled"] and report["k"] == k
     _, found = search(index, queries, k + exclude_self)  # what the index returns, then its own row dropped by hand
@@ -196,14 +198,15 @@ def test_chunked_evaluation_equals_unchunked_exactly_and_never_ranks_more_than_i
     if loo:
         query, q_labels = gallery, g_labels
     args = (gallery, g_labels, query, q_labels)
-    kwargs = {"ks": (1, 5), "exclude_self": loo, "device": "cpu", "per_query": True}
+    kwargs = {"exclude": leave_one_out(len(gallery)) if loo else None, "ks": (1, 5), "device": "cpu"}
     whole, whole_cells = _chunked(monkeypatch, 10**9, evaluate_retrieval, *args, **kwargs)
     pairs = 7 * len(gallery) + 13  # 7 queries a chunk, and a last chunk of fewer
     chunked, cells = _chunked(monkeypatch, pairs, evaluate_retrieval, *args, **kwargs)
     assert len(whole_cells) == 1 and len(cells) == -(-len(query) // 7) and max(cells) <= pairs + 7
     _assert_same_metrics(chunked, whole)
     # and the whole ranking given at once, made by plain numpy (float64, so equal up to rounding)
-    expected = ranking_metrics(_exact_topk(gallery, query, len(gallery)), g_labels, q_labels, loo, ks=(1, 5))
+    expected = ranking_metrics(_exact_topk(gallery, query, len(gallery)), g_labels, q_labels, kwargs["exclude"],
+                               ks=(1, 5))
     np.testing.assert_allclose(chunked.pop("ap"), expected.pop("ap"), rtol=1e-12)
     assert chunked == pytest.approx(expected, rel=1e-12, nan_ok=True)
     singletons = sum(np.sum(g_labels == label) == 1 for label in q_labels) if loo else 0
@@ -217,10 +220,11 @@ def test_chunked_pairwise_scores_equal_the_whole_matrix(monkeypatch):
     tol = score_tolerance(gallery.shape[1])
     scores = _unit(gallery.astype(np.float64)) @ _unit(gallery.astype(np.float64)).T  # the reference, in float64
     for exclude_self, top in [(True, None), (False, 5)]:
+        exclude = leave_one_out(len(gallery)) if exclude_self else None
         monkeypatch.setattr(lib.retrieval.ranking, "RANK_PAIRS", 10**9)
-        whole = pairwise_scores(gallery, ids, gallery, ids, exclude_self=exclude_self, top=top)
+        whole = pairwise_scores(gallery, ids, gallery, ids, exclude, top=top)
         monkeypatch.setattr(lib.retrieval.ranking, "RANK_PAIRS", 4 * len(gallery))
-        chunked = pairwise_scores(gallery, ids, gallery, ids, exclude_self=exclude_self, top=top)
+        chunked = pairwise_scores(gallery, ids, gallery, ids, exclude, top=top)
         # a 4-row and a 90-row product sum in another order: equal to float32 rounding, near-ties in either order
         assert_rankings_match(chunked, whole, tol)
         keep = top or len(gallery) - 1

@@ -27,7 +27,7 @@ def view(same: np.ndarray, seed: int, signal: float = 1.0, scale: float = 1.0) -
 
 
 def mean_ap(scores, q_labels, g_labels) -> float:
-    return ranking_metrics(np.argsort(-scores, axis=1, kind="stable"), g_labels, q_labels, False)["mAP"]
+    return ranking_metrics(np.argsort(-scores, axis=1, kind="stable"), g_labels, q_labels)["mAP"]
 
 
 def test_a_useless_member_does_not_hurt_the_learned_ensemble():

@@ -264,3 +264,27 @@ def test_the_same_evaluation_again_replaces_its_row(run_dir, tmp_path):
     # the notes as given: the tiny run's best checkpoint may be epoch 0, which appends UNTRAINED_BEST to them
     assert [n.split("; ")[0] for n in table["notes"]] == ["before ids", "again", "k=3"]
     assert float(table.loc[1, "recall@1"]) == pytest.approx(first["recall@1"])
+
+
+@pytest.mark.parametrize("protocol", ["gallery", "loo"])
+def test_the_voting_neighbours_come_from_the_one_exact_ranking(run_dir, monkeypatch, protocol):
+    """An exact gallery index: the k neighbours are the first k of the ranking that made recall@k and mAP, no second
+    search; they equal brute force (each query's own group left out under leave-one-out)."""
+    import lib.evaluate.run_eval
+
+    def no_second_search(*args, **kwargs):
+        raise AssertionError("a second k-neighbour search")
+
+    monkeypatch.setattr(lib.evaluate.run_eval, "search", no_second_search)
+    ev = evaluate_run(run_dir, k=5, device="cpu", protocol=protocol)
+    g = ev.gallery_emb / np.linalg.norm(ev.gallery_emb, axis=1, keepdims=True)
+    q = ev.query_emb / np.linalg.norm(ev.query_emb, axis=1, keepdims=True)
+    d2 = ((q[:, None] - g[None]) ** 2).sum(-1)
+    if protocol == "loo":
+        groups = ev.queries["group"].to_numpy()
+        d2[groups[:, None] == groups[None]] = np.inf
+    width = ev.neighbours.shape[1]
+    np.testing.assert_allclose(ev.distances, np.sort(d2, axis=1)[:, :width], atol=1e-5)
+    real = ev.neighbours != NO_NEIGHBOUR
+    assert np.isfinite(np.take_along_axis(d2, np.where(real, ev.neighbours, 0), axis=1)[real]).all()
+    assert ev.metrics["index"]["exact"] and "top" not in ev.metrics and "top_distances" not in ev.metrics

@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from lib.probe.rerank import query_expansion
-from lib.retrieval.exclusion import NO_NEIGHBOUR, leave_one_out, loo_exclusion, resolve_loo_rule, same_group
+from lib.retrieval.exclusion import NO_NEIGHBOUR, leave_one_out, resolve_loo_rule, same_group
 from lib.retrieval.faiss_index import build_index, search, search_within
 from lib.retrieval.pairwise import pairwise_scores
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
@@ -49,8 +49,7 @@ def _brute_force(emb, labels, groups, ks):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_group_rule_metrics_equal_scikit_learn_with_the_junk_removed(seed):
     emb, labels, groups = _encounters(seed)
-    got = evaluate_retrieval(emb, labels, emb, labels, ks=(1, 3), exclude_self=True, device="cpu", per_query=True,
-                             groups=groups)
+    got = evaluate_retrieval(emb, labels, emb, labels, leave_one_out(len(emb), groups), ks=(1, 3), device="cpu")
     want = _brute_force(emb, labels, groups, (1, 3))
     # float32 faiss distances against float64 cosines: equal rankings (no near-ties in this data), AP to rounding
     np.testing.assert_allclose(got["ap"], want["ap"], atol=1e-9)
@@ -59,7 +58,7 @@ def test_group_rule_metrics_equal_scikit_learn_with_the_junk_removed(seed):
     assert got["n_queries_without_relevant"] == single > 0, "a one-encounter individual has nothing to be found by"
     # the same from full rankings handed over at once (the probe's path)
     order = np.argsort(-(_unit(emb) @ _unit(emb).T), axis=1, kind="stable")
-    np.testing.assert_allclose(ranking_metrics(order, labels, labels, True, ks=(1, 3), groups=groups)["ap"],
+    np.testing.assert_allclose(ranking_metrics(order, labels, labels, leave_one_out(len(order), groups), ks=(1, 3))["ap"],
                                want["ap"], atol=1e-6)
 
 
@@ -69,19 +68,18 @@ def test_a_planted_burst_sibling_no_longer_counts_as_a_match():
     emb = np.array([[1, 0, 0], [1, 0.01, 0], [0.3, 1, 0], [1, 0.4, 0], [0, 0, 1]], dtype=np.float32)
     labels = np.array(["a", "a", "a", "b", "c"])
     groups = np.array(["a-burst", "a-burst", "a-later", "b-1", "c-1"])
-    old = evaluate_retrieval(emb, labels, emb, labels, ks=(1,), exclude_self=True, device="cpu", per_query=True)
-    new = evaluate_retrieval(emb, labels, emb, labels, ks=(1,), exclude_self=True, device="cpu", per_query=True,
-                             groups=groups)
+    old = evaluate_retrieval(emb, labels, emb, labels, leave_one_out(len(emb)), ks=(1,), device="cpu")
+    new = evaluate_retrieval(emb, labels, emb, labels, leave_one_out(len(emb), groups), ks=(1,), device="cpu")
     # photo rule: the sibling answers first (rank 1), the other encounter comes third: AP (1 + 2/3) / 2
     assert old["ap"][0] == pytest.approx(5 / 6)
     # group rule: query 0 ranks b (3), then its other encounter (2), c: AP 1/2 over its one relevant photo
     assert new["ap"][0] == pytest.approx(average_precision_score([False, True, False], [0.93, 0.29, 0.0]))
     assert new["ap"][0] == pytest.approx(0.5)
-    _, neighbours = search(build_index(emb, "cpu"), emb, k=3, exclude_self=True, groups=groups)
+    _, neighbours = search(build_index(emb, "cpu"), emb, k=3, exclude=leave_one_out(len(emb), groups))
     assert neighbours[0].tolist() == [3, 2, 4] and neighbours[1].tolist() == [3, 2, 4], "top-1 is b: a miss"
-    assert search(build_index(emb, "cpu"), emb, k=1, exclude_self=True)[1][0, 0] == 1, "the photo rule's hit"
+    assert search(build_index(emb, "cpu"), emb, k=1, exclude=leave_one_out(len(emb)))[1][0, 0] == 1, "the photo rule's hit"
     assert not (groups[np.where(neighbours >= 0, neighbours, 0)] == groups[:, None])[neighbours >= 0].any()
-    pairs = pairwise_scores(emb, list("vwxyz"), emb, list("vwxyz"), exclude_self=True, groups=groups)
+    pairs = pairwise_scores(emb, list("vwxyz"), emb, list("vwxyz"), leave_one_out(len(emb), groups))
     assert not ((pairs["query"] == "v") & (pairs["gallery"] == "w")).any()
     assert len(pairs) == 5 * 5 - sum(np.sum(groups == g) for g in groups)
 
@@ -89,8 +87,8 @@ def test_a_planted_burst_sibling_no_longer_counts_as_a_match():
 def test_search_with_groups_is_brute_force_and_a_large_group_ends_in_padding():
     emb, labels, groups = _encounters(3)
     groups[:12] = "one big encounter"  # more rows than k once its own photos are out, for the others fewer
-    distances, indices = search(build_index(emb, "cpu"), emb, k=len(emb) - 5, batch_size=7, exclude_self=True,
-                                groups=groups)
+    distances, indices = search(build_index(emb, "cpu"), emb, k=len(emb) - 5, batch_size=7,
+                                exclude=leave_one_out(len(emb), groups))
     d2 = ((_unit(emb)[:, None] - _unit(emb)[None]) ** 2).sum(-1)
     for i in range(len(emb)):
         allowed = np.flatnonzero(groups != groups[i])
@@ -104,7 +102,7 @@ def test_search_with_groups_is_brute_force_and_a_large_group_ends_in_padding():
 def test_search_within_a_context_leaves_the_group_out_too():
     emb, labels, groups = _encounters(4)
     ctx = np.where(np.arange(len(emb)) % 2 == 0, "north", "south")
-    _, indices = search_within(emb, ctx, emb, ctx, k=4, exclude_self=True, device="cpu", groups=groups)
+    _, indices = search_within(emb, ctx, emb, ctx, k=4, exclude=leave_one_out(len(emb), groups), device="cpu")
     real = indices != NO_NEIGHBOUR
     rows = np.broadcast_to(np.arange(len(emb))[:, None], indices.shape)
     assert (ctx[indices[real]] == ctx[rows[real]]).all()
@@ -143,8 +141,6 @@ def test_the_rule_is_named_and_auto_picks_group_only_where_groups_are_finer_than
     assert leave_one_out(4).rule == "photo" and leave_one_out(4, labels).rule == "group"
     with pytest.raises(ValueError, match="valid: auto, group, photo"):
         resolve_loo_rule("encounter", labels, labels)
-    with pytest.raises(ValueError, match="exclude_self"):
-        loo_exclusion(False, 4, labels)
     with pytest.raises(ValueError, match="one group per row"):
         leave_one_out(5, labels)
 
@@ -167,7 +163,7 @@ def test_the_probe_ranks_under_the_group_rule_by_default():
     assert probe_set(index, "val", "label", "auto", loo_rule="photo").loo_rule == "photo"
     cfg = ProbeConfig(methods=["global"], k1=4, k2=2)
     q = _unit(emb).astype(np.float32)
-    m, _, _, _ = rank_method(s, cfg, len(q), MethodRun(0.0, lambda rows, _: order(cosine(q[rows], q, s.excluding(rows)))))
+    m, _, _, _ = rank_method(s, cfg, len(q), MethodRun(0.0, lambda rows, _: order(cosine(q[rows], q, s.exclusion_for(rows)))))
     want = _brute_force(emb, labels, groups, (1, 5))
     np.testing.assert_allclose(m["ap"], want["ap"], atol=1e-6)
     assert m["recall@1"] == pytest.approx(want["recall@1"])
@@ -176,3 +172,23 @@ def test_the_probe_ranks_under_the_group_rule_by_default():
     assert all(not (set(paths) & mine) for paths, mine in zip(top, own)), "no query's top-5 holds its group"
     scores = kreciprocal_scores(q, q, s, cfg)
     assert np.isneginf(scores[s.exclude.matrix()]).all() and np.isfinite(scores[~s.exclude.matrix()]).all()
+
+
+def test_an_approximate_index_recall_leaves_each_querys_group_out_of_both_rankings():
+    from lib.retrieval.ann_index import IndexSpec, approximation_recall, build_search_index, sample_rows
+
+    emb, labels, groups = _encounters(8, n_labels=30, dim=16)
+    index, _ = build_search_index(emb, IndexSpec(index="ivf", nprobe=1), device="cpu")
+    k, sample = 5, 40
+    report = approximation_recall(index, emb, emb, k, sample=sample, seed=1, exclude=leave_one_out(len(emb), groups))
+    rows = sample_rows(len(emb), sample, seed=1)
+    d2 = ((_unit(emb)[:, None] - _unit(emb)[None]) ** 2).sum(-1)
+    d2[groups[:, None] == groups[None]] = np.inf  # the group rule, by hand
+    _, found = index.search(_unit(emb)[rows].astype(np.float32), len(emb))  # every row the index finds, in order
+    hits = 0
+    for row, ranked in zip(rows, found):
+        exact = set(np.argsort(d2[row], kind="stable")[:k].tolist())
+        approx = [g for g in ranked if g >= 0 and groups[g] != groups[row]][:k]
+        hits += len(exact & set(approx))
+    assert report["recall"] == pytest.approx(hits / (len(rows) * k), abs=1e-12)
+    assert report["recall"] < 1, "an index this coarse must lose something, or the test shows nothing"

@@ -164,10 +164,11 @@ def test_the_gpu_check_runs_to_its_end_without_a_gpu_and_skips_every_gpu_row():
 def test_training_validation_searches_on_the_models_own_device(fake_faiss_gpus, torch_device, gpu):
     """Validation during training places its Faiss indexes where its settings put the model: a CPU run leaves the
     GPUs faiss-gpu sees alone, a DDP rank on cuda:1 uses cuda:1 (not faiss's default GPU 0)."""
+    from lib.retrieval.retrieval_split import retrieval_split
     from lib.train.validation import retrieval_metrics
 
     _, placed = fake_faiss_gpus
-    g, labels = unit_vectors(60), np.arange(60) % 5
-    metrics, hits = retrieval_metrics(None, None, g, labels, "loo", "val_", faiss_device_for(torch_device))
+    g, rows = unit_vectors(60), pd.DataFrame({"label": np.arange(60) % 5})
+    metrics, hits = retrieval_metrics(g, g, retrieval_split(rows, rows, "loo"), "val_", faiss_device_for(torch_device))
     assert hits.shape == (60,) and 0 <= metrics["val_recall@1"] <= 1
     assert [gpus for _, gpus in placed] == ([] if gpu is None else [(gpu,)] * len(placed)) and (gpu is None or placed)

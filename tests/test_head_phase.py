@@ -9,6 +9,8 @@ from lib.core.device import auto_settings
 from lib.data.dataset import IndexDataset
 from lib.data.splits import load_split_index
 from lib.data.transforms import build_transforms
+from lib.evaluate.run_eval import evaluate_run
+from lib.retrieval.exclusion import leave_one_out
 from lib.retrieval.ranking import evaluate_retrieval
 from lib.train.checkpoint import load_checkpoint, seed_everything
 from lib.train.config import build_config
@@ -144,13 +146,19 @@ def test_the_pca_head_starts_near_the_frozen_features_and_the_head_phase_resumes
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_leave_one_out_validation_scores_the_val_photos_against_each_other(demo, tmp_path):
+def test_leave_one_out_validation_scores_the_val_photos_under_the_rule_evaluation_scores_by(demo, tmp_path):
     history = train_run(str(tmp_path), config(demo, head_epochs=1, epochs=1, unfreeze="1", val_protocol="loo"),
                         progress=False)
+    last = history.iloc[-1]
+    # the demo's encounters are finer than its individuals: each val photo's own encounter is junk, as in evaluation
+    assert (last["val_protocol"], last["val_loo_rule"]) == ("loo", "group")
     run = load_trained(tmp_path, "latest")
     val = rows_in_split(split_rows(run), "val")
     emb, _ = embed_rows(run, val, auto_settings(device="cpu", num_workers=0))
-    labels = val["label"].map(run.config["class_to_idx"]).to_numpy()
-    m = evaluate_retrieval(emb, labels, emb, labels, ks=(1, 5), exclude_self=True)
-    last = history.iloc[-1]
+    labels = val["label"].to_numpy()
+    m = evaluate_retrieval(emb, labels, emb, labels, leave_one_out(len(val), val["group"].to_numpy()), ks=(1, 5))
     assert (last["val_recall@1"], last["val_mAP"]) == pytest.approx((m["recall@1"], m["mAP"]), abs=1e-6)
+    ev = evaluate_run(tmp_path, checkpoint="latest", protocol="loo", device="cpu")
+    assert ev.config["loo_rule"] == "group"
+    assert (last["val_recall@1"], last["val_mAP"]) == pytest.approx((ev.metrics["recall@1"], ev.metrics["mAP"]),
+                                                                    abs=1e-6)

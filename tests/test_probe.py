@@ -17,6 +17,7 @@ from lib.probe.config import ProbeConfig, probe_config
 from lib.probe.methods import PROBE_METHODS
 from lib.probe.fusion import ScoreFusion
 from lib.probe.probe_set import with_masks
+from lib.retrieval.exclusion import leave_one_out
 from lib.retrieval.ranking import evaluate_retrieval, ranking_metrics
 
 METRICS = ["recall@1", "recall@5", "mAP", "identity_balanced_mAP"]
@@ -58,8 +59,9 @@ def test_ranking_metrics_equal_an_independent_computation(loo):
     assert gaps.min() > 1e-5
     want = brute_force_metrics(scores, g_labels, q_labels, loo)
     order = np.argsort(-np.where(np.eye(*scores.shape, dtype=bool) & loo, -np.inf, scores), axis=1)
-    probe = ranking_metrics(order, g_labels, q_labels, loo)  # how the probe tallies its methods' rankings
-    evaluation = evaluate_retrieval(g, g_labels, q, q_labels, exclude_self=loo, device="cpu")
+    exclude = leave_one_out(len(g)) if loo else None
+    probe = ranking_metrics(order, g_labels, q_labels, exclude)  # how the probe tallies its methods' rankings
+    evaluation = evaluate_retrieval(g, g_labels, q, q_labels, exclude, device="cpu")
     for key in METRICS:
         assert probe[key] == pytest.approx(want[key], rel=1e-12), key
         assert evaluation[key] == pytest.approx(want[key], rel=1e-12), key
@@ -264,7 +266,7 @@ def test_a_probe_method_is_one_record(demo, run_dir, tmp_path, monkeypatch):
 
     def farthest_first(b):
         built.append(b.calibration_set)
-        return MethodRun(b.q_ms + 1.0, lambda rows, _: order(-cosine(b.q[rows], b.g, b.s.excluding(rows))))
+        return MethodRun(b.q_ms + 1.0, lambda rows, _: order(-cosine(b.q[rows], b.g, b.s.exclusion_for(rows))))
 
     monkeypatch.setitem(PROBE_METHODS, "farthest", ProbeMethod("farthest", "embeddings", True, farthest_first))
     table, _ = run_probe(config(demo, run_dir, tmp_path / "cache", identity_col="label", split="val",

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from lib.retrieval.exclusion import leave_one_out
 from lib.retrieval.pairwise import pairwise_scores
 
 
@@ -20,7 +21,7 @@ def test_pairwise_scores_are_every_pair_by_cosine_best_first():
 
 def test_leave_one_out_pairs_never_pair_a_photo_with_itself():
     e = np.random.default_rng(1).normal(size=(4, 3))
-    table = pairwise_scores(e, list("abcd"), e, list("abcd"), exclude_self=True)
+    table = pairwise_scores(e, list("abcd"), e, list("abcd"), leave_one_out(4))
     assert len(table) == 12 and not (table["query"] == table["gallery"]).any()
     with pytest.raises(ValueError, match="gallery"):
-        pairwise_scores(e, list("abcd"), e[:3], list("abc"), exclude_self=True)
+        pairwise_scores(e, list("abcd"), e[:3], list("abc"), leave_one_out(4))

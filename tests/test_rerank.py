@@ -171,25 +171,25 @@ def test_query_expansion_pulls_the_query_toward_the_identity_of_its_near_neighbo
     assert after[0, 3] > after[0, 4]
 
 
-def test_exclude_self_matches_a_manual_expansion_without_the_own_row():
+def test_leave_one_out_matches_a_manual_expansion_without_the_own_row():
     x = np.random.default_rng(4).normal(size=(8, 5))
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    got = query_expansion(x, x, n=2, alpha=3.0, exclude_self=True)
+    got = query_expansion(x, x, n=2, alpha=3.0, exclude=leave_one_out(8))
     for i in range(8):
         sims = unit @ unit[i]
         others = [j for j in np.argsort(-sims) if j != i][:2]
         manual = unit[i] + sum(max(sims[j], 0) ** 3 * unit[j] for j in others)
         np.testing.assert_allclose(got[i], manual / np.linalg.norm(manual), rtol=1e-5, atol=1e-6)
-    # without exclude_self the own row (cos 1) is the first neighbour, which changes every row
+    # without the exclusion the own row (cos 1) is the first neighbour, which changes every row
     assert not np.allclose(query_expansion(x, x, n=2, alpha=3.0), got)
 
 
-def test_exclude_self_with_alpha_zero_adds_every_other_row_once():
+def test_leave_one_out_with_alpha_zero_adds_every_other_row_once():
     # alpha=0 weighs each neighbour 1 whatever its cosine, so a too-large n must still stop at the other rows
     x = np.random.default_rng(6).normal(size=(4, 3))
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     total = unit.sum(axis=0)
-    np.testing.assert_allclose(query_expansion(x, x, n=100, alpha=0.0, exclude_self=True),
+    np.testing.assert_allclose(query_expansion(x, x, n=100, alpha=0.0, exclude=leave_one_out(4)),
                                np.tile(total / np.linalg.norm(total), (4, 1)), rtol=1e-5)
 
 
@@ -200,8 +200,8 @@ def test_query_expansion_returns_float32_unit_rows_and_checks_shapes():
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, rtol=1e-6)
     with pytest.raises(ValueError, match="dimension"):
         query_expansion(np.ones((2, 3)), np.ones((4, 5)))
-    with pytest.raises(ValueError, match="exclude_self"):
-        query_expansion(np.ones((2, 3)), np.ones((4, 3)), exclude_self=True)
+    with pytest.raises(ValueError, match="exclusion holds keys for 4 queries"):
+        query_expansion(np.ones((2, 3)), np.ones((4, 3)), exclude=leave_one_out(4))
     with pytest.raises(ValueError, match="n must be >= 0, got -1"):
         query_expansion(np.ones((2, 3)), np.ones((4, 3)), n=-1)
     with pytest.raises(ValueError, match="all zero"):
@@ -249,9 +249,9 @@ def test_rerank_shortlist_rejects_mismatched_shapes(order, scores):
 def test_query_expansion_of_a_chunk_with_its_exclusion_equals_the_whole_leave_one_out():
     rng = np.random.default_rng(7)
     g = rng.normal(size=(12, 5))
-    whole = query_expansion(g, g, n=3, alpha=2.0, exclude_self=True)
+    whole = query_expansion(g, g, n=3, alpha=2.0, exclude=leave_one_out(len(g)))
     rows = np.array([3, 4, 5, 9])
-    chunk = leave_one_out(len(g)).of(rows)
+    chunk = leave_one_out(len(g)).for_queries(rows)
     np.testing.assert_allclose(query_expansion(g[rows], g, n=3, alpha=2.0, exclude=chunk), whole[rows], atol=1e-6)
-    with pytest.raises(ValueError, match="one key per query"):
-        query_expansion(g[rows], g, exclude=leave_one_out(len(g)).of(rows[:2]))
+    with pytest.raises(ValueError, match="exclusion holds keys for 2 queries"):
+        query_expansion(g[rows], g, exclude=leave_one_out(len(g)).for_queries(rows[:2]))

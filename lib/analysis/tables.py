@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.errors import DataError
-from lib.evaluate.record import Evaluation, loo_rule
+from lib.evaluate.record import Evaluation, record_split
 from lib.retrieval.faiss_index import NO_NEIGHBOUR, fill_padding
 from lib.retrieval.metrics import confusion_table, per_identity_ap
 from lib.retrieval.ranking import evaluate_retrieval
@@ -180,14 +180,12 @@ def always_fail(ev: Evaluation) -> pd.DataFrame:
 def query_ap(ev: Evaluation) -> np.ndarray:
     """Exact AP of each query's ranking of the whole gallery; NaN where its class has no gallery photo.
     notebook 03 stores it; older records recompute it under the record's leave-one-out rule (each photo, and under
-    the group rule its group, out of its own ranking; lib.evaluate.record.loo_rule)."""
+    the group rule its group, out of its own ranking; lib.evaluate.record.record_split)."""
     if "ap" in ev.queries:
         return ev.queries["ap"].to_numpy(dtype=float)
-    rule = loo_rule(ev)
-    g_labels, q_labels = ev.gallery["label"].to_numpy().astype(str), ev.queries["label"].to_numpy().astype(str)
-    return evaluate_retrieval(ev.gallery_emb, g_labels, ev.query_emb, q_labels, exclude_self=rule is not None,
-                              device="cpu", per_query=True,
-                              groups=ev.queries["group"].to_numpy() if rule == "group" else None)["ap"]
+    s = record_split(ev)
+    return evaluate_retrieval(ev.gallery_emb, s.gallery_labels.astype(str), ev.query_emb, s.query_labels.astype(str),
+                              s.exclude, device="cpu")["ap"]
 
 
 def per_class_ap(ev: Evaluation) -> pd.DataFrame:

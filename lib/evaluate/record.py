@@ -17,6 +17,7 @@ import pandas as pd
 from lib.core.errors import DataError
 from lib.core.state_io import READ_ERRORS, manifest_problem, read_manifest, save_npz, write_csv, write_manifest
 from lib.retrieval.exclusion import OLD_LOO_RULE
+from lib.retrieval.retrieval_split import RetrievalSplit, retrieval_split
 
 # Columns every `queries` table carries besides the index columns (path, label, group, [context]).
 DECISION_COLUMNS = ("pred", "score", "margin", "top1_distance", "verdict", "correct", "rank_of_true")
@@ -101,3 +102,10 @@ def loo_rule(ev: Evaluation) -> str | None:
     if ev.config.get("protocol") != "loo":
         return None
     return ev.config.get("loo_rule") or OLD_LOO_RULE
+
+
+def record_split(ev: Evaluation) -> RetrievalSplit:
+    """The split the evaluation ranked (lib.retrieval.retrieval_split): its gallery and queries under the protocol
+    and leave-one-out rule its record names (a record without a protocol: the gallery one), for recomputing its
+    rankings under the same exclusion."""
+    return retrieval_split(ev.gallery, ev.queries, ev.config.get("protocol") or "gallery", loo_rule(ev) or "auto")

@@ -117,7 +117,7 @@ class _Backbone:
     def reranked(self, rows, scores):
         """The cosine order of the query rows with each one's shortlist re-sorted by its scores first."""
         s, q, g = self.s, self.q, self.g
-        return rerank_shortlist(order(cosine(q[rows], g, s.excluding(rows))), scores[rows])
+        return rerank_shortlist(order(cosine(q[rows], g, s.exclusion_for(rows))), scores[rows])
 
     def shortlist_run(self, needs: frozenset, order_of: Callable, prepare: Callable, importance=None) -> MethodRun:
         """A shortlist method's run, charged the shared work it needs: SIFT per image where it uses SIFT, the
@@ -233,13 +233,13 @@ def _boosted(s: ProbeSet, short: _Shortlists, calibration_set: ProbeSet | None, 
 
 def _global(b: _Backbone) -> MethodRun:
     s, q, g = b.s, b.q, b.g
-    return MethodRun(b.q_ms, lambda rows, _: order(cosine(q[rows], g, s.excluding(rows))))
+    return MethodRun(b.q_ms, lambda rows, _: order(cosine(q[rows], g, s.exclusion_for(rows))))
 
 
 def _qe(b: _Backbone) -> MethodRun:
     s, q, g, cfg = b.s, b.q, b.g, b.cfg
     return MethodRun(b.q_ms, lambda rows, _: order(cosine(
-        query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, exclude=s.excluding(rows)), g, s.excluding(rows))))
+        query_expansion(q[rows], g, cfg.qe_n, cfg.qe_alpha, exclude=s.exclusion_for(rows)), g, s.exclusion_for(rows))))
 
 
 def _kreciprocal(b: _Backbone) -> MethodRun | None:
@@ -288,7 +288,7 @@ def ensemble_members(cfg: ProbeConfig) -> list[str]:
 
 
 def _member_cosines(vectors: list, s: ProbeSet, rows: np.ndarray) -> list[np.ndarray]:
-    return [cosine(q[rows], g, s.excluding(rows)) for q, g in vectors]
+    return [cosine(q[rows], g, s.exclusion_for(rows)) for q, g in vectors]
 
 
 def _ensemble_weights(vectors: list, s: ProbeSet, query_rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:

@@ -3,51 +3,27 @@ themselves leave-one-out, with the rule of what each may not find), masks joined
 of what each query found."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from lib.core.errors import DataError
-from lib.retrieval.exclusion import NO_NEIGHBOUR, Exclusion, leave_one_out, resolve_loo_rule
-from lib.retrieval.ranking import resolve_val_protocol
+from lib.retrieval.exclusion import NO_NEIGHBOUR
+from lib.retrieval.retrieval_split import RetrievalSplit, retrieval_split
 
-
-@dataclass
-class ProbeSet:
-    """One probed split: query rows, gallery rows, whether the gallery is the queries themselves, and under
-    leave-one-out the rule (lib.retrieval.exclusion) of what each query may not find: `exclude`, its `loo_rule`."""
-    queries: pd.DataFrame
-    gallery: pd.DataFrame
-    protocol: str
-    exclude: Exclusion | None = None
-
-    @property
-    def loo(self) -> bool:
-        return self.protocol == "loo"
-
-    @property
-    def loo_rule(self) -> str:
-        return self.exclude.rule if self.exclude is not None else ""
-
-    def excluding(self, rows) -> Exclusion | None:
-        """The rule for the queries `rows`, None without one."""
-        return None if self.exclude is None else self.exclude.of(rows)
+# the probe's name for the split it ranks (lib.retrieval.retrieval_split), read by the type hints of lib/probe
+ProbeSet = RetrievalSplit
 
 
 def probe_set(index: pd.DataFrame, split: str, identity_col: str, protocol: str, loo_rule: str = "auto") -> ProbeSet:
+    """The probed split of the split index: its `split` rows querying the train rows (or themselves, leave-one-out),
+    identities in identity_col."""
     if identity_col not in index.columns:
         raise DataError(f"identity_col {identity_col!r} is not a column of the split index; it has {list(index.columns)}")
-    queries = index[index["split"] == split].reset_index(drop=True)
-    train = index[index["split"] == "train"].reset_index(drop=True)
+    queries = index[index["split"] == split]
     if queries.empty:
         raise DataError(f"the split index has no '{split}' photos; splits: {sorted(set(index['split']) - {''})}")
-    protocol = resolve_val_protocol(protocol, train[identity_col], queries[identity_col])
-    if protocol != "loo":
-        return ProbeSet(queries, train, protocol)
-    rule = resolve_loo_rule(loo_rule, queries[identity_col], queries["group"])
-    return ProbeSet(queries, queries, protocol,
-                    leave_one_out(len(queries), queries["group"].to_numpy() if rule == "group" else None))
+    return retrieval_split(index[index["split"] == "train"], queries, protocol, loo_rule, identity_col)
 
 
 def with_masks(index: pd.DataFrame, masks_csv: str, mask_col: str) -> pd.DataFrame:
@@ -65,7 +41,7 @@ def with_masks(index: pd.DataFrame, masks_csv: str, mask_col: str) -> pd.DataFra
     return index.drop(columns=mask_col, errors="ignore").assign(**{mask_col: index["path"].map(masks).fillna("")})
 
 
-def ranking_table(s: ProbeSet, top: np.ndarray, ap: np.ndarray, identity_col: str) -> pd.DataFrame:
+def ranking_table(s: RetrievalSplit, top: np.ndarray, ap: np.ndarray, identity_col: str) -> pd.DataFrame:
     """Per query: path, identity, AP and the paths and identities of its first gallery photos (`top`: gallery rows,
     the left-out ones already out in loo; '' past the end of a short ranking), for figures and the per-query table."""
     def of(column):

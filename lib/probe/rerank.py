@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from lib.retrieval.exclusion import Exclusion, leave_one_out
+from lib.retrieval.exclusion import Exclusion, check_sizes, fewest_left_out
 from lib.retrieval.faiss_index import unit_rows
 
 # squared L2 of float32 unit vectors (2 - 2cos) can come out a hair below zero; anything lower than this
@@ -141,35 +141,29 @@ def _jaccard_distances(v: np.ndarray, query_rows: np.ndarray, gallery_rows: np.n
     return jaccard
 
 
-def query_expansion(query_emb, gallery_emb, n: int = 3, alpha: float = 3.0, exclude_self: bool = False,
+def query_expansion(query_emb, gallery_emb, n: int = 3, alpha: float = 3.0,
                     exclude: Exclusion | None = None) -> np.ndarray:
     """alpha-weighted query expansion (alpha-QE, Radenovic et al. 2018).
 
     Each query becomes the L2-normalised sum of itself (weight 1) and its n most similar gallery vectors, each
-    weighted by max(cos, 0) ** alpha; n=0 returns the normalised queries. exclude_self: queries are the gallery
-    (same rows, same order) and a vector never expands itself; `exclude` (lib.retrieval.exclusion, one key per
-    query: e.g. a chunk of a leave-one-out probe, or its group rule) keeps the rows it leaves out of each query's
-    expansion. Ties between gallery rows go to the lower row. Returns (n_q, d) float32 unit rows.
+    weighted by max(cos, 0) ** alpha; n=0 returns the normalised queries. `exclude` (lib.retrieval.exclusion, one
+    key per query and per gallery row: e.g. leave-one-out's, where a vector never expands itself, or a chunk of a
+    probe's group rule) keeps the rows it leaves out of each query's expansion. Ties between gallery rows go to the
+    lower row. Returns (n_q, d) float32 unit rows.
     """
     q = unit_rows(query_emb, "query_emb")
     g = unit_rows(gallery_emb, "gallery_emb")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query_emb has dimension {q.shape[1]} but gallery_emb has {g.shape[1]}")
-    if exclude_self and q.shape != g.shape:
-        raise ValueError(f"exclude_self needs the queries to be the gallery, got shapes {q.shape} and {g.shape}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    if exclude_self:
-        exclude = leave_one_out(len(q))
-    if exclude is not None and (len(exclude.query_keys), len(exclude.gallery_keys)) != (len(q), len(g)):
-        raise ValueError(f"exclude needs one key per query ({len(q)}) and per gallery row ({len(g)}), got "
-                         f"{len(exclude.query_keys)} and {len(exclude.gallery_keys)}")
+    check_sizes(exclude, len(q), len(g))
     sims = q @ g.T
     if exclude is not None:
         exclude.fill(sims)
-    n = min(n, g.shape[0] - (0 if exclude is None else int(exclude.counts().min())))
+    n = min(n, g.shape[0] - fewest_left_out(exclude))
     top = np.argsort(-sims, axis=1, kind="stable")[:, :n]
     top_sims = np.take_along_axis(sims, top, axis=1)
     # a left-out row (-inf) that a query in a large group still reaches weighs 0, whatever alpha (0 ** 0 is 1)

@@ -58,7 +58,7 @@ def exact_top(s: ProbeSet, q_unit, g_unit, k: int, queries: np.ndarray) -> np.nd
     top = np.empty((len(queries), k), dtype=np.int64)
     for rows in query_chunks(len(queries), len(g_unit)):
         q = queries[rows]
-        top[rows] = order(cosine(q_unit[q], g_unit, s.excluding(q)))[:, :k]
+        top[rows] = order(cosine(q_unit[q], g_unit, s.exclusion_for(q)))[:, :k]
     return top
 
 
@@ -71,7 +71,7 @@ def approximate_top(s: ProbeSet, q_unit, g_unit, k: int, cfg: ProbeConfig) -> np
         return None
     index, info = build_search_index(g_unit, spec, device=cfg.device)
     _, top = knn(index, q_unit, k, s.exclude)
-    info["recall_vs_exact"] = approximation_recall(index, g_unit, q_unit, k, spec.recall_sample, exclude_self=s.loo)
+    info["recall_vs_exact"] = approximation_recall(index, g_unit, q_unit, k, spec.recall_sample, exclude=s.exclude)
     print(f"shortlist {describe(info)}")
     return top
 

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from lib.retrieval.decide import DEFAULT_K
-from lib.retrieval.exclusion import leave_one_out
+from lib.retrieval.exclusion import Exclusion, check_sizes, fewest_left_out, for_queries
 from lib.retrieval.faiss_index import (
     build_index,
     clip_k,
@@ -269,20 +269,22 @@ def build_search_index(embeddings, spec: IndexSpec = IndexSpec(), device="auto")
 
 
 def approximation_recall(index: faiss.Index, gallery_emb, queries, k: int, sample: int = RECALL_SAMPLE,
-                         seed: int = 0, exclude_self: bool = False) -> dict:
+                         seed: int = 0, exclude: Exclusion | None = None) -> dict:
     """What `index` costs against exact search: over `sample` queries (sample_rows), the share of each query's exact
     k nearest gallery rows that `index` also returns among its k, averaged ('recall'; 1.0 = no loss).
 
-    gallery_emb: the vectors the index holds, in its row order. exclude_self: leave-one-out as in search() (the
-    queries are the gallery, and each query's own row is left out of both rankings).
+    gallery_emb: the vectors the index holds, in its row order. exclude (lib.retrieval.exclusion, one key per query):
+    the rows each query may not find (leave-one-out's own row, or its group), left out of both rankings as search()
+    leaves them out.
     Returns {'recall', 'k', 'queries_sampled'}.
     """
     rows = sample_rows(len(queries), sample, seed)
     q = unit_queries(index, np.asarray(queries)[rows])
-    k = clip_k(k, index.ntotal - exclude_self)
-    exclude = leave_one_out(index.ntotal).of(rows) if exclude_self else None
-    _, approx = knn(index, q, k, exclude)
-    _, exact = knn(build_index(gallery_emb, "cpu"), q, k, exclude)
+    check_sizes(exclude, len(queries), index.ntotal)
+    k = clip_k(k, index.ntotal - fewest_left_out(exclude))
+    sampled = for_queries(exclude, rows)
+    _, approx = knn(index, q, k, sampled)
+    _, exact = knn(build_index(gallery_emb, "cpu"), q, k, sampled)
     return {"recall": overlap(exact, approx, index.ntotal), "k": k, "queries_sampled": len(rows)}
 
 

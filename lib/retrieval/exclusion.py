@@ -8,7 +8,8 @@ gallery holds earlier encounters only, so the group rule measures what the user 
 query find its burst siblings first.
 
 Every ranking that leaves rows out (Faiss search, the probe's dense scores, query expansion, k-reciprocal
-re-ranking, the pairs table, the ranking metrics) asks one Exclusion which rows those are.
+re-ranking, the pairs table, the ranking metrics, an approximate index's recall) takes one `exclude: Exclusion | None`
+and asks it which rows those are; lib.retrieval.retrieval_split builds it once per split.
 """
 from __future__ import annotations
 
@@ -45,14 +46,17 @@ class Exclusion:
     """Gallery row j is left out of query i's ranking when gallery_keys[j] == query_keys[i].
 
     Keys are integer codes: the query's own gallery row under the photo rule, its group's code under the group rule.
-    of(rows) gives the same rule for a chunk of the queries.
+    for_queries(rows) gives the same rule for a chunk of the queries (and a part of the gallery).
     """
     query_keys: np.ndarray
     gallery_keys: np.ndarray
     rule: str
 
-    def of(self, rows) -> Exclusion:
-        return Exclusion(self.query_keys[rows], self.gallery_keys, self.rule)
+    def for_queries(self, rows, gallery_rows=None) -> Exclusion:
+        """The rule for the queries `rows` (in that order) against the whole gallery, or against the gallery rows
+        `gallery_rows` alone (a context's photos, searched on their own)."""
+        gallery_keys = self.gallery_keys if gallery_rows is None else self.gallery_keys[gallery_rows]
+        return Exclusion(self.query_keys[rows], gallery_keys, self.rule)
 
     def counts(self) -> np.ndarray:
         """Gallery rows left out of each query's ranking."""
@@ -119,9 +123,24 @@ def same_group(query_groups, gallery_groups) -> Exclusion:
     return Exclusion(codes[:len(query_groups)], codes[len(query_groups):], "group")
 
 
-def loo_exclusion(exclude_self: bool, n: int, groups=None) -> Exclusion | None:
-    """leave_one_out(n, groups) under leave-one-out (exclude_self), None otherwise; groups without exclude_self is an
-    error (a group rule for a gallery of other photos is same_group)."""
-    if groups is not None and not exclude_self:
-        raise ValueError("groups name the leave-one-out group rule: they need exclude_self=True")
-    return leave_one_out(n, groups) if exclude_self else None
+def check_sizes(exclude: Exclusion | None, n_queries: int, n_gallery: int) -> None:
+    """ValueError unless the rule (where there is one) holds one key per query and one per gallery row of a search."""
+    if exclude is not None and (len(exclude.query_keys), len(exclude.gallery_keys)) != (n_queries, n_gallery):
+        raise ValueError(f"the exclusion holds keys for {len(exclude.query_keys)} queries and "
+                         f"{len(exclude.gallery_keys)} gallery rows, the search has {n_queries} and {n_gallery}")
+
+
+def most_left_out(exclude: Exclusion | None) -> int:
+    """The most gallery rows any query leaves out (0 without a rule): how far past k a search must look."""
+    return 0 if exclude is None or not len(exclude.query_keys) else int(exclude.counts().max())
+
+
+def fewest_left_out(exclude: Exclusion | None) -> int:
+    """The fewest gallery rows any query leaves out (0 without a rule): the gallery minus them is the most any query
+    can retrieve."""
+    return 0 if exclude is None or not len(exclude.query_keys) else int(exclude.counts().min())
+
+
+def for_queries(exclude: Exclusion | None, rows, gallery_rows=None) -> Exclusion | None:
+    """Exclusion.for_queries, None without a rule."""
+    return None if exclude is None else exclude.for_queries(rows, gallery_rows)

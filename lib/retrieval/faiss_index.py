@@ -20,7 +20,8 @@ import pandas as pd
 from lib.core.errors import DataError
 from lib.core.state_io import (atomic_file, manifest_problem, read_bytes_hashed, read_manifest, write_csv,
                                 write_manifest)
-from lib.retrieval.exclusion import NO_NEIGHBOUR, Exclusion, loo_exclusion
+from lib.retrieval.exclusion import (NO_NEIGHBOUR, Exclusion, check_sizes, fewest_left_out, for_queries,
+                                     most_left_out)
 
 SEARCH_BATCH = 4096  # queries per faiss call in search(): bounds its (batch, k) result buffers
 
@@ -132,8 +133,7 @@ def knn(index: faiss.Index, q: np.ndarray, k: int, exclude: Exclusion | None = N
     """index.search of unit query rows, and with `exclude` (lib.retrieval.exclusion, one key per query row) the gallery
     rows it leaves out of each query's results removed. A row with fewer than k results left (an approximate index
     found fewer, or a group holds most of the gallery) ends in NO_NEIGHBOUR at distance inf."""
-    extra = 0 if exclude is None else int(exclude.counts().max())
-    distances, indices = index.search(q, min(k + extra, index.ntotal))
+    distances, indices = index.search(q, min(k + most_left_out(exclude), index.ntotal))
     # faiss pads with -1 at the float32 maximum; inf is the padding search_within and the votes already know
     distances[indices == NO_NEIGHBOUR] = np.inf
     if exclude is None:
@@ -143,67 +143,60 @@ def knn(index: faiss.Index, q: np.ndarray, k: int, exclude: Exclusion | None = N
     return distances, indices
 
 
-def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, exclude_self: bool = False,
-           groups=None):
+def search(index: faiss.Index, queries, k: int, batch_size: int = SEARCH_BATCH, exclude: Exclusion | None = None):
     """(distances, indices), each (n_q, k), nearest first: squared L2 (= 2 − 2·cos) as float32, index rows as int64.
 
     Queries are L2-normalised as build_index's vectors are. k is clipped to the number of vectors a query
     can retrieve. Queries go to faiss `batch_size` at a time to bound memory.
-    exclude_self: leave-one-out; `queries` are the indexed vectors in index order, and each query's own
-    row is removed from its results; with `groups` (one per indexed vector) the other rows of its group too
-    (lib.retrieval.exclusion), so a query in a large group may get fewer than k (the row ends in padding).
+    exclude (lib.retrieval.exclusion; one key per query and per indexed vector): the rows each query may not find,
+    e.g. leave-one-out's own row, or its whole group, so a query in a large group may get fewer than k (the row ends
+    in padding).
     """
     q = unit_queries(index, queries)
-    if exclude_self and len(q) != index.ntotal:
-        raise ValueError(f"exclude_self needs one query per indexed vector ({index.ntotal}), got {len(q)}")
-    exclude = loo_exclusion(exclude_self, index.ntotal, groups)
-    k = clip_k(k, index.ntotal - (0 if exclude is None else int(exclude.counts().min())))
+    check_sizes(exclude, len(q), index.ntotal)
+    k = clip_k(k, index.ntotal - fewest_left_out(exclude))
     distances = np.empty((len(q), k), dtype=np.float32)
     indices = np.empty((len(q), k), dtype=np.int64)
     for start in range(0, len(q), batch_size):
         rows = np.arange(start, min(start + batch_size, len(q)))
-        distances[rows], indices[rows] = knn(index, q[rows], k, None if exclude is None else exclude.of(rows))
+        distances[rows], indices[rows] = knn(index, q[rows], k, for_queries(exclude, rows))
     return distances, indices
 
 
-def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, exclude_self: bool = False,
-                  device="auto", groups=None):
+def search_within(gallery_emb, gallery_keys, query_emb, query_keys, k: int, exclude: Exclusion | None = None,
+                  device="auto"):
     """search() where each query retrieves only gallery rows with its key (e.g. a street tree is looked for among the
     trees at its address; a photo among the individuals of its camera site).
 
     Returns (distances, indices) like search(), indices into the whole gallery, k columns (clipped to what the
-    largest searched context holds). A query whose context holds fewer than k photos (minus itself with
-    exclude_self, which needs the queries to be the gallery in order, and minus its group with `groups`, as in
-    search()) gets them all, and the rest of its row is padding: index NO_NEIGHBOUR, distance inf. A query whose
-    context has nothing to retrieve is an error naming it.
+    largest searched context holds). A query whose context holds fewer than k photos (minus the rows `exclude` leaves
+    out of its ranking, as in search()) gets them all, and the rest of its row is padding: index NO_NEIGHBOUR,
+    distance inf. A query whose context has nothing to retrieve is an error naming it.
     """
     g_keys, q_keys = np.asarray(gallery_keys).astype(str), np.asarray(query_keys).astype(str)
     if len(g_keys) != len(gallery_emb) or len(q_keys) != len(query_emb):
         raise ValueError(f"{len(gallery_emb)} gallery embeddings for {len(g_keys)} keys, {len(query_emb)} query "
                          f"embeddings for {len(q_keys)} keys")
-    if exclude_self and not np.array_equal(g_keys, q_keys):
-        raise ValueError("exclude_self needs the queries to be the gallery (same rows, same keys, same order)")
+    check_sizes(exclude, len(q_keys), len(g_keys))
     contexts, n_queries = np.unique(q_keys, return_counts=True)
+    asking = {c: np.flatnonzero(q_keys == c) for c in contexts}
     members = {c: np.flatnonzero(g_keys == c) for c in contexts}
-    available = {}
-    for c, rows in members.items():
-        exclude = loo_exclusion(exclude_self, len(rows), None if groups is None else np.asarray(groups)[rows])
-        available[c] = len(rows) - (0 if exclude is None else int(exclude.counts().min()))
+    available = {c: len(members[c]) - fewest_left_out(for_queries(exclude, asking[c], members[c])) for c in contexts}
     empty = [f"{str(c)!r} ({n} queries)" for c, n in zip(contexts, n_queries) if available[c] < 1]
     if empty:
         raise DataError(f"no gallery photo to search in context {', '.join(empty[:5])}"
                         + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-                        + (" outside the queries' own group" if groups is not None else "")
+                        + (" outside the queries' own group" if exclude is not None and exclude.rule == "group" else "")
                         + ": give these photos a context the gallery has, or search without the restriction")
     k = clip_k(k, max(available.values()))
     distances = np.full((len(q_keys), k), np.inf, dtype=np.float32)
     indices = np.full((len(q_keys), k), NO_NEIGHBOUR, dtype=np.int64)
     for c in contexts:
-        rows = np.flatnonzero(q_keys == c)
+        rows = asking[c]
         index = build_index(np.asarray(gallery_emb)[members[c]], device)
         k_c = min(k, available[c])
-        distances[rows, :k_c], local = search(index, np.asarray(query_emb)[rows], k_c, exclude_self=exclude_self,
-                                              groups=None if groups is None else np.asarray(groups)[members[c]])
+        distances[rows, :k_c], local = search(index, np.asarray(query_emb)[rows], k_c,
+                                              exclude=for_queries(exclude, rows, members[c]))
         indices[rows, :k_c] = np.where(local == NO_NEIGHBOUR, NO_NEIGHBOUR, members[c][local])
     return distances, indices
 

@@ -94,7 +94,7 @@ def tuning_sample(x: np.ndarray, k: int, size: int, seed: int, avoid: np.ndarray
     pool = np.setdiff1d(np.arange(n), np.arange(0) if avoid is None else avoid)
     rows = pool[sample_rows(len(pool), size, seed)] if len(pool) >= min(size, n) else sample_rows(n, size, seed)
     k = clip_k(k, n - 1)
-    exclude = leave_one_out(n).of(rows)
+    exclude = leave_one_out(n).for_queries(rows)
 
     def exact(q):
         return faiss.knn(q, x, min(k + 1, n))

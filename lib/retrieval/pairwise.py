@@ -4,32 +4,30 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lib.retrieval.exclusion import loo_exclusion
+from lib.retrieval.exclusion import Exclusion, check_sizes, fewest_left_out
 from lib.retrieval.faiss_index import unit_rows
 from lib.retrieval.ranking import query_chunks
 
 
-def pairwise_scores(query_emb, query_ids, gallery_emb, gallery_ids, exclude_self: bool = False,
-                    top: int | None = None, groups=None) -> pd.DataFrame:
+def pairwise_scores(query_emb, query_ids, gallery_emb, gallery_ids, exclude: Exclusion | None = None,
+                    top: int | None = None) -> pd.DataFrame:
     """One row per (query, gallery) pair with the cosine similarity of their embeddings, each query's pairs
-    highest first; `top` keeps each query's best `top`. exclude_self: queries are the gallery (same rows, same
-    order) and a photo is not paired with itself, nor, with `groups` (one per row), with the photos of its group
-    (lib.retrieval.exclusion)."""
+    highest first; `top` keeps each query's best `top`. exclude (lib.retrieval.exclusion; a RetrievalSplit's): the
+    pairs it leaves out are not listed, e.g. under leave-one-out a photo with itself, or with the photos of its
+    group."""
     q, g = unit_rows(query_emb, "query embeddings"), unit_rows(gallery_emb, "gallery embeddings")
     if len(q) != len(query_ids) or len(g) != len(gallery_ids):
         raise ValueError(f"{len(q)} query embeddings for {len(query_ids)} ids, {len(g)} gallery embeddings for "
                          f"{len(gallery_ids)} ids")
-    if exclude_self and len(q) != len(g):
-        raise ValueError("exclude_self needs the queries to be the gallery")
-    exclude = loo_exclusion(exclude_self, len(g), groups)
-    most = len(g) - (0 if exclude is None else int(exclude.counts().min()))
+    check_sizes(exclude, len(q), len(g))
+    most = len(g) - fewest_left_out(exclude)
     keep = most if top is None else min(top, most)
     parts = []
     # a chunk of queries at a time, so a large gallery never needs its whole (queries x gallery) score matrix
     for rows in query_chunks(len(q), len(g)):
         scores = q[rows] @ g.T
         if exclude is not None:
-            exclude.of(rows).fill(scores)
+            exclude.for_queries(rows).fill(scores)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
         best = np.take_along_axis(scores, order, axis=1)
         paired = np.isfinite(best)  # a query in a large group has fewer pairs than `keep`

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from lib.core.device import DeviceSettings, apply_settings
 from lib.core.errors import DataError
-from lib.retrieval.ranking import resolve_val_protocol
 from lib.train.checkpoint import fp32_state_dict, resume_checkpoint, save_checkpoint, seed_everything
 from lib.train.config import TrainConfig, settings_diff
 from lib.train.distributed import World, seed_epoch
@@ -29,7 +28,7 @@ from lib.train.losses import CombinedLoss, MarginSchedule, class_context_matrix,
 from lib.train.mining import mined_context_weights
 from lib.train.state import TrainState, build_optimizer, group_lr
 from lib.train.tracking import MetricsLog
-from lib.train.validation import Validation
+from lib.train.validation import Validation, validation_for
 
 __all__ = ["TrainingDiverged", "build_optimizer", "fit", "resolve_backbone_bn", "trainable_stages"]
 BACKBONE_BN = ("auto", "frozen", "train")
@@ -98,9 +97,8 @@ def fit(run_dir: str | os.PathLike, model, criterion: CombinedLoss, schedule: Ma
                 *_contexts(cfg, train_set, query_set, batch_sampler), world, progress and world.main)
     start_epoch = _resume(state, run_dir, config, defaults, batch_sampler, world, say, fresh)
     log.start(config, run_dir.name, state.run_id)
-    protocol = resolve_val_protocol(cfg.val_protocol, gallery_set.targets.numpy(), query_set.targets.numpy())
-    say(f"validation: {'val leave-one-out' if protocol == 'loo' else 'train gallery, val queries'}")
-    validation = Validation(gallery_set, query_set, settings, cfg.eval_batch_size, protocol)
+    validation = validation_for(gallery_set, query_set, settings, cfg.eval_batch_size, cfg.val_protocol)
+    say(f"validation: {validation.split.describe()}")
     if cfg.head_epochs > 0 and start_epoch <= cfg.head_epochs:
         model.eval()  # the features are the frozen backbone's in eval mode, as validation sees them
         # rank 0 computes and caches them; the other ranks then read its cache
