@@ -27,7 +27,7 @@ from lib.data.transforms import build_transforms
 from lib.probe.local_match import (MATCHER, RANSAC_ITERS, SiftConfig, in_threads, pair_inliers, shortlist_pairs,
                                    sift_features)
 from lib.probe.photo_features import PHOTO_FEATURES, SETTINGS, photo_features
-from lib.probe.probe_set import ProbeSet
+from lib.retrieval.retrieval_split import RetrievalSplit
 from lib.retrieval.embed import (EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint,
                                  state_sha256)
 from lib.retrieval.faiss_index import unit_rows
@@ -268,7 +268,7 @@ class ProbeFeatures:
         self.cached.append(cached)
         return vectors, ms
 
-    def vectors(self, backbone, s: ProbeSet):
+    def vectors(self, backbone, s: RetrievalSplit):
         """(query vectors, gallery vectors) of a probe set."""
         q, _ = self.embed(backbone, s.queries)
         return q, q if s.loo else self.embed(backbone, s.gallery)[0]

@@ -24,7 +24,7 @@ from lib.probe.features import ProbeFeatures, inlier_table
 from lib.probe.local_match import SiftConfig
 from lib.probe.pair_features import SIFT_GROUPS, pair_features
 from lib.probe.photo_features import PHOTO_FEATURES
-from lib.probe.probe_set import ProbeSet
+from lib.retrieval.retrieval_split import RetrievalSplit
 from lib.probe.rerank import query_expansion, rerank_shortlist
 from lib.probe.scores import approximate_top, cosine, exact_top, fusion_scores, hybrid_scores, kreciprocal_scores, order
 from lib.retrieval.ranking import RankingTally, query_chunks
@@ -71,7 +71,7 @@ class ProbeMethod:
     while_loaded: Callable | None = None
 
 
-def rank_method(s: ProbeSet, cfg: ProbeConfig, n_gallery: int, method: MethodRun):
+def rank_method(s: RetrievalSplit, cfg: ProbeConfig, n_gallery: int, method: MethodRun):
     """(metrics with 'ap' and 'top', feature ms per image, method ms per query, importance or None) of one method."""
     t0 = time.perf_counter()
     prepared = method.prepare()
@@ -86,7 +86,7 @@ def rank_method(s: ProbeSet, cfg: ProbeConfig, n_gallery: int, method: MethodRun
     return tally.metrics(), method.feature_ms, 1000 * seconds / len(s.queries), method.importance(prepared)
 
 
-def _kreciprocal_fits(s: ProbeSet) -> bool:
+def _kreciprocal_fits(s: RetrievalSplit) -> bool:
     n_items = len(s.gallery) if s.loo else len(s.queries) + len(s.gallery)
     if n_items**2 <= MAX_PAIRS:
         return True
@@ -100,8 +100,8 @@ class _Backbone:
     """What every method of one backbone on one probe set starts from: unit query and gallery vectors, the queries'
     embedding ms per image, and (shortlist methods) the shared shortlist work, made on first use."""
     backbone: object
-    s: ProbeSet
-    calibration_set: ProbeSet | None
+    s: RetrievalSplit
+    calibration_set: RetrievalSplit | None
     feats: ProbeFeatures
     cfg: ProbeConfig
     q: np.ndarray
@@ -129,7 +129,7 @@ class _Backbone:
         return MethodRun(feature_ms, order_of, prepare, shared_s, importance or (lambda prepared: None))
 
 
-def _shortlist(s: ProbeSet, q_unit, g_unit, cfg: ProbeConfig):
+def _shortlist(s: RetrievalSplit, q_unit, g_unit, cfg: ProbeConfig):
     """(shortlist gallery rows, their cosines, same-identity flags), each (n_q, K), of a probe set."""
     # every shortlist entry a photo the query may find: the most any query leaves out comes off k
     k = min(cfg.shortlist_k, len(g_unit) - (0 if s.exclude is None else int(s.exclude.counts().max())))
@@ -199,18 +199,18 @@ def _shortlist_work(b: _Backbone) -> _ShortlistWork:
     return _ShortlistWork(_Shortlists(top, cos, same, inliers), calibration, shortlist_s, inliers_s, sift_ms, photo_ms)
 
 
-def _inliers(s: ProbeSet, top: np.ndarray, feats: ProbeFeatures, cfg: ProbeConfig) -> np.ndarray:
+def _inliers(s: RetrievalSplit, top: np.ndarray, feats: ProbeFeatures, cfg: ProbeConfig) -> np.ndarray:
     return inlier_table(feats.sift(s.queries)[0], feats.sift(s.gallery, top)[0], top, SiftConfig(**cfg.sift),
                         feats.cache_dir)[0]
 
 
-def _calibration_shortlists(backbone, calibration_set: ProbeSet, feats: ProbeFeatures, cfg: ProbeConfig,
+def _calibration_shortlists(backbone, calibration_set: RetrievalSplit, feats: ProbeFeatures, cfg: ProbeConfig,
                             with_inliers: bool) -> _Shortlists:
     top, cos, same = _shortlist(calibration_set, *feats.vectors(backbone, calibration_set), cfg)
     return _Shortlists(top, cos, same, _inliers(calibration_set, top, feats, cfg) if with_inliers else None)
 
 
-def _hybrid_features(s: ProbeSet, short: _Shortlists, feats: ProbeFeatures, cfg: ProbeConfig) -> dict:
+def _hybrid_features(s: RetrievalSplit, short: _Shortlists, feats: ProbeFeatures, cfg: ProbeConfig) -> dict:
     """The hybrid's pair features ({name: (n_q, K)}) of a probe set's shortlist."""
     groups = set(cfg.hybrid_features)
     photos = (feats.photos(s.queries)[0], feats.photos(s.gallery)[0]) if groups & set(PHOTO_FEATURES) else (None,) * 2
@@ -220,12 +220,12 @@ def _hybrid_features(s: ProbeSet, short: _Shortlists, feats: ProbeFeatures, cfg:
     return pair_features(short.top, short.cos, cfg.hybrid_features, *photos, *keypoints, short.inliers)
 
 
-def _fused(s: ProbeSet, short: _Shortlists, calibration: _Shortlists | None, cfg: ProbeConfig) -> np.ndarray:
+def _fused(s: RetrievalSplit, short: _Shortlists, calibration: _Shortlists | None, cfg: ProbeConfig) -> np.ndarray:
     c = None if calibration is None else (calibration.cos, calibration.inliers, calibration.same)
     return fusion_scores(s, short.cos, short.inliers, short.same, c, cfg)
 
 
-def _boosted(s: ProbeSet, short: _Shortlists, calibration_set: ProbeSet | None, calibration: _Shortlists | None,
+def _boosted(s: RetrievalSplit, short: _Shortlists, calibration_set: RetrievalSplit | None, calibration: _Shortlists | None,
              feats: ProbeFeatures, cfg: ProbeConfig) -> tuple[np.ndarray, dict]:
     c = None if calibration is None else (_hybrid_features(calibration_set, calibration, feats, cfg), calibration.same)
     return hybrid_scores(s, _hybrid_features(s, short, feats, cfg), short.same, c, cfg)
@@ -287,11 +287,11 @@ def ensemble_members(cfg: ProbeConfig) -> list[str]:
     return members
 
 
-def _member_cosines(vectors: list, s: ProbeSet, rows: np.ndarray) -> list[np.ndarray]:
+def _member_cosines(vectors: list, s: RetrievalSplit, rows: np.ndarray) -> list[np.ndarray]:
     return [cosine(q[rows], g, s.exclusion_for(rows)) for q, g in vectors]
 
 
-def _ensemble_weights(vectors: list, s: ProbeSet, query_rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
+def _ensemble_weights(vectors: list, s: RetrievalSplit, query_rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
     """The members' logistic-regression weights, fitted on pairs of the queries `query_rows` (indices) of s."""
     g_labels, q_labels = s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy()
     pairs = [training_pairs(_member_cosines(vectors, s, rows), q_labels[rows, None] == g_labels[None], rows)
@@ -303,8 +303,8 @@ def _ensemble_weights(vectors: list, s: ProbeSet, query_rows: np.ndarray, cfg: P
 class _Backbones:
     """What a method across backbones starts from: the backbones it combines, whose own probes embedded the photos."""
     members: list[str]
-    s: ProbeSet
-    calibration_set: ProbeSet | None
+    s: RetrievalSplit
+    calibration_set: RetrievalSplit | None
     feats: ProbeFeatures
     cfg: ProbeConfig
 
@@ -313,7 +313,7 @@ def _ensemble(b: _Backbones) -> MethodRun:
     """The members' global cosines combined (rank, score, or logistic weights: {member: weight} its importance)."""
     members, s, calibration_set, feats, cfg = b.members, b.s, b.calibration_set, b.feats, b.cfg
 
-    def set_vectors(p: ProbeSet):
+    def set_vectors(p: RetrievalSplit):
         return [(feats.embedded(m, p.queries)[0], feats.embedded(m, p.gallery)[0]) for m in members]
 
     vectors = set_vectors(s)
@@ -339,7 +339,7 @@ def _ensemble(b: _Backbones) -> MethodRun:
     return MethodRun(feature_ms, order_of, prepare, importance=lambda p: p[1])
 
 
-def _ensemble_while_loaded(backbone, calibration_set: ProbeSet | None, feats: ProbeFeatures, cfg: ProbeConfig):
+def _ensemble_while_loaded(backbone, calibration_set: RetrievalSplit | None, feats: ProbeFeatures, cfg: ProbeConfig):
     """A member's vectors of the calibration split, while it is loaded: the ensemble's logistic weights need them."""
     if backbone.name in _member_names(cfg) and calibration_set is not None and cfg.ensemble_combine == "logistic":
         feats.vectors(backbone, calibration_set)
@@ -360,7 +360,7 @@ def _chosen(cfg: ProbeConfig, ranks: str) -> list[ProbeMethod]:
     return [m for m in PROBE_METHODS.values() if m.name in cfg.methods and m.ranks == ranks]
 
 
-def probe_backbone(backbone, s: ProbeSet, calibration_set: ProbeSet | None, feats: ProbeFeatures,
+def probe_backbone(backbone, s: RetrievalSplit, calibration_set: RetrievalSplit | None, feats: ProbeFeatures,
                    cfg: ProbeConfig) -> dict:
     """{method: (metrics with 'ap' and 'top', feature ms per image, method ms per query, importance or None)} for one
     backbone; calibration_set: the split whose pairs fit the learned methods, None to cross-fit on s."""
@@ -378,7 +378,7 @@ def probe_backbone(backbone, s: ProbeSet, calibration_set: ProbeSet | None, feat
     return out
 
 
-def probe_backbones(s: ProbeSet, calibration_set: ProbeSet | None, feats: ProbeFeatures, cfg: ProbeConfig) -> dict:
+def probe_backbones(s: RetrievalSplit, calibration_set: RetrievalSplit | None, feats: ProbeFeatures, cfg: ProbeConfig) -> dict:
     """{method: (its members, (metrics, feature ms per image, method ms per query, importance or None))} of the
     methods that combine backbones (the ensemble), after every backbone's own probe embedded its photos."""
     members = ensemble_members(cfg)

@@ -11,11 +11,8 @@ from lib.core.errors import DataError
 from lib.retrieval.exclusion import NO_NEIGHBOUR
 from lib.retrieval.retrieval_split import RetrievalSplit, retrieval_split
 
-# the probe's name for the split it ranks (lib.retrieval.retrieval_split), read by the type hints of lib/probe
-ProbeSet = RetrievalSplit
 
-
-def probe_set(index: pd.DataFrame, split: str, identity_col: str, protocol: str, loo_rule: str = "auto") -> ProbeSet:
+def probe_set(index: pd.DataFrame, split: str, identity_col: str, protocol: str, loo_rule: str = "auto") -> RetrievalSplit:
     """The probed split of the split index: its `split` rows querying the train rows (or themselves, leave-one-out),
     identities in identity_col."""
     if identity_col not in index.columns:

@@ -11,7 +11,7 @@ import pandas as pd
 from lib.probe.crossfit import QueryModels, cross_fit, fitted_once
 from lib.probe.fusion import ScoreFusion
 from lib.probe.hybrid import HybridScorer
-from lib.probe.probe_set import ProbeSet
+from lib.retrieval.retrieval_split import RetrievalSplit
 from lib.probe.rerank import k_reciprocal_distances
 from lib.retrieval.ann_index import (
     IndexSpec,
@@ -41,7 +41,7 @@ def cosine(q_unit, g_unit, exclude: Exclusion | None = None) -> np.ndarray:
     return s if exclude is None else exclude.fill(s)
 
 
-def kreciprocal_scores(q, g, s: ProbeSet, cfg: ProbeConfig) -> np.ndarray:
+def kreciprocal_scores(q, g, s: RetrievalSplit, cfg: ProbeConfig) -> np.ndarray:
     """(n_q, n_g) scores (minus the final distance) of k-reciprocal re-ranking over all queries and gallery. Under
     leave-one-out the neighbourhoods are those of the whole split and the left-out rows leave only the final
     ranking, as Market-1501's evaluation leaves its junk images in the re-ranked gallery."""
@@ -53,7 +53,7 @@ def kreciprocal_scores(q, g, s: ProbeSet, cfg: ProbeConfig) -> np.ndarray:
     return scores if s.exclude is None else s.exclude.fill(scores)
 
 
-def exact_top(s: ProbeSet, q_unit, g_unit, k: int, queries: np.ndarray) -> np.ndarray:
+def exact_top(s: RetrievalSplit, q_unit, g_unit, k: int, queries: np.ndarray) -> np.ndarray:
     """(len(queries), k) gallery rows of the `queries` rows' k highest cosines, a chunk of queries at a time."""
     top = np.empty((len(queries), k), dtype=np.int64)
     for rows in query_chunks(len(queries), len(g_unit)):
@@ -62,7 +62,7 @@ def exact_top(s: ProbeSet, q_unit, g_unit, k: int, queries: np.ndarray) -> np.nd
     return top
 
 
-def approximate_top(s: ProbeSet, q_unit, g_unit, k: int, cfg: ProbeConfig) -> np.ndarray | None:
+def approximate_top(s: RetrievalSplit, q_unit, g_unit, k: int, cfg: ProbeConfig) -> np.ndarray | None:
     """The k nearest gallery rows of every query through cfg.index's approximate Faiss index (padded with -1 where it
     finds fewer), printing what it costs against exact search; None where cfg.index resolves to exact search."""
     spec = IndexSpec(index=cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
@@ -76,7 +76,7 @@ def approximate_top(s: ProbeSet, q_unit, g_unit, k: int, cfg: ProbeConfig) -> np
     return top
 
 
-def _fitted(s: ProbeSet, cfg: ProbeConfig, fit_here, fit_calibration=None) -> QueryModels:
+def _fitted(s: RetrievalSplit, cfg: ProbeConfig, fit_here, fit_calibration=None) -> QueryModels:
     """The model scoring each query: fit_calibration() (pairs of another split) when given, else cross-fitted by
     identity on this split, fit_here(rows) with rows a bool mask of the queries to fit on."""
     if fit_calibration is not None:
@@ -88,7 +88,7 @@ def _fit_fusion(cos, inliers, same) -> ScoreFusion:
     return ScoreFusion().fit({"global": cos.ravel(), "local": inliers.ravel()}, same.ravel())
 
 
-def fusion_scores(s: ProbeSet, cos, inliers, same, calibration, cfg: ProbeConfig) -> np.ndarray:
+def fusion_scores(s: RetrievalSplit, cos, inliers, same, calibration, cfg: ProbeConfig) -> np.ndarray:
     """Fused shortlist scores; calibration = (cos, inliers, same) of another split, or None to cross-fit on s."""
     models = _fitted(s, cfg, lambda rows: _fit_fusion(cos[rows], inliers[rows], same[rows]),
                      None if calibration is None else lambda: _fit_fusion(*calibration))
@@ -96,7 +96,7 @@ def fusion_scores(s: ProbeSet, cos, inliers, same, calibration, cfg: ProbeConfig
                         lambda fusion, rows: fusion.fuse({"global": cos[rows], "local": inliers[rows]}))
 
 
-def hybrid_scores(s: ProbeSet, features: dict, same, calibration, cfg: ProbeConfig) -> tuple[np.ndarray, dict]:
+def hybrid_scores(s: RetrievalSplit, features: dict, same, calibration, cfg: ProbeConfig) -> tuple[np.ndarray, dict]:
     """(P(same) of the shortlist pairs, each feature's gain share averaged over the fitted models); calibration =
     (features, same) of another split's shortlists, or None to cross-fit on s."""
     def rows_of(rows):
