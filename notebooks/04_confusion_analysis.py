@@ -48,7 +48,7 @@ work_from_repo_root()  # relative paths from the repository root, lib from its c
 
 from lib.core.notebook_params import renamed_parameters
 
-renamed_parameters(globals(), {"k_show": "shown", "k_candidates": "candidates"})  # the old names, for one release
+renamed_parameters(globals(), "04_confusion_analysis")  # the old names, for one release
 
 import pandas as pd
 from IPython.display import display

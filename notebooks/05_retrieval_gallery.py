@@ -50,7 +50,7 @@ work_from_repo_root()  # relative paths from the repository root, lib from its c
 
 from lib.core.notebook_params import renamed_parameters
 
-renamed_parameters(globals(), {"k": "shown"})  # the old name, for one release
+renamed_parameters(globals(), "05_retrieval_gallery")  # the old name, for one release
 
 from IPython.display import display
 

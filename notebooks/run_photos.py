@@ -27,6 +27,7 @@ from run_all import HEADLESS, KERNEL, notebooks  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib.core.errors import DataError  # noqa: E402
+from lib.core.notebook_params import RENAMED  # noqa: E402
 from lib.core.state_io import read_manifest, write_json  # noqa: E402
 
 STAGES = ("01_", "02_", "03_", "04_", "05_")
@@ -50,7 +51,8 @@ def pipeline_parameters(data: Path, name: str, root: Path) -> dict:
 
 
 def declared_parameters(notebook: Path, values: dict) -> dict:
-    declared = papermill.inspect_notebook(str(notebook))
+    """The values `notebook` takes: its parameters cell's names, and the old names it still accepts."""
+    declared = set(papermill.inspect_notebook(str(notebook))) | set(RENAMED.get(notebook.stem, {}))
     return {k: v for k, v in values.items() if k in declared}
 
 
