@@ -111,10 +111,11 @@ def engine_for(model: torch.nn.Module, choice: ForwardChoice, input_shape: tuple
 def extract_embeddings(model: torch.nn.Module, dataset: Dataset, settings: DeviceSettings, batch_size: int = EMBED_BATCH_SIZE,
                        progress: bool = False, desc: str = "embed", tta: bool = False) -> np.ndarray:
     """tta: flip TTA, the mean of an image's and its mirror image's embeddings, re-normalised to unit length.
-    `model` may be an OnnxForward (an export's model.onnx), which runs as it is, on the CPU, in the loader's batches."""
+    `model` may be a ready forward that is no nn.Module (an OnnxForward of an export's model.onnx), which runs as it
+    is, on the CPU, in the loader's batches."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=settings.num_workers,
                         pin_memory=settings.pin_memory)
-    exported = isinstance(model, OnnxForward)
+    exported = not isinstance(model, torch.nn.Module)
     was_training = not exported and model.training
     choice = net = None
     if exported:
