@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from lib.core.device import DeviceSettings, auto_settings
-from lib.core.errors import DataError
 from lib.data.images import probe_image
 from lib.evaluate.calibrate import check_enrolment, check_provenance
 from lib.evaluate.gallery_index import GalleryIndex, gallery_index, missing_files
