@@ -130,9 +130,27 @@ def _saved_gallery(run: TrainedRun, tta: bool, gallery: pd.DataFrame, folder, se
     why = stale_reason(run, tta, gallery, saved, metadata, info, spec)
     if why:
         return None, spec, why
+    return placed_gallery(saved, metadata, info, spec, settings), spec, ""
+
+
+def placed_gallery(saved: faiss.Index, metadata: pd.DataFrame, info: dict, spec: IndexSpec,
+                   settings: DeviceSettings) -> GalleryIndex:
+    """A loaded index (load_index's index, metadata and info) with spec's search parameters, placed for search."""
+    built = info.get("index", SAVED_FLAT)
     placed, how = searchable(saved, spec, faiss_device_for(settings.device), built)
     return GalleryIndex(placed, metadata, {**built, "spec": asdict(spec), **how,
-                                           "data_fingerprint": info.get("data_fingerprint")}), spec, ""
+                                           "data_fingerprint": info.get("data_fingerprint")})
+
+
+def index_settings(index: str | None = None, nprobe: int | None = None, ef_search: int | None = None,
+                   recall: float | None = None, k: int | None = None) -> dict:
+    """The IndexSpec fields a search asks for (None: the saved index's); a recall target re-tunes the search
+    parameters not given, for k neighbours."""
+    given = {key: v for key, v in (("index", index), ("nprobe", nprobe), ("ef_search", ef_search), ("recall", recall))
+             if v is not None}
+    if recall is not None:  # tuned, where not given: the saved ones were for another target
+        given = {"nprobe": None, "ef_search": None, **({"k": k} if k else {}), **given}
+    return given
 
 
 def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, progress: bool = False,
@@ -146,11 +164,13 @@ def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, 
     (IndexSpec's defaults when none is saved). A recall target re-tunes the saved index's search parameters for k
     neighbours (those given stay). Other search parameters than the saved ones need no rebuild; another index does.
     """
-    given = {key: v for key, v in (("index", index), ("nprobe", nprobe), ("ef_search", ef_search), ("recall", recall))
-             if v is not None}
-    if recall is not None:  # tuned, where not given: the saved ones were for another target
-        given = {"nprobe": None, "ef_search": None, **({"k": k} if k else {}), **given}
-    found = _train_gallery(run, settings, tta, progress, given)
+    found = _train_gallery(run, settings, tta, progress, index_settings(index, nprobe, ef_search, recall, k))
+    return with_enrolled(run, found, settings, tta)
+
+
+def with_enrolled(run, found: GalleryIndex, settings: DeviceSettings, tta: bool) -> GalleryIndex:
+    """The train gallery `found` with the run's enrolled photos added (lib.evaluate.enrolled); `run`: a TrainedRun,
+    or an export (lib.evaluate.exported), which carries its enrolment."""
     rows, emb = enrolled_gallery(run, settings, tta)
     found.info.update(n_enrolled=0, enrolment=enrolment_stamp([]))
     if not len(rows):

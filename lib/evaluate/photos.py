@@ -13,6 +13,7 @@ from lib.core.errors import DataError
 from lib.data.dataset import IndexDataset
 from lib.data.images import looks_like_image
 from lib.retrieval.embed import EMBED_BATCH_SIZE, extract_embeddings
+from lib.retrieval.onnx_engine import OnnxForward
 
 
 def list_photos(source: str | os.PathLike) -> list[str]:
@@ -51,6 +52,8 @@ def list_photos(source: str | os.PathLike) -> list[str]:
 def embed_photos(run, paths: list[str], settings: DeviceSettings, tta: bool = False,
                  batch_size: int = EMBED_BATCH_SIZE, progress: bool = False) -> np.ndarray:
     """(n, d) embeddings of readable photos (paths as given, not under the data root) with a lib.train.trained_run
-    run's model and eval transform, as evaluation embeds its split; not cached (new photos are seen once)."""
+    run's model and eval transform (or an export's: lib.evaluate.exported), as evaluation embeds its split; not
+    cached (new photos are seen once)."""
     dataset = IndexDataset(pd.DataFrame({"path": [str(p) for p in paths], "label": ""}), "", run.eval_tf, {})
-    return extract_embeddings(run.model.to(settings.device), dataset, settings, batch_size, progress, "photos", tta)
+    model = run.model if isinstance(run.model, OnnxForward) else run.model.to(settings.device)
+    return extract_embeddings(model, dataset, settings, batch_size, progress, "photos", tta)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,9 +16,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core.device import DeviceSettings, auto_settings
-from lib.core.errors import DataError
 from lib.data.images import probe_image
-from lib.data.splits import load_split_index
 from lib.evaluate.calibrate import check_enrolment, check_provenance
 from lib.evaluate.gallery_index import GalleryIndex, gallery_index, missing_files
 from lib.evaluate.photos import embed_photos, list_photos  # noqa: F401  (list_photos: imported from here too)
@@ -25,7 +24,8 @@ from lib.retrieval.ann_index import approximation_recall, describe
 from lib.retrieval.decide import DEFAULT_K, DEFAULT_WEIGHTING, Thresholds, decisions, load_thresholds
 from lib.retrieval.embed import EMBED_BATCH_SIZE
 from lib.retrieval.faiss_index import NO_NEIGHBOUR, fill_padding, search
-from lib.train.trained_run import TrainedRun, embed_rows, load_trained, rows_in_split, split_rows
+from lib.train.trained_run import (TrainedRun, embed_rows, load_trained, rows_in_split, split_rows,  # noqa: F401
+                                   trained_min_size)  # (trained_min_size: imported from here too)
 
 THRESHOLDS_FILE = Path("eval") / "val" / "thresholds.json"  # inside the run folder; written by notebook 03
 COLUMNS = ("path", "pred", "score", "margin", "top1_distance", "verdict", "error", "note", "neighbour_labels",
@@ -65,21 +65,6 @@ class PredictSettings:
             raise ValueError(f"small={self.small!r}; valid: {', '.join(SMALL)}")
 
 
-def trained_min_size(run) -> int | None:
-    """The smallest photo side the run trained on: notebook 01's min_size from the split report, or, for splits made
-    before it was recorded, the shorter side of the smallest training photo; None when the split files are gone."""
-    try:
-        index, splits = load_split_index(run.settings.data.splits_dir)
-    except DataError:
-        return None
-    if splits.report.get("min_size"):
-        return int(splits.report["min_size"])
-    train = index[index["split"] == "train"]
-    if train.empty or not {"width", "height"} <= set(train.columns):
-        return None
-    return int(np.minimum(train["width"], train["height"]).min())
-
-
 def run_thresholds(run_dir, cfg: PredictSettings) -> tuple[Thresholds | None, dict, PredictSettings]:
     """(thresholds notebook 03 saved or None, what they were chosen with, cfg with k and weighting resolved)."""
     chosen, thresholds = {}, None
@@ -90,12 +75,11 @@ def run_thresholds(run_dir, cfg: PredictSettings) -> tuple[Thresholds | None, di
     return thresholds, chosen, replace(cfg, k=k, weighting=weighting)
 
 
-def checked_photos(run: TrainedRun, photos: list[str], small: str) -> pd.DataFrame:
-    """The COLUMNS table with `error` for each unreadable (or, small='refuse', too small) photo, `note` for a small
-    one, and the prediction columns empty."""
+def checked_photos(floor: int | None, photos: list[str], small: str) -> pd.DataFrame:
+    """The COLUMNS table with `error` for each unreadable (or, small='refuse', too small: below `floor`, the run's
+    min_size) photo, `note` for a small one, and the prediction columns empty."""
     checks = [probe_image(p) for p in photos]
     out = pd.DataFrame({"path": photos, "error": [c.reason if not c.ok else "" for c in checks], "note": ""})
-    floor = trained_min_size(run)
     for i, c in enumerate(checks):
         if not c.ok or floor is None or min(c.width, c.height) >= floor:
             continue
@@ -142,6 +126,19 @@ def neighbour_lists(gallery: GalleryIndex, distances, neighbours) -> dict[str, l
             "neighbour_distances": as_lists(np.round(distances.astype(float), 6))}
 
 
+@dataclass
+class Predictor:
+    """What predicting needs of a trained model, whichever form it comes in: a run folder and its checkpoint
+    (predict_photos), or an export (lib.evaluate.exported)."""
+    folder: Path                # holds THRESHOLDS_FILE (and notebook 03's other choices)
+    model: object               # embed_photos' `run`: .model and .eval_tf
+    checkpoint_sha256: str
+    class_to_idx: dict
+    min_size: int | None        # checked_photos' floor
+    gallery: Callable[[DeviceSettings, PredictSettings], GalleryIndex]
+    index_report: Callable[[GalleryIndex, np.ndarray, DeviceSettings, PredictSettings], dict]
+
+
 def predict_photos(run_dir: str | os.PathLike, photos: list[str], settings: PredictSettings | None = None,
                    **overrides) -> pd.DataFrame:
     """One row per photo (COLUMNS; neighbour lists as JSON arrays, nearest first). PredictSettings says how; keyword
@@ -150,33 +147,43 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], settings: Pred
     The verdict uses run_dir/eval/val/thresholds.json when notebook 03 wrote it, and only when it was chosen under
     this prediction's settings (lib.evaluate.calibrate.check_provenance: protocol, context rule, TTA, k, weighting,
     checkpoint hash, train gallery fingerprint; a mismatch is refused unless allow_mismatch; a gallery whose enrolled
-    photos changed since is warned about, or refused with strict_thresholds); without it the verdict is empty. An approximate index's recall@k against exact search on (a sample of) these photos is
-    printed and kept in the table's attrs['index'].
+    photos changed since is warned about, or refused with strict_thresholds); without it the verdict is empty. An
+    approximate index's recall@k against exact search on (a sample of) these photos is printed and kept in the
+    table's attrs['index'].
     """
-    thresholds, chosen, cfg = run_thresholds(run_dir, replace(settings or PredictSettings(), **overrides))
+    cfg = replace(settings or PredictSettings(), **overrides)
     run = load_trained(run_dir, cfg.checkpoint)
-    device = auto_settings(device=cfg.device)
-    out = checked_photos(run, photos, cfg.small)
+    predictor = Predictor(
+        Path(run_dir), run, run.checkpoint_sha256, run.config["class_to_idx"], trained_min_size(run),
+        lambda device, c: gallery_index(run, device, c.tta, c.progress, c.index, c.nprobe, c.ef_search, c.recall, c.k),
+        lambda gallery, emb, device, c: index_report(run, gallery, emb, device, c))
+    return predict_with(predictor, photos, cfg, auto_settings(device=cfg.device))
+
+
+def predict_with(predictor: Predictor, photos: list[str], settings: PredictSettings,
+                 device: DeviceSettings) -> pd.DataFrame:
+    """predict_photos' table from a Predictor."""
+    thresholds, chosen, cfg = run_thresholds(predictor.folder, settings)
+    out = checked_photos(predictor.min_size, photos, cfg.small)
     ok = out["error"] == ""
     if not ok.any():
         return out[list(COLUMNS)]
-    source = Path(run_dir) / THRESHOLDS_FILE
+    source = predictor.folder / THRESHOLDS_FILE
     if thresholds is not None:  # what can be checked before the gallery is loaded (or rebuilt)
         check_provenance(chosen, {"protocol": "gallery", "restrict_to_context": False, "tta": cfg.tta, "k": cfg.k,
-                                  "weighting": cfg.weighting, "checkpoint_sha256": run.checkpoint_sha256},
+                                  "weighting": cfg.weighting, "checkpoint_sha256": predictor.checkpoint_sha256},
                          source, cfg.allow_mismatch)
-    gallery = gallery_index(run, device, cfg.tta, cfg.progress, cfg.index, cfg.nprobe, cfg.ef_search, cfg.recall,
-                            cfg.k)
+    gallery = predictor.gallery(device, cfg)
     if thresholds is not None:
         check_provenance(chosen, {"gallery_fingerprint": gallery.info.get("data_fingerprint")}, source,
                          cfg.allow_mismatch)
         check_enrolment(chosen, gallery.info["enrolment"], source, cfg.strict_thresholds)
-    emb = embed_photos(run, out.loc[ok, "path"].tolist(), device, cfg.tta, cfg.batch_size, cfg.progress)
+    emb = embed_photos(predictor.model, out.loc[ok, "path"].tolist(), device, cfg.tta, cfg.batch_size, cfg.progress)
     distances, neighbours = search(gallery.index, emb, cfg.k)
-    out.attrs["index"] = index_report(run, gallery, emb, device, cfg)
+    out.attrs["index"] = predictor.index_report(gallery, emb, device, cfg)
     # the readable photos' embeddings (rows of error == "", in order) and their checkpoint: what --group-new clusters
-    out.attrs.update(embeddings=emb, checkpoint_sha256=run.checkpoint_sha256)
-    classes = sorted(set(run.config["class_to_idx"]) | set(gallery.metadata["label"]))
+    out.attrs.update(embeddings=emb, checkpoint_sha256=predictor.checkpoint_sha256)
+    classes = sorted(set(predictor.class_to_idx) | set(gallery.metadata["label"]))
     table, _ = decisions(distances, gallery.metadata["label"].to_numpy()[fill_padding(neighbours)], classes,
                          cfg.weighting, thresholds)
     if thresholds is None:

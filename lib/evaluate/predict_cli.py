@@ -12,6 +12,9 @@ new_cluster (one id per candidate individual, -1 for the others), new_cluster_si
 (lib.evaluate.new_groups);
 `photo-enroll RUN_DIR --from-predictions CSV --cluster N --label NAME` then enrols one of them.
 Run it from the repository root: the run's config names its data and split folders relative to it.
+`photo-predict --export EXPORT_DIR PHOTOS --out CSV` predicts from an export folder (python -m lib.train.export)
+instead: its model.onnx under ONNX Runtime, its gallery index (or --gallery RUN_DIR/index) and thresholds; no
+checkpoint, training photos or PyTorch model needed (lib.evaluate.exported).
 `photo-predict` is the console script that `pip install -e .` installs; `python -m lib.evaluate.predict_cli` is the same.
 """
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from lib.core.errors import DataError
 from lib.core.state_io import write_bytes
+from lib.evaluate.exported import predict_export
 from lib.evaluate.new_groups import add_new_groups
 from lib.evaluate.photos import list_photos
 from lib.evaluate.predict import PredictSettings, predict_photos
@@ -28,8 +32,12 @@ from lib.evaluate.predict import PredictSettings, predict_photos
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="photo-predict", description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    ap.add_argument("run_dir", type=Path, metavar="RUN_DIR", nargs="?", help="the run folder (not with --export)")
     ap.add_argument("photos", type=Path, metavar="PHOTOS", help="folder, list file or single photo")
+    ap.add_argument("--export", type=Path, default=None, metavar="EXPORT_DIR",
+                    help="predict from this export folder (python -m lib.train.export) instead of a run folder")
+    ap.add_argument("--gallery", type=Path, default=None, metavar="INDEX_DIR",
+                    help="with --export: a saved gallery index folder (a run's index/) instead of the export's")
     ap.add_argument("--out", type=Path, required=True, help="CSV to write")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ap.add_argument("--k", type=int, default=None, help="neighbours that vote (default: as the thresholds, else 20)")
@@ -59,6 +67,10 @@ def main(argv=None) -> int:
                     help="refuse thresholds calibrated on a gallery with other enrolled photos than it holds now "
                          "(default: apply them, with a warning)")
     args = ap.parse_args(argv)
+    if (args.run_dir is None) == (args.export is None):
+        ap.error("give RUN_DIR or --export EXPORT_DIR (one of them)")
+    if args.gallery is not None and args.export is None:
+        ap.error("--gallery goes with --export (a run folder finds its own index)")
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
@@ -66,13 +78,16 @@ def main(argv=None) -> int:
         photos = list_photos(args.photos)
         if not photos:
             raise DataError(f"{args.photos}: no photos found")
-        table = predict_photos(args.run_dir, photos, PredictSettings(
+        settings = PredictSettings(
             k=args.k, tta=args.tta, checkpoint=args.checkpoint, weighting=args.weighting, device=args.device,
             batch_size=args.batch_size, progress=True, small="refuse" if args.refuse_small else "note",
             index=args.index, nprobe=args.nprobe, ef_search=args.ef_search, recall=args.recall,
-            allow_mismatch=args.allow_mismatch, strict_thresholds=args.strict_thresholds))
-        if args.group_new:
-            table, grouped = add_new_groups(table, args.run_dir, args.tta, args.allow_mismatch, args.cluster_threshold)
+            allow_mismatch=args.allow_mismatch, strict_thresholds=args.strict_thresholds)
+        table = (predict_export(args.export, photos, settings, args.gallery) if args.export
+                 else predict_photos(args.run_dir, photos, settings))
+        if args.group_new:  # an export carries notebook 03's clustering.json where the run folder has it
+            table, grouped = add_new_groups(table, args.export or args.run_dir, args.tta, args.allow_mismatch,
+                                            args.cluster_threshold)
             print(grouped)
     except ValueError as e:  # a DataError, or a setting such as --index the library refused with its reason
         print(f"error: {e}", file=sys.stderr)

@@ -110,12 +110,18 @@ def engine_for(model: torch.nn.Module, choice: ForwardChoice, input_shape: tuple
 @torch.inference_mode()
 def extract_embeddings(model: torch.nn.Module, dataset: Dataset, settings: DeviceSettings, batch_size: int = EMBED_BATCH_SIZE,
                        progress: bool = False, desc: str = "embed", tta: bool = False) -> np.ndarray:
-    """tta: flip TTA, the mean of an image's and its mirror image's embeddings, re-normalised to unit length."""
+    """tta: flip TTA, the mean of an image's and its mirror image's embeddings, re-normalised to unit length.
+    `model` may be a ready forward that is no nn.Module (an OnnxForward of an export's model.onnx), which runs as it
+    is, on the CPU, in the loader's batches."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=settings.num_workers,
                         pin_memory=settings.pin_memory)
-    was_training = model.training
-    model.eval()
+    exported = not isinstance(model, torch.nn.Module)
+    was_training = not exported and model.training
     choice = net = None
+    if exported:
+        choice, net = ForwardChoice(False, batch_size, "an exported model", "onnxruntime"), model
+    else:
+        model.eval()
     out = []
     # tqdm.auto opens a second, unused iterator of the loader, and each draws a seed from the global RNG: kept, since
     # training draws from that RNG after validating and would change with one draw fewer
@@ -132,7 +138,8 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, settings: Devic
                 if tta:
                     emb = torch.nn.functional.normalize(emb + net(torch.flip(x, dims=[3])).float(), dim=1)
             out.append(emb.cpu())
-    model.train(was_training)
+    if not exported:
+        model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

@@ -16,7 +16,7 @@ from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
 from lib.core.state_io import read_bytes_hashed, say_once
 from lib.data.dataset import IndexDataset
-from lib.data.splits import index_split_fingerprint, read_splits, split_fingerprint
+from lib.data.splits import index_split_fingerprint, load_split_index, read_splits, split_fingerprint
 from lib.data.transforms import build_transforms
 from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings
 from lib.train.checkpoint import load_checkpoint
@@ -135,6 +135,21 @@ def _assignment_of(splits_dir: Path) -> str | None:
 def rows_in_split(rows: pd.DataFrame, split: str) -> pd.DataFrame:
     """The rows of one split of a split index, without the `split` column, numbered from 0 (embedding order)."""
     return rows.loc[rows["split"] == split, [c for c in rows.columns if c != "split"]].reset_index(drop=True)
+
+
+def trained_min_size(run: TrainedRun) -> int | None:
+    """The smallest photo side the run trained on: notebook 01's min_size from the split report, or, for splits made
+    before it was recorded, the shorter side of the smallest training photo; None when the split files are gone."""
+    try:
+        index, splits = load_split_index(run.settings.data.splits_dir)
+    except DataError:
+        return None
+    if splits.report.get("min_size"):
+        return int(splits.report["min_size"])
+    train = index[index["split"] == "train"]
+    if train.empty or not {"width", "height"} <= set(train.columns):
+        return None
+    return int(np.minimum(train["width"], train["height"]).min())
 
 
 def embed_rows(run: TrainedRun, rows: pd.DataFrame, settings: DeviceSettings, tta: bool = False,
