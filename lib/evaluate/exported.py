@@ -17,7 +17,7 @@ from lib.core.errors import DataError
 from lib.core.state_io import manifest_problem, read_bytes_hashed, read_manifest
 from lib.evaluate.gallery_index import (INDEX_DIR, SAVED_FLAT, GalleryIndex, index_settings, placed_gallery,
                                         with_enrolled)
-from lib.evaluate.enrolled import CACHE_DIR
+from lib.evaluate.enrolled_store import CACHE_DIR
 from lib.evaluate.predict import PredictSettings, Predictor, predict_with
 from lib.retrieval.ann_index import IndexSpec, resolve_factory
 from lib.retrieval.faiss_index import INDEX_MANIFEST, load_index

@@ -169,7 +169,7 @@ def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, 
 
 
 def with_enrolled(run, found: GalleryIndex, settings: DeviceSettings, tta: bool) -> GalleryIndex:
-    """The train gallery `found` with the run's enrolled photos added (lib.evaluate.enrolled); `run`: a TrainedRun,
+    """The train gallery `found` with the run's enrolled photos added (lib.evaluate.enrolled_store); `run`: a TrainedRun,
     or an export (lib.evaluate.exported), which carries its enrolment."""
     rows, emb = enrolled_gallery(run, settings, tta)
     found.info.update(n_enrolled=0, enrolment=enrolment_stamp([]))
