@@ -18,7 +18,7 @@ from lib.core.errors import DataError
 from lib.core.state_io import write_json, write_manifest
 from lib.evaluate import cluster_eval
 from lib.evaluate.calibrate import Calibration, calibrate, thresholds_info
-from lib.evaluate.enroll import enroll_photos
+from lib.evaluate.enroll_cli import enroll_photos
 from lib.evaluate.exported import load_export, predict_export
 from lib.evaluate.predict import THRESHOLDS_FILE, predict_photos
 from lib.evaluate.run_eval import evaluate_run
@@ -59,7 +59,7 @@ def copy_of(export: Path, tmp_path: Path) -> Path:
 
 def test_the_paths_an_export_carries_are_those_prediction_reads():
     from lib.evaluate.gallery_index import INDEX_DIR
-    from lib.evaluate.enrolled import ENROLLED_FILE
+    from lib.evaluate.enrolled_store import ENROLLED_FILE
 
     assert set(CHOICES) == {str(THRESHOLDS_FILE), str(cluster_eval.CLUSTER_FILE)}
     assert export_module.INDEX_DIR == INDEX_DIR == ENROLLED_FILE.parts[0]
