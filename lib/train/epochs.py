@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -61,7 +62,9 @@ def train_epoch(t: Training, phase: Phase, epoch: int) -> dict:
     if head.scheduled_margin:
         head.margin = t.schedule.margin_at(epoch - 1)
     t.sampler.set_epoch(epoch)
-    train_loss, n_images = _steps(t, phase, epoch, _margins_for(head.margin, t.class_contexts, cfg.context_margin))
+    margins_for = _margins_for(head.margin, t.class_contexts, cfg.context_margin)
+    train_loss, n_images = epoch_steps(state, phase.batches(epoch), phase.pooled, margins_for,
+                                       f"epoch {epoch}/{t.last_epoch} ({phase.name} phase)", t.progress, len(t.sampler))
     if world.active:  # every rank trained on its share: the epoch's loss is their mean, its images their sum
         shares = torch.tensor([train_loss, n_images], dtype=torch.float64, device=state.settings.device)
         train_loss, n_images = world.mean(shares).tolist()
@@ -71,20 +74,20 @@ def train_epoch(t: Training, phase: Phase, epoch: int) -> dict:
             "train_seconds": time.time() - t0, "images_per_second": n_images / max(time.time() - t0, 1e-9)}
 
 
-def _steps(t: Training, phase: Phase, epoch: int, margins_for) -> tuple[float, int]:
-    """(mean loss, images) of one epoch of the phase's batches, one optimizer step each."""
-    state = t.state
-    state.runner.prepare(pooled=phase.pooled)
+def epoch_steps(state: TrainState, batches: Iterable, pooled: bool = False, margins_for=None, desc: str = "",
+                progress: bool = False, total: int | None = None) -> tuple[float, int]:
+    """(mean loss, images) of one epoch over `batches` ((x, y) on the device: a phase's, lib.train.phases), one
+    optimizer step each (lib.train.step.train_step; pooled: x are cached pooled features)."""
+    state.runner.prepare(pooled=pooled)
     state.model.train()
     state.criterion.train()
     state.optimizer.zero_grad(set_to_none=True)
     # The running loss stays on the device: reading it every step would stall the GPU on a sync.
     loss_sum = torch.zeros((), device=state.settings.device)
     n_images = n_steps = 0
-    desc = f"epoch {epoch}/{t.last_epoch} ({phase.name} phase)"
-    bar = tqdm(phase.batches(epoch), total=len(t.sampler), desc=desc, disable=not t.progress, leave=False)
+    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
     for x, y in bar:
-        loss_sum += train_step(state, x, y, margins_for, pooled=phase.pooled)
+        loss_sum += train_step(state, x, y, margins_for, pooled=pooled)
         n_images, n_steps = n_images + len(y), n_steps + 1
         if n_steps % 50 == 0:
             check_finite(mean := loss_sum.item() / n_steps, f"at step {n_steps} of {desc}")

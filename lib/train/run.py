@@ -68,11 +68,7 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
         cfg = config.train
         model.frozen_bn = backbone_bn == "frozen"
         # ---- data as the model takes it: datasets, this rank's P x K sampler
-        train_tf, eval_tf = config.aug.transforms(model.data_config)
-        root, cache = config.data.data_dir, config.data.cache_dir or None
-        train_set = IndexDataset(train_index, root, train_tf, class_to_idx, cache)
-        gallery_set = IndexDataset(train_index, root, eval_tf, class_to_idx, cache)
-        query_set = IndexDataset(val_index, root, eval_tf, class_to_idx, cache)
+        train_set, gallery_set, query_set = _datasets(config, train_index, val_index, class_to_idx, model.data_config)
         sampler = build_sampler(config.sampler, train_index, cfg.seed, world)
         class_contexts, query_contexts = _contexts(cfg, train_set, query_set, sampler)
         # ---- loss
@@ -167,6 +163,16 @@ def build_sampler(s: SamplerConfig, train_index: pd.DataFrame, seed: int, world:
         return ContextPKSampler(labels, train_index["context"].to_numpy(), s.p, s.k, seed=seed,
                                 batches_per_epoch=batches, rank=world.rank, world=world.size)
     return PKSampler(labels, s.p, s.k, seed=seed, batches_per_epoch=batches, rank=world.rank, world=world.size)
+
+
+def _datasets(config: RunConfig, train_index: pd.DataFrame, val_index: pd.DataFrame, class_to_idx: dict,
+              data_config: dict) -> tuple[IndexDataset, IndexDataset, IndexDataset]:
+    """(train photos augmented, train photos as the gallery, val photos as the queries) at the model's input."""
+    train_tf, eval_tf = config.aug.transforms(data_config)
+    root, cache = config.data.data_dir, config.data.cache_dir or None
+    return (IndexDataset(train_index, root, train_tf, class_to_idx, cache),
+            IndexDataset(train_index, root, eval_tf, class_to_idx, cache),
+            IndexDataset(val_index, root, eval_tf, class_to_idx, cache))
 
 
 def _synced_batchnorm(model, device_name: str):
