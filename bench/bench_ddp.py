@@ -24,9 +24,10 @@ from lib.core.device import auto_settings  # noqa: E402
 from lib.data.samplers import PKSampler  # noqa: E402
 from lib.train.config import TrainConfig  # noqa: E402
 from lib.train.distributed import join_world, leave_world  # noqa: E402
-from lib.train.epochs import backbone_epoch  # noqa: E402
+from lib.train.epochs import epoch_steps  # noqa: E402
 from lib.train.losses import LossConfig, build_loss  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
+from lib.train.phases import image_batches  # noqa: E402
 from lib.train.state import TrainState  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def measure(args) -> float:
         sampler.set_epoch(epoch)
         world.barrier()
         t0 = time.perf_counter()
-        _, n = backbone_epoch(state, loader)
+        _, n = epoch_steps(state, image_batches(loader, settings.device, state.memory_format)(epoch))
         if settings.device.startswith("cuda"):
             torch.cuda.synchronize()
         world.barrier()

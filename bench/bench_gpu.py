@@ -68,7 +68,7 @@ def demo_split(base: Path, photos: int, size: int, cache_size: int):
 
 def bare_images_per_second(backbone: str, img_size: int, settings, p: int, k: int, steps: int) -> float:
     """Forward + backward + AdamW step of the same model and loss on one batch already on the device."""
-    from lib.train.distributed import TrainStep
+    from lib.train.step import TrainStep
     from lib.train.losses import LossConfig, build_loss
     from lib.train.model import ModelConfig, create_model
 

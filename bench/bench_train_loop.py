@@ -1,6 +1,6 @@
 """Benchmark (not a test): training-step throughput of the project's loop vs a bare PyTorch loop, the bare loop at
 the old setting (NCHW, the P x K batch through the backbone in one pass) and at the best (on the CPU the probe's
-layout and backbone pass, lib.core.device.cpu_training_settings as a training run calls it: the backbone takes the
+layout and backbone pass, lib.train.phases.cpu_training_settings as a training run calls it: the backbone takes the
 step's images a pass at a time, the head and the loss the whole step).
 
 Same model (the backbone phase's: its last --unfreeze stages train, BatchNorm statistics frozen for pretrained
@@ -25,16 +25,16 @@ import time
 import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from lib.core.device import auto_settings, cpu_training_settings  # noqa: E402
+from lib.core.device import auto_settings  # noqa: E402
 from lib.data.dataset import IndexDataset  # noqa: E402
 from lib.data.samplers import PKSampler  # noqa: E402
 from lib.data.splits import class_to_idx  # noqa: E402
 from lib.data.table import index_from_folder  # noqa: E402
 from lib.train.config import TrainConfig, build_config  # noqa: E402
-from lib.train.epochs import backbone_epoch  # noqa: E402
-from lib.train.loop import image_loader, trainable_stages  # noqa: E402
+from lib.train.epochs import epoch_steps  # noqa: E402
 from lib.train.losses import LossConfig, build_loss  # noqa: E402
 from lib.train.model import ModelConfig, create_model  # noqa: E402
+from lib.train.phases import cpu_training_settings, image_batches, image_loader, trainable_stages  # noqa: E402
 from lib.train.state import TrainState  # noqa: E402
 
 
@@ -58,7 +58,8 @@ def bare_loop(model, criterion, optimizer, batches, settings, channels_last: boo
 
 def our_loop(state: TrainState, loader) -> float:
     t0 = time.perf_counter()
-    _, n = backbone_epoch(state, loader, desc="ours", progress=True)
+    _, n = epoch_steps(state, image_batches(loader, state.settings.device, state.memory_format)(0), desc="ours",
+                       progress=True)
     if state.settings.device.startswith("cuda"):
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)

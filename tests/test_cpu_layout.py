@@ -133,31 +133,31 @@ def test_training_choice_without_split_probes_the_whole_batch(model, tmp_path):
 
 
 def test_cpu_training_settings_take_the_probes_layout_and_pass_and_a_resume_what_it_recorded(model, monkeypatch):
-    from lib.core import device
+    from lib.train import phases
 
     asked = []
-    monkeypatch.setattr(device, "cpu_train_choice",
+    monkeypatch.setattr(phases, "cpu_train_choice",
                         lambda m, shape, effective, split: asked.append(split) or ForwardChoice(True, 8, "test"))
-    s, line = device.cpu_training_settings(auto_settings("cpu"), model, 64, step_batch=32)
+    s, line = phases.cpu_training_settings(auto_settings("cpu"), model, 64, step_batch=32)
     assert (s.channels_last, s.backbone_chunk, s.accum_steps) == (True, 8, 1) and asked == [True]
     assert line == "backbone phase channels_last, passes of 8 images per step of 32 (test)"
     assert s.backbone_choice == "test"
     # a resumed run takes what its checkpoint recorded, whatever the probe would say now
     recorded = {**auto_settings("cpu").as_dict(), "channels_last": False, "backbone_chunk": 16,
                 "backbone_choice": "probe: earlier"}
-    s, line = device.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded=recorded)
+    s, line = phases.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded=recorded)
     assert (s.channels_last, s.backbone_chunk, s.backbone_choice) == (False, 16, "probe: earlier") and asked == [True]
     assert line.startswith("backbone phase NCHW, passes of 16 images per step of 32 (as the run began")
     # a checkpoint from before the choice was recorded trained at what it holds: kept too
     legacy = {k: v for k, v in recorded.items() if k != "backbone_choice"}
-    s, _ = device.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded=legacy)
+    s, _ = phases.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded=legacy)
     assert (s.channels_last, s.backbone_chunk) == (False, 16) and asked == [True]
     # one whose run began without a backbone phase recorded no choice: nothing trained at it, so the probe chooses
-    s, _ = device.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded={**recorded, "backbone_choice": ""})
+    s, _ = phases.cpu_training_settings(auto_settings("cpu"), model, 64, 32, recorded={**recorded, "backbone_choice": ""})
     assert (s.channels_last, s.backbone_chunk) == (True, 8) and asked == [True, True]
     # the probe's pick of the whole batch: one pass
-    monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective, split: ForwardChoice(True, 32, "t"))
-    assert device.cpu_training_settings(auto_settings("cpu"), model, 64, 32)[0].backbone_chunk == 0
+    monkeypatch.setattr(phases, "cpu_train_choice", lambda m, shape, effective, split: ForwardChoice(True, 32, "t"))
+    assert phases.cpu_training_settings(auto_settings("cpu"), model, 64, 32)[0].backbone_chunk == 0
 
 
 def test_onnx_export_is_reused_for_the_same_weights_and_redone_when_they_change(model, monkeypatch):

@@ -44,7 +44,7 @@ def process_switches():
 
 def tiny_step(precision: str, seed: int = 0):
     """A test_efficientnet + ArcFace model (the same init for every precision) and its one training step's parts."""
-    from lib.train.distributed import TrainStep
+    from lib.train.step import TrainStep
     from lib.train.losses import LossConfig, build_loss
     from lib.train.model import ModelConfig, create_model
 
@@ -142,7 +142,8 @@ def test_faiss_gpu_flat_and_ivf_find_what_faiss_cpu_finds():
 
 
 def test_one_nccl_process_ddp_step_gives_the_plain_steps_gradients(tmp_path):
-    from lib.train.distributed import StepRunner, World
+    from lib.train.distributed import World
+    from lib.train.step import StepRunner
 
     class OneRank(World):
         active = True  # DDP with one process: NCCL's path, which a 1-process World skips

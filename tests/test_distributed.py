@@ -71,8 +71,9 @@ def _one_step(rank: int, world: int, port: int, out: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
     from lib.train.config import LossConfig
-    from lib.train.distributed import StepRunner, TrainStep, join_world, leave_world
-    from lib.train.loop import build_optimizer
+    from lib.train.distributed import join_world, leave_world
+    from lib.train.optim import build_optimizer
+    from lib.train.step import StepRunner, TrainStep
     from lib.train.losses import build_loss
     from lib.train.model import ModelConfig, create_model
 

@@ -9,11 +9,12 @@ from lib.core.device import auto_settings
 from lib.data.samplers import PKSampler
 from lib.train.checkpoint import seed_everything
 from lib.train.config import build_config
-from lib.train.epochs import head_epoch, train_step
 from lib.train.feature_cache import CachedFeatures
 from lib.train.losses import LossConfig, build_loss
 from lib.train.model import ModelConfig, create_model
+from lib.train.phases import cached_batches
 from lib.train.state import TrainState
+from lib.train.step import train_step
 
 P, K = 6, 4
 LABELS = torch.arange(P).repeat_interleave(K)  # one P x K batch, class by class as the sampler gives it
@@ -133,6 +134,7 @@ def test_the_head_phase_clips_the_class_centres_too():
                               torch.zeros(1, dim))
     grads, _ = _spy(state)
     state.model.set_trainable_stages(0)
-    head_epoch(state, features, LABELS, PKSampler(LABELS.numpy(), P, K, batches_per_epoch=1), epoch=1)
+    for x, y in cached_batches(features, LABELS, PKSampler(LABELS.numpy(), P, K, batches_per_epoch=1), 0, "cpu")(1):
+        train_step(state, x, y, pooled=True)
     assert "criterion.head.weight" in grads
     assert _total_norm(grads) <= clip * (1 + 1e-5)  # clip_grad_norm_ leaves it at clip * norm / (norm + 1e-6)

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-import lib.train.loop
+import lib.train.epochs
 import lib.train.selection
 from lib.core.device import auto_settings
 from lib.data.dataset import IndexDataset
@@ -120,7 +120,7 @@ def test_a_run_whose_training_only_hurts_keeps_epoch_0(demo, tmp_path, monkeypat
         with torch.no_grad():
             state.model.head.fc.weight.normal_()
         return 1.0, 0
-    monkeypatch.setattr(lib.train.loop, "head_epoch", scramble)
+    monkeypatch.setattr(lib.train.epochs, "epoch_steps", scramble)
     history = train_run(str(tmp_path), config(demo, head_epochs=3, unfreeze="0"), progress=False)
     assert history["val_recall@1"].iloc[1:].max() < history["val_recall@1"].iloc[0]
     assert list(history["best_epoch"]) == [0, 0, 0, 0]

@@ -23,10 +23,10 @@ def test_weights_move_toward_failing_contexts():
 
 def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, monkeypatch):
     data, splits = demo_with_context
-    import lib.train.loop
+    import lib.train.epochs
 
     seen = []
-    original = lib.train.loop.context_margins
+    original = lib.train.epochs.context_margins
 
     def spy(*a, **k):
         seen.append(original(*a, **k))
@@ -36,7 +36,7 @@ def test_context_margins_and_mining_run_and_resume(demo_with_context, tmp_path, 
                        s=30.0, warmup_epochs=1, margin=0.3, context_margin=0.2, mining_warmup_epochs=1,
                        sampler="context_pk", p=6, k=2, batches_per_epoch=2, epochs=3, num_workers=0, device="cpu",
                        head_epochs=0, unfreeze="all", lr_decay=1.0)
-    monkeypatch.setattr(lib.train.loop, "context_margins", spy)
+    monkeypatch.setattr(lib.train.epochs, "context_margins", spy)
     drawn_with = {}  # epoch -> the context weights its batches are drawn by
     set_epoch = ContextPKSampler.set_epoch
     monkeypatch.setattr(ContextPKSampler, "set_epoch", lambda self, epoch: drawn_with.__setitem__(

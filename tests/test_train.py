@@ -11,7 +11,7 @@ import torch
 from lib.core.errors import DataError
 from lib.train.checkpoint import load_checkpoint, save_checkpoint
 from lib.train.config import FIELD_OWNER, RunConfig, build_config, config_parameters, settings_diff
-from lib.train.loop import TrainingDiverged
+from lib.train.step import TrainingDiverged
 from lib.train.run import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,13 +204,13 @@ def test_cpu_backbone_phase_trains_at_the_probes_layout_and_pass_and_a_resume_ke
     channels_last backbone passes of 8 images make up the P x K step of 24, whose head BatchNorm and miner see all
     24, so the run learns what one NCHW pass learns, to float rounding; a resumed run keeps the choice its checkpoint
     recorded whatever the probe says when it resumes."""
-    from lib.core import device
+    from lib.train import phases
     from lib.core.cpu_probe import ForwardChoice
 
     asked = []
 
     def pick(choice):
-        monkeypatch.setattr(device, "cpu_train_choice",
+        monkeypatch.setattr(phases, "cpu_train_choice",
                             lambda m, shape, effective, split: asked.append((effective, split)) or choice)
 
     cfg = config(demo, backbone="tf_efficientnet_lite0", pretrained="lite0-imagenet", img_size=64, epochs=2,
@@ -242,11 +242,11 @@ def test_a_cpu_run_begun_without_a_backbone_phase_chooses_when_a_resume_adds_one
     """epochs=0 first (the untrained model, or the head phase alone), then resumed with backbone epochs: nothing has
     trained at a layout yet, so the resume takes the probe's choice instead of the unchosen NCHW one pass its
     checkpoint holds; a second resume then keeps what the first chose."""
-    from lib.core import device
+    from lib.train import phases
     from lib.core.cpu_probe import ForwardChoice
 
     asked = []
-    monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective, split: asked.append(split)
+    monkeypatch.setattr(phases, "cpu_train_choice", lambda m, shape, effective, split: asked.append(split)
                         or ForwardChoice(True, effective, "test pick"))
 
     def resolved():
@@ -264,11 +264,11 @@ def test_a_cpu_run_begun_without_a_backbone_phase_chooses_when_a_resume_adds_one
 
 
 def test_a_cpu_run_whose_backbone_batchnorm_trains_keeps_one_pass(demo, tmp_path, monkeypatch):
-    from lib.core import device
+    from lib.train import phases
     from lib.core.cpu_probe import ForwardChoice
 
     asked = []
-    monkeypatch.setattr(device, "cpu_train_choice", lambda m, shape, effective, split: asked.append(split)
+    monkeypatch.setattr(phases, "cpu_train_choice", lambda m, shape, effective, split: asked.append(split)
                         or ForwardChoice(True, effective, "test"))
     train_run(str(tmp_path), config(demo, epochs=1, batches_per_epoch=1), progress=False)  # random init: BN trains
     assert asked == [False]

@@ -28,7 +28,7 @@ from lib.core.state_io import read_cache, try_write_cache, write_json
 # (docs/benchmarks.md, "Figures behind lib's defaults")
 CANDIDATE_BATCHES = (4, 8, 16)
 # the backbone phase's smallest pass: the training step runs its batch through the backbone in chunks of the
-# probe's size (lib.train.distributed.TrainStep), the head and the loss on the whole batch
+# probe's size (lib.train.step.TrainStep), the head and the loss on the whole batch
 MIN_CHUNK = 4
 # fewer images than this: the probe (2 rounds x 2 layouts x 3 batches, ~220 images) and the ONNX export would cost
 # more than they save; the rule and eager PyTorch are used

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 # PyTorch and Faiss each bring an OpenMP runtime; on CPU-only machines two runtimes in one process can abort or
 # oversubscribe. These must be set before either library starts its thread pool, so importing lib.core.device first helps.
@@ -11,7 +11,6 @@ os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
 
 import torch  # noqa: E402
 
-from lib.core.cpu_probe import cpu_train_choice  # noqa: E402
 from lib.core.cpus import usable_cpus  # noqa: E402
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -93,6 +92,12 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def is_cuda(device: str) -> bool:
+    """Whether `device` ('auto', 'cpu', 'cuda', 'cuda:N', or one already picked) means a CUDA GPU: the one answer the
+    run assembly, DDP's backend and the device table share."""
+    return pick_device(device).startswith("cuda")
+
+
 def auto_settings(device: str = "auto", precision: str = "auto", num_workers: int = -1, accum_steps: int = 0,
                   channels_last: bool | None = None) -> DeviceSettings:
     """Settings from the device, each replaced by the caller's value when given (-1 / 0 / 'auto' / None = choose).
@@ -125,35 +130,9 @@ def auto_settings(device: str = "auto", precision: str = "auto", num_workers: in
         tf32=chosen["tf32"], cudnn_benchmark=dev != "cpu", gpu=gpu)
 
 
-def cpu_training_settings(settings: DeviceSettings, model: torch.nn.Module, img_size: int, step_batch: int,
-                          split: bool = True, recorded: dict | None = None) -> tuple[DeviceSettings, str]:
-    """On the CPU, the backbone phase's layout and backbone pass (backbone_chunk), and a line saying what chose
-    them: `recorded` (the resolved settings of the checkpoint a run resumes from, so that it trains on as it
-    began), else the probe of `model` as that phase trains it (lib.core.cpu_probe.cpu_train_choice); split=False
-    keeps the whole batch of step_batch images and chooses the layout alone. Other devices' settings come back
-    unchanged, with an empty line."""
-    if settings.device != "cpu":
-        return settings, ""
-    # a checkpoint that records no choice ('') began without a backbone phase: nothing has trained at its layout, so
-    # the choice is made now; one from before choices were recorded (no key) trained at what it records
-    chose = recorded.get("backbone_choice", "recorded before reasons were") if recorded and recorded.get(
-        "device") == "cpu" else ""
-    if chose:
-        chunk, channels_last = recorded.get("backbone_chunk", 0), recorded["channels_last"]
-        why = "as the run began: its checkpoint's"
-    else:
-        choice = cpu_train_choice(model, (3, img_size, img_size), step_batch, split)
-        chunk = choice.batch_size if choice.batch_size < step_batch else 0
-        channels_last, why = choice.channels_last, choice.why
-        chose = why
-    passes = f"passes of {chunk} images" if chunk else "one pass"
-    return (replace(settings, channels_last=channels_last, backbone_chunk=chunk, backbone_choice=chose),
-            f"backbone phase {'channels_last' if channels_last else 'NCHW'}, {passes} per step of {step_batch} ({why})")
-
-
 def apply_settings(settings: DeviceSettings) -> None:
     """Process-wide switches: TF32 matmuls/convolutions (Ampere+), cudnn autotuning for fixed input sizes."""
-    if settings.device.startswith("cuda"):
+    if is_cuda(settings.device):
         torch.backends.cuda.matmul.allow_tf32 = settings.tf32
         torch.backends.cudnn.allow_tf32 = settings.tf32
         torch.backends.cudnn.benchmark = settings.cudnn_benchmark

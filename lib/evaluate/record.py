@@ -3,7 +3,7 @@
 One query per row of `queries` (the index rows of the evaluated split, in embedding order) with its decision;
 `neighbours`/`distances` point into `gallery` rows. Saved as plain files under run_dir/eval/<split>/ so any tool
 can open them: queries.csv, gallery.csv, class_scores.csv, arrays.npz, metrics.json, and class_probs.csv for a run with
-a softmax classifier (loss="ce").
+a classifier head (one whose loss gives class probabilities).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Evaluation:
     query_emb: np.ndarray            # (n_q, d) float32
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)   # run + evaluation settings (k, voting, thresholds, tta, checkpoint)
-    class_probs: pd.DataFrame | None = None      # (n_q, n_classes) softmax of a loss="ce" run's classifier; else None
+    class_probs: pd.DataFrame | None = None      # (n_q, n_classes) softmax of a classifier head's run; else None
 
 
 RECORD_FILE = "metrics.json"  # written last, naming the sha256 of the record's other files (state_io manifest)

@@ -14,7 +14,7 @@ import pandas as pd
 from lib.core.state_io import state_lock, write_text
 from lib.evaluate.record import Evaluation, loo_rule
 from lib.train.config import RunConfig
-from lib.train.losses import LossConfig
+from lib.train.losses import loss_label
 
 BENCHMARK_COLUMNS = ("version", "split", "backbone", "loss", "embedding_dim", "img_size", "augmentation", "recall@1",
                      "recall@5", "mAP", "identity_balanced_mAP", "vote_accuracy", "macro_f1", "coverage", "accuracy_at_coverage",
@@ -25,23 +25,13 @@ UNTRAINED_BEST = "best checkpoint is epoch 0 (untrained): training did not beat 
 EVALUATION_KEYS = ("checkpoint_sha256", "protocol", "restrict_to_context", "k", "weighting", "tta", "thresholds")
 
 
-def _loss_name(loss: LossConfig) -> str:
-    if loss.loss == "ce":
-        name = f"ce(ls={loss.label_smoothing:g})"
-    else:
-        name = "arcface" if loss.k_subcenters <= 1 else f"subcenter-arcface(k={loss.k_subcenters})"
-    extras = [f"+{term}{getattr(loss, f'{term}_weight'):g}" for term in ("triplet", "ms")
-              if getattr(loss, f"{term}_weight")]
-    return f"{name}(s={loss.s:g})" + "".join(extras)
-
-
 def benchmark_row(ev: Evaluation, notes: str = "") -> dict:
     """The results-table row of an evaluation (columns BENCHMARK_COLUMNS)."""
     cfg = RunConfig.from_dict(ev.config["run"])
     m = ev.metrics
     aug = cfg.aug
     return {"version": Path(ev.config["run_dir"]).name, "split": ev.split, "backbone": cfg.model.backbone,
-            "loss": _loss_name(cfg.loss), "embedding_dim": cfg.model.embed_dim, "img_size": aug.img_size,
+            "loss": loss_label(cfg.loss), "embedding_dim": cfg.model.embed_dim, "img_size": aug.img_size,
             "augmentation": aug.augment + ("+hflip" if aug.hflip else ""),
             # .get: evaluations saved before a metric existed still make a row
             **{key: m.get(key, float("nan")) for key in ("recall@1", "recall@5", "mAP", "identity_balanced_mAP",

@@ -87,43 +87,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu", trusted:
         raise CorruptCheckpoint(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {first})") from e
 
 
-def recorded_device(run_dir: str | os.PathLike) -> dict | None:
-    """What the machine chose for the run in run_dir (device.resolved in its latest_model.pt's config); None for a
-    new run, or one whose latest checkpoint cannot be read (resume_checkpoint then says why and what it takes)."""
-    try:
-        return load_checkpoint(Path(run_dir) / "latest_model.pt")["config"]["device"].get("resolved")
-    except (OSError, DataError, KeyError, TypeError):
-        return None
-
-
-def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[dict, Path] | None:
-    """(checkpoint, its path) a run in run_dir resumes from: latest_model.pt, or where that is truncated or corrupt
-    (a disk that filled, a copy cut short), the newest intact checkpoint_epoch_N.pt, saying so; the broken file is
-    moved aside to <name>.corrupt, not deleted. None when there is no latest_model.pt (a new run)."""
-    run_dir = Path(run_dir)
-    latest = run_dir / "latest_model.pt"
-    if not latest.exists():
-        return None
-    try:
-        return load_checkpoint(latest), latest
-    except CorruptCheckpoint as e:
-        broken = e
-    numbered = sorted(run_dir.glob("checkpoint_epoch_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1])
-                      if p.stem.rsplit("_", 1)[-1].isdigit() else -1, reverse=True)
-    for path in numbered:
-        try:
-            ckpt = load_checkpoint(path)
-        except CorruptCheckpoint as e:
-            print(f"skipping {path.name}: {e}")
-            continue
-        aside = latest.with_name(latest.name + ".corrupt")
-        os.replace(latest, aside)
-        print(f"{broken}; moved to {aside.name}, resuming from {path.name} (epoch {ckpt['epoch']})")
-        return ckpt, path
-    raise DataError(f"{broken}, and run_dir holds no intact checkpoint_epoch_N.pt to resume from; fresh=True "
-                    "starts over (moving the old files to a replaced-* folder)")
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

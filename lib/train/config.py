@@ -100,7 +100,7 @@ class DeviceConfig:
     precision: str = "auto"    # auto | bf16 | fp16 | fp32
     num_workers: int = -1      # -1 = from the device table
     # micro-batches each P x K step is cut into (memory only: the step's batch, loss and gradients stay the recipe's;
-    # lib.train.epochs.train_step); 0 = from the device table
+    # lib.train.step.train_step); 0 = from the device table
     accum_steps: int = 0
     sync_bn: bool = False      # under DDP: BatchNorm statistics over all processes' images (SyncBatchNorm)
 

@@ -8,10 +8,8 @@ A rank that fails ends the run: torchrun stops the other ranks and reports the f
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import os
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +17,8 @@ import timm.layers
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lib.core.device import is_cuda
 
 # Ranks wait in a collective while rank 0 validates or caches features, which on a large gallery takes far longer
 # than the default timeout (10-30 minutes); a dead rank is caught by torchrun, not by this timeout.
@@ -32,7 +32,8 @@ class World:
     local_rank: int = 0
 
     @property
-    def main(self) -> bool:
+    def is_rank0(self) -> bool:
+        """Whether this process is rank 0: the one that validates, prints and writes the run folder."""
         return self.rank == 0
 
     @property
@@ -46,21 +47,21 @@ class World:
     def main_first(self, make):
         """make() on rank 0, then on the others: for work rank 0 caches on disk (the pooled features) that the others
         then read, or make again where their disk lacks it."""
-        value = make() if self.main else None
+        value = make() if self.is_rank0 else None
         self.barrier()
-        return value if self.main else make()
+        return value if self.is_rank0 else make()
 
     def main_only(self, make):
         """make() on rank 0 alone, and its value on every rank: for state rank 0 reads from its own disk (the
         checkpoint a run resumes from), so ranks on machines without a shared file system still agree on it. The
         value travels pickled, once, through the process group."""
-        return self.from_main(make() if self.main else None)
+        return self.from_main(make() if self.is_rank0 else None)
 
     def from_main(self, value):
         """Rank 0's `value` on every rank (any picklable object)."""
         if not self.active:
             return value
-        box = [value if self.main else None]
+        box = [value if self.is_rank0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -80,7 +81,7 @@ def join_world(device: str) -> tuple[World, str]:
     if size == 1:
         return World(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    cuda = is_cuda(device)
     if cuda:
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
@@ -114,57 +115,3 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(int(seeds[0]))
     np.random.seed(int(seeds[1]))
     torch.manual_seed(int(seeds[2]))
-
-
-class TrainStep(nn.Module):
-    """The model and the loss as one module: the unit DDP wraps, so the loss's class weights (ArcFace's centres, the
-    softmax classifier) are averaged and stay in step across ranks like the model's own."""
-
-    def __init__(self, model: nn.Module, criterion: nn.Module, chunk: int = 0):
-        super().__init__()
-        self.model, self.criterion, self.chunk = model, criterion, chunk
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, margins=None, pooled: bool = False, autocast=nullcontext):
-        """(loss, logits) of a batch of images, or of pooled backbone features with pooled=True. With `chunk`, the
-        backbone takes the images `chunk` at a time (autograd then runs each chunk's backward apart too) and the
-        head, its BatchNorm, the miners and the loss the whole batch: the step is the one-pass step, only the
-        backbone's passes are smaller (unless its own BatchNorm trains on batch statistics)."""
-        with autocast():
-            if pooled:
-                emb = self.model.embed_features(x)
-            elif self.chunk and len(x) > self.chunk:
-                emb = self.model.embed_features(torch.cat([self.model.pooled(c) for c in x.split(self.chunk)]))
-            else:
-                emb = self.model(x)
-        # The loss runs in fp32: the margin's trigonometry and s=64 logits are where half precision hurts.
-        return self.criterion(emb.float(), y, margins)
-
-
-class StepRunner:
-    """The TrainStep, wrapped in DDP under several processes. DDP only syncs the parameters that train when it is
-    built, so it is rebuilt when the trainable set changes (head phase -> backbone warm-up -> fine-tuning)."""
-
-    def __init__(self, step: TrainStep, world: World, device: str):
-        self.step, self.world, self.device = step, world, device
-        self.trainable, self.wrapped = None, step
-
-    def __call__(self, *args, **kwargs):
-        return self.wrapped(*args, **kwargs)
-
-    def prepare(self, pooled: bool) -> None:
-        if not self.world.active:
-            return
-        trainable = (pooled, *(p.requires_grad for p in self.step.parameters()))
-        if trainable == self.trainable:
-            return
-        self.trainable = trainable
-        # the old wrapper's gradient hooks leave with it (its reducer removes them), before the new one adds its own
-        self.wrapped = self.step
-        gc.collect()
-        ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
-        # On cached features the backbone's pooling (GeM's p) gets no gradient: DDP must be told to expect that.
-        self.wrapped = nn.parallel.DistributedDataParallel(self.step, device_ids=ids, find_unused_parameters=pooled)
-
-    def no_sync(self, accumulating: bool):
-        """No gradient all-reduce on a micro-step that only accumulates: one per optimizer step is enough."""
-        return self.wrapped.no_sync() if accumulating and self.world.active else nullcontext()

@@ -1,109 +1,152 @@
-"""One epoch of each phase: the head on cached frozen features, and the backbone on image batches (AMP, gradient
-accumulation over micro-batches, clipping, EMA)."""
+"""What each epoch of the loop in lib.train.run does (timm's train_one_epoch and validate): train one epoch of its
+phase through the one step function, validate by retrieval, mine hard contexts; and epoch 0, the untrained model.
+The parts come built, in one `Training`."""
 from __future__ import annotations
 
-import math
+import time
+from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
-from timm.utils import dispatch_clip_grad
 from tqdm.auto import tqdm
 
+from lib.train.distributed import World, seed_epoch
 from lib.train.feature_cache import CachedFeatures
+from lib.train.losses import MarginSchedule, context_margins
+from lib.train.mining import mined_context_weights
+from lib.train.optim import group_lr
+from lib.train.phases import Phase
+from lib.train.saver import CheckpointSaver
 from lib.train.state import TrainState
+from lib.train.step import check_finite, train_step
+from lib.train.tracking import MetricsLog
+from lib.train.validation import Validation
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the checkpoints on disk are from the last good epoch."""
+@dataclass
+class Training:
+    """A run's parts as the loop and each epoch read them, built once by lib.train.run.train_run."""
+    state: TrainState
+    phases: list[Phase]
+    schedule: MarginSchedule
+    sampler: object                          # the P x K batch sampler, this rank's share of every step
+    validation: Validation
+    saver: CheckpointSaver
+    log: MetricsLog
+    record: dict                             # the full config every checkpoint and the log carry
+    world: World = World()
+    class_contexts: torch.Tensor | None = None  # class x context, for context margins
+    query_contexts: np.ndarray | None = None    # val queries' contexts, for hard-context mining
+    progress: bool = False
+
+    @property
+    def last_epoch(self) -> int:
+        return self.phases[-1].epochs[-1] if self.phases else 0
+
+    def say(self, line: str) -> None:
+        """print on rank 0 alone: one voice per run."""
+        if self.world.is_rank0:
+            print(line)
 
 
-def head_epoch(state: TrainState, features: CachedFeatures, targets: torch.Tensor, batch_sampler, epoch: int,
-               desc: str = "", margins_for=None, progress: bool = False) -> tuple[float, int]:
-    """(mean loss, images) of one epoch of the head (and the loss's weights) on cached pooled features: the sampler's
-    P x K batches, each photo in one of its cached views, drawn from a generator seeded by the epoch (exact resume,
-    global RNG untouched); under DDP the views are drawn for the step's whole batch, so a rank's photos get the views
-    one process would give. The head is one small matmul, so this runs in fp32 without autocast or accumulation."""
-    device, cfg = state.settings.device, state.cfg
-    state.runner.prepare(pooled=True)
+def train_epoch(t: Training, phase: Phase, epoch: int) -> dict:
+    """Train one epoch of its phase; its row of the history so far (phase, margin, loss, learning rates, speed)."""
+    t0 = time.time()
+    state, cfg, world = t.state, t.state.cfg, t.world
+    if world.active:
+        seed_epoch(cfg.seed, epoch, world.rank)
+    frozen = t.schedule.backbone_frozen_at(epoch - 1)
+    state.model.set_trainable_stages(0 if frozen else phase.stages)
+    head = state.criterion.head
+    if head.scheduled_margin:
+        head.margin = t.schedule.margin_at(epoch - 1)
+    t.sampler.set_epoch(epoch)
+    margins_for = _margins_for(head.margin, t.class_contexts, cfg.context_margin)
+    train_loss, n_images = epoch_steps(state, phase.batches(epoch), phase.pooled, margins_for,
+                                       f"epoch {epoch}/{t.last_epoch} ({phase.name} phase)", t.progress, len(t.sampler))
+    if world.active:  # every rank trained on its share: the epoch's loss is their mean, its images their sum
+        shares = torch.tensor([train_loss, n_images], dtype=torch.float64, device=state.settings.device)
+        train_loss, n_images = world.mean(shares).tolist()
+        n_images = round(n_images * world.size)
+    return {"epoch": epoch, "phase": phase.label(frozen), "margin": head.margin, "train_loss": train_loss,
+            "lr_backbone": group_lr(state.optimizer, "backbone"), "lr_head": group_lr(state.optimizer, "head"),
+            "train_seconds": time.time() - t0, "images_per_second": n_images / max(time.time() - t0, 1e-9)}
+
+
+def epoch_steps(state: TrainState, batches: Iterable, pooled: bool = False, margins_for=None, desc: str = "",
+                progress: bool = False, total: int | None = None) -> tuple[float, int]:
+    """(mean loss, images) of one epoch over `batches` ((x, y) on the device: a phase's, lib.train.phases), one
+    optimizer step each (lib.train.step.train_step; pooled: x are cached pooled features)."""
+    state.runner.prepare(pooled=pooled)
     state.model.train()
     state.criterion.train()
-    views = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    loss_sum = torch.zeros((), device=device)
+    state.optimizer.zero_grad(set_to_none=True)
+    # The running loss stays on the device: reading it every step would stall the GPU on a sync.
+    loss_sum = torch.zeros((), device=state.settings.device)
     n_images = n_steps = 0
-    for batch, own in tqdm(batch_sampler.steps(), total=len(batch_sampler), desc=desc, disable=not progress,
-                           leave=False):
-        idx = torch.as_tensor(batch[own])  # this rank's share of the step
-        view = torch.randint(len(features.train), (len(batch),), generator=views)[own]
-        x = features.train[view, idx].to(device)
-        y = targets[idx].to(device)
-        loss, _ = state.runner(x, y, margins_for(y) if margins_for else None, pooled=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            dispatch_clip_grad(state.stepped_parameters, cfg.grad_clip)
-        state.optimizer.step()
-        _after_step(state)
-        loss_sum += loss.detach()
-        n_images, n_steps = n_images + len(idx), n_steps + 1
+    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
+    for x, y in bar:
+        loss_sum += train_step(state, x, y, margins_for, pooled=pooled)
+        n_images, n_steps = n_images + len(y), n_steps + 1
+        if n_steps % 50 == 0:
+            check_finite(mean := loss_sum.item() / n_steps, f"at step {n_steps} of {desc}")
+            bar.set_postfix(loss=f"{mean:.3f}")
     mean = loss_sum.item() / max(n_steps, 1)
-    if not math.isfinite(mean):
-        raise TrainingDiverged(f"loss became {mean} in {desc} (head on cached features); stopped. The checkpoints in "
-                               "the run folder are from the last good epoch. Lower lr_head or the margin.")
+    check_finite(mean, f"in {desc}")
     return mean, n_images
 
 
-def backbone_epoch(state: TrainState, loader, desc: str = "", margins_for=None, batch_mix=None,
-                   progress: bool = False) -> tuple[float, int]:
-    """(mean loss, images) of one epoch on the loader's P x K image batches, one optimizer step each."""
-    state.runner.prepare(pooled=False)
-    state.model.train()
-    state.criterion.train()
-    n_steps = len(loader)
-    # The running loss stays on the device: reading it every step would stall the GPU on a sync.
-    loss_sum = torch.zeros((), device=state.settings.device)
-    n_images = 0
-    state.optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
-    for step, (x, y) in enumerate(bar):
-        x = x.to(state.settings.device, non_blocking=True, memory_format=state.memory_format)
-        y = y.to(state.settings.device, non_blocking=True)
-        n_images += len(y)
-        if batch_mix is not None:
-            x, y = batch_mix(x, y)
-        loss_sum += train_step(state, x, y, margins_for)
-        if (step + 1) % 50 == 0 or step + 1 == n_steps:
-            mean = loss_sum.item() / (step + 1)
-            if not math.isfinite(mean):
-                raise TrainingDiverged(f"loss became {mean} at step {step + 1} of {desc}; stopped. The checkpoints in "
-                                       "the run folder are from the last good epoch. Lower the learning rates or the "
-                                       "margin, or try precision='fp32'.")
-            bar.set_postfix(loss=f"{mean:.3f}")
-    return loss_sum.item() / max(n_steps, 1), n_images
+def _margins_for(margin: float, class_contexts: torch.Tensor | None, context_margin: float):
+    """Per-photo margins from the labels, or None: context margins only once there is a margin (the m=0 warm-up is
+    plain softmax on purpose)."""
+    if class_contexts is None or margin == 0:
+        return None
+    return lambda y: context_margins(y, class_contexts, base=margin, same_context=margin + context_margin)
 
 
-def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, margins_for=None) -> torch.Tensor:
-    """One optimizer step on the batch (x, y), whose loss it returns (detached). The batch is the recipe's P x K;
-    the card's memory decides only how it is cut: `accum_steps` contiguous micro-batches, each loss weighted by its
-    share of the batch, so the gradient of a per-photo loss (ArcFace, softmax) is the whole batch's whatever
-    accum_steps. Pairwise terms (triplet, Multi-Similarity) mine within each micro-batch, which holds about
-    P / accum_steps whole classes of the class-ordered batch, and BatchNorm layers that train on batch statistics
-    see the micro-batch (as each rank's share does under DDP without sync_bn)."""
-    parts = [part for part in np.array_split(np.arange(len(y)), max(state.settings.accum_steps, 1)) if len(part)]
-    total = torch.zeros((), device=x.device)
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        xs, ys = (x, y) if len(parts) == 1 else (x[part], y[part])
-        with state.runner.no_sync(accumulating=not last):
-            loss, _ = state.runner(xs, ys, margins_for(ys) if margins_for else None,
-                                   autocast=state.settings.autocast)
-            share = len(part) / len(y)
-            state.scaler(loss * share if share != 1 else loss, state.optimizer, clip_grad=state.cfg.grad_clip or None,
-                         parameters=state.stepped_parameters, need_update=last)
-        total += loss.detach() * share
-    _after_step(state)
-    return total
+def validate_epoch(t: Training, phase: Phase, epoch: int) -> dict:
+    """Rank 0's val scores of the model (and the EMA), and its hard-context weights from the model's top-1 misses,
+    on every rank: what rank 0 measured drives every rank's scheduler, early stop and context sampling alike."""
+    state, validation = t.state, t.validation
+    scores, state.context_weights = {}, None
+    if t.world.is_rank0:
+        scores, hits = validation(state.model, cached=phase.pooled)
+        if state.ema is not None:
+            scores.update(validation(state.ema.module, "ema_val_", cached=phase.pooled)[0])
+        if t.query_contexts is not None and epoch >= state.cfg.mining_warmup_epochs:
+            state.context_weights, scores["worst_contexts"] = mined_context_weights(
+                t.query_contexts, hits, t.sampler.contexts)
+    scores, state.context_weights = t.world.from_main((scores, state.context_weights))
+    if state.context_weights is not None:
+        t.sampler.set_context_weights(state.context_weights)
+    return scores
 
 
-def _after_step(state: TrainState) -> None:
-    state.optimizer.zero_grad(set_to_none=True)
-    if state.ema is not None:
-        state.ema.update(state.model)
+def score_untrained(t: Training, features: CachedFeatures | None) -> None:
+    """Epoch 0: the untrained model (the PCA head where asked for, from the head phase's cached `features`) beside
+    the frozen backbone's own features, and the first best_model.pt, so a run whose training only hurts keeps the
+    untrained model."""
+    state = t.state
+    if features is not None and state.cfg.head_init == "pca":
+        state.model.init_head_pca(features.train.flatten(0, 1))
+        if state.ema is not None:
+            state.ema.set(state.model)
+    metrics = None
+    if t.world.is_rank0:
+        metrics, _ = t.validation(state.model, cached=features is not None)
+        metrics.update(t.validation.frozen_baseline(state.model))
+    metrics = t.world.from_main(metrics)
+    state.selection.best = metrics["val_recall@1"]
+    row = {"epoch": 0, "phase": "untrained", **metrics, "best_val_recall@1": state.selection.best, "best_epoch": 0}
+    state.history.append(row)
+    t.saver.save_untrained(state, t.record, t.log.mlflow_run_id)
+    t.log.write(state.history)
+    t.say(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f} | frozen "
+          f"backbone features: recall@1 {row['frozen_val_recall@1']:.4f} mAP {row['frozen_val_mAP']:.4f}")
+
+
+def epoch_line(row: dict, ema: bool) -> str:
+    return (f"epoch {row['epoch']}: loss {row['train_loss']:.4f} val recall@1 {row['val_recall@1']:.4f} "
+            f"recall@5 {row['val_recall@5']:.4f} mAP {row['val_mAP']:.4f}"
+            + (f" | EMA recall@1 {row['ema_val_recall@1']:.4f}" if ema else "") + f" | {row['train_seconds']:.0f} s")

@@ -1,5 +1,9 @@
 """ArcFace family (plain, sub-centre, per-sample margins), its margin schedule, a plain softmax classifier head (the
-cross-entropy baseline), and auxiliary metric-learning terms."""
+cross-entropy baseline), and auxiliary metric-learning terms.
+
+Each loss head is a class that says what the training loop and evaluation need of it (its `name` in the config, whether
+the margin schedule drives it, whether it takes mixup/cutmix class weights, whether it gives class probabilities, its
+name in the results table); `LOSSES` is the one registry of them, so adding a loss touches this file alone."""
 
 import math
 from dataclasses import dataclass
@@ -39,6 +43,19 @@ class ArcFaceHead(nn.Module):
     Written here because pytorch-metric-learning's ArcFaceLoss has no per-sample margins and no margin schedule.
     `margin` is a plain attribute so a schedule can change it between epochs without touching the weights.
     """
+
+    name = "arcface"
+    scheduled_margin = True  # MarginSchedule sets `margin` every epoch; context margins widen it photo by photo
+    mixed_labels = False     # its target logit needs one class per photo: no mixup/cutmix
+    classifier = False       # no class probabilities: votes over the neighbours are its scores
+
+    @classmethod
+    def from_config(cls, cfg: "LossConfig", embed_dim: int, n_classes: int) -> "ArcFaceHead":
+        return cls(embed_dim, n_classes, s=cfg.s, k_subcenters=cfg.k_subcenters)
+
+    @staticmethod
+    def label(cfg: "LossConfig") -> str:
+        return "arcface" if cfg.k_subcenters <= 1 else f"subcenter-arcface(k={cfg.k_subcenters})"
 
     def __init__(self, embed_dim: int, n_classes: int, s: float = 64.0, m: float = 0.5, k_subcenters: int = 1):
         super().__init__()
@@ -85,7 +102,19 @@ class SoftmaxHead(nn.Module):
     schedule's margin is ignored (`margin` stays 0).
     """
 
+    name = "ce"
+    scheduled_margin = False  # no margin: `margin` stays 0 whatever the schedule says
+    mixed_labels = True       # cross-entropy takes mixup/cutmix class weights as targets
+    classifier = True         # its softmax gives class probabilities (lib.train.trained_run)
     margin = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: "LossConfig", embed_dim: int, n_classes: int) -> "SoftmaxHead":
+        return cls(embed_dim, n_classes, s=cfg.s, label_smoothing=cfg.label_smoothing)
+
+    @staticmethod
+    def label(cfg: "LossConfig") -> str:
+        return f"ce(ls={cfg.label_smoothing:g})"
 
     def __init__(self, embed_dim: int, n_classes: int, s: float = 30.0, label_smoothing: float = 0.1):
         super().__init__()
@@ -106,7 +135,8 @@ class SoftmaxHead(nn.Module):
         """Mean cross-entropy; `labels` are class indices (B,) or, after mixup/cutmix, class weights (B, n_classes).
         `margins` is accepted for CombinedLoss's sake and must be None."""
         if margins is not None:
-            raise ValueError("the softmax head has no margin: context margins need loss='arcface'")
+            raise ValueError(f"the softmax head has no margin: context margins need loss="
+                             f"{' or '.join(repr(n) for n, h in LOSSES.items() if h.scheduled_margin)}")
         return F.cross_entropy(self.logits(emb), labels, label_smoothing=self.label_smoothing)
 
 
@@ -180,7 +210,7 @@ class CombinedLoss(nn.Module):
                  ms_miner_epsilon: float = 0.1):
         super().__init__()
         self.head = head
-        self.name = "ce" if isinstance(head, SoftmaxHead) else "arcface"  # the head's term in `parts`
+        self.name = head.name  # the head's term in `parts`
         self.weights = {"triplet": triplet_weight, "ms": ms_weight}
         self.triplet = pml_losses.TripletMarginLoss(margin=triplet_margin)
         self.triplet_miner = pml_miners.BatchHardMiner()
@@ -209,7 +239,7 @@ class LossConfig:
     """Knobs of `build_loss` (s, k_subcenters as in ArcFaceHead; auxiliary terms off at weight 0). The margin is not
     here: MarginSchedule sets it on the head every epoch."""
 
-    loss: str = "arcface"         # arcface | ce: the softmax classifier baseline (SoftmaxHead; s scales its input)
+    loss: str = "arcface"         # a name in LOSSES: arcface | ce, the softmax classifier baseline (s scales its input)
     label_smoothing: float = 0.1  # ce only
     s: float = 30.0               # 64 for many classes, ~30-48 for few (the recipe's 94 lions: 30)
     k_subcenters: int = 1
@@ -222,16 +252,29 @@ class LossConfig:
     ms_miner_epsilon: float = 0.1
 
 
-LOSSES = ("arcface", "ce")
+# The loss heads by config name. A new head is a class with the attributes and methods the two above define (name,
+# scheduled_margin, mixed_labels, classifier, from_config, label) added here: the loop, the run assembly, the trained
+# run and the results table read it through this registry alone.
+LOSSES: dict[str, type[ArcFaceHead] | type[SoftmaxHead]] = {head.name: head for head in (ArcFaceHead, SoftmaxHead)}
+
+
+def loss_head(name: str) -> type[ArcFaceHead] | type[SoftmaxHead]:
+    """The head class of a config's `loss` name; an unknown name raises, listing the valid ones."""
+    if name not in LOSSES:
+        raise ValueError(f"loss={name!r}; valid: {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def loss_label(cfg: LossConfig) -> str:
+    """The loss of a config as the results table names it: the head (with its own settings), its scale and any
+    auxiliary terms, e.g. 'subcenter-arcface(k=3)(s=30)+ms0.5'."""
+    extras = [f"+{term}{getattr(cfg, f'{term}_weight'):g}" for term in ("triplet", "ms")
+              if getattr(cfg, f"{term}_weight")]
+    return f"{loss_head(cfg.loss).label(cfg)}(s={cfg.s:g})" + "".join(extras)
 
 
 def build_loss(cfg: LossConfig, embed_dim: int, n_classes: int) -> CombinedLoss:
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"loss={cfg.loss!r}; valid: {', '.join(LOSSES)}")
-    if cfg.loss == "ce":
-        head = SoftmaxHead(embed_dim, n_classes, s=cfg.s, label_smoothing=cfg.label_smoothing)
-    else:
-        head = ArcFaceHead(embed_dim, n_classes, s=cfg.s, k_subcenters=cfg.k_subcenters)
+    head = loss_head(cfg.loss).from_config(cfg, embed_dim, n_classes)
     return CombinedLoss(head, triplet_weight=cfg.triplet_weight, triplet_margin=cfg.triplet_margin,
                         ms_weight=cfg.ms_weight, ms_alpha=cfg.ms_alpha, ms_beta=cfg.ms_beta, ms_base=cfg.ms_base,
                         ms_miner_epsilon=cfg.ms_miner_epsilon)

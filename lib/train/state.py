@@ -12,11 +12,11 @@ from torch import nn
 from lib.core.device import DeviceSettings
 from lib.train.checkpoint import fp32_state_dict, rng_state, set_rng_state
 from lib.train.config import TrainConfig
-from lib.train.distributed import StepRunner, TrainStep, World
+from lib.train.distributed import World
 from lib.train.losses import CombinedLoss
+from lib.train.optim import build_optimizer, build_scheduler
 from lib.train.selection import Selection
-
-SCHEDULERS = ("cosine_restarts", "plateau", "none")
+from lib.train.step import StepRunner, TrainStep
 
 
 class LossScaler(NativeScaler):
@@ -25,37 +25,6 @@ class LossScaler(NativeScaler):
 
     def __init__(self, scaler: torch.amp.GradScaler):
         self._scaler = scaler
-
-
-def build_optimizer(model, criterion: CombinedLoss, cfg: TrainConfig, device: str) -> torch.optim.Optimizer:
-    """AdamW: the backbone at lr_backbone (with lr_decay < 1, stage by stage: the last stage at lr_backbone, each
-    earlier one lr_decay times the next, since early stages hold generic features that should move least), and the
-    head with the loss's own weights at lr_head. Frozen parameters get no gradient, so AdamW leaves them alone."""
-    head = {"params": [*model.head_parameters(), *criterion.parameters()], "lr": cfg.lr_head, "name": "head"}
-    if cfg.lr_decay == 1.0:
-        groups = [{"params": model.backbone_parameters(), "lr": cfg.lr_backbone, "name": "backbone"}, head]
-    else:
-        last = len(model.stages) - 1
-        groups = [{"params": [p for _, p in stage], "lr": cfg.lr_backbone * cfg.lr_decay ** (last - i),
-                   "name": f"backbone.{i}"} for i, stage in enumerate(model.stages)] + [head]
-    # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones.
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
-
-
-def build_scheduler(optimizer, cfg: TrainConfig):
-    if cfg.scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler={cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
-    if cfg.scheduler == "cosine_restarts":
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.t0, T_mult=cfg.t_mult)
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.plateau_patience,
-                                                          factor=cfg.plateau_factor)
-    return None
-
-
-def group_lr(optimizer, name: str) -> float:
-    """The learning rate of a parameter group; for the backbone, its last stage's (the largest)."""
-    return [g["lr"] for g in optimizer.param_groups if g["name"].split(".")[0] == name][-1]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A trained run loaded back: its model with the checkpoint's weights and eval transform, its split rows (refused when
-the data or the split assignment changed since training), and their embeddings through the run's cache; a cross-entropy run's classifier too,
-for class probabilities. Evaluation, prediction, the gallery browser and the probe all start here."""
+the data or the split assignment changed since training), and their embeddings through the run's cache; the loss head
+too where it is a classifier, for class probabilities. Evaluation, prediction, the gallery browser and the probe all start here."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +21,7 @@ from lib.data.transforms import build_transforms
 from lib.retrieval.embed import EMBED_BATCH_SIZE, cached_embeddings
 from lib.train.checkpoint import load_checkpoint
 from lib.train.config import RunConfig
-from lib.train.losses import SoftmaxHead, build_loss
+from lib.train.losses import SoftmaxHead, build_loss, loss_head
 from lib.train.model import create_model
 from lib.train.run import load_run_data
 
@@ -38,7 +38,7 @@ class TrainedRun:
     model: torch.nn.Module
     eval_tf: object
     epoch: int | None = None  # the epoch the checkpoint holds (0: the untrained model was the best one)
-    classifier: SoftmaxHead | None = None  # loss="ce": the softmax head on the embedding; None for ArcFace runs
+    classifier: SoftmaxHead | None = None  # the loss head, where it gives class probabilities (LOSSES); else None
 
     @property
     def settings(self) -> RunConfig:
@@ -72,7 +72,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best") -> Traine
     _, eval_tf = build_transforms(settings.aug.img_size, dc["mean"], dc["std"], preset="none",
                                   resize=settings.aug.resize)
     classifier = None
-    if settings.loss.loss == "ce":
+    if loss_head(settings.loss.loss).classifier:
         criterion = build_loss(settings.loss, settings.model.embed_dim, len(ckpt["config"]["class_to_idx"]))
         criterion.load_state_dict(ckpt["criterion"])
         classifier = criterion.head.eval()
@@ -83,7 +83,7 @@ def load_trained(run_dir: str | os.PathLike, checkpoint: str = "best") -> Traine
 @torch.no_grad()
 def class_probabilities(run: TrainedRun, emb: np.ndarray) -> pd.DataFrame | None:
     """(n, n_classes) softmax probabilities of a cross-entropy run's classifier on embeddings (rows sum to 1), columns
-    the class names in training's order; None for a run without a classifier (ArcFace: votes are its scores)."""
+    the class names in training's order; None for a run without a classifier (votes are then its scores)."""
     if run.classifier is None:
         return None
     probs = run.classifier.probabilities(torch.as_tensor(np.asarray(emb, dtype=np.float32))).numpy()
