@@ -56,3 +56,41 @@ def test_the_check_catches_an_upward_import(tmp_path):
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "y.py").write_text("from lib.data import x\nfrom lib import train\n")
     assert layer_violations(tmp_path) == ["lib/data/x.py:2 (data) imports lib.train.model from the later stage train"]
+
+
+MAX_PARAMETERS = 8
+
+
+def long_signatures(lib: Path = LIB) -> list[str]:
+    """lib functions taking more than MAX_PARAMETERS (self and cls aside) whose def is not preceded by a comment
+    line '# N parameters: <why>'."""
+    bad = []
+    for path in sorted(lib.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            n = len([x for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")])
+            if n <= MAX_PARAMETERS:
+                continue
+            i = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 2  # the line above the def
+            comments = []
+            while i >= 0 and lines[i].strip().startswith("#"):  # the comment block right above it
+                comments.append(lines[i].strip())
+                i -= 1
+            if not any(c.startswith(f"# {n} parameters:") for c in comments):
+                bad.append(f"lib/{path.relative_to(lib)}:{node.lineno} {node.name} takes {n} parameters")
+    return bad
+
+
+def test_no_lib_function_takes_more_than_eight_parameters_without_a_reason():
+    assert long_signatures() == []
+
+
+def test_the_parameter_check_catches_a_long_signature(tmp_path):
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "a.py").write_text("def f(a, b, c, d, e, f, g, h, i):\n    pass\n\n\n"
+                                            "# 9 parameters: each one a flag of a command\n"
+                                            "def g(a, b, c, d, e, f, g, h, i):\n    pass\n")
+    assert long_signatures(tmp_path) == ["lib/core/a.py:1 f takes 9 parameters"]

@@ -60,7 +60,7 @@ def run(run_dir, tmp_path):
 
 def test_an_ivf_save_stopped_before_its_manifest_is_never_searched_as_the_flat_index(run, monkeypatch, capsys):
     trained, settings = run
-    assert is_exact(gallery_index(trained, settings, index="flat").index)
+    assert is_exact(gallery_index(trained, settings, search={"index": "flat"}).index)
     real_to_csv = pd.DataFrame.to_csv
 
     def killed(self, *args, **kwargs):  # the process dies after index.faiss was replaced, before the rest
@@ -68,7 +68,7 @@ def test_an_ivf_save_stopped_before_its_manifest_is_never_searched_as_the_flat_i
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", killed)
     with pytest.raises(KeyboardInterrupt):
-        gallery_index(trained, settings, index="ivf")
+        gallery_index(trained, settings, search={"index": "ivf"})
     monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
     folder = trained.run_dir / INDEX_DIR
     with pytest.raises(StaleIndex, match="index.faiss does not match|index.faiss is .* bytes"):

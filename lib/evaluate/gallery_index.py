@@ -154,17 +154,17 @@ def index_settings(index: str | None = None, nprobe: int | None = None, ef_searc
 
 
 def gallery_index(run: TrainedRun, settings: DeviceSettings, tta: bool = False, progress: bool = False,
-                  index: str | None = None, nprobe: int | None = None, ef_search: int | None = None,
-                  recall: float | None = None, k: int | None = None) -> GalleryIndex:
+                  search: dict | None = None) -> GalleryIndex:
     """The run's gallery index: run_dir/index/ when it was saved for this checkpoint, TTA, transform and gallery
     (same photos, unchanged on disk) and is the index asked for (notebook 03 saves it), else the train split
     embedded through the cache, indexed and saved there; then the enrolled photos added (lib.evaluate.enrolled_store).
 
-    index, nprobe, ef_search, recall (lib.retrieval.ann_index.IndexSpec): None takes the saved index's settings
-    (IndexSpec's defaults when none is saved). A recall target re-tunes the saved index's search parameters for k
-    neighbours (those given stay). Other search parameters than the saved ones need no rebuild; another index does.
+    search: the IndexSpec fields asked for (index_settings: index, nprobe, ef_search, recall, k); those not given
+    are the saved index's (IndexSpec's defaults when none is saved). A recall target re-tunes the saved index's
+    search parameters for k neighbours (those given stay). Other search parameters than the saved ones need no
+    rebuild; another index does.
     """
-    found = _train_gallery(run, settings, tta, progress, index_settings(index, nprobe, ef_search, recall, k))
+    found = _train_gallery(run, settings, tta, progress, search or {})
     return with_enrolled(run, found, settings, tta)
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 from lib.core.device import DeviceSettings, auto_settings
 from lib.data.images import probe_image
 from lib.evaluate.calibrate import check_enrolment, check_provenance
-from lib.evaluate.gallery_index import GalleryIndex, gallery_index, missing_files
+from lib.evaluate.gallery_index import GalleryIndex, gallery_index, index_settings, missing_files
 from lib.evaluate.photos import embed_photos, list_photos  # noqa: F401  (list_photos: imported from here too)
 from lib.retrieval.ann_index import approximation_recall, describe
 from lib.retrieval.decide import DEFAULT_K, DEFAULT_WEIGHTING, Thresholds, decisions, load_thresholds
@@ -155,7 +155,8 @@ def predict_photos(run_dir: str | os.PathLike, photos: list[str], settings: Pred
     run = load_trained(run_dir, cfg.checkpoint)
     predictor = Predictor(
         Path(run_dir), run, run.checkpoint_sha256, run.config["class_to_idx"], trained_min_size(run),
-        lambda device, c: gallery_index(run, device, c.tta, c.progress, c.index, c.nprobe, c.ef_search, c.recall, c.k),
+        lambda device, c: gallery_index(run, device, c.tta, c.progress,
+                                        index_settings(c.index, c.nprobe, c.ef_search, c.recall, c.k)),
         lambda gallery, emb, device, c: index_report(run, gallery, emb, device, c))
     return predict_with(predictor, photos, cfg, auto_settings(device=cfg.device))
 

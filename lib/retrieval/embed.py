@@ -160,6 +160,8 @@ def embedding_key(checkpoint_sha256: str, data_fingerprint: str, transform: str,
             "tta": bool(tta), "precision": precision, **(extra or {})}
 
 
+# 10 parameters: what is embedded (model, dataset, settings), what keys its cache (cache_dir, checkpoint_sha256, tta,
+# extra) and how the pass shows (batch_size, progress, desc), each passed on to extract_embeddings or the key as is
 def cached_embeddings(model: torch.nn.Module, dataset: Dataset, settings: DeviceSettings, cache_dir: str | os.PathLike,
                       checkpoint_sha256: str, tta: bool = False, batch_size: int = EMBED_BATCH_SIZE, progress: bool = False,
                       desc: str = "embed", extra: dict | None = None) -> tuple[np.ndarray, dict]:

@@ -56,6 +56,8 @@ class CachedFeatures:
         return self.train[0]
 
 
+# 10 parameters: the run's three photo sets, the views and their seed (TrainConfig's), and how the pass runs; one
+# caller, run.py, which holds each of them already
 def cache_features(model: nn.Module, train_set: Dataset, gallery_set: Dataset, query_set: Dataset, views: int,
                    settings: DeviceSettings, cache_dir: str | os.PathLike, seed: int = 0,
                    batch_size: int = EMBED_BATCH_SIZE, progress: bool = False) -> CachedFeatures:

@@ -43,6 +43,8 @@ def torchrun_command(config_file: Path, nproc: int, nnodes: int = 1, node_rank: 
             *(["--fresh"] if fresh else []), *(["--mlflow-uri", mlflow_uri] if mlflow_uri else [])]
 
 
+# 9 parameters: the run (run_dir, config, fresh, mlflow_uri) and torchrun's own rendezvous flags, named as torchrun
+# names them, which notebook 02's parameters cell passes one for one
 def train(run_dir: str, config: RunConfig, nproc: int = 1, nnodes: int = 1, node_rank: int = 0,
           master_addr: str = "127.0.0.1", master_port: int = 29500, fresh: bool = False,
           mlflow_uri: str = "") -> pd.DataFrame:
