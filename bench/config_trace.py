@@ -1,9 +1,11 @@
 """How far a run's config travels: which lib modules the calls that receive it pass through, in order.
 
 A profile hook records every call into `lib/` whose arguments hold the config (the `RunConfig`, one of its sections,
-or the config as a stored dict) while `train_run` trains a tiny model for one head and one backbone epoch on the
-demo data. Printed: the modules in order of each such function's first call (consecutive calls in one module merged), how many distinct modules
-that path enters, and how many times it comes back to a module it had already left.
+or the config as a stored dict; methods of these count) while `train_run` trains a tiny model for one head and one
+backbone epoch on the demo data. Printed: the modules in order of each such function's first call (consecutive calls
+in one module merged); how many functions and modules receive the config; how many times that path goes back to a
+module it had left; and the calls that re-enter a module still on the call stack (A calls B calls back into A), the
+spread a reader has to follow down and back up. Each function counts once, however many batches call it.
 
     python bench/config_trace.py            # the counts and the path
 """
@@ -17,44 +19,50 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LIB = str(Path(__file__).resolve().parents[1] / "lib")
-CONFIG_MODULES = ("lib.train.config", "lib.train.losses", "lib.train.model", "lib.core.device")
+CONFIG_MODULES = ("lib.train.config", "lib.train.losses", "lib.train.model")
 
 
 def holds_config(value) -> bool:
     """A RunConfig, one of its sections, or a config stored as a dict (it has the sections as keys)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return type(value).__module__ in CONFIG_MODULES and type(value).__name__.endswith(("Config", "Schedule", "Settings"))
+        return type(value).__module__ in CONFIG_MODULES and type(value).__name__.endswith(("Config", "Schedule"))
     return isinstance(value, dict) and {"train", "loss", "model"} <= set(value)
 
 
-def config_path(run) -> list[str]:
-    """The modules, in order of first call, of the lib functions whose arguments hold the config while `run()` runs
-    (each function once, so the count does not grow with the number of batches)."""
-    path: list[str] = []
-    seen: set = set()
+def module_of(code) -> str:
+    return code.co_filename[len(LIB) - 3:-3].replace("/", ".")
+
+
+def config_calls(run) -> tuple[list[str], set, set]:
+    """While `run()` runs, the lib functions whose arguments hold the config: (their modules in order of first call,
+    the functions, the functions entered in a module the config had already left on the way down: the module is
+    among their callers' but not their direct caller's). Each function counts once, however many batches call it."""
+    path, functions, reentries = [], set(), set()
+    stack = []  # (frame, module) of the config-holding calls now running
 
     def profile(frame, event, arg):
+        if stack and event == "return" and frame is stack[-1][0]:
+            stack.pop()
         if event != "call" or not frame.f_code.co_filename.startswith(LIB):
             return
         code = frame.f_code
         names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
-        if code not in seen and any(holds_config(frame.f_locals.get(n)) for n in names):
-            seen.add(code)
-            module = frame.f_code.co_filename[len(LIB) - 3:-3].replace("/", ".")
-            if not path or path[-1] != module:
-                path.append(module)
+        if not any(holds_config(frame.f_locals.get(n)) for n in names):
+            return
+        module = module_of(code)
+        if stack and module != stack[-1][1] and module in {m for _, m in stack}:
+            reentries.add(code)
+        if code not in functions and (not path or path[-1] != module):
+            path.append(module)
+        functions.add(code)
+        stack.append((frame, module))
 
     sys.setprofile(profile)
     try:
         run()
     finally:
         sys.setprofile(None)
-    return path
-
-
-def counts(path: list[str]) -> tuple[int, int]:
-    """(distinct modules entered, returns to a module already left) of a merged call path."""
-    return len(set(path)), len(path) - len(set(path))
+    return path, functions, reentries
 
 
 def main() -> None:
@@ -72,10 +80,12 @@ def main() -> None:
     config = build_config(data_dir=str(base / "data"), splits_dir=str(base / "splits"), backbone="resnet10t",
                           embed_dim=16, img_size=32, epochs=1, head_epochs=1, batches_per_epoch=2, p=6, k=4,
                           num_workers=0, device="cpu", unfreeze="all")
-    path = config_path(lambda: train_run(str(base / "run"), config, progress=False))
-    modules, returns = counts(path)
+    path, functions, reentries = config_calls(lambda: train_run(str(base / "run"), config, progress=False))
     print(" -> ".join(path))
-    print(f"modules entered: {modules}; returns to a module already left: {returns}")
+    print(f"{len(functions)} functions in {len(set(path))} modules receive the config; "
+          f"{len(path) - len(set(path))} times the path goes back to a module it had left, "
+          f"{len(reentries)} of them a call back into a module still on the call stack: "
+          + ", ".join(sorted(f"{module_of(c)}.{c.co_name}" for c in reentries)))
 
 
 if __name__ == "__main__":
