@@ -29,7 +29,7 @@
 #
 # `nproc` > 1 trains with DDP: the notebook starts `torchrun` on `lib.train.launch` with the config written to
 # `run_dir/run_config.json` and streams its output here; each process takes `p` classes of every step, so a step
-# holds `p x k x nproc` photos. `papermill 02_train.ipynb out.ipynb -p nproc 4`, or without the notebook:
+# holds `p x images_per_class x nproc` photos. `papermill 02_train.ipynb out.ipynb -p nproc 4`, or without the notebook:
 # `torchrun --nproc_per_node 4 -m lib.train.launch --config runs/photos/run_config.json`.
 #
 # `loss="ce"` trains the classifier baseline instead (jaguar notes v02, marmoset pipeline): a softmax classifier on
@@ -88,7 +88,7 @@ scheduler = "cosine_restarts"   # cosine_restarts | plateau | none
 early_stop_patience = 10
 ema_decay = 0.0                 # e.g. 0.999 on long runs; 0: off
 p = 16                          # classes per batch
-k = 4                           # images per class
+images_per_class = 4            # photos of each class in a P x K batch (was `k`)
 sampler = "pk"                  # pk | context_pk
 batches_per_epoch = 0           # 0: about one pass over the train images
 seed = 0
@@ -113,6 +113,10 @@ from pathlib import Path
 from lib.core.start import work_from_repo_root
 
 work_from_repo_root()  # relative paths from the repository root, lib from its checkout
+
+from lib.core.notebook_params import renamed_parameters
+
+renamed_parameters(globals(), "02_train")  # the old name, for one release
 
 from lib.analysis.figures import plot_training_curves, save
 from lib.train.config import build_config, config_parameters

@@ -17,8 +17,8 @@
 # # 03 · Evaluate: retrieval, voting, reliability
 #
 # Train photos are the gallery (a Faiss flat index on unit vectors); each photo of the evaluated split asks for its
-# `k` nearest, and they vote (class score = sum of 1/d, or the chosen `weighting`). A vote is accepted, or marked
-# **unclassifiable** (the nearest photo is too far) or **reshoot** (the two best classes are too close). The two
+# `neighbours` nearest, and they vote (class score = sum of 1/d, or the chosen `weighting`). A vote is accepted, or
+# marked **unclassifiable** (the nearest photo is too far) or **reshoot** (the two best classes are too close). The two
 # thresholds are chosen on a calibration part of the validation split (`calibration_share` of its groups, drawn by
 # `calibration_seed`) for `target_accuracy` (or `target_coverage`), and saved to `run_dir/eval/val/thresholds.json`
 # with the settings they were chosen under, where `photo-predict` (the command that predicts new photos) finds them
@@ -55,7 +55,7 @@ loo_rule = "auto"                # loo: group (own group is junk) | photo (only 
 restrict_to_context = False      # True: a query's neighbours and vote come only from photos of its own context
 split = "val"                    # the split thresholds are chosen on; the test split is never used for choosing
 checkpoint = "best"              # best | latest | a checkpoint file name in run_dir
-k = 20                           # neighbours that vote (20 as the project specifies)
+neighbours = 20                  # nearest photos that vote (20 as the project specifies; was `k`)
 weighting = "inverse"            # inverse (1/d) | uniform | softmax
 tta = False                      # flip test-time augmentation (mean of the photo's and its mirror's embeddings)
 target_accuracy = 0.95           # thresholds: the largest coverage at this accuracy on val ...
@@ -67,7 +67,7 @@ confidence = 0.95                # one-sided Clopper-Pearson bound on accuracy t
 evaluate_test = False            # True: also evaluate the test split (final numbers), with the val thresholds
 index = "auto"                   # flat | ivf | hnsw | ivfpq | auto | a faiss factory string, e.g. "IVF1024,PQ64"
 index_exact_below = 10000        # auto: exact search without measuring for a gallery smaller than this
-index_recall = 0.95              # recall@k against exact search the approximate index is tuned to reach
+index_recall = 0.95              # the approximate index is tuned to find this share of the exact `neighbours` nearest
 nprobe = None                    # IVF: lists visited per query (None: tuned; higher: better recall, slower)
 ef_search = None                 # HNSW: candidates kept per query (the same trade)
 pairs_top = 0                    # reid pairs table: keep each query's best N gallery photos (0: every pair)
@@ -86,6 +86,10 @@ from pathlib import Path
 from lib.core.start import work_from_repo_root
 
 work_from_repo_root()  # relative paths from the repository root, lib from its checkout
+
+from lib.core.notebook_params import renamed_parameters
+
+renamed_parameters(globals(), "03_evaluate")  # the old name, for one release
 
 import pandas as pd
 from IPython.display import display

@@ -36,8 +36,8 @@ USER_DATA = {"data_dir", "metadata_csv"}  # parameters that point the demo's rec
 
 
 def demo_parameters(notebook: Path, open_set: bool = False) -> dict:
-    """The demo's values for the parameters this notebook declares (training settings for 02 only: other notebooks'
-    `k` or `epochs` mean other things); open_set: those of the open-set pass."""
+    """The demo's values for the parameters this notebook declares (training settings for 02 only: they are the
+    demo's tiny model, whatever another notebook means by the same name); open_set: those of the open-set pass."""
     declared = papermill.inspect_notebook(str(notebook))
     demo = {**DEMO, **HEADLESS, **(DEMO_TRAIN if notebook.stem == "02_train" else {}),
             **(DEMO_OPEN_SET if open_set else {})}

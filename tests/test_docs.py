@@ -42,14 +42,14 @@ class Sources:
     parsers: dict = field(default_factory=dict)
 
     def notebook_parameters(self, stem: str) -> set[str]:
-        """Names assigned in the notebook's parameters cell; notebook 02 also takes every run-config knob by name
-        (lib.train.config.config_parameters reads them from its globals)."""
+        """Names assigned in the notebook's parameters cell; notebook 02 also takes every run-config knob by its
+        notebook name (lib.train.config.config_parameters reads PARAMETERS from its globals)."""
         text = (self.root / "notebooks" / f"{stem}.py").read_text()
         cell = text.split('# %% tags=["parameters"]', 1)[1].split("\n# %%", 1)[0]
         names = set(re.findall(r"^([A-Za-z_]\w*)\s*=", cell, re.M))
         if stem.startswith("02_"):
-            from lib.train.config import FIELD_OWNER
-            names |= set(FIELD_OWNER)
+            from lib.train.config import PARAMETERS
+            names |= set(PARAMETERS)
         return names
 
     def notebooks(self, prefixes=("",)) -> list[str]:

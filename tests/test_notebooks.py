@@ -122,7 +122,7 @@ def test_notebooks_01_to_06_on_the_demo(demo, tmp_path):
     assert best["best_metric"] == pytest.approx(history.set_index("epoch").loc[best["epoch"], selected])
     assert best["best_metric"] == pytest.approx(history[selected].max())
     results = tmp_path / "results" / "benchmarks.csv"
-    run("03_evaluate", tmp_path, run_dir=str(run_dir), results_csv=str(results), figures_dir=str(figures), k=10)
+    run("03_evaluate", tmp_path, run_dir=str(run_dir), results_csv=str(results), figures_dir=str(figures), neighbours=10)
     for name in ("queries.csv", "arrays.npz", "metrics.json", "thresholds.json"):
         assert (run_dir / "eval" / "val" / name).exists(), name
     assert not (run_dir / "eval" / "test").exists(), "the test split only when asked for"

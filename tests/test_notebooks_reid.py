@@ -24,7 +24,7 @@ def test_reid_notebooks_01_to_06_on_the_demo_context_column(demo, tmp_path):
         data_dir=str(data), splits_dir=str(splits), run_dir=str(run_dir), batches_per_epoch=2,
         figures_dir=str(figures), mlflow_uri="")
     run("03_evaluate", tmp_path, task="reid", run_dir=str(run_dir), results_csv=str(results / "benchmarks.csv"),
-        figures_dir=str(figures), k=5, restrict_to_context=True, evaluate_test=True)
+        figures_dir=str(figures), neighbours=5, restrict_to_context=True, evaluate_test=True)
     metrics = json.loads((run_dir / "eval" / "val" / "metrics.json").read_text())["metrics"]
     ev = load_evaluation(run_dir / "eval" / "val")
     real = ev.neighbours != NO_NEIGHBOUR

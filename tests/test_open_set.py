@@ -137,7 +137,7 @@ def test_open_set_pass_of_the_demo_writes_its_figures_and_record(demo, tmp_path)
     assert unknown["val"] and unknown["test"]
     run("02_train", tmp_path, **{**run_all.DEMO_TRAIN, "epochs": 1, "img_size": 32, "embed_dim": 16},
         data_dir=str(data), batches_per_epoch=2, figures_dir=str(figures), mlflow_uri="", **pick("02_train"))
-    run("03_evaluate", tmp_path, results_csv=str(results / "benchmarks.csv"), figures_dir=str(figures), k=5,
+    run("03_evaluate", tmp_path, results_csv=str(results / "benchmarks.csv"), figures_dir=str(figures), neighbours=5,
         **pick("03_evaluate"))
     for split in ("val", "test"):
         record = json.loads((run_dir / "eval" / split / "metrics.json").read_text())

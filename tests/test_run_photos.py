@@ -24,8 +24,8 @@ run_all = _load("run_all")
 
 # the demo's tiny recipe, so a test trains in seconds; the runner itself adds nothing of the demo's
 TINY = {"backbone": "resnet10t", "pretrained": "", "embed_dim": 16, "img_size": 32, "epochs": 1, "head_epochs": 0,
-        "unfreeze": "all", "lr_decay": 1.0, "batches_per_epoch": 2, "p": 6, "k": 4, "num_workers": 0,
-        "device": "cpu", "embedding_maps": [], "upload": False, "near_duplicate_distance": 0}
+        "unfreeze": "all", "lr_decay": 1.0, "batches_per_epoch": 2, "p": 6, "images_per_class": 4, "neighbours": 4,
+        "num_workers": 0, "device": "cpu", "embedding_maps": [], "upload": False, "near_duplicate_distance": 0}
 
 
 def test_names_and_parameters_come_from_the_folder_or_the_csv(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from lib.core.errors import DataError
 from lib.train.checkpoint import load_checkpoint, save_checkpoint
-from lib.train.config import FIELD_OWNER, RunConfig, build_config, config_parameters, settings_diff
+from lib.train.config import ALIASES, FIELD_OWNER, RunConfig, build_config, config_parameters, settings_diff
 from lib.train.step import TrainingDiverged
 from lib.train.run import train_run
 
@@ -158,11 +158,13 @@ def test_notebook_02_parameters_are_the_dataclass_defaults():
     declared = _notebook_02_parameters()
     defaults = build_config()
     flat = {name: getattr(getattr(defaults, FIELD_OWNER[name]), name) for name in FIELD_OWNER}
+    flat |= {alias: flat[name] for alias, name in ALIASES.items()}  # notebook 02's names for fields
     differ = [f"{name} = {value!r} (default {flat[name]!r})" for name, value in declared.items()
-              if name in FIELD_OWNER and value != flat[name]]
+              if name in flat and value != flat[name]]
     assert not differ, "notebook 02 and lib/train/config.py disagree: " + "; ".join(differ)
     assert build_config(**config_parameters(declared)) == defaults
-    assert {"head_epochs", "unfreeze", "lr_decay", "img_size", "s", "margin", "p"} <= set(config_parameters(declared))
+    assert {"head_epochs", "unfreeze", "lr_decay", "img_size", "s", "margin", "p", "images_per_class"} <= set(
+        config_parameters(declared))
 
 
 def test_the_demo_lists_only_what_it_changes():
@@ -273,3 +275,11 @@ def test_a_cpu_run_whose_backbone_batchnorm_trains_keeps_one_pass(demo, tmp_path
     train_run(str(tmp_path), config(demo, epochs=1, batches_per_epoch=1), progress=False)  # random init: BN trains
     assert asked == [False]
     assert load_checkpoint(tmp_path / "latest_model.pt")["config"]["device"]["resolved"]["backbone_chunk"] == 0
+
+
+def test_images_per_class_is_the_samplers_k():
+    assert build_config(images_per_class=6).sampler.k == build_config(k=6).sampler.k == 6
+    assert config_parameters({"images_per_class": 6, "k": 9})["images_per_class"] == 6
+    assert "k" not in config_parameters({"images_per_class": 6, "k": 9})  # an old name goes through renamed_parameters
+    with pytest.raises(ValueError, match="images_per_class and k name the same setting"):
+        build_config(images_per_class=6, k=6)

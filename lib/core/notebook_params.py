@@ -6,7 +6,8 @@ import sys
 
 # notebook (file stem) -> {old name: new name}; read by the notebooks and by notebooks/run_photos.py, which passes an
 # old name on to the notebook that still takes it
-RENAMED = {"04_confusion_analysis": {"k_show": "shown", "k_candidates": "candidates"},
+RENAMED = {"02_train": {"k": "images_per_class"}, "03_evaluate": {"k": "neighbours"},
+           "04_confusion_analysis": {"k_show": "shown", "k_candidates": "candidates"},
            "05_retrieval_gallery": {"k": "shown"}}
 
 

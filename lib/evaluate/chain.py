@@ -21,7 +21,7 @@ from lib.evaluate.results_table import append_benchmark_row, benchmark_row
 from lib.evaluate.run_eval import EvalSettings, evaluate_run
 from lib.retrieval.ann_index import IndexSpec, describe
 from lib.retrieval.clustering import ClusterSettings
-from lib.retrieval.decide import Thresholds, risk_coverage, save_thresholds
+from lib.retrieval.decide import DEFAULT_K, Thresholds, risk_coverage, save_thresholds
 from lib.retrieval.metrics import per_identity_ap
 from lib.retrieval.pairwise import pairwise_scores
 
@@ -140,14 +140,15 @@ class ChainResult:
 
 
 def chain_parameters(params: dict) -> tuple[EvalSettings, ChainSettings]:
-    """(EvalSettings, ChainSettings) from notebook 03's parameters by name (its globals()): the index parameters
-    (index, index_recall, index_exact_below, nprobe, ef_search) make the IndexSpec; progress bars unless
-    progress=False."""
-    spec = IndexSpec(index=params.get("index", "auto"), recall=params.get("index_recall", IndexSpec.recall),
-                     k=params.get("k", IndexSpec.k), nprobe=params.get("nprobe"), ef_search=params.get("ef_search"),
+    """(EvalSettings, ChainSettings) from notebook 03's parameters by name (its globals()): `neighbours` is
+    EvalSettings.k, the neighbours that vote; the index parameters (index, index_recall, index_exact_below, nprobe,
+    ef_search) make the IndexSpec; progress bars unless progress=False."""
+    k = params.get("neighbours", DEFAULT_K)
+    spec = IndexSpec(index=params.get("index", "auto"), recall=params.get("index_recall", IndexSpec.recall), k=k,
+                     nprobe=params.get("nprobe"), ef_search=params.get("ef_search"),
                      exact_below=params.get("index_exact_below", IndexSpec.exact_below))
-    names = {f.name for f in fields(EvalSettings)} - {"index", "progress"}
-    settings = EvalSettings(**{n: params[n] for n in names if n in params}, index=spec,
+    names = {f.name for f in fields(EvalSettings)} - {"index", "progress", "k"}
+    settings = EvalSettings(**{n: params[n] for n in names if n in params}, k=k, index=spec,
                             progress=params.get("progress", True))
     chain = ChainSettings(**{f.name: params[f.name] for f in fields(ChainSettings) if f.name in params})
     return settings, chain

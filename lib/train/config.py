@@ -90,7 +90,8 @@ class AugConfig:
 class SamplerConfig:
     sampler: str = "pk"        # pk | context_pk
     p: int = 16                # classes per batch
-    k: int = 4                 # images per class (4-5: enough positives per class for the miners)
+    k: int = 4                 # images per class, notebook 02's images_per_class (4-5: enough positives for
+                               # the miners)
     batches_per_epoch: int = 0  # 0 = about one pass over the training images
 
 
@@ -139,6 +140,11 @@ def _field_owner() -> dict[str, str]:
 
 
 FIELD_OWNER = _field_owner()
+# notebook 02's name for a field whose own name says too little ({parameter: field}): P x K's k is the number of photos
+# per class, where other notebooks' k meant voting neighbours or photos shown. build_config takes either name.
+ALIASES = {"images_per_class": "k"}
+# the flat parameters notebook 02 declares, one per field: the alias where a field has one
+PARAMETERS = [name for name in FIELD_OWNER if name not in ALIASES.values()] + list(ALIASES)
 
 
 @dataclass
@@ -179,20 +185,26 @@ class RunConfig:
 
 
 def build_config(**params) -> RunConfig:
-    """Flat parameters -> RunConfig; every field not given keeps its dataclass default."""
-    unknown = sorted(set(params) - set(FIELD_OWNER))
+    """Flat parameters (a field by its own name or by its ALIASES name) -> RunConfig; every field not given keeps its
+    dataclass default."""
+    unknown = sorted(set(params) - set(FIELD_OWNER) - set(ALIASES))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; valid: {sorted(FIELD_OWNER)}")
+        raise ValueError(f"unknown parameter(s) {unknown}; valid: {sorted(PARAMETERS)}")
+    twice = [f"{alias} and {name}" for alias, name in ALIASES.items() if alias in params and name in params]
+    if twice:
+        raise ValueError(f"{', '.join(twice)} name the same setting: give one")
     grouped: dict[str, dict] = {s: {} for s in SECTIONS}
     for name, value in params.items():
+        name = ALIASES.get(name, name)
         grouped[FIELD_OWNER[name]][name] = value
     return RunConfig(**{s: SECTIONS[s](**grouped[s]) for s in SECTIONS})
 
 
 def config_parameters(namespace: dict) -> dict:
-    """The run-config knobs among a namespace's names: notebook 02 hands build_config its parameters cell's values
-    this way (from globals()), so no knob is typed twice and a new one needs only its line in the cell."""
-    return {name: namespace[name] for name in FIELD_OWNER if name in namespace}
+    """The run-config knobs among a namespace's names (PARAMETERS): notebook 02 hands build_config its parameters
+    cell's values this way (from globals()), so no knob is typed twice and a new one needs only its line in the
+    cell."""
+    return {name: namespace[name] for name in PARAMETERS if name in namespace}
 
 
 def comparable_config(config: dict) -> dict:
