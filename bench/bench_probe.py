@@ -151,10 +151,11 @@ def print_against_best_single(table: pd.DataFrame) -> None:
 
 
 @contextlib.contextmanager
-def timed(module, *names):
-    """{name: [seconds, photos]} filled while the block runs by every call of module.<name>: wall seconds and the
-    rows of its first argument where that is a table (sift_table's photos)."""
-    spent = {name: [0.0, 0] for name in names}
+def timed(*where):
+    """{name: [seconds, photos]} filled while the block runs by every call of each (module, name) in `where`, patched
+    where its caller looks it up: wall seconds and the rows of its first argument where that is a table
+    (sift_table's photos)."""
+    spent = {name: [0.0, 0] for _, name in where}
 
     def wrap(name, real):
         def call(*args, **kwargs):
@@ -166,13 +167,13 @@ def timed(module, *names):
                 spent[name][1] += len(args[0]) if isinstance(args[0], pd.DataFrame) else 0
         return call
 
-    reals = {name: getattr(module, name) for name in names}
-    for name, real in reals.items():
+    reals = {(module, name): getattr(module, name) for module, name in where}
+    for (module, name), real in reals.items():
         setattr(module, name, wrap(name, real))
     try:
         yield spent
     finally:
-        for name, real in reals.items():
+        for (module, name), real in reals.items():
             setattr(module, name, real)
 
 
@@ -306,7 +307,7 @@ def print_local_cost(args) -> None:
                                   methods=["global", "local", "fusion"], cache_dir=str(Path(tmp) / f"cache{n}"),
                                   sift=sift)
                 for cache in ("cold", "warm"):
-                    with old_matcher(matcher == "old"), timed(probe_methods, "sift_table", "inlier_table") as spent:
+                    with old_matcher(matcher == "old"), timed((probe_features, "sift_table"), (probe_methods, "inlier_table")) as spent:
                         table, _ = run_probe(cfg)
                     rows.append({"photos": name, "matcher": matcher, "cache": cache, **cost_row(table, spent)})
                     print(pd.DataFrame(rows[-1:]).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
