@@ -8,6 +8,7 @@ module it had left; and the calls that re-enter a module still on the call stack
 spread a reader has to follow down and back up. Each function counts once, however many batches call it.
 
     python bench/config_trace.py            # the counts and the path
+    python bench/config_trace.py --values   # the config's field values followed too, wherever they are passed alone
 """
 from __future__ import annotations
 
@@ -33,7 +34,23 @@ def module_of(code) -> str:
     return code.co_filename[len(LIB) - 3:-3].replace("/", ".")
 
 
-def config_calls(run) -> tuple[list[str], set, set]:
+def value_ids(config) -> set[int]:
+    """ids of the config's sections and of its field values that are objects of their own (strings, floats, lists,
+    dicts; not small ints, bools or None, which Python shares with every other use of the same value)."""
+    ids = set()
+
+    def collect(value):
+        if dataclasses.is_dataclass(value):
+            ids.add(id(value))
+            for f in dataclasses.fields(value):
+                collect(getattr(value, f.name))
+        elif isinstance(value, (str, float, list, tuple, dict)) and not (isinstance(value, str) and len(value) < 2):
+            ids.add(id(value))
+    collect(config)
+    return ids
+
+
+def config_calls(run, follow: set[int] = frozenset()) -> tuple[list[str], set, set]:
     """While `run()` runs, the lib functions whose arguments hold the config: (their modules in order of first call,
     the functions, the functions entered in a module the config had already left on the way down: the module is
     among their callers' but not their direct caller's). Each function counts once, however many batches call it."""
@@ -47,7 +64,7 @@ def config_calls(run) -> tuple[list[str], set, set]:
             return
         code = frame.f_code
         names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
-        if not any(holds_config(frame.f_locals.get(n)) for n in names):
+        if not any(holds_config(v) or id(v) in follow for v in (frame.f_locals.get(n) for n in names)):
             return
         module = module_of(code)
         if stack and module != stack[-1][1] and module in {m for _, m in stack}:
@@ -66,6 +83,12 @@ def config_calls(run) -> tuple[list[str], set, set]:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--values", action="store_true", help="follow the config's field values too (a path, a rate, a "
+                                                          "list passed on alone), not only the config and its sections")
+    args = ap.parse_args()
     from data_prep.make_demo import make_demo
     from lib.data.splits import SplitConfig, prepare_splits
     from lib.data.table import check_images, index_from_folder
@@ -80,7 +103,8 @@ def main() -> None:
     config = build_config(data_dir=str(base / "data"), splits_dir=str(base / "splits"), backbone="resnet10t",
                           embed_dim=16, img_size=32, epochs=1, head_epochs=1, batches_per_epoch=2, p=6, k=4,
                           num_workers=0, device="cpu", unfreeze="all")
-    path, functions, reentries = config_calls(lambda: train_run(str(base / "run"), config, progress=False))
+    follow = value_ids(config) if args.values else frozenset()
+    path, functions, reentries = config_calls(lambda: train_run(str(base / "run"), config, progress=False), follow)
     print(" -> ".join(path))
     print(f"{len(functions)} functions in {len(set(path))} modules receive the config; "
           f"{len(path) - len(set(path))} times the path goes back to a module it had left, "
