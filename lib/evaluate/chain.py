@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from lib.core.state_io import run_state_lock, write_csv
+from lib.data.tasks import task_columns
 from lib.evaluate.calibrate import CALIBRATION_COLUMN, Calibration, apply_calibrated, calibrate, provenance, thresholds_info
 from lib.evaluate.classification import add_classification_metrics
 from lib.evaluate.cluster_eval import add_cluster_metrics, choose_cluster_threshold, cluster_columns, save_cluster_choice
@@ -25,7 +26,6 @@ from lib.retrieval.decide import DEFAULT_K, Thresholds, risk_coverage, save_thre
 from lib.retrieval.metrics import per_identity_ap
 from lib.retrieval.pairwise import pairwise_scores
 
-TASKS = ("classification", "reid")
 OPEN_SET_SHOWN = ("BAKS", "BAUS", "harmonic_mean", "auroc_top1_distance", "auroc_margin", "coverage",
                   "accuracy_answered", "new_threshold", "min_margin")
 CLUSTER_SHOWN = ("n_photos", "n_individuals", "n_clusters", "ari", "ami", "pair_precision", "pair_recall", "pair_f1",
@@ -52,8 +52,7 @@ class ChainSettings:
     notes: str = ""
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r}; valid: {', '.join(TASKS)}")
+        task_columns(self.task)  # an unknown task is an error naming the valid ones
 
     def calibration(self) -> Calibration:
         return Calibration(target_accuracy=None if self.target_coverage > 0 else self.target_accuracy,
