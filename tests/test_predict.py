@@ -15,9 +15,10 @@ from lib.core.errors import DataError
 from lib.data.splits import prepare_splits
 from lib.evaluate.calibrate import Calibration, calibrate, thresholds_info
 from lib.evaluate.photos import list_photos
-from lib.evaluate.predict import THRESHOLDS_FILE, predict_photos, trained_min_size
+from lib.evaluate.predict import THRESHOLDS_FILE, predict_photos
 from lib.evaluate.run_eval import evaluate_run
 from lib.retrieval.decide import Thresholds, save_thresholds
+from lib.train.trained_run import trained_min_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSOLE = Path(sys.executable).with_name("photo-predict")  # installed by `pip install -e .` (make setup)

@@ -36,9 +36,8 @@ from lib.data.splits import read_splits
 from lib.data.table import MIN_SIZE
 from lib.evaluate.enrolled_store import ID_CHARS, Enrolled, embedding_key, load_enrolled, save_enrolled
 from lib.evaluate.photos import embed_photos, list_photos
-from lib.evaluate.predict import trained_min_size
 from lib.retrieval.embed import file_sha256
-from lib.train.trained_run import TrainedRun, load_trained, rows_in_split, split_rows
+from lib.train.trained_run import TrainedRun, load_trained, rows_in_split, split_rows, trained_min_size
 
 
 def labelled_photos(source: str | os.PathLike, label: str | None = None) -> tuple[list[str], list[str]]:

@@ -19,13 +19,12 @@ from lib.core.device import DeviceSettings, auto_settings
 from lib.data.images import probe_image
 from lib.evaluate.calibrate import check_enrolment, check_provenance
 from lib.evaluate.gallery_index import GalleryIndex, gallery_index, index_settings, missing_files
-from lib.evaluate.photos import embed_photos, list_photos  # noqa: F401  (list_photos: imported from here too)
+from lib.evaluate.photos import embed_photos
 from lib.retrieval.ann_index import approximation_recall, describe
 from lib.retrieval.decide import DEFAULT_K, DEFAULT_WEIGHTING, Thresholds, decisions, load_thresholds
 from lib.retrieval.embed import EMBED_BATCH_SIZE
 from lib.retrieval.faiss_index import NO_NEIGHBOUR, fill_padding, search
-from lib.train.trained_run import (TrainedRun, embed_rows, load_trained, rows_in_split, split_rows,  # noqa: F401
-                                   trained_min_size)  # (trained_min_size: imported from here too)
+from lib.train.trained_run import TrainedRun, embed_rows, load_trained, rows_in_split, split_rows, trained_min_size
 
 THRESHOLDS_FILE = Path("eval") / "val" / "thresholds.json"  # inside the run folder; written by notebook 03
 COLUMNS = ("path", "pred", "score", "margin", "top1_distance", "verdict", "error", "note", "neighbour_labels",
