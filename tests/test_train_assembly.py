@@ -10,18 +10,14 @@ import torch
 
 import lib.train.losses as losses
 from lib.train.checkpoint import load_checkpoint, save_checkpoint
-from lib.train.config import build_config
 from lib.train.run import train_run
 from lib.train.state import LossScaler
-
-TINY = dict(backbone="resnet10t", embed_dim=16, img_size=32, s=30.0, margin=0.3, warmup_epochs=0, p=6, k=4,
-            lr_backbone=1e-3, lr_head=3e-3, num_workers=0, device="cpu", batches_per_epoch=1, head_epochs=0,
-            unfreeze="all", lr_decay=1.0)
+from test_run_safety import config as run_safety_config
 
 
 def config(demo, **overrides):
-    data, splits = demo
-    return build_config(data_dir=str(data), splits_dir=str(splits), **{**TINY, **overrides})
+    """test_run_safety's tiny run, one batch per epoch."""
+    return run_safety_config(demo, **{"batches_per_epoch": 1, **overrides})
 
 
 class FixedMarginHead(losses.ArcFaceHead):
