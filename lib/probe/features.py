@@ -27,10 +27,10 @@ from lib.data.transforms import build_transforms
 from lib.probe.local_match import (MATCHER, RANSAC_ITERS, SiftConfig, in_threads, pair_inliers, shortlist_pairs,
                                    sift_features)
 from lib.probe.photo_features import PHOTO_FEATURES, SETTINGS, photo_features
-from lib.retrieval.retrieval_split import RetrievalSplit
 from lib.retrieval.embed import (EMBED_BATCH_SIZE, cached_embeddings, extract_embeddings, files_fingerprint,
                                  state_sha256)
 from lib.retrieval.faiss_index import unit_rows
+from lib.retrieval.retrieval_split import RetrievalSplit
 from lib.train.config import AugConfig
 from lib.train.model import ModelConfig, create_model
 from lib.train.trained_run import load_trained

@@ -24,10 +24,11 @@ from lib.probe.features import ProbeFeatures, inlier_table
 from lib.probe.local_match import SiftConfig
 from lib.probe.pair_features import SIFT_GROUPS, pair_features
 from lib.probe.photo_features import PHOTO_FEATURES
-from lib.retrieval.retrieval_split import RetrievalSplit
 from lib.probe.rerank import query_expansion, rerank_shortlist
 from lib.probe.scores import approximate_top, cosine, exact_top, fusion_scores, hybrid_scores, kreciprocal_scores, order
+from lib.retrieval.exclusion import most_left_out
 from lib.retrieval.ranking import RankingTally, query_chunks
+from lib.retrieval.retrieval_split import RetrievalSplit
 
 if TYPE_CHECKING:  # the config checks method names against PROBE_METHODS, so it imports this module
     from lib.probe.config import ProbeConfig
@@ -119,9 +120,10 @@ class _Backbone:
         s, q, g = self.s, self.q, self.g
         return rerank_shortlist(order(cosine(q[rows], g, s.exclusion_for(rows))), scores[rows])
 
-    def shortlist_run(self, needs: frozenset, order_of: Callable, prepare: Callable, importance=None) -> MethodRun:
-        """A shortlist method's run, charged the shared work it needs: SIFT per image where it uses SIFT, the
-        engineered features per image where it uses them, the shortlist's and the inliers' seconds."""
+    def shortlist_run(self, name: str, order_of: Callable, prepare: Callable, importance=None) -> MethodRun:
+        """The shortlist method `name`'s run, charged the shared work its record needs: SIFT per image where it uses
+        SIFT, the engineered features per image where it uses them, the shortlist's and the inliers' seconds."""
+        needs = PROBE_METHODS[name].needs(self.cfg)
         w = self.shortlisted()
         feature_ms = (self.q_ms + w.sift_ms * bool(needs & {"sift", "inliers"})
                       + w.photo_ms * ("photos" in needs))
@@ -132,7 +134,7 @@ class _Backbone:
 def _shortlist(s: RetrievalSplit, q_unit, g_unit, cfg: ProbeConfig):
     """(shortlist gallery rows, their cosines, same-identity flags), each (n_q, K), of a probe set."""
     # every shortlist entry a photo the query may find: the most any query leaves out comes off k
-    k = min(cfg.shortlist_k, len(g_unit) - (0 if s.exclude is None else int(s.exclude.counts().max())))
+    k = min(cfg.shortlist_k, len(g_unit) - most_left_out(s.exclude))
     top = approximate_top(s, q_unit, g_unit, k, cfg)
     if top is None:
         top = exact_top(s, q_unit, g_unit, k, np.arange(len(q_unit)))
@@ -249,12 +251,12 @@ def _kreciprocal(b: _Backbone) -> MethodRun | None:
 
 
 def _local(b: _Backbone) -> MethodRun:
-    return b.shortlist_run(frozenset({"inliers"}), b.reranked, lambda: b.shortlisted().short.inliers)
+    return b.shortlist_run("local", b.reranked, lambda: b.shortlisted().short.inliers)
 
 
 def _fusion(b: _Backbone) -> MethodRun:
     w = b.shortlisted()
-    return b.shortlist_run(frozenset({"inliers"}), b.reranked, lambda: _fused(b.s, w.short, w.calibration(), b.cfg))
+    return b.shortlist_run("fusion", b.reranked, lambda: _fused(b.s, w.short, w.calibration(), b.cfg))
 
 
 def _hybrid_needs(cfg: ProbeConfig) -> frozenset:
@@ -266,7 +268,7 @@ def _hybrid_needs(cfg: ProbeConfig) -> frozenset:
 
 def _hybrid(b: _Backbone) -> MethodRun:
     w = b.shortlisted()
-    return b.shortlist_run(_hybrid_needs(b.cfg), lambda rows, p: b.reranked(rows, p[0]),
+    return b.shortlist_run("hybrid", lambda rows, p: b.reranked(rows, p[0]),
                            lambda: _boosted(b.s, w.short, b.calibration_set, w.calibration(), b.feats, b.cfg),
                            lambda p: p[1])
 

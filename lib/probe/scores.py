@@ -11,7 +11,6 @@ import pandas as pd
 from lib.probe.crossfit import QueryModels, cross_fit, fitted_once
 from lib.probe.fusion import ScoreFusion
 from lib.probe.hybrid import HybridScorer
-from lib.retrieval.retrieval_split import RetrievalSplit
 from lib.probe.rerank import k_reciprocal_distances
 from lib.retrieval.ann_index import (
     IndexSpec,
@@ -25,6 +24,7 @@ from lib.retrieval.ann_index import (
 from lib.retrieval.exclusion import Exclusion
 from lib.retrieval.faiss_index import knn
 from lib.retrieval.ranking import query_chunks
+from lib.retrieval.retrieval_split import RetrievalSplit
 
 if TYPE_CHECKING:  # the config imports the method registry, which imports this module
     from lib.probe.config import ProbeConfig
