@@ -19,8 +19,8 @@ from lib.data.split_assign import RatioHolder, assign_in_order, group_table, ope
 DEFAULT_UNKNOWN_SHARE = 0.2
 GIVEN_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "query": "test"}
-# the ratio tolerance of the val carved from a given CSV's train: SplitConfig's default, whatever the CSV's run set
-CARVE_RATIO_TOL = 0.03
+# SplitConfig.ratio_tol's default, and the tolerance of the val carved from a given CSV's train whatever the run set
+DEFAULT_RATIO_TOL = 0.03
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _given_assign(index, table, cfg, rng) -> dict[str, str]:
         train = index[index["group"].map(where) == "train"]
         share = cfg.ratios[1] / (cfg.ratios[0] + cfg.ratios[1])
         carved = open_set_split(train, group_table(train), (1 - share, share, 0.0), cfg.unknown_share,
-                                CARVE_RATIO_TOL, rng)
+                                DEFAULT_RATIO_TOL, rng)
         where.update({g: "val" for g, s in carved.items() if s == "val"})
     return where
 

@@ -35,7 +35,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from lib.core.errors import DataError
 from lib.core.state_io import write_csv, write_json, write_text
 from lib.data.split_assign import SPLITS, group_table, split_fingerprint
-from lib.data.split_modes import DEFAULT_UNKNOWN_SHARE, MODES, assign_groups, split_mode
+from lib.data.split_modes import DEFAULT_RATIO_TOL, DEFAULT_UNKNOWN_SHARE, MODES, assign_groups, split_mode
 from lib.data.split_report import report_markdown, split_report
 
 SPLIT_FILES = {s: f"{s}_ids.json" for s in SPLITS}
@@ -50,7 +50,7 @@ class SplitConfig:
     mode: str = "group"  # a name in lib.data.split_modes.MODES: group | time | open | given
     time_col: str = ""  # mode='time': the index column to order groups by (a date or any sortable value)
     # group/time: how far each split's share of images may stray from `ratios` before groups are moved to hold it
-    ratio_tol: float = 0.03
+    ratio_tol: float = DEFAULT_RATIO_TOL
     # open-set modes (open/given): share of the val/test individuals with no photo in train (1: identity-disjoint,
     # every individual in one split); None: DEFAULT_UNKNOWN_SHARE there, 0 in the others
     unknown_share: float | None = None
