@@ -82,20 +82,15 @@ def config_calls(run, follow: set[int] = frozenset()) -> tuple[list[str], set, s
     return path, functions, reentries
 
 
-def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--values", action="store_true", help="follow the config's field values too (a path, a rate, a "
-                                                          "list passed on alone), not only the config and its sections")
-    args = ap.parse_args()
+def tiny_run(base: Path):
+    """(train, config): a call that trains a tiny model on the demo data made under `base` for one head and one
+    backbone epoch, and its config."""
     from data_prep.make_demo import make_demo
     from lib.data.splits import SplitConfig, prepare_splits
     from lib.data.table import check_images, index_from_folder
     from lib.train.config import build_config
     from lib.train.run import train_run
 
-    base = Path(tempfile.mkdtemp())
     make_demo(base / "data")
     index, _ = index_from_folder(base / "data")
     kept, excluded = check_images(index, base / "data")
@@ -103,8 +98,19 @@ def main() -> None:
     config = build_config(data_dir=str(base / "data"), splits_dir=str(base / "splits"), backbone="resnet10t",
                           embed_dim=16, img_size=32, epochs=1, head_epochs=1, batches_per_epoch=2, p=6, k=4,
                           num_workers=0, device="cpu", unfreeze="all")
+    return lambda: train_run(str(base / "run"), config, progress=False), config
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--values", action="store_true", help="follow the config's field values too (a path, a rate, a "
+                                                          "list passed on alone), not only the config and its sections")
+    args = ap.parse_args()
+    train, config = tiny_run(Path(tempfile.mkdtemp()))
     follow = value_ids(config) if args.values else frozenset()
-    path, functions, reentries = config_calls(lambda: train_run(str(base / "run"), config, progress=False), follow)
+    path, functions, reentries = config_calls(train, follow)
     print(" -> ".join(path))
     print(f"{len(functions)} functions in {len(set(path))} modules receive the config; "
           f"{len(path) - len(set(path))} times the path goes back to a module it had left, "

@@ -1,9 +1,12 @@
 """docs/ARCHITECTURE.md's file map is true to lib/: each stage's line names every module of that package, and every
 module it names exists there."""
+import importlib.util
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# where a run's config and its sections go (docs/ARCHITECTURE.md, "Where the config goes")
+CONFIG_MODULES = ("run", "config", "model", "losses", "state", "tracking")
 STAGE_LINE = re.compile(r"^lib/(\w+)/\s")
 
 
@@ -43,3 +46,23 @@ def test_the_check_catches_a_missing_and_a_stale_module(tmp_path):
     text = "## Files\n\n```\nlib/core/       errors.py (DataError),\n                gone.py\nbench/  x.py\n```\n"
     assert file_map_problems(text, tmp_path) == ["lib/core/cpus.py is not in the file map",
                                                  "the file map names lib/core/gone.py, which does not exist"]
+
+
+def _config_trace():
+    spec = importlib.util.spec_from_file_location("config_trace", ROOT / "bench" / "config_trace.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_runs_config_reaches_only_the_modules_the_architecture_names(tmp_path):
+    """The config and its sections go where docs/ARCHITECTURE.md says (the assembly, the config's own methods, the
+    model, the loss, the state a checkpoint carries, the tracker's parameters); every other part takes the values it
+    reads. Traced while a tiny run trains one head and one backbone epoch (bench/config_trace.py)."""
+    trace = _config_trace()
+    train, _ = trace.tiny_run(tmp_path)
+    path, functions, reentries = trace.config_calls(train)
+    assert set(path) == {f"lib.train.{m}" for m in CONFIG_MODULES}
+    assert not reentries
+    said = (ROOT / "docs" / "ARCHITECTURE.md").read_text().split("The config and its sections reach", 1)[1][:400]
+    assert all(f"{m}.py" in said for m in CONFIG_MODULES)

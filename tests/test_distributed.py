@@ -96,10 +96,10 @@ def _one_step(rank: int, world: int, port: int, out: str) -> None:
     params = dict(model.named_parameters()) | {f"criterion.{k}": v for k, v in criterion.named_parameters()}
     grads = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
     start = {k: p.detach().clone() for k, p in params.items()}
-    weights = {}
+    weights, cfg = {}, build_config().train
     for name, optimizer in [("sgd", lambda: torch.optim.SGD(params.values(), lr=0.1)),
-                            ("adamw", lambda: build_optimizer(model, criterion, build_config(
-                                lr_backbone=1e-3, lr_head=1e-2).train, device))]:
+                            ("adamw", lambda: build_optimizer(model, criterion, device, lr_backbone=1e-3, lr_head=1e-2,
+                                                              lr_decay=cfg.lr_decay, weight_decay=cfg.weight_decay))]:
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(start[k])

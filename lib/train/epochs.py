@@ -34,7 +34,6 @@ class Training:
     validation: Validation
     saver: CheckpointSaver
     log: MetricsLog
-    record: dict                             # the full config every checkpoint and the log carry
     world: World = World()
     class_contexts: torch.Tensor | None = None  # class x context, for context margins
     query_contexts: np.ndarray | None = None    # val queries' contexts, for hard-context mining
@@ -140,7 +139,7 @@ def score_untrained(t: Training, features: CachedFeatures | None) -> None:
     state.selection.best = metrics["val_recall@1"]
     row = {"epoch": 0, "phase": "untrained", **metrics, "best_val_recall@1": state.selection.best, "best_epoch": 0}
     state.history.append(row)
-    t.saver.save_untrained(state, t.record, t.log.mlflow_run_id)
+    t.saver.save_untrained(state)
     t.log.write(state.history)
     t.say(f"epoch 0 (untrained): val recall@1 {row['val_recall@1']:.4f} mAP {row['val_mAP']:.4f} | frozen "
           f"backbone features: recall@1 {row['frozen_val_recall@1']:.4f} mAP {row['frozen_val_mAP']:.4f}")

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 
 from lib.core.cpu_probe import cpu_train_choice
 from lib.core.device import DeviceSettings
-from lib.train.config import TrainConfig
 from lib.train.feature_cache import CachedFeatures
 
 BACKBONE_BN = ("auto", "frozen", "train")
@@ -51,13 +50,13 @@ class Phase:
         return self.name if self.stages == 0 else "warmup" if backbone_frozen else "finetune"
 
 
-def plan_phases(cfg: TrainConfig) -> list[Phase]:
+def plan_phases(head_epochs: int, epochs: int, unfreeze) -> list[Phase]:
     """The run's phases in order, those with epochs only: `head_epochs` on cached features, then `epochs` on images
     training `unfreeze` stages (none with unfreeze=0: the run ends after the head phase)."""
-    stages = trainable_stages(cfg.unfreeze)
-    head = Phase("head", range(1, cfg.head_epochs + 1), 0, pooled=True)
-    backbone = Phase("backbone", range(cfg.head_epochs + 1, cfg.head_epochs + 1 + (cfg.epochs if stages != 0 else 0)),
-                     stages, pooled=False)
+    stages = trainable_stages(unfreeze)
+    head = Phase("head", range(1, head_epochs + 1), 0, pooled=True)
+    backbone = Phase("backbone", range(head_epochs + 1, head_epochs + 1 + (epochs if stages != 0 else 0)), stages,
+                     pooled=False)
     return [phase for phase in (head, backbone) if phase.epochs]
 
 

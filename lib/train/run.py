@@ -74,7 +74,7 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
         criterion = build_loss(config.loss, config.model.embed_dim, len(class_to_idx))
         _check_batch_mixing(config, criterion.head)
         # ---- phases: the head on cached features, then the backbone on images
-        phases = plan_phases(cfg)
+        phases = plan_phases(cfg.head_epochs, cfg.epochs, cfg.unfreeze)
         backbone = next((phase for phase in phases if not phase.pooled), None)
         # ---- device: this machine's settings; a resumed checkpoint, read once here, says what the run began at
         saver = CheckpointSaver(run_dir, cfg.checkpoint_every, writes=world.is_rank0)
@@ -91,10 +91,11 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
         if world.is_rank0:
             _describe(config, model, settings, world, (train_set, query_set, class_to_idx), backbone_line)
         apply_settings(settings)
-        state = TrainState.build(model, criterion, cfg, settings, world)
+        state = TrainState.build(model, criterion, cfg, settings, world, record)
         start_epoch = _start_epoch(state, resumed, sampler, world)
         log = MetricsLog(run_dir, mlflow_uri=mlflow_uri, enabled=world.is_rank0)
         log.start(record, run_dir.name, state.run_id)
+        state.run_id = log.mlflow_run_id  # what each checkpoint carries, so a resume logs on into the same run
         # ---- validation, and each phase's batches
         validation = validation_for(gallery_set, query_set, settings, cfg.eval_batch_size, cfg.val_protocol)
         if world.is_rank0:
@@ -113,7 +114,7 @@ def train_run(run_dir: str, config: RunConfig | dict, fresh: bool = False, mlflo
                                            state.memory_format, batch_mix(config.aug.mixup, config.aug.cutmix,
                                                                           len(class_to_idx))))
         training = Training(state=state, phases=phases, schedule=config.schedule, sampler=sampler,
-                            validation=validation, saver=saver, log=log, record=record, world=world,
+                            validation=validation, saver=saver, log=log, world=world,
                             class_contexts=class_contexts, query_contexts=query_contexts,
                             progress=progress and world.is_rank0)
         # ---- the loop
@@ -140,7 +141,7 @@ def train_epochs(t: Training, start_epoch: int, stop_after_epoch: int | None = N
                 state.scheduler.step(row["val_recall@1"]) if cfg.scheduler == "plateau" else state.scheduler.step()
             improved = state.selection.record(row, state.history)
             state.history.append(row)
-            t.saver.save(state, epoch, t.record, t.log.mlflow_run_id, improved)
+            t.saver.save(state, epoch, improved)
             t.log.write(state.history)
             t.say(epoch_line(row, state.ema is not None))
             if stop_after_epoch is not None and epoch >= stop_after_epoch:

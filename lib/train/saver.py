@@ -72,17 +72,17 @@ class CheckpointSaver:
         raise DataError(f"{broken}, and run_dir holds no intact checkpoint_epoch_N.pt to resume from; fresh=True "
                         "starts over (moving the old files to a replaced-* folder)")
 
-    def save_untrained(self, state: TrainState, record: dict, mlflow_run_id: str | None) -> None:
+    def save_untrained(self, state: TrainState) -> None:
         """Epoch 0 as the first best_model.pt, so a run whose training only hurts keeps the untrained model."""
         if self.writes:
-            save_checkpoint(self.run_dir / BEST, state.checkpoint(0, record, mlflow_run_id))
+            save_checkpoint(self.run_dir / BEST, state.checkpoint(0))
 
-    def save(self, state: TrainState, epoch: int, record: dict, mlflow_run_id: str | None, improved: bool) -> None:
+    def save(self, state: TrainState, epoch: int, improved: bool) -> None:
         """latest_model.pt; best_model.pt when the epoch is the best so far, holding the weights that scored (the
         EMA's when EMA drives selection); checkpoint_epoch_N.pt every `every` epochs."""
         if not self.writes:
             return
-        ckpt = state.checkpoint(epoch, record, mlflow_run_id)
+        ckpt = state.checkpoint(epoch)
         save_checkpoint(self.run_dir / LATEST, ckpt)
         if improved:
             best = dict(ckpt, model=fp32_state_dict(state.ema.module)) if state.ema is not None else ckpt
