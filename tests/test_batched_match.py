@@ -113,7 +113,7 @@ def test_extraction_runs_on_two_workers_at_once_and_keeps_the_order(tmp_path, mo
         both_in.wait()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(local_match, "default_workers", lambda: 2)
+    monkeypatch.setattr(local_match, "usable_cpus", lambda: 2)
     monkeypatch.setattr(features, "sift_features", meeting)
     got, _ = sift_table(rows, tmp_path, cfg)
     for (k1, d1), (k2, d2) in zip(expected, got):

@@ -167,7 +167,7 @@ def test_the_probe_ranks_under_the_group_rule_by_default():
     want = _brute_force(emb, labels, groups, (1, 5))
     np.testing.assert_allclose(m["ap"], want["ap"], atol=1e-6)
     assert m["recall@1"] == pytest.approx(want["recall@1"])
-    top = ranking_table(s, m["top"], m["ap"], "label")["top_paths"]
+    top = ranking_table(s, m["top"], m["ap"])["top_paths"]
     own = [set(index.loc[index["group"] == g, "path"]) for g in groups]
     assert all(not (set(paths) & mine) for paths, mine in zip(top, own)), "no query's top-5 holds its group"
     scores = kreciprocal_scores(q, q, s, cfg)

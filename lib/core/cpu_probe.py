@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lib.core.state_io import read_cache, try_write_cache, write_json
+from lib.core.state_io import read_json_cache, try_write_cache, write_json
 
 # batch sizes the probe tries: small batches keep a 320 px activation in cache. Lite0 at 320 px on 2 cores, eager
 # channels_last: 4 won every probe of the benchmark, and 2 measured level with 4, so the list starts at 4
@@ -110,8 +110,7 @@ def probe(model: nn.Module, input_shape: tuple[int, ...], train: bool = False,
 
 
 def _load(path: Path) -> dict:
-    table = read_cache(path, lambda p: json.loads(p.read_text(encoding="utf-8")))  # none yet, or cut short: probe again
-    return table if isinstance(table, dict) else {}
+    return read_json_cache(path)  # none yet, or cut short: probe again
 
 
 def _store(path: Path, key: str, entry: dict) -> None:

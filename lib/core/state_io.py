@@ -236,6 +236,12 @@ def read_cache(path: str | os.PathLike, read):
         return None
 
 
+def read_json_cache(path: str | os.PathLike) -> dict:
+    """The JSON object a cache file holds; {} when there is none or it cannot be read (read_cache) or is not one."""
+    table = read_cache(path, lambda p: json.loads(p.read_text(encoding="utf-8")))
+    return table if isinstance(table, dict) else {}
+
+
 def try_write_cache(path: str | os.PathLike, write, *args, **kwargs) -> bool:
     """Call `write(path, *args, **kwargs)` (one of this module's writers); a cache folder that cannot be written
     (read-only, full, a file where a folder should be) is said once and the job goes on without the cache."""

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from lib.core.cpus import usable_cpus
 from lib.core.errors import DataError
-from lib.core.state_io import atomic_file, read_cache, say_once, try_write_cache, write_text
+from lib.core.state_io import atomic_file, read_json_cache, say_once, try_write_cache, write_text
 from lib.data.images import UnreadableImage, check_resize, load_resized
 
 MANIFEST = "manifest.json"
@@ -51,9 +51,9 @@ def cache_path(cache_dir, rel_path) -> Path:
 
 
 def _load_manifest(cache_dir: Path) -> dict:
-    """The manifest's entries; none (every file rebuilt, said once) when it is missing, torn or of another version."""
-    manifest = read_cache(cache_dir / MANIFEST, lambda p: json.loads(p.read_text(encoding="utf-8")))
-    if not isinstance(manifest, dict) or manifest.get("version") != _MANIFEST_VERSION:
+    """The manifest's entries; none (every file rebuilt) when it is missing, torn (said once) or of another version."""
+    manifest = read_json_cache(cache_dir / MANIFEST)
+    if manifest.get("version") != _MANIFEST_VERSION:
         return {}
     return manifest.get("entries") or {}
 

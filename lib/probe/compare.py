@@ -83,7 +83,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = False) -> tuple[pd.DataFrame, d
                      "feature_ms_per_image": feature_ms, "method_ms_per_query": method_ms,
                      "ms_per_query": feature_ms + method_ms, "features_cached": cached,
                      "importance": json.dumps(importance) if importance else ""})
-        rankings[name, method] = ranking_table(s, m["top"], m["ap"], cfg.identity_col)
+        rankings[name, method] = ranking_table(s, m["top"], m["ap"])
     table = pd.DataFrame(rows)
     return table[[c for c in PROBE_COLUMNS if c in table] + [c for c in table if c not in PROBE_COLUMNS]], rankings
 

@@ -8,7 +8,6 @@ second-nearest neighbour within each candidate read off it; only the geometric c
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image
 from threadpoolctl import threadpool_limits
+
+from lib.core.cpus import usable_cpus
 
 GEOMETRIES = ("homography", "affine")
 MIN_MATCHES = {"homography": 4, "affine": 2}  # fewest point pairs each OpenCV estimator accepts
@@ -162,10 +163,6 @@ def count_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndar
     return int(query_inliers(a, [b], cfg)[0])
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @contextmanager
 def one_thread_each():
     """OpenCV and BLAS limited to one thread while a pool of workers keeps every core busy: their own threads on top
@@ -183,7 +180,7 @@ def in_threads(work: Callable, items: Iterable, workers: int | None = None) -> l
     """[work(item) for item in items], `workers` items at a time (default: one per usable core). Threads suffice:
     OpenCV, PIL's decoders and BLAS release the GIL while they work."""
     items = list(items)
-    workers = min(workers or default_workers(), max(len(items), 1))
+    workers = min(workers or usable_cpus(), max(len(items), 1))
     if workers == 1:
         return [work(item) for item in items]
     with one_thread_each(), ThreadPoolExecutor(workers) as pool:

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from lib.probe.crossfit import cross_fit, fitted_once
+from lib.probe.crossfit import fitted_once
 from lib.probe.ensemble import combine, fit_weights, training_pairs
 from lib.probe.features import ProbeFeatures, inlier_table
 from lib.probe.local_match import SiftConfig
 from lib.probe.pair_features import SIFT_GROUPS, pair_features
 from lib.probe.photo_features import PHOTO_FEATURES
 from lib.probe.rerank import query_expansion, rerank_shortlist
-from lib.probe.scores import approximate_top, cosine, exact_top, fusion_scores, hybrid_scores, kreciprocal_scores, order
+from lib.probe.scores import (approximate_top, cosine, exact_top, fitted_models, fusion_scores, hybrid_scores,
+                              kreciprocal_scores, order)
 from lib.retrieval.exclusion import most_left_out
 from lib.retrieval.ranking import RankingTally, query_chunks
 from lib.retrieval.retrieval_split import RetrievalSplit
@@ -35,7 +36,6 @@ if TYPE_CHECKING:  # the config checks method names against PROBE_METHODS, so it
 
 TOP_KEPT = 5  # first gallery photos of each query kept for the per-query table and figures
 MAX_PAIRS = 40_000_000  # k-reciprocal's dense (items x items) matrices beyond this take GBs: it is left out
-SHARED_WORK = ("sift", "inliers", "photos")  # what shortlist methods may ask to be computed once, before them
 
 
 @dataclass
@@ -58,8 +58,9 @@ class ProbeMethod:
     ranks: 'embeddings' (the embeddings alone rank the gallery), 'shortlist' (re-sorts each query's global
     shortlist by its own score, the cosine order after it) or 'backbones' (combines several backbones' cosines).
     learned: fitted on pairs with known answers, of the calibrate_on split (cross-fitted by identity when that is the
-    probed split; fit through scores._fitted).
-    needs(cfg): the shared work of SHARED_WORK it uses, computed once per backbone and charged to it (its cost).
+    probed split; fit through scores.fitted_models).
+    needs(cfg): the shared work it uses ('sift', 'inliers', 'photos'), computed once per backbone before the
+    shortlist methods and charged to each that uses it (its cost).
     build(context): its MethodRun for one probe set (_Backbone, or _Backbones for 'backbones'), or None when it
     cannot run there (after a warning). Its knobs are ProbeConfig fields and notebook 06 parameters.
     """
@@ -77,8 +78,7 @@ def rank_method(s: RetrievalSplit, cfg: ProbeConfig, n_gallery: int, method: Met
     t0 = time.perf_counter()
     prepared = method.prepare()
     seconds = method.shared_s + time.perf_counter() - t0
-    tally = RankingTally(s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy(), s.exclude,
-                         cfg.ranks, keep=TOP_KEPT)
+    tally = RankingTally(s.gallery_labels, s.query_labels, s.exclude, cfg.ranks, keep=TOP_KEPT)
     for rows in query_chunks(len(s.queries), n_gallery):
         t0 = time.perf_counter()
         ranked = method.order_of(rows, prepared)
@@ -115,10 +115,13 @@ class _Backbone:
             self.work = _shortlist_work(self)
         return self.work
 
+    def global_order(self, rows) -> np.ndarray:
+        """The gallery rows by cosine, nearest first, for the query rows (their left-out rows excluded)."""
+        return order(cosine(self.q[rows], self.g, self.s.exclusion_for(rows)))
+
     def reranked(self, rows, scores):
         """The cosine order of the query rows with each one's shortlist re-sorted by its scores first."""
-        s, q, g = self.s, self.q, self.g
-        return rerank_shortlist(order(cosine(q[rows], g, s.exclusion_for(rows))), scores[rows])
+        return rerank_shortlist(self.global_order(rows), scores[rows])
 
     def shortlist_run(self, name: str, order_of: Callable, prepare: Callable, importance=None) -> MethodRun:
         """The shortlist method `name`'s run, charged the shared work its record needs: SIFT per image where it uses
@@ -148,7 +151,7 @@ def _shortlist(s: RetrievalSplit, q_unit, g_unit, cfg: ProbeConfig):
     # were chunked (the hybrid's trees split on them).
     for rows in query_chunks(len(q_unit), k * q_unit.shape[1]):
         cos[rows] = np.einsum("qd,qkd->qk", q_unit[rows], g_unit[top[rows]])
-    same = s.gallery[cfg.identity_col].to_numpy()[top] == s.queries[cfg.identity_col].to_numpy()[:, None]
+    same = s.gallery_labels[top] == s.query_labels[:, None]
     return top, cos, same
 
 
@@ -175,7 +178,7 @@ class _ShortlistWork(NamedTuple):
 
 def _needed(cfg: ProbeConfig) -> frozenset:
     """The shared work the shortlist methods cfg.methods names need, together."""
-    return frozenset().union(*(PROBE_METHODS[m].needs(cfg) for m in cfg.methods if PROBE_METHODS[m].ranks == "shortlist"))
+    return frozenset().union(*(m.needs(cfg) for m in _chosen(cfg, "shortlist")))
 
 
 def _shortlist_work(b: _Backbone) -> _ShortlistWork:
@@ -234,8 +237,7 @@ def _boosted(s: RetrievalSplit, short: _Shortlists, calibration_set: RetrievalSp
 
 
 def _global(b: _Backbone) -> MethodRun:
-    s, q, g = b.s, b.q, b.g
-    return MethodRun(b.q_ms, lambda rows, _: order(cosine(q[rows], g, s.exclusion_for(rows))))
+    return MethodRun(b.q_ms, lambda rows, _: b.global_order(rows))
 
 
 def _qe(b: _Backbone) -> MethodRun:
@@ -273,19 +275,20 @@ def _hybrid(b: _Backbone) -> MethodRun:
                            lambda p: p[1])
 
 
-def _member_names(cfg: ProbeConfig) -> list[str]:
-    return list(cfg.ensemble_members or [b["name"] for b in cfg.backbones])
+def _combined(cfg: ProbeConfig) -> list[str]:
+    """The backbones the ensemble combines (ensemble_members, else every probed one); none when fewer than two."""
+    members = list(cfg.ensemble_members or [b["name"] for b in cfg.backbones])
+    return members if len(members) >= 2 else []
 
 
 def ensemble_members(cfg: ProbeConfig) -> list[str]:
     """The backbones the ensemble combines; none (with a warning) when the probe has fewer than two."""
     if "ensemble" not in cfg.methods:
         return []
-    members = _member_names(cfg)
-    if len(members) < 2:
+    members = _combined(cfg)
+    if not members:
         warnings.warn("ensemble left out: it combines two or more backbones and the probe has one; add backbones or "
                       "runs to include it")
-        return []
     return members
 
 
@@ -295,7 +298,7 @@ def _member_cosines(vectors: list, s: RetrievalSplit, rows: np.ndarray) -> list[
 
 def _ensemble_weights(vectors: list, s: RetrievalSplit, query_rows: np.ndarray, cfg: ProbeConfig) -> np.ndarray:
     """The members' logistic-regression weights, fitted on pairs of the queries `query_rows` (indices) of s."""
-    g_labels, q_labels = s.gallery[cfg.identity_col].to_numpy(), s.queries[cfg.identity_col].to_numpy()
+    g_labels, q_labels = s.gallery_labels, s.query_labels
     pairs = [training_pairs(_member_cosines(vectors, s, rows), q_labels[rows, None] == g_labels[None], rows)
              for rows in (query_rows[chunk] for chunk in query_chunks(len(query_rows), len(g_labels)))]
     return fit_weights(np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs]))
@@ -325,13 +328,10 @@ def _ensemble(b: _Backbones) -> MethodRun:
         n_q = len(s.queries)
         if cfg.ensemble_combine != "logistic":
             return fitted_once(None, n_q), None
-        if calibration_set is not None:
-            weights = _ensemble_weights(set_vectors(calibration_set), calibration_set,
-                                        np.arange(len(calibration_set.queries)), cfg)
-            models = fitted_once(weights, n_q)
-        else:
-            models = cross_fit(s.queries[cfg.identity_col].to_numpy(),
-                               lambda rows: _ensemble_weights(vectors, s, np.flatnonzero(rows), cfg))
+        models = fitted_models(s, lambda rows: _ensemble_weights(vectors, s, np.flatnonzero(rows), cfg),
+                               None if calibration_set is None else lambda: _ensemble_weights(
+                                   set_vectors(calibration_set), calibration_set,
+                                   np.arange(len(calibration_set.queries)), cfg))
         return models, dict(zip(members, np.mean(models.in_use(), axis=0).round(4).tolist()))
 
     def order_of(rows, prepared):
@@ -343,7 +343,7 @@ def _ensemble(b: _Backbones) -> MethodRun:
 
 def _ensemble_while_loaded(backbone, calibration_set: RetrievalSplit | None, feats: ProbeFeatures, cfg: ProbeConfig):
     """A member's vectors of the calibration split, while it is loaded: the ensemble's logistic weights need them."""
-    if backbone.name in _member_names(cfg) and calibration_set is not None and cfg.ensemble_combine == "logistic":
+    if backbone.name in _combined(cfg) and calibration_set is not None and cfg.ensemble_combine == "logistic":
         feats.vectors(backbone, calibration_set)
 
 
@@ -358,16 +358,17 @@ PROBE_METHODS: dict[str, ProbeMethod] = {m.name: m for m in (
 )}
 
 
-def _chosen(cfg: ProbeConfig, ranks: str) -> list[ProbeMethod]:
-    return [m for m in PROBE_METHODS.values() if m.name in cfg.methods and m.ranks == ranks]
+def _chosen(cfg: ProbeConfig, ranks: str | None = None) -> list[ProbeMethod]:
+    """The methods cfg.methods names, in the registry's order; with `ranks`, those of that kind only."""
+    return [m for m in PROBE_METHODS.values() if m.name in cfg.methods and ranks in (None, m.ranks)]
 
 
 def probe_backbone(backbone, s: RetrievalSplit, calibration_set: RetrievalSplit | None, feats: ProbeFeatures,
                    cfg: ProbeConfig) -> dict:
     """{method: (metrics with 'ap' and 'top', feature ms per image, method ms per query, importance or None)} for one
     backbone; calibration_set: the split whose pairs fit the learned methods, None to cross-fit on s."""
-    for method in PROBE_METHODS.values():
-        if method.name in cfg.methods and method.while_loaded is not None:
+    for method in _chosen(cfg):
+        if method.while_loaded is not None:
             method.while_loaded(backbone, calibration_set, feats, cfg)
     q, q_ms = feats.embed(backbone, s.queries)
     g = q if s.loo else feats.embed(backbone, s.gallery)[0]

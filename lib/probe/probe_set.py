@@ -38,11 +38,11 @@ def with_masks(index: pd.DataFrame, masks_csv: str, mask_col: str) -> pd.DataFra
     return index.drop(columns=mask_col, errors="ignore").assign(**{mask_col: index["path"].map(masks).fillna("")})
 
 
-def ranking_table(s: RetrievalSplit, top: np.ndarray, ap: np.ndarray, identity_col: str) -> pd.DataFrame:
+def ranking_table(s: RetrievalSplit, top: np.ndarray, ap: np.ndarray) -> pd.DataFrame:
     """Per query: path, identity, AP and the paths and identities of its first gallery photos (`top`: gallery rows,
     the left-out ones already out in loo; '' past the end of a short ranking), for figures and the per-query table."""
     def of(column):
         return list(np.where(top == NO_NEIGHBOUR, "", s.gallery[column].to_numpy().astype(str)[top]))
 
-    return pd.DataFrame({"path": s.queries["path"], "identity": s.queries[identity_col], "ap": ap,
-                         "top_paths": of("path"), "top_identities": of(identity_col)})
+    return pd.DataFrame({"path": s.queries["path"], "identity": s.queries[s.label_col], "ap": ap,
+                         "top_paths": of("path"), "top_identities": of(s.label_col)})

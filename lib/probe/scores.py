@@ -76,12 +76,12 @@ def approximate_top(s: RetrievalSplit, q_unit, g_unit, k: int, cfg: ProbeConfig)
     return top
 
 
-def _fitted(s: RetrievalSplit, cfg: ProbeConfig, fit_here, fit_calibration=None) -> QueryModels:
+def fitted_models(s: RetrievalSplit, fit_here, fit_calibration=None) -> QueryModels:
     """The model scoring each query: fit_calibration() (pairs of another split) when given, else cross-fitted by
     identity on this split, fit_here(rows) with rows a bool mask of the queries to fit on."""
     if fit_calibration is not None:
         return fitted_once(fit_calibration(), len(s.queries))
-    return cross_fit(s.queries[cfg.identity_col].to_numpy(), fit_here)
+    return cross_fit(s.query_labels, fit_here)
 
 
 def _fit_fusion(cos, inliers, same) -> ScoreFusion:
@@ -90,7 +90,7 @@ def _fit_fusion(cos, inliers, same) -> ScoreFusion:
 
 def fusion_scores(s: RetrievalSplit, cos, inliers, same, calibration, cfg: ProbeConfig) -> np.ndarray:
     """Fused shortlist scores; calibration = (cos, inliers, same) of another split, or None to cross-fit on s."""
-    models = _fitted(s, cfg, lambda rows: _fit_fusion(cos[rows], inliers[rows], same[rows]),
+    models = fitted_models(s, lambda rows: _fit_fusion(cos[rows], inliers[rows], same[rows]),
                      None if calibration is None else lambda: _fit_fusion(*calibration))
     return models.apply(np.arange(len(cos)),
                         lambda fusion, rows: fusion.fuse({"global": cos[rows], "local": inliers[rows]}))
@@ -102,7 +102,7 @@ def hybrid_scores(s: RetrievalSplit, features: dict, same, calibration, cfg: Pro
     def rows_of(rows):
         return {name: f[rows] for name, f in features.items()}
 
-    models = _fitted(s, cfg, lambda rows: HybridScorer(cfg.hybrid_params).fit(rows_of(rows), same[rows]),
+    models = fitted_models(s, lambda rows: HybridScorer(cfg.hybrid_params).fit(rows_of(rows), same[rows]),
                      None if calibration is None else lambda: HybridScorer(cfg.hybrid_params).fit(*calibration))
     importance = pd.concat([m.importances() for m in models.in_use()], axis=1).mean(axis=1)
     scores = models.apply(np.arange(len(same)), lambda model, rows: model.score(rows_of(rows)))
