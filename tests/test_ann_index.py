@@ -13,6 +13,7 @@ from lib.retrieval.ann_index import (
     build_search_index,
     describe,
     is_exact,
+    resolve_factory,
     sample_rows,
     searchable,
 )
@@ -271,3 +272,21 @@ def test_evaluation_with_an_approximate_index_reports_its_recall_and_prediction_
     flat = predict_photos(run, photos, k=5, device="cpu", index="flat")  # another index: rebuilt, exact
     assert flat.attrs["index"]["exact"] and (run / "index" / "index.faiss").stat().st_mtime_ns != saved
     assert flat["pred"].tolist() == exact.queries["pred"].tolist()
+
+
+def test_a_saved_auto_index_is_what_auto_chose_not_what_auto_would_guess_again():
+    """A search asking for the setting the saved index was built with ('auto', which measured its choice) uses it,
+    from the run folder and from an export alike (gallery_index.other_index); another kind is refused or rebuilt."""
+    from dataclasses import asdict
+
+    import faiss
+
+    from lib.evaluate.gallery_index import other_index
+
+    saved = faiss.IndexFlatL2(4)
+    saved.add(np.eye(4, dtype=np.float32)[np.arange(8) % 4])
+    info = {"index": {"spec": asdict(IndexSpec(index="auto", exact_below=4)), "factory": "Flat"}}
+    assert resolve_factory("auto", 8, 4, 4)[0] != "Flat"  # what 'auto' would guess for 8 vectors without measuring
+    assert other_index(IndexSpec(index="auto", exact_below=4), saved, info) == ""
+    assert other_index(IndexSpec(index="flat"), saved, info) == ""
+    assert other_index(IndexSpec(index="ivf"), saved, info) == "Flat"

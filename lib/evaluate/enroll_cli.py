@@ -30,13 +30,12 @@ import pandas as pd
 
 from lib.core.device import auto_settings
 from lib.core.errors import DataError
-from lib.core.state_io import run_state_lock
+from lib.core.state_io import file_sha256, run_state_lock
 from lib.data.images import probe_image
 from lib.data.splits import read_splits
 from lib.data.table import MIN_SIZE
 from lib.evaluate.enrolled_store import ID_CHARS, Enrolled, embedding_key, load_enrolled, save_enrolled
 from lib.evaluate.photos import embed_photos, list_photos
-from lib.retrieval.embed import file_sha256
 from lib.train.trained_run import TrainedRun, load_trained, rows_in_split, split_rows, trained_min_size
 
 

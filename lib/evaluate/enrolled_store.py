@@ -24,9 +24,8 @@ import pandas as pd
 
 from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
-from lib.core.state_io import READ_ERRORS, read_cache, run_state_lock, save_npz, say_once, write_bytes
+from lib.core.state_io import READ_ERRORS, file_sha256, read_cache, run_state_lock, save_npz, say_once, write_bytes
 from lib.evaluate.photos import embed_photos
-from lib.retrieval.embed import file_sha256
 
 ENROLLED_FILE = Path("index") / "enrolled.npz"  # inside the run folder
 BACKUP_SUFFIX = ".bak"  # enrolled.npz.bak: the enrolment before the last change

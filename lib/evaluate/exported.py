@@ -15,11 +15,10 @@ from pathlib import Path
 from lib.core.device import DeviceSettings, auto_settings
 from lib.core.errors import DataError
 from lib.core.state_io import manifest_problem, read_bytes_hashed, read_manifest
-from lib.evaluate.gallery_index import (INDEX_DIR, SAVED_FLAT, GalleryIndex, index_settings, placed_gallery,
-                                        with_enrolled)
+from lib.evaluate.gallery_index import (INDEX_DIR, GalleryIndex, index_settings, other_index, placed_gallery,
+                                        saved_spec, with_enrolled)
 from lib.evaluate.enrolled_store import CACHE_DIR
 from lib.evaluate.predict import PredictSettings, Predictor, predict_with
-from lib.retrieval.ann_index import IndexSpec, resolve_factory
 from lib.retrieval.faiss_index import INDEX_MANIFEST, load_index
 from lib.retrieval.onnx_engine import OnnxForward
 from lib.train.config import RunConfig
@@ -119,12 +118,10 @@ def export_gallery(export: ExportedModel, settings: DeviceSettings, cfg: Predict
     if bool(info.get("tta")) != cfg.tta:
         raise DataError(f"{source}: the gallery was embedded with flip TTA {'on' if info.get('tta') else 'off'}; "
                         f"predict {'with' if info.get('tta') else 'without'} --tta")
-    built = info.get("index", SAVED_FLAT)
-    spec = replace(IndexSpec(**built["spec"]), **index_settings(cfg.index, cfg.nprobe, cfg.ef_search, cfg.recall,
-                                                                cfg.k))
-    if cfg.index and resolve_factory(spec.index, saved.ntotal, saved.d, spec.exact_below)[0] != built["factory"]:
-        raise DataError(f"{source}: holds a {built['factory']} index; another (--index {cfg.index}) is built from the "
-                        "training photos: predict from the run folder for that")
+    spec = saved_spec(info, index_settings(cfg.index, cfg.nprobe, cfg.ef_search, cfg.recall, cfg.k))
+    if other := other_index(spec, saved, info):
+        raise DataError(f"{source}: holds a {other} index; another (--index {cfg.index}) is built from the training "
+                        "photos: predict from the run folder for that")
     return with_enrolled(export, placed_gallery(saved, metadata, info, spec, settings), settings, cfg.tta)
 
 

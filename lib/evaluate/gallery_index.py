@@ -14,11 +14,11 @@ import pandas as pd
 
 from lib.core.device import DeviceSettings
 from lib.core.errors import DataError
-from lib.core.state_io import read_manifest, run_state_lock, say_once
+from lib.core.state_io import file_sha256, read_manifest, run_state_lock, say_once
 from lib.data.dataset import IndexDataset
 from lib.evaluate.enrolled_store import enrolled_gallery
 from lib.retrieval.ann_index import IndexSpec, build_search_index, resolve_factory, searchable
-from lib.retrieval.embed import file_sha256, files_fingerprint
+from lib.retrieval.embed import files_fingerprint
 from lib.retrieval.faiss_index import (INDEX_MANIFEST, NO_NEIGHBOUR, faiss_device_for, load_index, save_index, search,
                                         unit_rows)
 from lib.train.trained_run import TrainedRun, embed_rows, rows_in_split, split_rows
@@ -76,10 +76,8 @@ def stale_reason(run: TrainedRun, tta: bool, gallery: pd.DataFrame, saved: faiss
         return "it was built with another checkpoint, TTA or transform"
     if metadata["path"].tolist() != gallery["path"].astype(str).tolist():
         return "the train split's photos are not the ones it holds"
-    built = info.get("index", SAVED_FLAT)
-    same_setting = spec.index.strip().lower() == str(built["spec"]["index"]).strip().lower()  # 'auto' measured it
-    if not same_setting and resolve_factory(spec.index, saved.ntotal, saved.d, spec.exact_below)[0] != built["factory"]:
-        return f"another index was asked for ({spec.index!r}, it is {built['factory']})"
+    if other := other_index(spec, saved, info):
+        return f"another index was asked for ({spec.index!r}, it is {other})"
     if "data_fingerprint" in info:
         files = gallery_files(run, gallery)
         missing = missing_files(run, gallery, files)
@@ -89,6 +87,22 @@ def stale_reason(run: TrainedRun, tta: bool, gallery: pd.DataFrame, saved: faiss
         elif info["data_fingerprint"] != files_fingerprint(files):
             return "a gallery photo changed on disk since it was built (data fingerprint differs)"
     return ""
+
+
+def saved_spec(info: dict, given: dict) -> IndexSpec:
+    """The settings a saved index was built with (its manifest's; flat for one saved before they were recorded), with
+    the fields a search gives in `given` in their place."""
+    return replace(IndexSpec(**info.get("index", SAVED_FLAT)["spec"]), **given)
+
+
+def other_index(spec: IndexSpec, saved: faiss.Index, info: dict) -> str:
+    """The saved index's factory where `spec` asks for another kind of index ('' where it does not): the setting it
+    was built with (an 'auto' that measured its choice) or one that resolves to the same factory."""
+    built = info.get("index", SAVED_FLAT)
+    if spec.index.strip().lower() == str(built["spec"]["index"]).strip().lower():
+        return ""
+    return "" if resolve_factory(spec.index, saved.ntotal, saved.d, spec.exact_below)[0] == built["factory"] \
+        else built["factory"]
 
 
 def _needs_photos(run: TrainedRun, gallery: pd.DataFrame, why: str) -> None:
@@ -123,10 +137,8 @@ def _saved_gallery(run: TrainedRun, tta: bool, gallery: pd.DataFrame, folder, se
     try:
         saved, metadata, info = load_index(folder, "cpu")
     except DataError as e:  # a save stopped half way, a torn or mismatched file: rebuilt with the settings it had
-        info = read_manifest(folder, INDEX_MANIFEST) or {}
-        return None, replace(IndexSpec(**info.get("index", SAVED_FLAT)["spec"]), **given), str(e)
-    built = info.get("index", SAVED_FLAT)
-    spec = replace(IndexSpec(**built["spec"]), **given)
+        return None, saved_spec(read_manifest(folder, INDEX_MANIFEST) or {}, given), str(e)
+    spec = saved_spec(info, given)
     why = stale_reason(run, tta, gallery, saved, metadata, info, spec)
     if why:
         return None, spec, why

@@ -124,7 +124,9 @@ def _neighbours(e: _Embedded, cfg: EvalSettings, ranking: dict) -> tuple[np.ndar
     gallery's index is exact, else the index's (or each context's, with restrict_to_context); the train gallery's
     index is saved to run_dir/index/ for lib.evaluate.predict."""
     s = e.split
-    built = build_gallery_index(e.run, s.gallery, e.g_emb, e.g_info, e.device.device, cfg.index, save=not s.loo)
+    built = None
+    if not (s.loo and cfg.restrict_to_context):  # a leave-one-out index is not saved: only a search would use it
+        built = build_gallery_index(e.run, s.gallery, e.g_emb, e.g_info, e.device.device, cfg.index, save=not s.loo)
     if cfg.restrict_to_context:
         # a context holds few photos: each is searched exactly, whatever the gallery's index
         distances, neighbours = search_within(e.g_emb, s.gallery["context"], e.q_emb, s.queries["context"], cfg.k,

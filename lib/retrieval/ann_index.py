@@ -33,7 +33,7 @@ from lib.retrieval.faiss_index import (
     unit_queries,
     unit_rows,
 )
-from lib.retrieval.index_tuning import overlap, sample_rows, set_params, tune, tuning_record, tuning_sample
+from lib.retrieval.index_tuning import overlap, sample_rows, set_params, tune, tuned_k, tuning_record, tuning_sample
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq", "auto")
 RECALL = 0.95        # recall@k against exact search that the search parameters are tuned to reach
@@ -200,7 +200,8 @@ def _filled(factory: str, x: np.ndarray, spec: IndexSpec) -> tuple[faiss.Index, 
     return cpu, rows
 
 
-def _tuned(x: np.ndarray, spec: IndexSpec, factories: list[str]) -> tuple[faiss.Index, str, int, dict | None]:
+def _tuned(x: np.ndarray, spec: IndexSpec, factories: list[str]) -> tuple[faiss.Index, str, np.ndarray,
+                                                                          dict | None]:
     """(CPU index, its factory, rows trained on, tuning record or None): the index given search parameters where
     `spec` gives some that apply to it; else of `factories`, each built and tuned to spec.recall, the fastest."""
     cpu, rows = _filled(factories[0], x, spec)
@@ -330,7 +331,7 @@ def searchable(index: faiss.Index, spec: IndexSpec, device="auto", built: dict |
     params = {} if is_exact(index) else set_params(index, spec.explicit())
     saved = (built or {}).get("tuning") or {}
     if not is_exact(index) and not params:
-        if (saved.get("target"), saved.get("k")) == (spec.recall, clip_k(spec.k, index.ntotal - 1)):
+        if (saved.get("target"), saved.get("k")) == (spec.recall, tuned_k(spec.k, index.ntotal)):
             params = set_params(index, saved["params"])
         else:
             tuning = retune(index, spec, (built or {}).get("train_rows", 0))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lib.core import cpu_probe
 from lib.core.cpu_probe import ForwardChoice, cpu_forward_choice
 from lib.core.device import DeviceSettings
-from lib.core.state_io import file_sha256, read_cache, save_npz, try_write_cache  # noqa: F401  (file_sha256: imported from here too)
+from lib.core.state_io import read_cache, save_npz, try_write_cache
 from lib.retrieval.onnx_engine import OnnxForward, onnx_available
 
 # images per loaded batch when embedding (validation, evaluation, prediction, probe), and per forward pass on a GPU:

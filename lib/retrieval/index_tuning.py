@@ -86,6 +86,12 @@ class TuningSample:
     flat_ms: float
 
 
+def tuned_k(k: int, n: int) -> int:
+    """The k a tuning over n gallery vectors measures recall@k at: each tuning query is a gallery vector that leaves
+    itself out. A saved tuning serves a search asking for the same."""
+    return clip_k(k, n - 1)
+
+
 def tuning_sample(x: np.ndarray, k: int, size: int, seed: int, avoid: np.ndarray | None = None) -> TuningSample:
     """The tuning queries of the unit gallery rows `x` (size of them, drawn with seed, outside `avoid`, the rows the
     index was trained on, where enough are left: a training vector sits nearer its list's centre than a new photo
@@ -93,7 +99,7 @@ def tuning_sample(x: np.ndarray, k: int, size: int, seed: int, avoid: np.ndarray
     n = len(x)
     pool = np.setdiff1d(np.arange(n), np.arange(0) if avoid is None else avoid)
     rows = pool[sample_rows(len(pool), size, seed)] if len(pool) >= min(size, n) else sample_rows(n, size, seed)
-    k = clip_k(k, n - 1)
+    k = tuned_k(k, n)
     exclude = leave_one_out(n).for_queries(rows)
 
     def exact(q):
