@@ -29,24 +29,23 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
-import numpy as np
-import pandas as pd
-
 import lib.core.device  # noqa: E402,F401  (first: sets the OpenMP switch before torch and faiss load)
 
 # isort: split
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from bench_open_set import LIONS, LITE0  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from lib.core.state_io import write_csv  # noqa: E402
 from lib.retrieval.ann_index import IndexSpec, build_search_index  # noqa: E402
 from lib.retrieval.faiss_index import build_index  # noqa: E402
-from lib.retrieval.index_tuning import set_params  # noqa: E402
+from lib.retrieval.index_tuning import overlap, set_params  # noqa: E402
 
 K = 10
 SWEEPS = {"flat": [{}], "default": [{}], "ivf": [{"nprobe": 2 ** i} for i in range(1, 10)],
           "hnsw": [{"efSearch": e} for e in (16, 32, 64, 128, 256, 512)],
           "ivfpq": [{"nprobe": p} for p in (4, 16, 64)]}
-LIONS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lions"
-LITE0 = {"name": "lite0-imagenet", "backbone": "tf_efficientnet_lite0", "pretrained": "lite0-imagenet", "img_size": 224}
 CENTRE_SPREAD = 1.0  # noise norm around a group's centre: a cluster centre is at cosine ~0.71 to its group's
 POINT_SPREAD = 0.75  # noise norm around a cluster centre: a vector is at cosine ~0.8 to its cluster's centre
 
@@ -78,8 +77,6 @@ def gallery_and_queries(n: int, n_queries: int, d: int, per_cluster: int, per_gr
 def lion_embeddings() -> tuple[np.ndarray, np.ndarray]:
     """(unit embeddings, individual of each) of the lions' photos by frozen ImageNet EfficientNet-Lite0, through the
     project's embedding cache in the user's cache folder (the first run embeds 740 photos: a minute or two)."""
-    import pandas as pd
-
     from lib.core.device import auto_settings
     from lib.probe.features import embeddings, load_backbone
 
@@ -153,11 +150,6 @@ def embeddings_generator(d: int):
     return lambda n, n_queries, seed: make(n, n_queries, np.random.default_rng(seed))[:2]
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
-    """Share of each query's exact k nearest that `found` also holds, averaged."""
-    return float(np.mean([np.isin(e, f).mean() for f, e in zip(found, exact)]))
-
-
 def timed_search(index, queries: np.ndarray, rounds: int = 3) -> tuple[float, np.ndarray]:
     """(queries per second, the results' rows) of the fastest of `rounds` searches of the whole batch: the one least
     slowed by other work on a shared machine."""
@@ -196,7 +188,7 @@ def bench_size(n: int, vectors: str, make, args) -> list[dict]:
             row = {"vectors": vectors, "gallery": n, "index": kind, "factory": info["factory"],
                    "param": " ".join(f"{k}={v}" for k, v in param.items()), "build_s": round(build_s, 1),
                    "tuning_s": round(tuning.get("seconds", 0), 1), "memory_mb": round(memory_mb), "qps": round(qps),
-                   "x_flat": round(qps / flat_qps, 1), f"recall@{K}": round(recall_at_k(found, exact), 4)}
+                   "x_flat": round(qps / flat_qps, 1), f"recall@{K}": round(overlap(exact, found, n), 4)}
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         del index

@@ -82,23 +82,29 @@ def config_calls(run, follow: set[int] = frozenset()) -> tuple[list[str], set, s
     return path, functions, reentries
 
 
-def tiny_run(base: Path):
-    """(train, config): a call that trains a tiny model on the demo data made under `base` for one head and one
-    backbone epoch, and its config."""
+def tiny_run(data: Path, splits: Path, run_dir: Path):
+    """(train, config): a call that trains a tiny model on the demo photos in `data`, split in `splits`, for one head
+    and one backbone epoch into run_dir, and its config."""
+    from lib.train.config import build_config
+    from lib.train.run import train_run
+
+    config = build_config(data_dir=str(data), splits_dir=str(splits), backbone="resnet10t", embed_dim=16, img_size=32,
+                          epochs=1, head_epochs=1, batches_per_epoch=2, p=6, k=4, num_workers=0, device="cpu",
+                          unfreeze="all")
+    return lambda: train_run(str(run_dir), config, progress=False), config
+
+
+def demo_split(base: Path) -> tuple[Path, Path]:
+    """(data, splits): the demo collection made under `base` and split as notebook 01 does by default."""
     from data_prep.make_demo import make_demo
     from lib.data.splits import SplitConfig, prepare_splits
     from lib.data.table import check_images, index_from_folder
-    from lib.train.config import build_config
-    from lib.train.run import train_run
 
     make_demo(base / "data")
     index, _ = index_from_folder(base / "data")
     kept, excluded = check_images(index, base / "data")
     prepare_splits(kept, base / "splits", SplitConfig(), excluded)
-    config = build_config(data_dir=str(base / "data"), splits_dir=str(base / "splits"), backbone="resnet10t",
-                          embed_dim=16, img_size=32, epochs=1, head_epochs=1, batches_per_epoch=2, p=6, k=4,
-                          num_workers=0, device="cpu", unfreeze="all")
-    return lambda: train_run(str(base / "run"), config, progress=False), config
+    return base / "data", base / "splits"
 
 
 def main() -> None:
@@ -108,7 +114,8 @@ def main() -> None:
     ap.add_argument("--values", action="store_true", help="follow the config's field values too (a path, a rate, a "
                                                           "list passed on alone), not only the config and its sections")
     args = ap.parse_args()
-    train, config = tiny_run(Path(tempfile.mkdtemp()))
+    base = Path(tempfile.mkdtemp())
+    train, config = tiny_run(*demo_split(base), base / "run")
     follow = value_ids(config) if args.values else frozenset()
     path, functions, reentries = config_calls(train, follow)
     print(" -> ".join(path))

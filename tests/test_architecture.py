@@ -55,12 +55,12 @@ def _config_trace():
     return module
 
 
-def test_a_runs_config_reaches_only_the_modules_the_architecture_names(tmp_path):
+def test_a_runs_config_reaches_only_the_modules_the_architecture_names(demo, tmp_path):
     """The config and its sections go where docs/ARCHITECTURE.md says (the assembly, the config's own methods, the
     model, the loss, the state a checkpoint carries, the tracker's parameters); every other part takes the values it
     reads. Traced while a tiny run trains one head and one backbone epoch (bench/config_trace.py)."""
     trace = _config_trace()
-    train, _ = trace.tiny_run(tmp_path)
+    train, _ = trace.tiny_run(*demo, tmp_path / "run")
     path, functions, reentries = trace.config_calls(train)
     reached, named = set(path), {f"lib.train.{m}" for m in CONFIG_MODULES}
     assert reached == named, (f"reached, not named: {sorted(reached - named)}; "

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import faiss
 import numpy as np
+import pandas as pd
 import pytest
 
 import lib.retrieval.index_tuning
@@ -96,7 +97,7 @@ def test_re_tuning_a_saved_index_changes_its_search_parameters_without_rebuildin
     gallery, queries = _gallery(2, n=5000)
     spec = IndexSpec(index="ivf", recall=0.8, k=10)
     index, info = build_search_index(gallery, spec, device="cpu")
-    save_index(index, __import__("pandas").DataFrame({"path": map(str, range(len(gallery)))}), tmp_path, info)
+    save_index(index, pd.DataFrame({"path": map(str, range(len(gallery)))}), tmp_path, info)
     before = (tmp_path / "index.faiss").read_bytes()
     loaded, _, saved = load_index(tmp_path)
     centroids = faiss.extract_index_ivf(loaded).quantizer.reconstruct_n(0, faiss.extract_index_ivf(loaded).nlist)

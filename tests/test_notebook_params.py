@@ -30,15 +30,11 @@ def test_task_columns_for_notebooks_01_and_06():
 
 
 def test_make_run_passes_an_old_name_to_the_notebook_that_still_takes_it():
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "notebooks"))
-    from run_photos import declared_parameters
+    from test_run_photos import run_photos  # notebooks/run_photos.py, loaded there from its file
 
     for stem, renames in RENAMED.items():
-        got = declared_parameters(root / "notebooks" / f"{stem}.ipynb", {**{old: 1 for old in renames}, "nonsense": 2})
+        got = run_photos.declared_parameters(NOTEBOOKS / f"{stem}.ipynb", {**{old: 1 for old in renames},
+                                                                             "nonsense": 2})
         assert set(got) == set(renames), stem
 
 

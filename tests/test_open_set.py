@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from lib.retrieval.open_set import (
-    BALANCED_RULE,
     NEW,
     RESHOOT,
     baks,

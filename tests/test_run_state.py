@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from conftest import write_image
+from test_evaluate import CountingModel
 
 from lib.core import cpu_probe, state_io
 from lib.core.device import DeviceSettings, auto_settings
@@ -121,18 +121,6 @@ def test_load_index_names_what_is_wrong(tmp_path):
 
 # ---- caches: rebuilt when torn, skipped when they cannot be written -------------------------------------------
 
-class TinyModel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 4, 3)
-        self.forwards = 0
-
-    def forward(self, x):
-        self.forwards += 1
-        return torch.nn.functional.normalize(self.conv(x).mean(dim=(2, 3)), dim=1)
-
-
 @pytest.fixture
 def photos(tmp_path):
     for i in range(3):
@@ -143,7 +131,7 @@ def photos(tmp_path):
 
 
 def test_a_torn_embedding_cache_file_is_computed_again_saying_so(photos, tmp_path, capsys):
-    model, cache = TinyModel(), tmp_path / "emb"
+    model, cache = CountingModel(), tmp_path / "emb"
     first, info = cached_embeddings(model, photos, DeviceSettings(), cache, "ck")
     file = Path(info["file"])
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # a kill mid-copy, a full disk
@@ -155,7 +143,7 @@ def test_a_torn_embedding_cache_file_is_computed_again_saying_so(photos, tmp_pat
 
 
 def test_an_unwritable_embedding_cache_is_skipped_said_once(photos, tmp_path, capsys):
-    model, cache = TinyModel(), tmp_path / "emb"
+    model, cache = CountingModel(), tmp_path / "emb"
     cache.write_text("a file where the cache folder should be")
     first, info = cached_embeddings(model, photos, DeviceSettings(), cache, "ck")
     again, _ = cached_embeddings(model, photos, DeviceSettings(), cache, "ck")
@@ -166,7 +154,7 @@ def test_an_unwritable_embedding_cache_is_skipped_said_once(photos, tmp_path, ca
 def test_the_cpu_probe_works_on_when_the_cache_home_is_a_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "cache_home").write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache_home"))
-    model = TinyModel().eval()
+    model = CountingModel().eval()
     first = cpu_probe.cpu_forward_choice(model, (3, 16, 16), batches=(1, 2))
     second = cpu_probe.cpu_forward_choice(model, (3, 16, 16), batches=(1, 2))
     assert first.why.startswith("probe:") and second.why.startswith("probe:")
@@ -176,7 +164,7 @@ def test_the_cpu_probe_works_on_when_the_cache_home_is_a_file(tmp_path, monkeypa
 def test_a_torn_cpu_probe_cache_is_probed_again_saying_so(tmp_path, capsys):
     path = tmp_path / "cpu_probe.json"
     path.write_text('{"cut sh')
-    choice = cpu_probe.cpu_forward_choice(TinyModel().eval(), (3, 16, 16), batches=(1, 2), path=path)
+    choice = cpu_probe.cpu_forward_choice(CountingModel().eval(), (3, 16, 16), batches=(1, 2), path=path)
     assert choice.why.startswith("probe:") and len(cpu_probe._load(path)) == 1
     assert f"note: cache file {path} cannot be read" in capsys.readouterr().out
 
