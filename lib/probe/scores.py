@@ -65,7 +65,7 @@ def exact_top(s: RetrievalSplit, q_unit, g_unit, k: int, queries: np.ndarray) ->
 def approximate_top(s: RetrievalSplit, q_unit, g_unit, k: int, cfg: ProbeConfig) -> np.ndarray | None:
     """The k nearest gallery rows of every query through cfg.index's approximate Faiss index (padded with -1 where it
     finds fewer), printing what it costs against exact search; None where cfg.index resolves to exact search."""
-    spec = IndexSpec(index=cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    spec = IndexSpec(index=cfg.index, nprobe=cfg.nprobe, ef_search=cfg.ef_search, k=k)  # tuned for the shortlist
     factory, _ = resolve_factory(spec.index, *g_unit.shape, spec.exact_below)
     if is_exact(new_index(factory, g_unit.shape[1])):
         return None
