@@ -128,23 +128,30 @@ def read_manifest(folder: str | os.PathLike, name: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def manifest_problem(folder: str | os.PathLike, manifest: dict | None, check_hash: bool = True) -> str:
-    """'' when every file the manifest names is there with its recorded size (and hash), else what is wrong."""
+def manifest_fault(folder: str | os.PathLike, manifest: dict | None, check_hash: bool = True) -> tuple[str, str]:
+    """('', '') when every file the manifest names is there with its recorded size (and hash), else (the file that
+    is wrong, '' for the manifest itself; what is wrong with it)."""
     if manifest is None:
-        return "its manifest is missing or unreadable"
+        return "", "its manifest is missing or unreadable"
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        return "its manifest names no files (written by an older version, or torn)"
+        return "", "its manifest names no files (written by an older version, or torn)"
     folder = Path(folder)
     for name, want in files.items():
         path = folder / name
         if not path.is_file():
-            return f"{name} is missing"
+            return name, "is missing"
         if path.stat().st_size != want.get("bytes"):
-            return f"{name} is {path.stat().st_size} bytes, its manifest says {want.get('bytes')} (torn or replaced)"
+            return name, f"is {path.stat().st_size} bytes, its manifest says {want.get('bytes')} (torn or replaced)"
         if check_hash and file_sha256(path) != want.get("sha256"):
-            return f"{name} does not match the sha256 its manifest records (replaced or torn)"
-    return ""
+            return name, "does not match the sha256 its manifest records (replaced or torn)"
+    return "", ""
+
+
+def manifest_problem(folder: str | os.PathLike, manifest: dict | None, check_hash: bool = True) -> str:
+    """'' when every file the manifest names is there with its recorded size (and hash), else what is wrong, in a
+    line that names the file (manifest_fault)."""
+    return " ".join(part for part in manifest_fault(folder, manifest, check_hash) if part)
 
 
 # ---- locks ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lib.core.device import DeviceSettings, auto_settings
 from lib.core.errors import DataError
-from lib.core.state_io import manifest_problem, read_bytes_hashed, read_manifest
+from lib.core.state_io import manifest_fault, read_bytes_hashed, read_manifest
 from lib.evaluate.gallery_index import (INDEX_DIR, GalleryIndex, index_settings, other_index, placed_gallery,
                                         saved_spec, with_enrolled)
 from lib.evaluate.enrolled_store import CACHE_DIR
@@ -59,9 +59,9 @@ def check_export(folder: str | os.PathLike) -> dict:
                         f"older than manifests; {_again(folder)}")
     if ONNX not in manifest.get("files", {}):
         raise DataError(f"{folder / ONNX}: this export has no ONNX model (made with --no-onnx); {_again(folder)}")
-    problem = manifest_problem(folder, manifest)
-    if problem:
-        name, what = (MANIFEST, problem) if problem.startswith("its manifest") else problem.split(" ", 1)
+    name, what = manifest_fault(folder, manifest)
+    if what:
+        name = name or MANIFEST
         raise DataError(f"{folder / name}: {what} ({MANIFEST} records each file's size and sha256); "
                         f"{_again(folder)}")
     # enrolled.npz and the like are read when present: one added to the export later is not part of what was checked
